@@ -1,0 +1,100 @@
+"""The complete default config of keras-sft: every key the code reads.
+
+Experiment files in this folder are thin overrides of this one:
+
+    from configs import default as default_lib
+
+    def get_config():
+        config = default_lib.get_config()
+        config.num_epochs = 3
+        return config
+
+The returned ConfigDict is locked, so a typo such as `--config.num_epoch=3` is
+an error rather than a silently ignored flag. Values that are derived (the
+learning rate actually used, steps per epoch, the total number of steps) are
+computed by `keras_sft.train` from these and logged at start.
+"""
+
+import ml_collections
+
+
+def get_config():
+  """Returns the default hyperparameters and run settings."""
+  config = ml_collections.ConfigDict()
+
+  # --- Data -----------------------------------------------------------------
+  # A tfds name (`cifar10`, `oxford_flowers102`, ...).
+  config.dataset = 'cifar10'
+  # tfds split strings, slices included (`train[:90%]`).
+  config.train_split = 'train'
+  config.eval_split = 'test'
+  # Where tfds keeps prepared data. None: tfds' default (~/tensorflow_datasets).
+  # Offline: put the archive tfds would download into
+  # `<data_dir>/downloads/manual/` (CIFAR-10: cifar-10-binary.tar.gz).
+  config.data_dir = ml_collections.FieldReference(None, field_type=str)
+  # Side length, in pixels, of the square images the model sees.
+  config.image_size = 224
+  # Elements kept in the shuffle buffer of the training set.
+  config.shuffle_buffer_size = 10_000
+  # Keep decoded training and eval images in memory after the first epoch.
+  # Right for CIFAR-sized data; switch off for data larger than host memory.
+  config.cache = True
+
+  # --- Model ----------------------------------------------------------------
+  # 'imagenet', None (random initialization) or a path to a local
+  # `.weights.h5`/`.h5` file of ResNet50 without its top, for offline runs.
+  config.weights = ml_collections.FieldReference('imagenet', field_type=str)
+  # Dropout before the new classification head; 0 disables it.
+  config.dropout_rate = 0.0
+
+  # --- Optimization ---------------------------------------------------------
+  # Images per optimizer step, summed over all replicas and workers.
+  config.global_batch_size = 128
+  config.num_epochs = 10
+  # Steps per epoch. None: the number of full global batches in the train
+  # split (the remainder is dropped). Set it for short smoke runs.
+  config.steps_per_epoch = ml_collections.FieldReference(None, field_type=int)
+  # Peak learning rate for a global batch of `learning_rate_batch_size`
+  # images. The rate used is scaled linearly with the global batch size
+  # (Goyal et al. 2017): learning_rate * global_batch_size /
+  # learning_rate_batch_size.
+  config.learning_rate = 0.01
+  config.learning_rate_batch_size = 256
+  # Linear warmup from 0 to the peak, then cosine decay to 0 at the end.
+  config.warmup_epochs = 1.0
+  # 'sgd' (with momentum) or 'adamw'.
+  config.optimizer = 'sgd'
+  config.momentum = 0.9
+  config.nesterov = False
+  # AdamW's decoupled weight decay (not the L2 term below). Only for 'adamw'.
+  config.adamw_weight_decay = 0.0
+  # λ in loss = cross-entropy + λ·Σ‖w‖², summed over the kernels of Conv and
+  # Dense layers (no ½; biases and BatchNorm excluded). The gradient of the
+  # term is 2λw, so λ = wd / 2 for an SGD "weight_decay" of wd.
+  config.weight_decay = 5e-5
+
+  # --- Distribution and compilation -----------------------------------------
+  # 'default' (no strategy), 'one_device', 'mirrored'.
+  config.distribution = 'default'
+  # Passed to model.compile: 'auto', True or False. Keras turns XLA off under
+  # any tf.distribute strategy; on this project's CPUs XLA is ~3x slower.
+  config.jit_compile = False
+  # Train steps run inside one tf.function call (fewer host round trips).
+  config.steps_per_execution = 1
+
+  # --- Run bookkeeping ------------------------------------------------------
+  # Seeds the shuffle order, augmentation and the head's initialization.
+  config.seed = 0
+  # Optimizer steps between backups of the run (also at every epoch end).
+  config.checkpoint_every_steps = 500
+  # Backups kept in <workdir>/checkpoints (the newest ones).
+  config.keep_checkpoints = 2
+  # Evaluate on the eval split every this many epochs (and after the last).
+  config.eval_every_epochs = 1
+  # Eval batches; None: the whole eval split.
+  config.eval_steps = ml_collections.FieldReference(None, field_type=int)
+  # Export a SavedModel for serving to <workdir>/export after training.
+  config.export = True
+
+  config.lock()
+  return config

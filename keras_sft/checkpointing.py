@@ -1,0 +1,151 @@
+"""Atomic backups of a training run, and resuming from them.
+
+A backup is `ckpt-<step>.weights.h5` (model and optimizer state, as Keras'
+`save_weights` writes them for a compiled model) plus `checkpoint.json`, which
+names the newest complete backup. Both are written to a temporary name,
+flushed to disk and renamed, so a process killed at any moment leaves either
+the previous backup or the new one, never a torn file.
+"""
+
+import json
+import logging
+import math
+import os
+import re
+
+import keras
+
+_POINTER = 'checkpoint.json'
+_PATTERN = re.compile(r'^ckpt-(\d+)\.weights\.h5$')
+
+
+def _fsync_path(path):
+  descriptor = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(descriptor)
+  finally:
+    os.close(descriptor)
+
+
+def _atomic_write_text(path, text):
+  temporary = path + '.tmp'
+  with open(temporary, 'w') as file:
+    file.write(text)
+    file.flush()
+    os.fsync(file.fileno())
+  os.replace(temporary, path)
+
+
+class Checkpointer:
+  """Saves and restores backups in one directory.
+
+  Args:
+    directory: Where the backups live; created on the first save.
+    keep: How many of the newest backups to keep.
+  """
+
+  def __init__(self, directory, keep=2):
+    if keep < 1:
+      raise ValueError(f'keep must be >= 1. Received: keep={keep}')
+    self.directory = directory
+    self.keep = keep
+
+  def latest(self):
+    """Returns `(path, step)` of the newest complete backup, or None."""
+    pointer = os.path.join(self.directory, _POINTER)
+    if not os.path.exists(pointer):
+      return None
+    with open(pointer) as file:
+      state = json.load(file)
+    path = os.path.join(self.directory, state['file'])
+    if not os.path.exists(path):
+      raise FileNotFoundError(
+          f'{pointer} names {state["file"]}, which is missing. Restore it or '
+          f'delete {self.directory} to start the run over.')
+    return path, int(state['step'])
+
+  def save(self, model, step):
+    """Writes a backup of `model` (and its optimizer) at `step`."""
+    os.makedirs(self.directory, exist_ok=True)
+    name = f'ckpt-{step}.weights.h5'
+    path = os.path.join(self.directory, name)
+    temporary = os.path.join(self.directory, f'tmp-{name}')
+    model.save_weights(temporary, overwrite=True)
+    _fsync_path(temporary)
+    os.replace(temporary, path)
+    _atomic_write_text(os.path.join(self.directory, _POINTER),
+                       json.dumps({'file': name, 'step': step}))
+    _fsync_path(self.directory)
+    self._prune(keep_name=name)
+    return path
+
+  def _prune(self, keep_name):
+    backups = []
+    for name in os.listdir(self.directory):
+      match = _PATTERN.match(name)
+      if match:
+        backups.append((int(match.group(1)), name))
+      elif name.startswith('tmp-'):  # Left by a killed writer.
+        os.remove(os.path.join(self.directory, name))
+    backups.sort()
+    for _, name in backups[:-self.keep]:
+      if name != keep_name:
+        os.remove(os.path.join(self.directory, name))
+
+  def restore(self, model):
+    """Loads the newest backup into `model`; returns its step, or 0."""
+    latest = self.latest()
+    if latest is None:
+      return 0
+    path, step = latest
+    # The optimizer's slots must exist before its state can be loaded.
+    if model.optimizer is not None and not model.optimizer.built:
+      model.optimizer.build(model.trainable_variables)
+    model.load_weights(path)
+    restored = int(model.optimizer.iterations.numpy())
+    if restored != step:
+      raise ValueError(
+          f'{path} holds optimizer step {restored}, but {_POINTER} says '
+          f'{step}: the backup does not match its pointer.')
+    logging.info('Resumed from %s at step %d.', path, step)
+    return step
+
+
+class BackupCallback(keras.callbacks.Callback):
+  """Backs the run up every `every_steps` optimizer steps and at epoch ends.
+
+  Args:
+    checkpointer: A `Checkpointer`.
+    every_steps: Optimizer steps between backups.
+  """
+
+  def __init__(self, checkpointer, every_steps):
+    super().__init__()
+    self.checkpointer = checkpointer
+    self.every_steps = every_steps
+    self._last_saved = None
+
+  def _step(self):
+    return int(self.model.optimizer.iterations.numpy())
+
+  def _save(self, logs):
+    # Never replace a good backup with weights that went NaN.
+    loss = (logs or {}).get('loss')
+    if loss is not None and not math.isfinite(float(loss)):
+      return
+    step = self._step()
+    if step != self._last_saved:
+      self.checkpointer.save(self.model, step)
+      self._last_saved = step
+
+  def on_train_begin(self, logs=None):
+    self._last_saved = self._step()
+
+  def on_train_batch_end(self, batch, logs=None):
+    # A difference, not a modulo: with steps_per_execution > 1 the step
+    # counter jumps by more than one between calls.
+    if self._step() - self._last_saved >= self.every_steps:
+      self._save(logs)
+
+  def on_epoch_end(self, epoch, logs=None):
+    self._save(logs)

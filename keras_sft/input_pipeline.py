@@ -1,0 +1,284 @@
+"""tf.data input pipelines over tensorflow-datasets splits.
+
+Images leave the pipeline as float32 RGB in [0, 255], shape
+`[batch, image_size, image_size, 3]`; labels as int64 `[batch]`. The model
+applies ResNet50's own preprocessing, so the pipeline never normalizes.
+
+The training stream is deterministic for a given seed: the shuffle order is
+seeded and every random augmentation is a stateless op seeded by
+`(seed, index of the example in the stream)`. That is what lets a resumed run
+skip exactly the examples it has already trained on (`start_step`) and see the
+same batches as a run that was never interrupted.
+"""
+
+import dataclasses
+import logging
+from typing import Optional
+
+from unittest import mock
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core.download import downloader as tfds_downloader
+
+# ImageNet-style resize-and-crop keeps this fraction of the resized image.
+_CROP_FRACTION = 0.875
+# CIFAR-style pad-and-crop pads this fraction of the side on each edge
+# (4 pixels at 32px, as in He et al. 2016).
+_PAD_FRACTION = 0.125
+# HTTP retries of a tfds download (tfds' own default retries for minutes).
+_DOWNLOAD_RETRIES = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the rest of the code needs to know about a dataset.
+
+  Attributes:
+    num_classes: Number of label classes.
+    class_names: One name per class id.
+    num_train_examples: Examples in the train split.
+    num_eval_examples: Examples in the eval split.
+  """
+  num_classes: int
+  class_names: tuple
+  num_train_examples: int
+  num_eval_examples: int
+
+
+class DatasetUnavailableError(RuntimeError):
+  """The dataset is neither prepared locally nor downloadable."""
+
+
+def _offline_help(name, data_dir):
+  where = data_dir or '~/tensorflow_datasets'
+  return (
+      f'Could not prepare the tfds dataset {name!r}: it is not in '
+      f'data_dir={where!r} and could not be downloaded. Routes that need no '
+      'network here: (1) copy a prepared dataset into that data_dir (or set '
+      '--config.data_dir to where one is); (2) put the archive tfds would '
+      f'download into {where}/downloads/manual/ (for CIFAR-10: '
+      'cifar-10-binary.tar.gz) and run again; tfds checks its checksum and '
+      'builds the dataset from it.')
+
+
+def get_builder(name, data_dir=None):
+  """Returns the tfds builder for `name`, prepared, or raises a clear error.
+
+  The download is attempted at most once and without retries, so an offline
+  machine fails in seconds rather than retrying for minutes.
+
+  Args:
+    name: A tfds dataset name, optionally with config and version.
+    data_dir: tfds data directory, or None for tfds' default.
+
+  Raises:
+    ValueError: `name` is not a tfds dataset.
+    DatasetUnavailableError: it is neither prepared nor downloadable.
+  """
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as error:
+    raise ValueError(
+        f'Unknown tfds dataset: dataset={name!r}. See '
+        'tfds.list_builders() for names.') from error
+  # Offline, tfds retries a failed download for minutes; a couple of quick
+  # retries still ride out a flaky server, and an offline machine fails in
+  # about a second.
+  with mock.patch.object(tfds_downloader, 'MAX_RETRIES', _DOWNLOAD_RETRIES):
+    try:
+      builder.download_and_prepare()
+    except Exception as error:  # Download failures have many concrete types.
+      raise DatasetUnavailableError(_offline_help(name, data_dir)) from error
+  return builder
+
+
+def _class_names(builder, num_classes):
+  label = builder.info.features['label']
+  names = getattr(label, 'names', None)
+  if names and len(names) == num_classes:
+    return tuple(names)
+  return tuple(str(i) for i in range(num_classes))
+
+
+def _read_split(builder, split, shuffle_files, seed):
+  read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=False)
+  return builder.as_dataset(
+      split=split, shuffle_files=shuffle_files, as_supervised=True,
+      read_config=read_config)
+
+
+def _num_examples(dataset, split):
+  count = int(dataset.cardinality())
+  if count < 0:
+    raise ValueError(f'The size of split {split!r} is unknown to tfds.')
+  if count == 0:
+    raise ValueError(f'Split {split!r} holds no examples.')
+  return count
+
+
+def _check_image_shape(image):
+  """Fails on images that are not 3-channel RGB, naming what arrived."""
+  tf.debugging.assert_rank(image, 3, message='Expected HxWxC images.')
+  tf.debugging.assert_equal(
+      tf.shape(image)[-1], 3,
+      message='Expected RGB images with 3 channels; convert the dataset or '
+      'use an image folder (grayscale/RGBA are converted there).')
+  return image
+
+
+def _resize(image, image_size):
+  return tf.image.resize(image, [image_size, image_size], antialias=True)
+
+
+def augment_for_training(image, image_size, seed):
+  """Random crop and horizontal flip of one image, as float32 in [0, 255].
+
+  Images whose side equals `image_size` are padded by 12.5% on each edge with
+  zeros and cropped back (the CIFAR recipe). Other images are resized so the
+  crop keeps 87.5% of the side, then cropped (the ImageNet recipe).
+
+  Args:
+    image: `[H, W, 3]` uint8 or float image.
+    image_size: Side of the output square.
+    seed: Shape `[2]` int tensor for the stateless random ops.
+
+  Returns:
+    `[image_size, image_size, 3]` float32 image.
+  """
+  image = tf.cast(image, tf.float32)
+  crop_seed, flip_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, num=2))
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  native = tf.logical_and(tf.equal(height, image_size),
+                          tf.equal(width, image_size))
+  pad = int(round(image_size * _PAD_FRACTION))
+  enlarged = int(round(image_size / _CROP_FRACTION))
+  image = tf.cond(
+      native,
+      lambda: tf.pad(image, [[pad, pad], [pad, pad], [0, 0]]),
+      lambda: tf.image.resize(image, [enlarged, enlarged], antialias=True))
+  image = tf.image.stateless_random_crop(
+      image, [image_size, image_size, 3], seed=crop_seed)
+  image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+  return image
+
+
+def preprocess_for_eval(image, image_size):
+  """Resizes one image to `image_size`, as float32 in [0, 255]."""
+  image = tf.cast(image, tf.float32)
+  return _resize(image, image_size)
+
+
+def create_datasets(dataset='cifar10',
+                    *,
+                    image_size,
+                    global_batch_size,
+                    train_split='train',
+                    eval_split='test',
+                    data_dir=None,
+                    seed=0,
+                    shuffle_buffer_size=10_000,
+                    cache=True,
+                    start_step=0):
+  """Builds the training and evaluation datasets.
+
+  Args:
+    dataset: A tfds name.
+    image_size: Side of the square images fed to the model.
+    global_batch_size: Batch size summed over all replicas. Under a
+      `tf.distribute` strategy Keras splits each batch across replicas.
+    train_split: tfds split string for training.
+    eval_split: tfds split string for evaluation.
+    data_dir: tfds data directory.
+    seed: Seeds shuffling and augmentation.
+    shuffle_buffer_size: Size of the training shuffle buffer.
+    cache: Keep decoded examples in memory after the first pass.
+    start_step: Number of training batches already consumed by an earlier
+      run; the training stream starts right after them.
+
+  Returns:
+    `(train_dataset, eval_dataset, info)`: an infinite training dataset of
+    `(images, labels)` batches, a finite eval dataset and a `DatasetInfo`.
+  """
+  if image_size <= 0 or global_batch_size <= 0:
+    raise ValueError(
+        'image_size and global_batch_size must be positive. Received: '
+        f'image_size={image_size}, global_batch_size={global_batch_size}')
+  builder = get_builder(dataset, data_dir)
+  train_data = _read_split(builder, train_split, shuffle_files=True, seed=seed)
+  eval_data = _read_split(builder, eval_split, shuffle_files=False, seed=seed)
+  num_train = _num_examples(train_data, train_split)
+  num_eval = _num_examples(eval_data, eval_split)
+  if num_train < global_batch_size:
+    raise ValueError(
+        f'The train split {train_split!r} has {num_train} examples, fewer '
+        f'than one global batch (global_batch_size={global_batch_size}).')
+  num_classes = builder.info.features['label'].num_classes
+  info = DatasetInfo(
+      num_classes=num_classes,
+      class_names=_class_names(builder, num_classes),
+      num_train_examples=num_train,
+      num_eval_examples=num_eval)
+  logging.info('Dataset %s: %d train / %d eval examples, %d classes.',
+               dataset, num_train, num_eval, num_classes)
+  train = make_train_dataset(
+      train_data, image_size=image_size, global_batch_size=global_batch_size,
+      seed=seed, shuffle_buffer_size=shuffle_buffer_size, cache=cache,
+      start_step=start_step)
+  evaluation = make_eval_dataset(
+      eval_data, image_size=image_size, global_batch_size=global_batch_size,
+      cache=cache)
+  return train, evaluation, info
+
+
+def make_train_dataset(examples, *, image_size, global_batch_size, seed=0,
+                       shuffle_buffer_size=10_000, cache=True, start_step=0):
+  """Turns `(image, label)` examples into an infinite stream of batches."""
+  # Validate before caching so a wrong channel count fails on the first
+  # element, not after hours.
+  examples = examples.map(lambda image, label: (_check_image_shape(image),
+                                                label))
+  # Cache decoded, un-augmented examples: augmentation must differ per epoch.
+  if cache:
+    examples = examples.cache()
+  # Shuffle before repeat, so every epoch sees each example exactly once;
+  # reshuffle each epoch, seeded, so the whole stream is reproducible.
+  examples = examples.shuffle(
+      shuffle_buffer_size, seed=seed, reshuffle_each_iteration=True)
+  examples = examples.repeat()
+  # Number the examples of the stream: the index seeds the augmentation of
+  # that example, independent of parallelism and of where a run resumed.
+  examples = examples.enumerate()
+  # Skip what an interrupted run already trained on, before the expensive
+  # augmentation, so resuming costs only reading.
+  if start_step:
+    examples = examples.skip(start_step * global_batch_size)
+
+  def augment(index, example):
+    image, label = example
+    example_seed = tf.stack([tf.cast(seed, tf.int64), index])
+    return augment_for_training(image, image_size, example_seed), label
+
+  # Augment per example in parallel; the output order stays deterministic.
+  examples = examples.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+  # drop_remainder keeps static batch shapes, which replicas and XLA need.
+  batches = examples.batch(global_batch_size, drop_remainder=True)
+  # Overlap the input pipeline with the training step.
+  return batches.prefetch(tf.data.AUTOTUNE)
+
+
+def make_eval_dataset(examples, *, image_size, global_batch_size, cache=True):
+  """Turns `(image, label)` examples into a finite dataset of batches."""
+  examples = examples.map(lambda image, label: (_check_image_shape(image),
+                                                label))
+  # Cache the decoded uint8 images, before resizing: at 224px the resized
+  # float32 CIFAR-10 test set would take 6 GB instead of 30 MB.
+  if cache:
+    examples = examples.cache()
+  examples = examples.map(
+      lambda image, label: (preprocess_for_eval(image, image_size), label),
+      num_parallel_calls=tf.data.AUTOTUNE)
+  # Keep the last, smaller batch: every eval example counts once.
+  batches = examples.batch(global_batch_size, drop_remainder=False)
+  return batches.prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,51 @@
+r"""Command line: fine-tune a pretrained classifier from a config file.
+
+    python -m keras_sft.main --config=configs/cifar10_resnet50.py \
+        --workdir=/tmp/cifar10
+
+Any config value can be overridden (`--config.num_epochs=3`); unknown keys are
+errors. Rerunning the same command resumes the run in --workdir.
+
+This is the only module that defines flags; the library takes
+`(config, workdir)`.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+# Config files import their siblings as `configs.<name>`, as in the flax
+# examples; resolve those from the directory the command runs in, also when
+# started through the console script.
+if os.getcwd() not in sys.path:
+  sys.path.insert(0, os.getcwd())
+
+_WORKDIR = flags.DEFINE_string('workdir', None,
+                               'Directory of the run: config, checkpoints, '
+                               'logs, metrics and export.')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file, e.g. configs/cifar10_resnet50.py[:smoke].',
+    lock_config=True)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Imported here so that `--help` and flag errors do not wait for TF.
+  from keras_sft import train  # pylint: disable=g-import-not-at-top
+  logging.info('Config:\n%s', _CONFIG.value)
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+def run():
+  """Entry point of the `keras-sft-train` console script."""
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()

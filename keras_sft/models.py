@@ -1,0 +1,127 @@
+"""The fine-tuning network: ResNet50 backbone and a new classification head.
+
+The network takes RGB images with values in [0, 255] (uint8 or float) and
+applies ResNet50's own preprocessing inside the graph, so training, evaluation
+and the serving export all feed the backbone what its weights expect.
+"""
+
+import logging
+import os
+
+import keras
+
+from keras_sft import classifier
+
+# The file Keras downloads for `ResNet50(include_top=False, weights=
+# 'imagenet')` and looks for first in $KERAS_HOME/models/.
+IMAGENET_NOTOP_WEIGHTS = 'resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5'
+
+
+class WeightsUnavailableError(RuntimeError):
+  """ImageNet weights are neither cached locally nor downloadable."""
+
+
+@keras.saving.register_keras_serializable(package='keras_sft')
+class ResNetPreprocessing(keras.layers.Layer):
+  """ResNet50's 'caffe' preprocessing: RGB to BGR, minus the ImageNet mean.
+
+  Same arithmetic as `keras.applications.resnet50.preprocess_input`, as a
+  named, serializable layer that casts its input to float32 first.
+  """
+
+  def call(self, inputs):
+    images = keras.ops.cast(inputs, self.compute_dtype)
+    return keras.applications.resnet50.preprocess_input(images)
+
+
+def _imagenet_weights_help():
+  keras_home = os.environ.get('KERAS_HOME',
+                              os.path.join(os.path.expanduser('~'), '.keras'))
+  return (
+      'Could not download the ImageNet weights of ResNet50. Routes that need '
+      'no network: (1) pass a local file with --config.weights=/path/to/'
+      f'{IMAGENET_NOTOP_WEIGHTS}; (2) put that file in '
+      f'{os.path.join(keras_home, "models")}/ where Keras looks before '
+      'downloading; (3) --config.weights=None to start from random weights.')
+
+
+def resolve_weights(weights):
+  """Checks a `weights` setting and returns what `ResNet50` should get.
+
+  Args:
+    weights: 'imagenet', None (or 'none'/'') or a path to a local file.
+
+  Raises:
+    FileNotFoundError: a path that does not exist.
+  """
+  if weights is None or str(weights).lower() in ('none', ''):
+    return None
+  if weights == 'imagenet':
+    return 'imagenet'
+  if not os.path.isfile(weights):
+    raise FileNotFoundError(
+        f'weights={weights!r} is neither "imagenet", None, nor an existing '
+        f'file. Expected a local ResNet50 no-top weights file such as '
+        f'{IMAGENET_NOTOP_WEIGHTS}.')
+  return weights
+
+
+def create_network(num_classes, image_size, weights='imagenet',
+                   dropout_rate=0.0, seed=None):
+  """Builds ResNet50 (no top) + global average pooling + Dense head.
+
+  Args:
+    num_classes: Number of output logits.
+    image_size: Side of the square input images.
+    weights: 'imagenet', None or a path to a local ResNet50 no-top weights
+      file.
+    dropout_rate: Dropout before the head; 0 disables it.
+    seed: Seeds the head's initializer and dropout.
+
+  Returns:
+    A functional `keras.Model` named 'network' mapping `[N, S, S, 3]` images
+    in [0, 255] to float32 logits `[N, num_classes]`.
+  """
+  if num_classes <= 0 or image_size <= 0:
+    raise ValueError('num_classes and image_size must be positive. Received: '
+                     f'num_classes={num_classes}, image_size={image_size}')
+  if not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(
+        f'dropout_rate must be in [0, 1). Received: dropout_rate={dropout_rate}')
+  weights = resolve_weights(weights)
+  inputs = keras.Input(shape=(image_size, image_size, 3), name='images')
+  x = ResNetPreprocessing(name='preprocessing')(inputs)
+  try:
+    backbone = keras.applications.ResNet50(
+        include_top=False, weights=weights, input_shape=(image_size,
+                                                         image_size, 3))
+  except Exception as error:  # urllib raises several types when offline.
+    if weights == 'imagenet':
+      raise WeightsUnavailableError(_imagenet_weights_help()) from error
+    raise
+  x = backbone(x)
+  x = keras.layers.GlobalAveragePooling2D(name='avg_pool')(x)
+  if dropout_rate:
+    x = keras.layers.Dropout(dropout_rate, seed=seed, name='dropout')(x)
+  # float32 logits also under a mixed-precision policy: stable softmax/CE.
+  outputs = keras.layers.Dense(
+      num_classes,
+      kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
+      dtype='float32',
+      name='head')(x)
+  network = keras.Model(inputs, outputs, name='network')
+  logging.info('Built ResNet50 (weights=%s) + Dense(%d): %d parameters.',
+               weights, num_classes, network.count_params())
+  return network
+
+
+def create_model(num_classes, image_size, weights='imagenet',
+                 dropout_rate=0.0, weight_decay=0.0, seed=None):
+  """Returns a `classifier.Classifier` around `create_network(...)`.
+
+  Compile it as any Keras model, with a from-logits cross-entropy loss.
+  """
+  network = create_network(num_classes, image_size, weights=weights,
+                           dropout_rate=dropout_rate, seed=seed)
+  return classifier.Classifier(network, weight_decay=weight_decay,
+                               name='classifier')

@@ -1,0 +1,69 @@
+"""Optimizer and learning-rate schedule, counted in optimizer steps."""
+
+import keras
+
+
+def scaled_learning_rate(learning_rate, global_batch_size,
+                         learning_rate_batch_size=256):
+  """Linear scaling rule (Goyal et al. 2017): the LR grows with the batch.
+
+  Args:
+    learning_rate: Peak LR for a global batch of `learning_rate_batch_size`.
+    global_batch_size: Images per optimizer step, over all replicas.
+    learning_rate_batch_size: The batch size `learning_rate` refers to.
+
+  Returns:
+    `learning_rate * global_batch_size / learning_rate_batch_size`.
+  """
+  return learning_rate * global_batch_size / learning_rate_batch_size
+
+
+def create_schedule(peak_learning_rate, total_steps, warmup_steps=0):
+  """Linear warmup from 0 to the peak, then cosine decay to 0.
+
+  Args:
+    peak_learning_rate: LR reached at the end of warmup.
+    total_steps: Optimizer steps of the whole run.
+    warmup_steps: Steps of linear warmup, fewer than `total_steps`.
+
+  Returns:
+    A `keras.optimizers.schedules.LearningRateSchedule`.
+  """
+  if total_steps <= 0:
+    raise ValueError(f'total_steps must be positive. Received: {total_steps}')
+  if not 0 <= warmup_steps < total_steps:
+    raise ValueError(
+        'warmup_steps must be in [0, total_steps). Received: '
+        f'warmup_steps={warmup_steps}, total_steps={total_steps}')
+  return keras.optimizers.schedules.CosineDecay(
+      initial_learning_rate=0.0 if warmup_steps else peak_learning_rate,
+      decay_steps=total_steps - warmup_steps,
+      alpha=0.0,
+      warmup_target=peak_learning_rate if warmup_steps else None,
+      warmup_steps=warmup_steps)
+
+
+def create_optimizer(name, learning_rate, momentum=0.9, nesterov=False,
+                     adamw_weight_decay=0.0):
+  """Returns SGD with momentum or AdamW.
+
+  Args:
+    name: 'sgd' or 'adamw'.
+    learning_rate: A float or a schedule.
+    momentum: SGD momentum.
+    nesterov: Nesterov momentum for SGD.
+    adamw_weight_decay: AdamW's decoupled weight decay, applied to the same
+      variables as the L2 term (kernels only).
+  """
+  if name == 'sgd':
+    return keras.optimizers.SGD(learning_rate=learning_rate,
+                                momentum=momentum, nesterov=nesterov)
+  if name == 'adamw':
+    optimizer = keras.optimizers.AdamW(learning_rate=learning_rate,
+                                       weight_decay=adamw_weight_decay)
+    # Decay kernels only, like the L2 term: not biases, not BatchNorm.
+    optimizer.exclude_from_weight_decay(
+        var_names=['bias', 'gamma', 'beta', 'moving_mean', 'moving_variance'])
+    return optimizer
+  raise ValueError(
+      f'Unknown optimizer: optimizer={name!r}. Expected "sgd" or "adamw".')

@@ -1,0 +1,233 @@
+"""`train_and_evaluate(config, workdir)`: one fine-tuning run, resumable.
+
+Order: check the config → claim the workdir → strategy → datasets → model and
+optimizer inside the strategy scope → resume from the newest backup → `fit`
+with backups, TensorBoard, CSV log and stop-on-NaN → evaluate →
+`metrics.json` → SavedModel export. Rerunning the same command on the same
+workdir continues where the last run stopped, to the same optimizer step.
+"""
+
+import json
+import logging
+import math
+import os
+
+import keras
+import numpy as np
+
+from keras_sft import checkpointing
+from keras_sft import classifier
+from keras_sft import distribution
+from keras_sft import export
+from keras_sft import input_pipeline
+from keras_sft import models
+from keras_sft import optimizers
+from keras_sft import workdir as workdir_lib
+
+
+def validate_config(config):
+  """Raises ValueError naming the first bad value; cheap, builds nothing."""
+  positive = ('image_size', 'global_batch_size', 'num_epochs',
+              'learning_rate_batch_size', 'shuffle_buffer_size',
+              'checkpoint_every_steps', 'keep_checkpoints',
+              'eval_every_epochs', 'steps_per_execution')
+  for key in positive:
+    if not config[key] > 0:
+      raise ValueError(f'config.{key} must be positive. Received: '
+                       f'{key}={config[key]!r}')
+  for key in ('steps_per_epoch', 'eval_steps'):
+    if config[key] is not None and config[key] <= 0:
+      raise ValueError(f'config.{key} must be positive or None. Received: '
+                       f'{key}={config[key]!r}')
+  for key in ('learning_rate', 'weight_decay', 'warmup_epochs',
+              'adamw_weight_decay', 'momentum', 'dropout_rate'):
+    if config[key] < 0:
+      raise ValueError(f'config.{key} must be >= 0. Received: '
+                       f'{key}={config[key]!r}')
+  if config.distribution not in distribution.STRATEGIES:
+    raise ValueError(f'Unknown distribution: distribution='
+                     f'{config.distribution!r}. Expected one of '
+                     f'{distribution.STRATEGIES}.')
+  if config.optimizer not in ('sgd', 'adamw'):
+    raise ValueError(f'Unknown optimizer: optimizer={config.optimizer!r}. '
+                     'Expected "sgd" or "adamw".')
+  models.resolve_weights(config.weights)
+
+
+class _LearningRateLogger(keras.callbacks.Callback):
+  """Adds the optimizer's current learning rate to the epoch logs."""
+
+  def on_epoch_end(self, epoch, logs=None):
+    if logs is not None:
+      logs['learning_rate'] = float(
+          keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+
+def _add_log_file(workdir):
+  handler = logging.FileHandler(os.path.join(workdir, 'train.log'))
+  handler.setFormatter(
+      logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
+  logging.getLogger().addHandler(handler)
+  logging.getLogger().setLevel(logging.INFO)
+  return handler
+
+
+def train_and_evaluate(config, workdir):
+  """Trains, evaluates and exports; resumes the run found in `workdir`.
+
+  Args:
+    config: A ConfigDict with the keys of `configs/default.py`.
+    workdir: Directory of the run.
+
+  Returns:
+    The dict written to `<workdir>/metrics.json`.
+  """
+  validate_config(config)
+  workdir_lib.prepare(workdir, config)
+  handler = _add_log_file(workdir)
+  try:
+    return _train_and_evaluate(config, workdir)
+  finally:
+    logging.getLogger().removeHandler(handler)
+    handler.close()
+
+
+def _train_and_evaluate(config, workdir):
+  strategy = distribution.create_strategy(config.distribution)
+  distribution.check_global_batch_size(config.global_batch_size, strategy)
+  keras.utils.set_random_seed(config.seed)
+
+  checkpointer = checkpointing.Checkpointer(
+      os.path.join(workdir, 'checkpoints'), keep=config.keep_checkpoints)
+  latest = checkpointer.latest()
+  start_step = latest[1] if latest else 0
+
+  def datasets(start):
+    return input_pipeline.create_datasets(
+        config.dataset, image_size=config.image_size,
+        global_batch_size=config.global_batch_size,
+        train_split=config.train_split, eval_split=config.eval_split,
+        data_dir=config.data_dir, seed=config.seed,
+        shuffle_buffer_size=config.shuffle_buffer_size, cache=config.cache,
+        start_step=start)
+
+  train_data, eval_data, info = datasets(start_step)
+  steps_per_epoch = (config.steps_per_epoch or
+                     info.num_train_examples // config.global_batch_size)
+  total_steps = config.num_epochs * steps_per_epoch
+  warmup_steps = min(int(round(config.warmup_epochs * steps_per_epoch)),
+                     total_steps - 1)
+  peak_learning_rate = optimizers.scaled_learning_rate(
+      config.learning_rate, config.global_batch_size,
+      config.learning_rate_batch_size)
+  logging.info(
+      'Derived: %d steps/epoch x %d epochs = %d steps; warmup %d steps; peak '
+      'learning rate %g (= %g x %d / %d).', steps_per_epoch,
+      config.num_epochs, total_steps, warmup_steps, peak_learning_rate,
+      config.learning_rate, config.global_batch_size,
+      config.learning_rate_batch_size)
+
+  with strategy.scope():
+    model = models.create_model(
+        info.num_classes, config.image_size, weights=config.weights,
+        dropout_rate=config.dropout_rate, weight_decay=config.weight_decay,
+        seed=config.seed)
+    schedule = optimizers.create_schedule(peak_learning_rate, total_steps,
+                                          warmup_steps)
+    optimizer = optimizers.create_optimizer(
+        config.optimizer, schedule, momentum=config.momentum,
+        nesterov=config.nesterov,
+        adamw_weight_decay=config.adamw_weight_decay)
+    compile_model(model, optimizer, jit_compile=config.jit_compile,
+                  steps_per_execution=config.steps_per_execution)
+    build(model, config.image_size)
+    step = checkpointer.restore(model)
+  decayed = classifier.decayed_variables(model.network)
+  logging.info('L2 weight decay λ=%g on %d kernels (%d parameters).',
+               config.weight_decay, len(decayed),
+               sum(int(np.prod(v.shape)) for v in decayed))
+
+  callbacks = [
+      checkpointing.BackupCallback(checkpointer,
+                                   config.checkpoint_every_steps),
+      keras.callbacks.TerminateOnNaN(),
+      _LearningRateLogger(),
+      keras.callbacks.CSVLogger(os.path.join(workdir, 'history.csv'),
+                                append=True),
+      keras.callbacks.TensorBoard(os.path.join(workdir, 'tensorboard')),
+  ]
+
+  def fit(train, start, end_epoch, steps):
+    epoch = start // steps_per_epoch
+    model.fit(train, initial_epoch=epoch, epochs=end_epoch,
+              steps_per_epoch=steps, validation_data=eval_data,
+              validation_steps=config.eval_steps,
+              validation_freq=config.eval_every_epochs, callbacks=callbacks,
+              shuffle=False, verbose=2)
+    _check_finite(model, workdir)
+
+  if step < total_steps:
+    done_in_epoch = step % steps_per_epoch
+    if done_in_epoch:
+      # Finish the interrupted epoch on its remaining batches first.
+      logging.info('Finishing epoch %d: %d of %d steps left.',
+                   step // steps_per_epoch + 1,
+                   steps_per_epoch - done_in_epoch, steps_per_epoch)
+      fit(train_data, step, step // steps_per_epoch + 1,
+          steps_per_epoch - done_in_epoch)
+      step = int(model.optimizer.iterations.numpy())
+      train_data, _, _ = datasets(step)
+    if step < total_steps:
+      fit(train_data, step, config.num_epochs, steps_per_epoch)
+  else:
+    logging.info('The run in %s already finished its %d steps.', workdir,
+                 total_steps)
+
+  results = model.evaluate(eval_data, steps=config.eval_steps,
+                           return_dict=True, verbose=2)
+  metrics = {
+      'step': int(model.optimizer.iterations.numpy()),
+      'total_steps': total_steps,
+      'eval': {key: float(value) for key, value in results.items()},
+  }
+  _write_json(os.path.join(workdir, 'metrics.json'), metrics)
+  logging.info('Eval at step %d: %s', metrics['step'], metrics['eval'])
+  if config.export:
+    export.export_saved_model(model, os.path.join(workdir, 'export'),
+                              config.image_size, info.class_names)
+  return metrics
+
+
+def compile_model(model, optimizer, jit_compile=False, steps_per_execution=1):
+  """Compiles with from-logits cross-entropy, top-1 and top-5 accuracy."""
+  model.compile(
+      optimizer=optimizer,
+      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+      metrics=[
+          keras.metrics.SparseCategoricalAccuracy(name='accuracy'),
+          keras.metrics.SparseTopKCategoricalAccuracy(k=5, name='top5'),
+      ],
+      jit_compile=jit_compile,
+      steps_per_execution=steps_per_execution)
+
+
+def build(model, image_size):
+  """Creates the model's variables (needed before restoring a backup)."""
+  model(np.zeros((1, image_size, image_size, 3), np.float32), training=False)
+
+
+def _check_finite(model, workdir):
+  if model.stop_training:
+    raise FloatingPointError(
+        'The loss became NaN or infinite at step '
+        f'{int(model.optimizer.iterations.numpy())}; training stopped. The '
+        f'last finite backup is in {workdir}/checkpoints. Lower '
+        '--config.learning_rate or raise --config.warmup_epochs, in a new '
+        'workdir.')
+
+
+def _write_json(path, value):
+  temporary = path + '.tmp'
+  with open(temporary, 'w') as file:
+    json.dump(value, file, indent=2, sort_keys=True)
+  os.replace(temporary, path)

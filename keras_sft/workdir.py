@@ -1,0 +1,65 @@
+"""The workdir is the run: it holds the resolved config and refuses another.
+
+Layout:
+  config.json      the resolved config of the run (written on first start)
+  train.log        log lines of every start of the run
+  checkpoints/     atomic backups, resumed from on a rerun
+  history.csv      per-epoch metrics; tensorboard/ the same for TensorBoard
+  metrics.json     final evaluation
+  export/          SavedModel for serving
+"""
+
+import json
+import os
+
+CONFIG_FILE = 'config.json'
+
+
+def _flatten(tree, prefix=''):
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def config_to_dict(config):
+  """Returns a JSON-safe dict of a ConfigDict (or dict)."""
+  as_dict = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
+  return json.loads(json.dumps(as_dict, default=str))
+
+
+def prepare(workdir, config):
+  """Creates `workdir` for `config`, or checks it holds this same run.
+
+  Args:
+    workdir: The run directory.
+    config: The resolved ConfigDict.
+
+  Raises:
+    ValueError: `workdir` holds a run with a different config.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILE)
+  current = config_to_dict(config)
+  if os.path.exists(path):
+    with open(path) as file:
+      previous = json.load(file)
+    if previous != current:
+      old, new = _flatten(previous), _flatten(current)
+      differences = [
+          f'{key}: {old.get(key, "<absent>")!r} in the workdir, '
+          f'{new.get(key, "<absent>")!r} now'
+          for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)
+      ]
+      raise ValueError(
+          f'workdir={workdir!r} holds another run; its config differs in: '
+          + '; '.join(differences) +
+          '. Use a new --workdir, or rerun with the same config to resume.')
+    return
+  temporary = path + '.tmp'
+  with open(temporary, 'w') as file:
+    json.dump(current, file, indent=2, sort_keys=True)
+  os.replace(temporary, path)
