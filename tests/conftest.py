@@ -1,0 +1,51 @@
+"""Shared test setup: 2 logical CPU devices, no network, mock tfds data."""
+
+import os
+import socket
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import pytest  # pylint: disable=g-import-not-at-top
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+# MirroredStrategy tests need two replicas; split the CPU before TF
+# initializes its devices (tests that use no strategy still run on /cpu:0).
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices('CPU')[0],
+    [tf.config.LogicalDeviceConfiguration()] * 2)
+
+_real_connect = socket.socket.connect
+
+
+def _loopback_only_connect(self, address):
+  host = address[0] if isinstance(address, tuple) else address
+  if isinstance(host, str) and not (host.startswith('127.') or
+                                     host in ('localhost', '::1')) and (
+                                         self.family != socket.AF_UNIX):
+    raise OSError(f'Tests must not touch the network (tried {address!r}).')
+  return _real_connect(self, address)
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+  """Fails any test that opens a connection off this machine."""
+  monkeypatch.setattr(socket.socket, 'connect', _loopback_only_connect)
+  monkeypatch.setattr(socket, 'getaddrinfo', _no_dns(socket.getaddrinfo))
+
+
+def _no_dns(real_getaddrinfo):
+
+  def getaddrinfo(host, *args, **kwargs):
+    if host not in (None, 'localhost', '127.0.0.1', '::1'):
+      raise socket.gaierror(f'Tests must not resolve {host!r}.')
+    return real_getaddrinfo(host, *args, **kwargs)
+
+  return getaddrinfo
+
+
+@pytest.fixture
+def mock_cifar10():
+  """tfds mock data: 64 random 32x32x3 uint8 images per split, 10 classes."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  with tfds.testing.mock_data(num_examples=64):
+    yield
