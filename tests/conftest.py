@@ -2,6 +2,8 @@
 
 import os
 import socket
+import subprocess
+import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -13,6 +15,8 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 tf.config.set_logical_device_configuration(
     tf.config.list_physical_devices('CPU')[0],
     [tf.config.LogicalDeviceConfiguration()] * 2)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _real_connect = socket.socket.connect
 
@@ -31,6 +35,9 @@ def no_network(monkeypatch):
   """Fails any test that opens a connection off this machine."""
   monkeypatch.setattr(socket.socket, 'connect', _loopback_only_connect)
   monkeypatch.setattr(socket, 'getaddrinfo', _no_dns(socket.getaddrinfo))
+  # tfds reaches GCS through TF's own file system, below Python's sockets.
+  from tensorflow_datasets.core.utils import gcs_utils  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(gcs_utils, '_is_gcs_disabled', True)
 
 
 def _no_dns(real_getaddrinfo):
@@ -49,3 +56,33 @@ def mock_cifar10():
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   with tfds.testing.mock_data(num_examples=64):
     yield
+
+
+def run_cli(workdir, *flags, check=True, timeout=600, **popen_kwargs):
+  """Runs `python -m keras_sft.main` on tfds mock data in a subprocess."""
+  command = cli_command(workdir, *flags)
+  result = subprocess.run(command, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO_ROOT, env=cli_env(),
+                          **popen_kwargs)
+  if check and result.returncode:
+    raise AssertionError(f'{command} exited {result.returncode}:\n'
+                         f'{result.stderr[-5000:]}')
+  return result
+
+
+def cli_command(workdir, *flags):
+  return [sys.executable, os.path.join(REPO_ROOT, 'tests', 'mock_cli.py'),
+          '--config=configs/cifar10_resnet50.py:smoke',
+          f'--workdir={workdir}', *flags]
+
+
+def cli_env():
+  return dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
+
+
+@pytest.fixture(scope='session')
+def smoke_run(tmp_path_factory):
+  """The smoke config trained to the end once, through the real CLI."""
+  workdir = str(tmp_path_factory.mktemp('smoke') / 'run')
+  result = run_cli(workdir)
+  return workdir, result

@@ -1,0 +1,179 @@
+"""Tests of the CE + λ·R(θ) train_step, alone and under MirroredStrategy."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_sft import classifier
+from keras_sft import models
+
+_LAMBDA = 0.05
+_NUM_CLASSES = 5
+
+
+def _network(freeze_batchnorm=False):
+  inputs = keras.Input((8, 8, 3))
+  x = keras.layers.Conv2D(4, 3, name='conv')(inputs)
+  x = keras.layers.BatchNormalization(name='bn')(x)
+  x = keras.layers.ReLU()(x)
+  x = keras.layers.GlobalAveragePooling2D()(x)
+  outputs = keras.layers.Dense(_NUM_CLASSES, name='head')(x)
+  network = keras.Model(inputs, outputs)
+  if freeze_batchnorm:
+    # A non-trainable BatchNormalization runs in inference mode in Keras 3.
+    network.get_layer('bn').trainable = False
+  return network
+
+
+def _batch(seed=0, size=8):
+  rng = np.random.default_rng(seed)
+  images = rng.uniform(0, 1, (size, 8, 8, 3)).astype(np.float32)
+  labels = rng.integers(0, _NUM_CLASSES, size).astype(np.int64)
+  return images, labels
+
+
+def _compile(model, learning_rate=0.1, momentum=0.0):
+  model.compile(
+      optimizer=keras.optimizers.SGD(learning_rate, momentum=momentum),
+      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+      metrics=[keras.metrics.SparseCategoricalAccuracy(name='accuracy')])
+
+
+def _model(initial_weights=None, freeze_batchnorm=False, **compile_kwargs):
+  keras.utils.set_random_seed(1)
+  model = classifier.Classifier(_network(freeze_batchnorm), _LAMBDA)
+  _compile(model, **compile_kwargs)
+  model(np.zeros((1, 8, 8, 3), np.float32))
+  if initial_weights is not None:
+    model.set_weights(initial_weights)
+  return model
+
+
+def test_l2_is_lambda_times_sum_of_squared_kernels_only():
+  """λ·Σ‖w‖² over the Conv and Dense kernels; biases and BN excluded."""
+  model = _model()
+  network = model.network
+  kernels = [network.get_layer('conv').kernel, network.get_layer('head').kernel]
+  decayed = classifier.decayed_variables(network)
+  assert [v.path for v in decayed] == [v.path for v in kernels]
+  expected = _LAMBDA * sum(
+      np.sum(np.square(keras.ops.convert_to_numpy(v))) for v in kernels)
+  np.testing.assert_allclose(
+      float(model.regularization()), expected, rtol=1e-6)
+
+
+def test_resnet50_decays_exactly_its_trainable_kernels():
+  """On the real network: every Conv/Dense kernel, nothing else."""
+  network = models.create_network(10, 32, weights=None)
+  decayed = {v.path for v in classifier.decayed_variables(network)}
+  kernels = {v.path for v in network.trainable_variables
+             if v.path.endswith('/kernel')}
+  assert decayed == kernels
+  assert not any('bn' in path or 'bias' in path for path in decayed)
+  # Frozen kernels are not decayed (staged fine-tuning freezes layers).
+  network.get_layer('resnet50').get_layer('conv1_conv').trainable = False
+  decayed_after = {v.path for v in classifier.decayed_variables(network)}
+  assert decayed_after == decayed - {
+      network.get_layer('resnet50').get_layer('conv1_conv').kernel.path}
+
+
+def test_one_sgd_step_follows_the_gradient_of_ce_plus_l2():
+  """w ← w − lr·(∂CE/∂w + 2λw·[w is a kernel]) within 1e-6."""
+  learning_rate = 0.1
+  model = _model(learning_rate=learning_rate)
+  images, labels = _batch()
+  variables = model.trainable_variables
+  before = [keras.ops.convert_to_numpy(v) for v in variables]
+  with tf.GradientTape() as tape:
+    logits = model.network(images, training=True)
+    ce = tf.reduce_mean(
+        tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+  ce_gradients = tape.gradient(ce, [v.value for v in variables])
+  decayed = {v.path for v in classifier.decayed_variables(model.network)}
+
+  model.train_on_batch(images, labels)
+
+  for variable, old, gradient in zip(variables, before, ce_gradients):
+    decay = 2 * _LAMBDA * old if variable.path in decayed else 0.0
+    expected = old - learning_rate * (gradient.numpy() + decay)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(variable), expected, atol=1e-6,
+        err_msg=variable.path)
+
+
+def test_logs_split_loss_into_ce_and_l2_in_fit_and_evaluate():
+  """fit and evaluate log loss = ce + l2, with l2 = λ·R(θ)."""
+  model = _model()
+  images, labels = _batch()
+  history = model.fit(images, labels, batch_size=8, epochs=1, verbose=0)
+  for key in ('loss', 'ce', 'l2', 'accuracy'):
+    assert key in history.history, key
+  results = model.evaluate(images, labels, batch_size=8, return_dict=True,
+                           verbose=0)
+  np.testing.assert_allclose(results['loss'], results['ce'] + results['l2'],
+                             rtol=1e-6)
+  np.testing.assert_allclose(results['l2'], float(model.regularization()),
+                             rtol=1e-6)
+  logits = model.predict(images, verbose=0)
+  ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(
+      labels, logits)
+  np.testing.assert_allclose(results['ce'], float(ce), rtol=1e-5)
+
+
+def _train_three_steps(strategy, initial_weights, scale_l2=True):
+  images, labels = _batch(seed=3, size=24)
+  dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
+  with strategy.scope():
+    model = _model(initial_weights, freeze_batchnorm=True, momentum=0.9)
+  history = model.fit(dataset, epochs=1, shuffle=False, verbose=0)
+  return model, history.history
+
+
+@pytest.mark.parametrize('scale_l2', [True, False])
+def test_two_replicas_match_one_replica(monkeypatch, scale_l2):
+  """MirroredStrategy on 2 CPUs = 1 device after 3 steps, within 1e-5.
+
+  With the replica scaling of λ·R(θ) removed (scale_l2=False), the decay is
+  counted twice and the weights must differ: the test can fail.
+  """
+  initial_weights = _model().get_weights()
+  one = _train_three_steps(tf.distribute.get_strategy(), initial_weights)
+  if not scale_l2:
+    monkeypatch.setattr(classifier.loss_module,
+                        'scale_loss_for_distribution', lambda value: value)
+  devices = [d.name for d in tf.config.list_logical_devices('CPU')[:2]]
+  mirrored = tf.distribute.MirroredStrategy(devices)
+  assert mirrored.num_replicas_in_sync == 2
+  two = _train_three_steps(mirrored, initial_weights)
+
+  difference = max(
+      np.max(np.abs(a - b))
+      for a, b in zip(one[0].get_weights(), two[0].get_weights()))
+  if scale_l2:
+    assert difference < 1e-5
+    for key in ('loss', 'ce', 'l2'):
+      np.testing.assert_allclose(one[1][key], two[1][key], rtol=1e-5,
+                                 err_msg=key)
+  else:
+    assert difference > 1e-4
+
+
+def test_keras_file_round_trip(tmp_path):
+  """A `.keras` file restores the class, λ, the weights and the outputs."""
+  model = _model()
+  images, labels = _batch()
+  model.fit(images, labels, batch_size=8, epochs=1, verbose=0)
+  path = str(tmp_path / 'model.keras')
+  model.save(path)
+  restored = keras.models.load_model(path)
+  assert isinstance(restored, classifier.Classifier)
+  assert restored.weight_decay == _LAMBDA
+  np.testing.assert_allclose(restored.predict(images, verbose=0),
+                             model.predict(images, verbose=0), atol=1e-6)
+  restored.fit(images, labels, batch_size=8, epochs=1, verbose=0)
+
+
+def test_negative_weight_decay_is_refused():
+  with pytest.raises(ValueError, match='weight_decay=-1'):
+    classifier.Classifier(_network(), weight_decay=-1.0)

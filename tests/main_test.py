@@ -1,0 +1,122 @@
+"""End-to-end tests of the command line on tfds mock data."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import time
+
+import h5py
+import numpy as np
+
+import conftest
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.json')) as file:
+    return json.load(file)
+
+
+def _history_rows(workdir):
+  with open(os.path.join(workdir, 'history.csv')) as file:
+    return list(csv.DictReader(file))
+
+
+def _latest_backup(workdir):
+  directory = os.path.join(workdir, 'checkpoints')
+  with open(os.path.join(directory, 'checkpoint.json')) as file:
+    state = json.load(file)
+  return os.path.join(directory, state['file']), state['step']
+
+
+def _arrays(path):
+  arrays = {}
+  with h5py.File(path, 'r') as file:
+    file.visititems(lambda name, item: arrays.__setitem__(name, item[()])
+                    if isinstance(item, h5py.Dataset) else None)
+  return arrays
+
+
+def test_smoke_run_trains_backs_up_evaluates_and_exports(smoke_run):
+  """The smoke command writes every artifact of a run into the workdir."""
+  workdir, result = smoke_run
+  for name in ('config.json', 'train.log', 'history.csv', 'metrics.json',
+               'checkpoints/checkpoint.json', 'export/saved_model.pb',
+               'tensorboard/train'):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  metrics = _metrics(workdir)
+  # smoke: 2 epochs x 2 steps.
+  assert metrics['step'] == metrics['total_steps'] == 4
+  for key in ('loss', 'ce', 'l2', 'accuracy', 'top5'):
+    assert np.isfinite(metrics['eval'][key]), key
+  assert len(_history_rows(workdir)) == 2
+  assert _latest_backup(workdir)[1] == 4
+  with open(os.path.join(workdir, 'train.log')) as file:
+    log = file.read()
+  # ResNet50 has 53 convolutions; the head adds one Dense kernel.
+  assert 'L2 weight decay' in log and 'on 54 kernels' in log
+  assert 'Strategy _DefaultDistributionStrategy: 1 replica(s)' in log
+  del result
+
+
+def test_same_command_again_resumes_instead_of_starting_over(smoke_run,
+                                                            tmp_path):
+  """A finished run rerun with the same command neither retrains nor fails."""
+  workdir, _ = smoke_run
+  before = _arrays(_latest_backup(workdir)[0])
+  result = conftest.run_cli(workdir)
+  assert 'already finished its 4 steps' in result.stderr
+  assert _metrics(workdir)['step'] == 4
+  assert len(_history_rows(workdir)) == 2
+  after = _arrays(_latest_backup(workdir)[0])
+  assert before.keys() == after.keys()
+  for name in before:
+    np.testing.assert_array_equal(before[name], after[name])
+
+
+def test_killed_run_resumes_to_the_same_weights(smoke_run, tmp_path):
+  """SIGKILL mid-epoch, rerun: same optimizer steps, same final weights."""
+  reference, _ = smoke_run
+  workdir = str(tmp_path / 'run')
+  process = subprocess.Popen(
+      conftest.cli_command(workdir), cwd=conftest.REPO_ROOT,
+      env=conftest.cli_env(), stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL)
+  pointer = os.path.join(workdir, 'checkpoints', 'checkpoint.json')
+  deadline = time.time() + 300
+  while not os.path.exists(pointer) and time.time() < deadline:
+    assert process.poll() is None, 'the run ended before its first backup'
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  killed_at = _latest_backup(workdir)[1]
+  assert killed_at < 4, 'the run finished before it could be killed'
+  assert not os.path.exists(os.path.join(workdir, 'metrics.json'))
+
+  result = conftest.run_cli(workdir)
+
+  assert f'at step {killed_at}' in result.stderr
+  assert _metrics(workdir)['step'] == 4
+  resumed, expected = (_arrays(_latest_backup(w)[0])
+                       for w in (workdir, reference))
+  assert resumed.keys() == expected.keys()
+  for name in expected:
+    np.testing.assert_allclose(resumed[name], expected[name], atol=1e-5,
+                               err_msg=name)
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+  result = conftest.run_cli(str(tmp_path / 'run'), '--config.num_epoch=3',
+                            check=False, timeout=120)
+  assert result.returncode != 0
+  assert 'num_epoch' in result.stderr
+  assert not os.path.exists(tmp_path / 'run')
+
+
+def test_bad_value_fails_before_any_model_is_built(tmp_path):
+  result = conftest.run_cli(str(tmp_path / 'run'), '--config.image_size=0',
+                            check=False, timeout=120)
+  assert result.returncode != 0
+  assert 'image_size=0' in result.stderr
+  assert 'Built ResNet50' not in result.stderr

@@ -1,0 +1,168 @@
+"""Tests of keras_sft.optimizers: LR scaling, schedule and optimizers."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_sft import optimizers
+
+
+def _evaluate(schedule, steps):
+  return np.array([float(schedule(tf.constant(step, tf.int64)))
+                   for step in steps])
+
+
+def _expected_schedule(steps, peak, total_steps, warmup_steps):
+  """Linear warmup to `peak`, then 0.5·peak·(1 + cos(π·t)), in numpy."""
+  steps = np.asarray(steps, np.float64)
+  warmup = peak * steps / max(warmup_steps, 1)
+  fraction = np.clip((steps - warmup_steps) / (total_steps - warmup_steps),
+                     0.0, 1.0)
+  cosine = 0.5 * peak * (1.0 + np.cos(np.pi * fraction))
+  return np.where(steps < warmup_steps, warmup, cosine)
+
+
+@pytest.mark.parametrize('learning_rate,global_batch_size,reference', [
+    (0.1, 256, 256),
+    (0.1, 512, 256),
+    (0.01, 96, 32),
+    (0.4, 8, 1024),
+])
+def test_scaled_learning_rate(learning_rate, global_batch_size, reference):
+  """The LR is scaled linearly with the batch: lr · batch / reference."""
+  got = optimizers.scaled_learning_rate(learning_rate, global_batch_size,
+                                        reference)
+  assert got == pytest.approx(learning_rate * global_batch_size / reference)
+
+
+def test_scaled_learning_rate_default_reference_is_256():
+  """Without a reference batch size, the LR refers to a batch of 256."""
+  assert optimizers.scaled_learning_rate(0.1, 1024) == pytest.approx(
+      0.1 * 1024 / 256)
+
+
+def test_schedule_with_warmup_matches_numpy():
+  """0 at step 0, linear warmup, peak at its end, cosine to 0 after."""
+  peak, total, warmup = 0.4, 100, 10
+  schedule = optimizers.create_schedule(peak, total, warmup)
+  steps = np.arange(0, total + 11)
+  got = _evaluate(schedule, steps)
+  np.testing.assert_allclose(
+      got, _expected_schedule(steps, peak, total, warmup), rtol=1e-5,
+      atol=1e-7)
+  assert got[0] == 0.0
+  assert got[warmup] == pytest.approx(peak, rel=1e-6)
+  assert got[warmup // 2] == pytest.approx(peak / 2, rel=1e-6)
+  assert np.all(np.diff(got[:warmup + 1]) > 0), 'Warmup must increase.'
+  assert np.all(np.diff(got[warmup:total + 1]) < 0), 'Decay must decrease.'
+  midpoint = warmup + (total - warmup) // 2
+  assert got[midpoint] == pytest.approx(peak / 2, rel=1e-5)
+  assert got[total] == pytest.approx(0.0, abs=1e-7)
+  assert np.all(np.abs(got[total:]) <= 1e-7), 'Must stay at 0 after the end.'
+
+
+def test_schedule_without_warmup_starts_at_peak():
+  """With no warmup the schedule is a plain cosine from the peak."""
+  peak, total = 0.25, 40
+  schedule = optimizers.create_schedule(peak, total)
+  steps = np.arange(0, total + 1)
+  got = _evaluate(schedule, steps)
+  assert got[0] == pytest.approx(peak, rel=1e-6)
+  np.testing.assert_allclose(
+      got, _expected_schedule(steps, peak, total, 0), rtol=1e-5, atol=1e-7)
+  assert got[-1] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_schedule_warmup_of_one_step():
+  """The shortest warmup: 0 at step 0, the peak at step 1."""
+  peak, total = 1.0, 5
+  got = _evaluate(optimizers.create_schedule(peak, total, 1), range(total + 1))
+  np.testing.assert_allclose(
+      got, _expected_schedule(np.arange(total + 1), peak, total, 1),
+      rtol=1e-5, atol=1e-7)
+  assert got[0] == 0.0 and got[1] == pytest.approx(peak)
+
+
+@pytest.mark.parametrize('total_steps,warmup_steps,named', [
+    (0, 0, 'total_steps'),
+    (-5, 0, 'total_steps'),
+    (10, 10, 'warmup_steps=10'),
+    (10, 11, 'warmup_steps=11'),
+    (10, -1, 'warmup_steps=-1'),
+])
+def test_schedule_rejects_bad_steps(total_steps, warmup_steps, named):
+  """Non-positive total or warmup outside [0, total) is a ValueError."""
+  with pytest.raises(ValueError) as error:
+    optimizers.create_schedule(0.1, total_steps, warmup_steps)
+  assert named in str(error.value)
+  assert str(total_steps) in str(error.value)
+
+
+def test_create_optimizer_sgd():
+  """'sgd' is SGD with the given LR, momentum and Nesterov flag."""
+  optimizer = optimizers.create_optimizer('sgd', 0.05, momentum=0.8,
+                                          nesterov=True)
+  assert isinstance(optimizer, keras.optimizers.SGD)
+  assert optimizer.momentum == pytest.approx(0.8)
+  assert optimizer.nesterov is True
+  assert float(optimizer.learning_rate) == pytest.approx(0.05)
+
+
+def test_create_optimizer_takes_a_schedule():
+  """A schedule passed as the LR drives the optimizer's LR."""
+  schedule = optimizers.create_schedule(0.3, 20, 4)
+  optimizer = optimizers.create_optimizer('sgd', schedule)
+  # At iteration 0 the warmup starts from 0.
+  assert float(optimizer.learning_rate) == pytest.approx(0.0)
+  optimizer.iterations.assign(4)
+  assert float(optimizer.learning_rate) == pytest.approx(0.3, rel=1e-6)
+
+
+def test_create_optimizer_adamw():
+  """'adamw' is AdamW with the given decoupled weight decay."""
+  optimizer = optimizers.create_optimizer('adamw', 1e-3,
+                                          adamw_weight_decay=0.05)
+  assert isinstance(optimizer, keras.optimizers.AdamW)
+  assert optimizer.weight_decay == pytest.approx(0.05)
+  assert float(optimizer.learning_rate) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize('name', ['adam', 'SGD', 'rmsprop', ''])
+def test_create_optimizer_unknown_raises(name):
+  """Any other name is a ValueError naming it."""
+  with pytest.raises(ValueError, match=f'optimizer={name!r}'):
+    optimizers.create_optimizer(name, 0.1)
+
+
+def test_adamw_decays_kernels_but_not_biases_or_batchnorm():
+  """With zero gradients, AdamW shrinks kernels only (by lr·wd).
+
+  Biases and BatchNorm scales/offsets keep their values.
+  """
+  learning_rate, weight_decay = 0.1, 0.5
+  inputs = keras.Input((4,))
+  hidden = keras.layers.Dense(3, bias_initializer='ones')(inputs)
+  outputs = keras.layers.BatchNormalization(
+      beta_initializer='ones', gamma_initializer=keras.initializers.Constant(
+          2.0))(hidden)
+  model = keras.Model(inputs, outputs)
+  variables = model.trainable_variables
+  before = {variable.path: variable.numpy().copy() for variable in variables}
+  optimizer = optimizers.create_optimizer(
+      'adamw', learning_rate, adamw_weight_decay=weight_decay)
+  optimizer.apply([tf.zeros_like(variable) for variable in variables],
+                  variables)
+  kernels = [v for v in variables if v.name == 'kernel']
+  others = [v for v in variables if v.name != 'kernel']
+  assert len(kernels) == 1
+  assert sorted(v.name for v in others) == ['beta', 'bias', 'gamma']
+  for kernel in kernels:
+    np.testing.assert_allclose(
+        kernel.numpy(),
+        before[kernel.path] * (1.0 - learning_rate * weight_decay),
+        rtol=1e-6)
+    assert not np.allclose(kernel.numpy(), before[kernel.path])
+  for variable in others:
+    assert np.any(before[variable.path] != 0), 'Would not show a decay.'
+    np.testing.assert_array_equal(variable.numpy(), before[variable.path])

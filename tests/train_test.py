@@ -1,0 +1,104 @@
+"""Tests of train_and_evaluate's checks: all fail before a model is built."""
+
+import os
+import time
+
+import keras
+import pytest
+
+from configs import cifar10_resnet50
+from keras_sft import input_pipeline
+from keras_sft import models
+from keras_sft import train
+
+
+def _smoke_config(**overrides):
+  config = cifar10_resnet50.get_config('smoke')
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+@pytest.fixture
+def no_model_built(monkeypatch):
+  """Fails the test if any model gets built."""
+
+  def refuse(*args, **kwargs):
+    raise AssertionError('A model was built before the bad input was found.')
+
+  monkeypatch.setattr(models, 'create_model', refuse)
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('global_batch_size', 0, 'global_batch_size=0'),
+    ('num_epochs', -1, 'num_epochs=-1'),
+    ('learning_rate', -0.1, 'learning_rate=-0.1'),
+    ('steps_per_epoch', 0, 'steps_per_epoch=0'),
+    ('distribution', 'mirored', "distribution='mirored'"),
+    ('optimizer', 'lamb', "optimizer='lamb'"),
+    ('weights', '/no/such/file.h5', '/no/such/file.h5'),
+])
+def test_bad_values_are_named(tmp_path, no_model_built, key, value, message):
+  with pytest.raises((ValueError, FileNotFoundError), match=message):
+    train.train_and_evaluate(_smoke_config(**{key: value}), str(tmp_path))
+
+
+def test_batch_not_divisible_by_replicas(tmp_path, no_model_built,
+                                         mock_cifar10):
+  """Two replicas cannot split a global batch of 7."""
+  config = _smoke_config(distribution='mirrored', global_batch_size=7)
+  with pytest.raises(ValueError, match='global_batch_size=7.*2 replicas'):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_workdir_of_another_run_is_refused(tmp_path, no_model_built):
+  workdir = str(tmp_path)
+  with pytest.raises(ValueError, match='image_size=0'):
+    train.train_and_evaluate(_smoke_config(image_size=0), workdir)
+  assert not os.path.exists(os.path.join(workdir, 'config.json'))
+  # Claim the workdir with one config (stops at the missing dataset below).
+  config = _smoke_config(dataset='no_such_dataset')
+  with pytest.raises(ValueError, match='no_such_dataset'):
+    train.train_and_evaluate(config, workdir)
+  changed = _smoke_config(dataset='no_such_dataset', learning_rate=0.5)
+  with pytest.raises(ValueError, match='holds another run.*learning_rate'):
+    train.train_and_evaluate(changed, workdir)
+
+
+def test_offline_dataset_fails_fast_naming_the_routes(tmp_path,
+                                                      no_model_built):
+  """No network and no data: an error within seconds, with the way out."""
+  config = _smoke_config(data_dir=str(tmp_path / 'tfds'))
+  start = time.time()
+  with pytest.raises(input_pipeline.DatasetUnavailableError) as error:
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert time.time() - start < 30
+  assert 'downloads/manual' in str(error.value)
+  assert 'cifar-10-binary.tar.gz' in str(error.value)
+
+
+def test_offline_imagenet_weights_fail_fast_naming_the_routes(
+    tmp_path, monkeypatch):
+  monkeypatch.setenv('KERAS_HOME', str(tmp_path / 'keras'))
+  start = time.time()
+  with pytest.raises(models.WeightsUnavailableError) as error:
+    models.create_network(10, 32, weights='imagenet')
+  assert time.time() - start < 30
+  assert models.IMAGENET_NOTOP_WEIGHTS in str(error.value)
+  assert '--config.weights' in str(error.value)
+  assert str(tmp_path / 'keras' / 'models') in str(error.value)
+
+
+def test_local_weights_file_is_loaded(tmp_path):
+  """weights=<path> loads that file (the offline route for ImageNet)."""
+  source = models.create_network(10, 32, weights=None)
+  backbone = source.get_layer('resnet50')
+  path = str(tmp_path / models.IMAGENET_NOTOP_WEIGHTS).replace(
+      '.h5', '.weights.h5')
+  backbone.save_weights(path)
+  keras.utils.set_random_seed(7)
+  loaded = models.create_network(10, 32, weights=path)
+  for expected, actual in zip(backbone.weights,
+                              loaded.get_layer('resnet50').weights):
+    assert (keras.ops.convert_to_numpy(expected) ==
+            keras.ops.convert_to_numpy(actual)).all(), expected.path
