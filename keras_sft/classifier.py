@@ -97,7 +97,8 @@ class Classifier(keras.Model):
     variables = self.trainable_variables
     with tf.GradientTape() as tape:
       y_pred = self(x, training=True)
-      total, ce, l2 = self._split_loss(x, y, y_pred, sample_weight, training=True)
+      total, ce, l2 = self._split_loss(x, y, y_pred, sample_weight,
+                                       training=True)
       # Multiplies by the loss scale under mixed_float16; identity otherwise.
       scaled = self.optimizer.scale_loss(total)
     gradients = tape.gradient(scaled, variables)

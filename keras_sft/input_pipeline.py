@@ -65,8 +65,8 @@ def _offline_help(name, data_dir):
 def get_builder(name, data_dir=None):
   """Returns the tfds builder for `name`, prepared, or raises a clear error.
 
-  The download is attempted at most once and without retries, so an offline
-  machine fails in seconds rather than retrying for minutes.
+  A missing dataset is downloaded with few, quick retries, so an offline
+  machine fails in about a second rather than retrying for minutes.
 
   Args:
     name: A tfds dataset name, optionally with config and version.
