@@ -98,8 +98,11 @@ class Checkpointer:
     if latest is None:
       return 0
     path, step = latest
+    if getattr(model, 'optimizer', None) is None:
+      raise ValueError('Compile the model before restoring a backup: the '
+                       'backup holds optimizer state too.')
     # The optimizer's slots must exist before its state can be loaded.
-    if model.optimizer is not None and not model.optimizer.built:
+    if not model.optimizer.built:
       model.optimizer.build(model.trainable_variables)
     model.load_weights(path)
     restored = int(model.optimizer.iterations.numpy())

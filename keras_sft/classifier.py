@@ -73,6 +73,8 @@ class Classifier(keras.Model):
 
   def regularization(self):
     """Returns λ·R(θ) as a float32 scalar (not divided by replicas)."""
+    if not self.weight_decay:  # Skips the sum over every kernel.
+      return tf.constant(0.0, tf.float32)
     return self.weight_decay * l2_penalty(decayed_variables(self.network))
 
   def _split_loss(self, x, y, y_pred, sample_weight, training):

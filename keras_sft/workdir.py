@@ -13,6 +13,7 @@ import json
 import os
 
 CONFIG_FILE = 'config.json'
+_ABSENT = '<absent>'
 
 
 def _flatten(tree, prefix=''):
@@ -50,9 +51,10 @@ def prepare(workdir, config):
     if previous != current:
       old, new = _flatten(previous), _flatten(current)
       differences = [
-          f'{key}: {old.get(key, "<absent>")!r} in the workdir, '
-          f'{new.get(key, "<absent>")!r} now'
-          for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)
+          f'{key}: {old.get(key, _ABSENT)!r} in the workdir, '
+          f'{new.get(key, _ABSENT)!r} now'
+          for key in sorted(set(old) | set(new))
+          if old.get(key, _ABSENT) != new.get(key, _ABSENT)
       ]
       raise ValueError(
           f'workdir={workdir!r} holds another run; its config differs in: '

@@ -203,7 +203,8 @@ def test_get_builder_offline_fails_fast_with_manual_download_help(
   elapsed = time.monotonic() - started
   assert attempts, 'The download was never attempted.'
   # One try plus the pipeline's few retries, not tfds' default of 10.
-  assert len(attempts) <= 1 + input_pipeline._DOWNLOAD_RETRIES  # pylint: disable=protected-access
+  retries = input_pipeline._DOWNLOAD_RETRIES  # pylint: disable=protected-access
+  assert len(attempts) <= 1 + retries
   assert elapsed < 10.0, f'Took {elapsed:.1f}s to give up on the download.'
   assert isinstance(error.value.__cause__, Exception)
   message = str(error.value)
@@ -286,6 +287,19 @@ def test_make_train_dataset_start_step(start_step):
 
   full = stream(0, start_step + 4)
   _assert_same_batches(full[start_step:], stream(start_step, 4))
+
+
+def test_each_example_of_the_stream_gets_its_own_augmentation():
+  """Copies of one image in one batch are cropped/flipped differently."""
+  images, labels = _raw_examples(num_examples=1)
+  batch = 8
+  copies = np.repeat(images, batch, axis=0), np.repeat(labels, batch)
+  (train_images, _), = _take(
+      input_pipeline.make_train_dataset(
+          _dataset(*copies), image_size=_SIDE, global_batch_size=batch,
+          seed=0, shuffle_buffer_size=1), 1)
+  distinct = {train_image.tobytes() for train_image in train_images}
+  assert len(distinct) > 1
 
 
 def test_train_epochs_see_every_example_once():

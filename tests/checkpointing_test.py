@@ -1,0 +1,293 @@
+"""Tests of keras_sft.checkpointing on a tiny compiled Classifier."""
+
+import json
+import math
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_sft import checkpointing
+from keras_sft import classifier
+
+_SHAPE = (6, 6, 3)
+_NUM_CLASSES = 3
+
+
+def _model(seed=0):
+  """A tiny Conv/BN/Dense Classifier, compiled with SGD + momentum, built."""
+  keras.utils.set_random_seed(seed)
+  inputs = keras.Input(_SHAPE)
+  x = keras.layers.Conv2D(4, 3)(inputs)
+  x = keras.layers.BatchNormalization()(x)
+  x = keras.layers.GlobalAveragePooling2D()(x)
+  outputs = keras.layers.Dense(_NUM_CLASSES)(x)
+  model = classifier.Classifier(keras.Model(inputs, outputs),
+                                weight_decay=1e-3)
+  model.compile(
+      optimizer=keras.optimizers.SGD(learning_rate=0.1, momentum=0.9),
+      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  model(np.zeros((1,) + _SHAPE, np.float32))
+  return model
+
+
+def _data(num_examples=8, seed=0, nan=False):
+  rng = np.random.default_rng(seed)
+  images = rng.normal(size=(num_examples,) + _SHAPE).astype(np.float32)
+  if nan:
+    images[:] = np.nan
+  labels = rng.integers(0, _NUM_CLASSES, num_examples).astype(np.int64)
+  return images, labels
+
+
+def _train(model, steps, batch=4, nan=False):
+  images, labels = _data(nan=nan)
+  dataset = tf.data.Dataset.from_tensor_slices(
+      (images, labels)).repeat().batch(batch)
+  model.fit(dataset, steps_per_epoch=steps, epochs=1, shuffle=False,
+            verbose=0)
+
+
+def _optimizer_state(model):
+  """Returns the optimizer's `(name, value)` pairs, in its variable order."""
+  return [(variable.name, variable.numpy().copy())
+          for variable in model.optimizer.variables]
+
+
+def _weights(model):
+  return [weight.copy() for weight in model.get_weights()]
+
+
+def _backups(directory):
+  return sorted(name for name in os.listdir(directory)
+                if name.endswith('.weights.h5'))
+
+
+def test_latest_is_none_and_restore_is_zero_without_backups(tmp_path):
+  """No backup yet: latest() is None and restore() returns step 0."""
+  checkpointer = checkpointing.Checkpointer(str(tmp_path / 'ckpt'))
+  assert checkpointer.latest() is None
+  model = _model()
+  before = _weights(model)
+  assert checkpointer.restore(model) == 0
+  for want, got in zip(before, model.get_weights()):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_keep_must_be_positive(tmp_path):
+  """keep=0 would delete every backup: a ValueError naming it."""
+  with pytest.raises(ValueError, match='keep=0'):
+    checkpointing.Checkpointer(str(tmp_path), keep=0)
+
+
+def test_save_then_restore_gives_same_weights_and_optimizer_state(tmp_path):
+  """A fresh model restored from a backup equals the saved one exactly.
+
+  That covers the weights (BatchNorm statistics included) and the optimizer
+  state: its iteration count and momentum slots.
+  """
+  directory = str(tmp_path / 'ckpt')
+  steps = 3
+  model = _model(seed=0)
+  _train(model, steps)
+  assert int(model.optimizer.iterations.numpy()) == steps
+  saved_weights = _weights(model)
+  saved_state = _optimizer_state(model)
+  momenta = [value for name, value in saved_state if 'momentum' in name]
+  assert momenta and any(np.any(value != 0) for value in momenta)
+
+  path = checkpointing.Checkpointer(directory).save(model, steps)
+  assert os.path.basename(path) == f'ckpt-{steps}.weights.h5'
+  assert checkpointing.Checkpointer(directory).latest() == (path, steps)
+
+  fresh = _model(seed=1)
+  assert not all(
+      np.array_equal(a, b) for a, b in zip(saved_weights, fresh.get_weights()))
+  assert checkpointing.Checkpointer(directory).restore(fresh) == steps
+  for want, got in zip(saved_weights, fresh.get_weights()):
+    np.testing.assert_array_equal(got, want)
+  restored_state = _optimizer_state(fresh)
+  # Slot names carry per-model layer names; order and values must agree.
+  assert len(restored_state) == len(saved_state)
+  for (name, want), (_, got) in zip(saved_state, restored_state):
+    np.testing.assert_array_equal(got, want, err_msg=name)
+  assert int(fresh.optimizer.iterations.numpy()) == steps
+
+
+def test_restored_model_trains_like_the_original(tmp_path):
+  """One more step after a restore equals one more step without a restart."""
+  directory = str(tmp_path / 'ckpt')
+  model = _model(seed=0)
+  _train(model, 2)
+  checkpointing.Checkpointer(directory).save(model, 2)
+  fresh = _model(seed=1)
+  checkpointing.Checkpointer(directory).restore(fresh)
+  _train(model, 1)
+  _train(fresh, 1)
+  for want, got in zip(model.get_weights(), fresh.get_weights()):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_keep_prunes_older_backups(tmp_path):
+  """With keep=2 only the two newest backups remain; the pointer names the
+  newest."""
+  directory = str(tmp_path / 'ckpt')
+  checkpointer = checkpointing.Checkpointer(directory, keep=2)
+  model = _model()
+  steps = [1, 2, 3, 10]
+  for step in steps:
+    checkpointer.save(model, step)
+  assert _backups(directory) == sorted(
+      f'ckpt-{step}.weights.h5' for step in steps[-2:])
+  path, step = checkpointer.latest()
+  assert step == steps[-1]
+  assert os.path.basename(path) == f'ckpt-{steps[-1]}.weights.h5'
+  with open(os.path.join(directory, 'checkpoint.json')) as file:
+    assert json.load(file) == {'file': f'ckpt-{steps[-1]}.weights.h5',
+                               'step': steps[-1]}
+
+
+def test_leftover_temporary_file_is_removed_on_next_save(tmp_path):
+  """A tmp-* file left by a killed writer is deleted by the next save."""
+  directory = tmp_path / 'ckpt'
+  directory.mkdir()
+  leftover = directory / 'tmp-ckpt-7.weights.h5'
+  leftover.write_bytes(b'torn')
+  checkpointing.Checkpointer(str(directory)).save(_model(), 8)
+  assert not leftover.exists()
+  assert sorted(os.listdir(directory)) == ['checkpoint.json',
+                                           'ckpt-8.weights.h5']
+
+
+def test_pointer_to_missing_file_raises(tmp_path):
+  """A pointer naming a deleted backup: FileNotFoundError naming the dir."""
+  directory = str(tmp_path / 'ckpt')
+  checkpointer = checkpointing.Checkpointer(directory)
+  path = checkpointer.save(_model(), 5)
+  os.remove(path)
+  with pytest.raises(FileNotFoundError) as error:
+    checkpointer.latest()
+  assert directory in str(error.value)
+  assert os.path.basename(path) in str(error.value)
+  with pytest.raises(FileNotFoundError):
+    checkpointer.restore(_model())
+
+
+def test_restore_refuses_backup_whose_step_disagrees_with_pointer(tmp_path):
+  """A backup holding another optimizer step than its pointer: ValueError."""
+  directory = str(tmp_path / 'ckpt')
+  model = _model()
+  _train(model, 2)
+  iterations = int(model.optimizer.iterations.numpy())
+  claimed = iterations + 3
+  checkpointing.Checkpointer(directory).save(model, claimed)
+  with pytest.raises(ValueError) as error:
+    checkpointing.Checkpointer(directory).restore(_model(seed=1))
+  assert str(iterations) in str(error.value)
+  assert str(claimed) in str(error.value)
+
+
+def _expected_backup_steps(steps_per_epoch, epochs, every_steps):
+  """The backup rule, stepped by hand: every N steps and at epoch ends."""
+  saved, last = [], 0
+  for step in range(1, steps_per_epoch * epochs + 1):
+    if step - last >= every_steps:
+      saved.append(step)
+      last = step
+    if step % steps_per_epoch == 0 and step != last:
+      saved.append(step)
+      last = step
+  return saved
+
+
+def test_backup_callback_saves_every_n_steps_and_at_epoch_end(tmp_path,
+                                                               monkeypatch):
+  """During fit, backups are written every N steps and at each epoch end."""
+  directory = str(tmp_path / 'ckpt')
+  checkpointer = checkpointing.Checkpointer(directory, keep=100)
+  saved = []
+  real_save = checkpointer.save
+
+  def recording_save(model, step):
+    saved.append(step)
+    return real_save(model, step)
+
+  monkeypatch.setattr(checkpointer, 'save', recording_save)
+  steps_per_epoch, epochs, every = 5, 2, 2
+  model = _model()
+  images, labels = _data()
+  dataset = tf.data.Dataset.from_tensor_slices(
+      (images, labels)).repeat().batch(4)
+  model.fit(dataset, steps_per_epoch=steps_per_epoch, epochs=epochs,
+            callbacks=[checkpointing.BackupCallback(checkpointer, every)],
+            shuffle=False, verbose=0)
+  expected = _expected_backup_steps(steps_per_epoch, epochs, every)
+  assert saved == expected
+  assert _backups(directory) == sorted(
+      f'ckpt-{step}.weights.h5' for step in expected)
+  assert checkpointer.latest()[1] == steps_per_epoch * epochs
+  # The last backup is the final state of the run.
+  fresh = _model(seed=1)
+  assert checkpointer.restore(fresh) == steps_per_epoch * epochs
+  for want, got in zip(model.get_weights(), fresh.get_weights()):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_backup_callback_resumed_fit_counts_from_restored_step(tmp_path):
+  """After a restore the N-step rhythm counts from the restored step."""
+  directory = str(tmp_path / 'ckpt')
+  checkpointer = checkpointing.Checkpointer(directory, keep=100)
+  model = _model()
+  _train(model, 3)
+  checkpointer.save(model, 3)
+  fresh = _model(seed=1)
+  checkpointer.restore(fresh)
+  images, labels = _data()
+  dataset = tf.data.Dataset.from_tensor_slices(
+      (images, labels)).repeat().batch(4)
+  # 3 more steps: 3 → 6, every 2 steps gives 5, then the epoch end at 6.
+  fresh.fit(dataset, steps_per_epoch=3, epochs=1,
+            callbacks=[checkpointing.BackupCallback(checkpointer, 2)],
+            shuffle=False, verbose=0)
+  assert _backups(directory) == sorted(
+      f'ckpt-{step}.weights.h5' for step in (3, 3 + 2, 3 + 3))
+
+
+def test_backup_callback_never_saves_a_nan_loss(tmp_path):
+  """When the loss is NaN, neither the N-step nor the epoch-end backup runs."""
+  directory = str(tmp_path / 'ckpt')
+  checkpointer = checkpointing.Checkpointer(directory)
+  model = _model()
+  images, labels = _data(nan=True)
+  dataset = tf.data.Dataset.from_tensor_slices(
+      (images, labels)).repeat().batch(4)
+  history = model.fit(
+      dataset, steps_per_epoch=3, epochs=2,
+      callbacks=[checkpointing.BackupCallback(checkpointer, 1)],
+      shuffle=False, verbose=0)
+  assert all(math.isnan(loss) for loss in history.history['loss'])
+  assert int(model.optimizer.iterations.numpy()) == 6
+  assert checkpointer.latest() is None
+  assert not os.path.exists(directory) or not _backups(directory)
+
+
+def test_backup_callback_skips_nan_logs_then_saves_finite_ones(tmp_path):
+  """Called directly: NaN/inf logs save nothing, the next finite ones do."""
+  directory = str(tmp_path / 'ckpt')
+  checkpointer = checkpointing.Checkpointer(directory)
+  model = _model()
+  callback = checkpointing.BackupCallback(checkpointer, every_steps=2)
+  callback.set_model(model)
+  callback.on_train_begin()
+  model.optimizer.iterations.assign(2)
+  callback.on_train_batch_end(1, {'loss': float('nan')})
+  callback.on_train_batch_end(1, {'loss': np.float32('inf')})
+  callback.on_epoch_end(0, {'loss': float('nan')})
+  assert checkpointer.latest() is None
+  callback.on_train_batch_end(1, {'loss': 0.5})
+  assert checkpointer.latest()[1] == 2
+  # The same step is not written twice, even at the epoch end.
+  callback.on_epoch_end(0, {'loss': 0.5})
+  assert _backups(directory) == ['ckpt-2.weights.h5']
