@@ -19,6 +19,9 @@ Both return `logits` `[N, C]`, `probabilities` `[N, C]`, `class_ids` `[N]`,
 `class_names` `[N]`, and the k most probable classes: `top_k_class_ids`,
 `top_k_class_names`, `top_k_probabilities`, each `[N, k]` with
 k = min(top_k, C).
+
+Each version also holds `assets.extra/tf_serving_warmup_requests`, one
+request per signature, which TF Serving replays when it loads the version.
 """
 
 import errno
@@ -34,6 +37,8 @@ from keras_sft import input_pipeline
 
 # Files a run directory holds that the export reads (see `train.py`).
 DATASET_FILE = 'dataset.json'
+# TF Serving's warm-up file, in `<version>/assets.extra/`.
+WARMUP_FILE = 'tf_serving_warmup_requests'
 
 _JPEG_MAGIC = b'\xff\xd8\xff'
 _PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -104,6 +109,47 @@ class _ServingModule(tf.Module):
     return input_pipeline.preprocess_for_eval(image, self._image_size)
 
 
+def _varint(value):
+  encoded = bytearray()
+  while True:
+    byte, value = value & 0x7f, value >> 7
+    encoded.append(byte | (0x80 if value else 0))
+    if not value:
+      return bytes(encoded)
+
+
+def _field(number, payload):
+  """A length-delimited protobuf field (wire type 2)."""
+  return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def warmup_record(signature_name, input_name, value):
+  """A serialized `tensorflow.serving.PredictionLog` with one PredictRequest.
+
+  Encoded by hand (field numbers of tensorflow_serving/apis/*.proto:
+  PredictionLog.predict_log = 6, PredictLog.request = 1,
+  PredictRequest.model_spec = 1 and .inputs = 2, ModelSpec.signature_name =
+  3), so the export needs no tensorflow-serving-api package.
+  """
+  tensor = tf.make_tensor_proto(value).SerializeToString()
+  inputs_entry = _field(1, input_name.encode()) + _field(2, tensor)
+  request = (_field(1, _field(3, signature_name.encode())) +
+             _field(2, inputs_entry))
+  return _field(6, _field(1, request))
+
+
+def _write_warmup_requests(export_dir, image_size):
+  """TF Serving replays these at load, so the first real request is fast."""
+  directory = os.path.join(export_dir, 'assets.extra')
+  os.makedirs(directory, exist_ok=True)
+  image = tf.zeros([image_size, image_size, 3], tf.uint8)
+  with tf.io.TFRecordWriter(
+      os.path.join(directory, WARMUP_FILE)) as writer:
+    writer.write(warmup_record('serving_default', 'images', image[None]))
+    writer.write(warmup_record('serve_image_bytes', 'image_bytes',
+                               [tf.io.encode_png(image).numpy()]))
+
+
 def _save(model, export_dir, image_size, class_names, top_k):
   if not class_names:
     raise ValueError(f'class_names must not be empty. Received: '
@@ -117,6 +163,7 @@ def _save(model, export_dir, image_size, class_names, top_k):
           'serving_default': module.serve_images,
           'serve_image_bytes': module.serve_image_bytes,
       })
+  _write_warmup_requests(export_dir, image_size)
 
 
 def export_saved_model(model, export_dir, image_size, class_names, top_k=5):

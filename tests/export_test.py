@@ -245,3 +245,76 @@ def test_second_export_from_the_workdir_makes_version_2(smoke_run, tmp_path):
           images=images) for v in ('1', '2'))
   np.testing.assert_allclose(version_2['logits'], version_1['logits'],
                              atol=1e-5)
+
+
+def _prediction_log_class():
+  """PredictionLog as declared in tensorflow_serving/apis (the fields read).
+
+  Built here from the .proto field numbers, independently of the export's
+  hand encoding; a map field is wire-compatible with a repeated entry.
+  """
+  from google.protobuf import descriptor_pb2  # pylint: disable=g-import-not-at-top
+  from google.protobuf import descriptor_pool  # pylint: disable=g-import-not-at-top
+  from google.protobuf import message_factory  # pylint: disable=g-import-not-at-top
+  from tensorflow.core.framework import tensor_pb2  # pylint: disable=g-import-not-at-top
+  pool = descriptor_pool.DescriptorPool()
+  for dependency in _dependencies(tensor_pb2.DESCRIPTOR):
+    pool.AddSerializedFile(dependency.serialized_pb)
+  proto = descriptor_pb2.FileDescriptorProto(
+      name='warmup_test.proto', package='warmup_test', syntax='proto3',
+      dependency=[tensor_pb2.DESCRIPTOR.name])
+  field = descriptor_pb2.FieldDescriptorProto
+  optional, repeated = field.LABEL_OPTIONAL, field.LABEL_REPEATED
+
+  def message(name, *fields):
+    proto.message_type.add(name=name, field=[
+        field(name=f, number=n, label=label, type=t, type_name=type_name)
+        for f, n, label, t, type_name in fields])
+
+  message('ModelSpec', ('name', 1, optional, field.TYPE_STRING, None),
+          ('signature_name', 3, optional, field.TYPE_STRING, None))
+  message('InputsEntry', ('key', 1, optional, field.TYPE_STRING, None),
+          ('value', 2, optional, field.TYPE_MESSAGE,
+           '.tensorflow.TensorProto'))
+  message('PredictRequest',
+          ('model_spec', 1, optional, field.TYPE_MESSAGE,
+           '.warmup_test.ModelSpec'),
+          ('inputs', 2, repeated, field.TYPE_MESSAGE,
+           '.warmup_test.InputsEntry'))
+  message('PredictLog', ('request', 1, optional, field.TYPE_MESSAGE,
+                         '.warmup_test.PredictRequest'))
+  message('PredictionLog', ('predict_log', 6, optional, field.TYPE_MESSAGE,
+                            '.warmup_test.PredictLog'))
+  for f in (f for m in proto.message_type for f in m.field):
+    if not f.type_name:
+      f.ClearField('type_name')
+  pool.AddSerializedFile(proto.SerializeToString())
+  return message_factory.GetMessageClass(
+      pool.FindMessageTypeByName('warmup_test.PredictionLog'))
+
+
+def _dependencies(file_descriptor, seen=None):
+  seen = {} if seen is None else seen
+  for dependency in file_descriptor.dependencies:
+    _dependencies(dependency, seen)
+  seen.setdefault(file_descriptor.name, file_descriptor)
+  return list(seen.values())
+
+
+def test_warmup_requests_replay_on_both_signatures(smoke_run):
+  """assets.extra/tf_serving_warmup_requests: one valid request a signature."""
+  workdir, _ = smoke_run
+  version = os.path.join(workdir, 'export', '1')
+  prediction_log = _prediction_log_class()
+  logs = [prediction_log.FromString(record.numpy()) for record in
+          tf.data.TFRecordDataset(os.path.join(
+              version, 'assets.extra', 'tf_serving_warmup_requests'))]
+  requests = {log.predict_log.request.model_spec.signature_name:
+              log.predict_log.request for log in logs}
+  assert sorted(requests) == ['serve_image_bytes', 'serving_default']
+  serving = tf.saved_model.load(version)
+  for name, request in requests.items():
+    inputs = {entry.key: tf.constant(tf.make_ndarray(entry.value))
+              for entry in request.inputs}
+    outputs = serving.signatures[name](**inputs)
+    assert outputs['probabilities'].shape == (1, 10), name
