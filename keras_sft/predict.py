@@ -136,5 +136,10 @@ def main(argv):
   return 1 if failed else 0
 
 
-if __name__ == '__main__':
+def run():
+  """Entry point of the `keras-sft-predict` console script."""
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()

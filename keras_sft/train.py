@@ -3,8 +3,9 @@
 Order: check the config → claim the workdir → strategy → datasets → model and
 optimizer inside the strategy scope → resume from the newest backup → `fit`
 with backups, TensorBoard, CSV log and stop-on-NaN → evaluate →
-`metrics.json` → SavedModel export to `<workdir>/export/<next version>/`. Rerunning the same command on the same
-workdir continues where the last run stopped, to the same optimizer step.
+`metrics.json` → SavedModel export to `<workdir>/export/<next version>/`.
+Rerunning the same command on the same workdir continues where the last run
+stopped, to the same optimizer step.
 """
 
 import json
