@@ -93,8 +93,12 @@ def get_config():
   config.eval_every_epochs = 1
   # Eval batches; None: the whole eval split.
   config.eval_steps = ml_collections.FieldReference(None, field_type=int)
-  # Export a SavedModel for serving to <workdir>/export after training.
+  # Export a SavedModel for serving to <workdir>/export/<next version>/ after
+  # training (TF Serving's layout; an existing version is never replaced).
   config.export = True
+  # Classes in the export's top-k outputs (top_k_class_ids, ..._names,
+  # ..._probabilities); capped at the number of classes.
+  config.export_top_k = 5
 
   config.lock()
   return config

@@ -5,6 +5,9 @@ A backup is `ckpt-<step>.weights.h5` (model and optimizer state, as Keras'
 names the newest complete backup. Both are written to a temporary name,
 flushed to disk and renamed, so a process killed at any moment leaves either
 the previous backup or the new one, never a torn file.
+
+`BestWeightsCallback` keeps one more file the same way, `best.weights.h5`,
+the weights of the epoch with the highest val_accuracy, for export.
 """
 
 import json
@@ -16,6 +19,8 @@ import re
 import keras
 
 _POINTER = 'checkpoint.json'
+BEST_WEIGHTS = 'best.weights.h5'
+_BEST_POINTER = 'best.json'
 _PATTERN = re.compile(r'^ckpt-(\d+)\.weights\.h5$')
 
 
@@ -152,3 +157,48 @@ class BackupCallback(keras.callbacks.Callback):
 
   def on_epoch_end(self, epoch, logs=None):
     self._save(logs)
+
+
+class BestWeightsCallback(keras.callbacks.Callback):
+  """Keeps `best.weights.h5`: the weights of the epoch with the best metric.
+
+  Written like a backup (temporary name, fsync, rename); `best.json` records
+  its step and metric value, so a resumed run only replaces it with a better
+  epoch. Epochs without the metric (no evaluation) are skipped.
+
+  Args:
+    directory: Where `best.weights.h5` and `best.json` go.
+    monitor: A log key that is higher when better.
+  """
+
+  def __init__(self, directory, monitor='val_accuracy'):
+    super().__init__()
+    self.directory = directory
+    self.monitor = monitor
+    self._best = None
+
+  def on_train_begin(self, logs=None):
+    path = os.path.join(self.directory, _BEST_POINTER)
+    if os.path.exists(path):
+      with open(path) as file:
+        self._best = json.load(file)['value']
+
+  def on_epoch_end(self, epoch, logs=None):
+    value = (logs or {}).get(self.monitor)
+    if value is None or not math.isfinite(float(value)):
+      return
+    if self._best is not None and float(value) <= self._best:
+      return
+    os.makedirs(self.directory, exist_ok=True)
+    path = os.path.join(self.directory, BEST_WEIGHTS)
+    temporary = os.path.join(self.directory, f'tmp-{BEST_WEIGHTS}')
+    self.model.save_weights(temporary, overwrite=True)
+    _fsync_path(temporary)
+    os.replace(temporary, path)
+    self._best = float(value)
+    _atomic_write_text(
+        os.path.join(self.directory, _BEST_POINTER),
+        json.dumps({'file': BEST_WEIGHTS, 'monitor': self.monitor,
+                    'value': self._best,
+                    'step': int(self.model.optimizer.iterations.numpy())}))
+    _fsync_path(self.directory)

@@ -6,8 +6,8 @@ r"""Command line: fine-tune a pretrained classifier from a config file.
 Any config value can be overridden (`--config.num_epochs=3`); unknown keys are
 errors. Rerunning the same command resumes the run in --workdir.
 
-This is the only module that defines flags; the library takes
-`(config, workdir)`.
+Flags live only in entry modules (this one, `export_main`, `predict`); the
+library takes `(config, workdir)` or explicit arguments.
 """
 
 import os

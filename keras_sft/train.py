@@ -3,8 +3,9 @@
 Order: check the config → claim the workdir → strategy → datasets → model and
 optimizer inside the strategy scope → resume from the newest backup → `fit`
 with backups, TensorBoard, CSV log and stop-on-NaN → evaluate →
-`metrics.json` → SavedModel export. Rerunning the same command on the same
-workdir continues where the last run stopped, to the same optimizer step.
+`metrics.json` → SavedModel export to `<workdir>/export/<next version>/`.
+Rerunning the same command on the same workdir continues where the last run
+stopped, to the same optimizer step.
 """
 
 import json
@@ -30,7 +31,7 @@ def validate_config(config):
   positive = ('image_size', 'global_batch_size', 'num_epochs',
               'learning_rate_batch_size', 'shuffle_buffer_size',
               'checkpoint_every_steps', 'keep_checkpoints',
-              'eval_every_epochs', 'steps_per_execution')
+              'eval_every_epochs', 'steps_per_execution', 'export_top_k')
   for key in positive:
     if not config[key] > 0:
       raise ValueError(f'config.{key} must be positive. Received: '
@@ -112,6 +113,10 @@ def _train_and_evaluate(config, workdir):
         start_step=start)
 
   train_data, eval_data, info = datasets(start_step)
+  # The export reads the class names here, so it needs no dataset.
+  _write_json(os.path.join(workdir, export.DATASET_FILE),
+              {'dataset': config.dataset, 'num_classes': info.num_classes,
+               'class_names': list(info.class_names)})
   steps_per_epoch = (config.steps_per_epoch or
                      info.num_train_examples // config.global_batch_size)
   total_steps = config.num_epochs * steps_per_epoch
@@ -150,6 +155,7 @@ def _train_and_evaluate(config, workdir):
   callbacks = [
       checkpointing.BackupCallback(checkpointer,
                                    config.checkpoint_every_steps),
+      checkpointing.BestWeightsCallback(checkpointer.directory),
       keras.callbacks.TerminateOnNaN(),
       _LearningRateLogger(),
       keras.callbacks.CSVLogger(os.path.join(workdir, 'history.csv'),
@@ -166,6 +172,7 @@ def _train_and_evaluate(config, workdir):
               shuffle=False, verbose=2)
     _check_finite(model, workdir)
 
+  trained = step < total_steps
   if step < total_steps:
     done_in_epoch = step % steps_per_epoch
     if done_in_epoch:
@@ -192,9 +199,11 @@ def _train_and_evaluate(config, workdir):
   }
   _write_json(os.path.join(workdir, 'metrics.json'), metrics)
   logging.info('Eval at step %d: %s', metrics['step'], metrics['eval'])
-  if config.export:
-    export.export_saved_model(model, os.path.join(workdir, 'export'),
-                              config.image_size, info.class_names)
+  export_base = os.path.join(workdir, 'export')
+  # A rerun of a finished run exports only if no version was written yet.
+  if config.export and (trained or not export.list_versions(export_base)):
+    export.export_version(model, export_base, config.image_size,
+                          info.class_names, top_k=config.export_top_k)
   return metrics
 
 

@@ -5,8 +5,9 @@ Layout:
   train.log        log lines of every start of the run
   checkpoints/     atomic backups, resumed from on a rerun
   history.csv      per-epoch metrics; tensorboard/ the same for TensorBoard
+  dataset.json     dataset name and class names (read by the export)
   metrics.json     final evaluation
-  export/          SavedModel for serving
+  export/<n>/      SavedModels for TF Serving, versions 1, 2, ...
 """
 
 import json

@@ -1,32 +1,65 @@
-"""The serving export: loads without keras_sft and matches the model."""
+"""The serving export: TF Serving layout, both signatures, size, versions."""
 
+import hashlib
+import io
 import json
 import os
+import pickle
+import shutil
 import subprocess
 import sys
 
+import keras
 import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
 
 import conftest
 from configs import cifar10_resnet50
+from keras_sft import export
 from keras_sft import input_pipeline
 from keras_sft import models
 from keras_sft import optimizers
 from keras_sft import train
 
-# Loads the SavedModel where `import keras_sft` fails, and serves a batch.
+# Loads the SavedModel where `import keras_sft` fails and calls both
+# signatures, a batch of bad bytes, then a valid batch again.
 _SERVE_WITHOUT_KERAS_SFT = r'''
+import pickle
 import sys
 sys.modules['keras_sft'] = None  # Any import of keras_sft now fails.
 import numpy as np
 import tensorflow as tf
-export_dir, images_path, outputs_path = sys.argv[1:]
+export_dir, inputs_path, outputs_path = sys.argv[1:]
+with open(inputs_path, 'rb') as file:
+  inputs = pickle.load(file)
 serving = tf.saved_model.load(export_dir)
-outputs = serving.signatures['serving_default'](
-    images=tf.constant(np.load(images_path)))
-np.savez(outputs_path, **{k: v.numpy().astype(str) if v.dtype == tf.string
-                          else v.numpy() for k, v in outputs.items()})
+images = serving.signatures['serving_default']
+image_bytes = serving.signatures['serve_image_bytes']
+def numpy(outputs):
+  return {k: v.numpy() for k, v in outputs.items()}
+results = {
+    'uint8': numpy(images(images=tf.constant(inputs['uint8']))),
+    'png': numpy(image_bytes(image_bytes=tf.constant(inputs['png']))),
+    'mixed': numpy(image_bytes(image_bytes=tf.constant(inputs['mixed']))),
+}
+try:
+  image_bytes(image_bytes=tf.constant(inputs['bad']))
+  results['error'] = None
+except Exception as error:  # Reported, not raised: the test checks it.
+  results['error'] = (type(error).__name__, str(error))
+results['after_error'] = numpy(
+    image_bytes(image_bytes=tf.constant(inputs['png'])))
+with open(outputs_path, 'wb') as file:
+  pickle.dump(results, file)
 '''
+
+
+def _encode(array, image_format, mode=None):
+  buffer = io.BytesIO()
+  Image.fromarray(array, mode).save(buffer, image_format)
+  return buffer.getvalue()
 
 
 def _in_memory_model(workdir):
@@ -40,40 +73,248 @@ def _in_memory_model(workdir):
   return model, config.image_size
 
 
-def test_export_serves_without_keras_sft_and_matches_the_model(smoke_run,
-                                                               tmp_path):
+@pytest.fixture(scope='module')
+def model_of_run(smoke_run):
+  """The smoke run's final weights in a freshly built model, and its size."""
+  return _in_memory_model(smoke_run[0])
+
+
+def _logits(model_and_size, images):
+  model, image_size = model_and_size
+  return model(input_pipeline.preprocess_for_eval(
+      np.asarray(images), image_size), training=False).numpy()
+
+
+@pytest.fixture(scope='module')
+def served(smoke_run, tmp_path_factory):
+  """Inputs, and what version 1 served for them in a process without us."""
   workdir, _ = smoke_run
-  # Another size than the model's 32px: the export resizes inside.
-  images = np.random.default_rng(0).integers(
-      0, 256, (3, 45, 37, 3)).astype(np.uint8)
-  np.save(tmp_path / 'images.npy', images)
+  rng = np.random.default_rng(0)
+  # Other sizes than the model's 32px: the export resizes inside.
+  uint8 = rng.integers(0, 256, (3, 45, 37, 3)).astype(np.uint8)
+  gray = rng.integers(0, 256, (20, 50)).astype(np.uint8)
+  rgba = rng.integers(0, 256, (33, 33, 4)).astype(np.uint8)
+  rgb = rng.integers(0, 256, (64, 48, 3)).astype(np.uint8)
+  png = [_encode(image, 'PNG') for image in uint8]
+  inputs = {
+      'uint8': uint8,
+      'png': png,
+      'mixed': [_encode(gray, 'PNG', 'L'), _encode(rgba, 'PNG', 'RGBA'),
+                _encode(rgb, 'JPEG')],
+      'bad': [png[0], b'<html>not an image</html>', png[1]],
+  }
+  directory = tmp_path_factory.mktemp('served')
+  with open(directory / 'inputs.pkl', 'wb') as file:
+    pickle.dump(inputs, file)
   subprocess.run(
       [sys.executable, '-c', _SERVE_WITHOUT_KERAS_SFT,
-       os.path.join(workdir, 'export'), str(tmp_path / 'images.npy'),
-       str(tmp_path / 'outputs.npz')],
-      check=True, cwd=str(tmp_path), env=conftest.cli_env(), timeout=300)
-  served = np.load(tmp_path / 'outputs.npz')
+       os.path.join(workdir, 'export', '1'), str(directory / 'inputs.pkl'),
+       str(directory / 'outputs.pkl')],
+      check=True, cwd=str(directory), env=conftest.cli_env(), timeout=300)
+  with open(directory / 'outputs.pkl', 'rb') as file:
+    outputs = pickle.load(file)
+  inputs.update(gray=gray, rgba=rgba, rgb=rgb)
+  return inputs, outputs
 
-  model, image_size = _in_memory_model(workdir)
-  logits = model(input_pipeline.preprocess_for_eval(images, image_size),
-                 training=False).numpy()
-  np.testing.assert_allclose(served['logits'], logits, atol=1e-4)
+
+def test_serving_default_matches_the_in_memory_model(served, model_of_run):
+  inputs, outputs = served
+  served_uint8 = outputs['uint8']
+  logits = _logits(model_of_run, inputs['uint8'])
+  np.testing.assert_allclose(served_uint8['logits'], logits, atol=1e-4)
   probabilities = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-  np.testing.assert_allclose(served['probabilities'], probabilities,
+  np.testing.assert_allclose(served_uint8['probabilities'], probabilities,
                              atol=1e-5)
-  np.testing.assert_array_equal(served['class_ids'], logits.argmax(-1))
+  np.testing.assert_array_equal(served_uint8['class_ids'], logits.argmax(-1))
   # tfds mock data names the CIFAR-10 classes '0'..'9'.
+  np.testing.assert_array_equal(served_uint8['class_names'].astype(str),
+                                logits.argmax(-1).astype(str))
+  # config.export_top_k = 5, most probable first.
+  top5 = np.argsort(-probabilities, axis=-1)[:, :5]
+  np.testing.assert_array_equal(served_uint8['top_k_class_ids'], top5)
   np.testing.assert_array_equal(
-      served['class_names'], logits.argmax(-1).astype(str))
+      served_uint8['top_k_class_names'].astype(str), top5.astype(str))
+  np.testing.assert_allclose(served_uint8['top_k_probabilities'],
+                             np.take_along_axis(probabilities, top5, -1),
+                             atol=1e-5)
 
 
-def test_export_stores_each_weight_once(smoke_run):
+def test_png_bytes_give_the_uint8_outputs(served):
+  _, outputs = served
+  for key, value in outputs['uint8'].items():
+    if value.dtype.kind in 'SO':
+      np.testing.assert_array_equal(outputs['png'][key], value, err_msg=key)
+    else:
+      np.testing.assert_allclose(outputs['png'][key], value, atol=1e-6,
+                                 err_msg=key)
+
+
+def test_mixed_sizes_grayscale_rgba_and_jpeg_bytes(served, model_of_run):
+  inputs, outputs = served
+  decoded_jpeg = tf.io.decode_jpeg(inputs['mixed'][2], channels=3).numpy()
+  as_rgb = [np.repeat(inputs['gray'][..., None], 3, axis=-1),
+            inputs['rgba'][..., :3], decoded_jpeg]
+  expected = np.concatenate([_logits(model_of_run, image[None])
+                             for image in as_rgb])
+  np.testing.assert_allclose(outputs['mixed']['logits'], expected, atol=1e-4)
+  assert outputs['mixed']['top_k_class_ids'].shape == (3, 5)
+
+
+def test_bytes_that_are_not_an_image_fail_the_call_not_the_process(served):
+  _, outputs = served
+  assert outputs['error'] is not None, 'bad bytes were served'
+  error_type, message = outputs['error']
+  assert error_type == 'InvalidArgumentError', outputs['error']
+  assert 'image_bytes[1] is not a JPEG or PNG image' in message, message
+  # The same process serves the next, valid request.
+  np.testing.assert_array_equal(outputs['after_error']['logits'],
+                                outputs['png']['logits'])
+
+
+def test_export_stores_each_weight_once_and_no_optimizer_state(
+    smoke_run, model_of_run):
   """Variables on disk ≤ 1.05 × the float32 bytes of the model's weights."""
   workdir, _ = smoke_run
-  model, _ = _in_memory_model(workdir)
+  model, _ = model_of_run
   weight_bytes = sum(4 * int(np.prod(v.shape)) for v in model.weights)
-  variables_dir = os.path.join(workdir, 'export', 'variables')
+  variables_dir = os.path.join(workdir, 'export', '1', 'variables')
   stored = sum(os.path.getsize(os.path.join(variables_dir, name))
                for name in os.listdir(variables_dir))
-  assert stored <= 1.05 * weight_bytes, (stored, weight_bytes)
-  assert stored >= weight_bytes
+  assert weight_bytes <= stored <= 1.05 * weight_bytes, (stored, weight_bytes)
+  # SGD momentum alone would be as large as the trainable weights.
+  names = [name for name, _ in tf.train.list_variables(
+      os.path.join(variables_dir, 'variables'))]
+  assert not [name for name in names if 'optimizer' in name.lower()], names
+
+
+def _tiny_model():
+  inputs = keras.Input((8, 8, 3))
+  outputs = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(
+      inputs))
+  return keras.Model(inputs, outputs)
+
+
+def test_export_version_takes_the_next_integer_version(tmp_path):
+  base = str(tmp_path / 'export')
+  os.makedirs(os.path.join(base, '7', 'variables'))
+  os.makedirs(os.path.join(base, 'not-a-version'))
+  model = _tiny_model()
+  version, path = export.export_version(model, base, 8, ['a', 'b', 'c'],
+                                        top_k=5)
+  assert (version, path) == (8, os.path.join(base, '8'))
+  assert os.path.exists(os.path.join(path, 'saved_model.pb'))
+  assert export.list_versions(base) == [7, 8]
+  # Nothing temporary is left where TF Serving looks.
+  assert sorted(os.listdir(base)) == ['7', '8', 'not-a-version']
+  # top_k is capped at the number of classes.
+  outputs = tf.saved_model.load(path).signatures['serving_default'](
+      images=tf.zeros([2, 5, 5, 3], tf.uint8))
+  assert outputs['top_k_class_ids'].shape == (2, 3)
+
+
+def _file_digests(directory):
+  digests = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      with open(os.path.join(root, name), 'rb') as file:
+        digests[os.path.relpath(os.path.join(root, name), directory)] = (
+            hashlib.sha256(file.read()).hexdigest())
+  return digests
+
+
+def test_second_export_from_the_workdir_makes_version_2(smoke_run, tmp_path):
+  """The export command adds version 2; version 1 stays byte for byte."""
+  workdir, _ = smoke_run
+  base = tmp_path / 'export'
+  shutil.copytree(os.path.join(workdir, 'export', '1'), base / '1')
+  before = _file_digests(base / '1')
+  result = subprocess.run(
+      [sys.executable, '-m', 'keras_sft.export_main', f'--workdir={workdir}',
+       f'--export_base={base}', '--checkpoint=last'],
+      capture_output=True, text=True, cwd=conftest.REPO_ROOT,
+      env=conftest.cli_env(), timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().splitlines()[-1] == str(base / '2')
+  assert sorted(os.listdir(base)) == ['1', '2']
+  assert _file_digests(base / '1') == before
+  # Rebuilt from the last checkpoint, version 2 serves what version 1 does.
+  images = tf.constant(np.random.default_rng(1).integers(
+      0, 256, (2, 32, 32, 3)).astype(np.uint8))
+  version_1, version_2 = (
+      tf.saved_model.load(str(base / v)).signatures['serving_default'](
+          images=images) for v in ('1', '2'))
+  np.testing.assert_allclose(version_2['logits'], version_1['logits'],
+                             atol=1e-5)
+
+
+def _prediction_log_class():
+  """PredictionLog as declared in tensorflow_serving/apis (the fields read).
+
+  Built here from the .proto field numbers, independently of the export's
+  hand encoding; a map field is wire-compatible with a repeated entry.
+  """
+  from google.protobuf import descriptor_pb2  # pylint: disable=g-import-not-at-top
+  from google.protobuf import descriptor_pool  # pylint: disable=g-import-not-at-top
+  from google.protobuf import message_factory  # pylint: disable=g-import-not-at-top
+  from tensorflow.core.framework import tensor_pb2  # pylint: disable=g-import-not-at-top
+  pool = descriptor_pool.DescriptorPool()
+  for dependency in _dependencies(tensor_pb2.DESCRIPTOR):
+    pool.AddSerializedFile(dependency.serialized_pb)
+  proto = descriptor_pb2.FileDescriptorProto(
+      name='warmup_test.proto', package='warmup_test', syntax='proto3',
+      dependency=[tensor_pb2.DESCRIPTOR.name])
+  field = descriptor_pb2.FieldDescriptorProto
+  optional, repeated = field.LABEL_OPTIONAL, field.LABEL_REPEATED
+
+  def message(name, *fields):
+    proto.message_type.add(name=name, field=[
+        field(name=f, number=n, label=label, type=t, type_name=type_name)
+        for f, n, label, t, type_name in fields])
+
+  message('ModelSpec', ('name', 1, optional, field.TYPE_STRING, None),
+          ('signature_name', 3, optional, field.TYPE_STRING, None))
+  message('InputsEntry', ('key', 1, optional, field.TYPE_STRING, None),
+          ('value', 2, optional, field.TYPE_MESSAGE,
+           '.tensorflow.TensorProto'))
+  message('PredictRequest',
+          ('model_spec', 1, optional, field.TYPE_MESSAGE,
+           '.warmup_test.ModelSpec'),
+          ('inputs', 2, repeated, field.TYPE_MESSAGE,
+           '.warmup_test.InputsEntry'))
+  message('PredictLog', ('request', 1, optional, field.TYPE_MESSAGE,
+                         '.warmup_test.PredictRequest'))
+  message('PredictionLog', ('predict_log', 6, optional, field.TYPE_MESSAGE,
+                            '.warmup_test.PredictLog'))
+  for f in (f for m in proto.message_type for f in m.field):
+    if not f.type_name:
+      f.ClearField('type_name')
+  pool.AddSerializedFile(proto.SerializeToString())
+  return message_factory.GetMessageClass(
+      pool.FindMessageTypeByName('warmup_test.PredictionLog'))
+
+
+def _dependencies(file_descriptor, seen=None):
+  seen = {} if seen is None else seen
+  for dependency in file_descriptor.dependencies:
+    _dependencies(dependency, seen)
+  seen.setdefault(file_descriptor.name, file_descriptor)
+  return list(seen.values())
+
+
+def test_warmup_requests_replay_on_both_signatures(smoke_run):
+  """assets.extra/tf_serving_warmup_requests: one valid request a signature."""
+  workdir, _ = smoke_run
+  version = os.path.join(workdir, 'export', '1')
+  prediction_log = _prediction_log_class()
+  logs = [prediction_log.FromString(record.numpy()) for record in
+          tf.data.TFRecordDataset(os.path.join(
+              version, 'assets.extra', 'tf_serving_warmup_requests'))]
+  requests = {log.predict_log.request.model_spec.signature_name:
+              log.predict_log.request for log in logs}
+  assert sorted(requests) == ['serve_image_bytes', 'serving_default']
+  serving = tf.saved_model.load(version)
+  for name, request in requests.items():
+    inputs = {entry.key: tf.constant(tf.make_ndarray(entry.value))
+              for entry in request.inputs}
+    outputs = serving.signatures[name](**inputs)
+    assert outputs['probabilities'].shape == (1, 10), name

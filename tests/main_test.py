@@ -9,6 +9,7 @@ import time
 
 import h5py
 import numpy as np
+import pytest
 
 import conftest
 
@@ -42,8 +43,8 @@ def test_smoke_run_trains_backs_up_evaluates_and_exports(smoke_run):
   """The smoke command writes every artifact of a run into the workdir."""
   workdir, result = smoke_run
   for name in ('config.json', 'train.log', 'history.csv', 'metrics.json',
-               'checkpoints/checkpoint.json', 'export/saved_model.pb',
-               'tensorboard/train'):
+               'checkpoints/checkpoint.json', 'checkpoints/best.weights.h5',
+               'dataset.json', 'export/1/saved_model.pb', 'tensorboard/train'):
     assert os.path.exists(os.path.join(workdir, name)), name
   metrics = _metrics(workdir)
   # smoke: 2 epochs x 2 steps.
@@ -57,7 +58,26 @@ def test_smoke_run_trains_backs_up_evaluates_and_exports(smoke_run):
   # ResNet50 has 53 convolutions; the head adds one Dense kernel.
   assert 'L2 weight decay' in log and 'on 54 kernels' in log
   assert 'Strategy _DefaultDistributionStrategy: 1 replica(s)' in log
+  with open(os.path.join(workdir, 'dataset.json')) as file:
+    assert json.load(file)['class_names'] == [str(i) for i in range(10)]
   del result
+
+
+def test_best_weights_are_those_of_the_best_val_accuracy_epoch(smoke_run):
+  workdir, _ = smoke_run
+  with open(os.path.join(workdir, 'checkpoints', 'best.json')) as file:
+    best = json.load(file)
+  rows = _history_rows(workdir)
+  accuracies = [float(row['val_accuracy']) for row in rows]
+  assert best['value'] == pytest.approx(max(accuracies))
+  # The first epoch reaching the best value (ties keep the earlier one);
+  # smoke: 2 steps per epoch.
+  assert best['step'] == 2 * (accuracies.index(max(accuracies)) + 1)
+  saved = _arrays(os.path.join(workdir, 'checkpoints', 'best.weights.h5'))
+  # The optimizer's first variable is its step counter.
+  assert int(saved['optimizer/vars/0']) == best['step']
+  last = _arrays(_latest_backup(workdir)[0])
+  assert saved.keys() == last.keys()
 
 
 def test_same_command_again_resumes_instead_of_starting_over(smoke_run,
@@ -69,6 +89,8 @@ def test_same_command_again_resumes_instead_of_starting_over(smoke_run,
   assert 'already finished its 4 steps' in result.stderr
   assert _metrics(workdir)['step'] == 4
   assert len(_history_rows(workdir)) == 2
+  # The run had exported already: no second version.
+  assert sorted(os.listdir(os.path.join(workdir, 'export'))) == ['1']
   after = _arrays(_latest_backup(workdir)[0])
   assert before.keys() == after.keys()
   for name in before:

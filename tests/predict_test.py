@@ -1,0 +1,68 @@
+"""`python -m keras_sft.predict`: top-k labels of image files as JSON lines."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import conftest
+from keras_sft import predict
+
+
+def _write_png(path, array):
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, 'PNG')
+  path.write_bytes(buffer.getvalue())
+
+
+def test_image_paths_expands_folders_in_order(tmp_path):
+  (tmp_path / 'd' / 'sub').mkdir(parents=True)
+  for name in ('d/b.PNG', 'd/a.jpg', 'd/sub/c.jpeg', 'd/notes.txt', 'e.png'):
+    (tmp_path / name).write_bytes(b'')
+  files = predict.image_paths([str(tmp_path / 'e.png'), str(tmp_path / 'd')])
+  assert [os.path.relpath(f, tmp_path) for f in files] == [
+      'e.png', 'd/a.jpg', 'd/b.PNG', 'd/sub/c.jpeg']
+  with pytest.raises(FileNotFoundError, match='missing.png'):
+    predict.image_paths([str(tmp_path / 'missing.png')])
+
+
+def test_predict_prints_top_k_per_file_and_names_bad_files(smoke_run,
+                                                           tmp_path):
+  workdir, _ = smoke_run
+  images = np.random.default_rng(2).integers(
+      0, 256, (2, 32, 32, 3)).astype(np.uint8)
+  folder = tmp_path / 'images'
+  folder.mkdir()
+  _write_png(folder / 'a.png', images[0])
+  (folder / 'b.png').write_bytes(b'GIF89a, not a PNG')
+  _write_png(folder / 'c.png', images[1])
+  result = subprocess.run(
+      [sys.executable, '-m', 'keras_sft.predict',
+       f'--export={os.path.join(workdir, "export")}', '--batch_size=8',
+       str(folder)],
+      capture_output=True, text=True, cwd=conftest.REPO_ROOT,
+      env=conftest.cli_env(), timeout=300)
+  assert result.returncode == 1, result.stderr[-3000:]
+  records = [json.loads(line) for line in result.stdout.splitlines()]
+  assert [os.path.basename(r['file']) for r in records] == [
+      'a.png', 'b.png', 'c.png']
+  assert 'not a JPEG or PNG image' in records[1]['error']
+
+  # The same images through the export's uint8 signature, in this process.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  serving = tf.saved_model.load(os.path.join(workdir, 'export', '1'))
+  probabilities = serving.signatures['serving_default'](
+      images=tf.constant(images))['probabilities'].numpy()
+  for record, expected in zip((records[0], records[2]), probabilities):
+    top5 = np.argsort(-expected)[:5]
+    assert [entry['class_id'] for entry in record['top_k']] == list(top5)
+    assert [entry['class_name'] for entry in record['top_k']] == [
+        str(i) for i in top5]
+    np.testing.assert_allclose(
+        [entry['probability'] for entry in record['top_k']], expected[top5],
+        atol=1e-6)
