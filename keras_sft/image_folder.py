@@ -337,37 +337,45 @@ def _describe(bad, total, root):
           f'JPEG or PNG:\n  {listed}{more}')
 
 
-def check_files(split, root, skip_corrupt_images=False):
-  """Decodes every file of `split` once; fails or skips unreadable ones.
+def check_files(splits, root, skip_corrupt_images=False):
+  """Decodes every file of `splits` once; fails or skips unreadable ones.
+
+  All splits are checked in one pass, so one error lists every bad file.
 
   Args:
-    split: A FolderSplit.
+    splits: A list of FolderSplits.
     root: The dataset folder, for messages.
     skip_corrupt_images: Drop unreadable files (logged and counted) instead of
       failing.
 
   Returns:
-    `(split, num_skipped)`: `split` without the unreadable files.
+    `(splits, num_skipped)`: `splits` without the unreadable files.
 
   Raises:
     ValueError: unreadable files, listed by path, unless skipped.
   """
-  bad = find_unreadable(split.paths)
+  every_path = [path for split in splits for path in split.paths]
+  bad = find_unreadable(every_path)
   if not bad:
-    return split, 0
-  message = _describe(bad, len(split), root)
+    return list(splits), 0
+  message = _describe(bad, len(every_path), root)
   if not skip_corrupt_images:
     raise ValueError(
         message + '\nDelete or replace these files, or set '
         '--config.skip_corrupt_images=True to train without them.')
   logging.warning('%s\nSkipping them (skip_corrupt_images=True).', message)
   bad = set(bad)
-  kept = [(path, label) for path, label in zip(split.paths, split.labels)
-          if path not in bad]
-  if not kept:
-    raise ValueError(f'No readable images left in {root!r}.')
-  paths, labels = zip(*kept)
-  return FolderSplit(paths, labels), len(bad)
+  kept = []
+  for split in splits:
+    pairs = [(path, label) for path, label in zip(split.paths, split.labels)
+             if path not in bad]
+    if not pairs:
+      raise ValueError(
+          f'No readable images left in a split of {root!r} after skipping '
+          'unreadable files. Add readable images.')
+    paths, labels = zip(*pairs)
+    kept.append(FolderSplit(paths, labels))
+  return kept, len(bad)
 
 
 def check_every_class_has_images(split, class_names, root, name):
@@ -420,13 +428,12 @@ def load(dataset, train_split='train', eval_split='test',
   root = folder_root(dataset)
   class_names, train, evaluation = find_splits(
       root, train_split, eval_split, validation_fraction)
-  train, skipped_train = check_files(train, root, skip_corrupt_images)
-  evaluation, skipped_eval = check_files(evaluation, root,
-                                         skip_corrupt_images)
+  (train, evaluation), skipped = check_files([train, evaluation], root,
+                                            skip_corrupt_images)
   check_every_class_has_images(train, class_names, root, 'train')
   logging.info(
-      'Image folder %s: %d classes, %d train / %d eval images (%d / %d '
-      'unreadable files skipped).', root, len(class_names), len(train),
-      len(evaluation), skipped_train, skipped_eval)
+      'Image folder %s: %d classes, %d train / %d eval images (%d unreadable '
+      'files skipped).', root, len(class_names), len(train), len(evaluation),
+      skipped)
   return (to_dataset(train, shuffle_seed=seed), to_dataset(evaluation),
           class_names, len(train), len(evaluation))
