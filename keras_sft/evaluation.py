@@ -22,6 +22,7 @@ import matplotlib
 
 matplotlib.use('Agg')  # No display: render to files only.
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+from matplotlib import ticker  # pylint: disable=g-import-not-at-top
 import numpy as np
 import tensorflow as tf
 
@@ -180,7 +181,8 @@ def plot_curves(history):
   figure, all_axes = plt.subplots(1, len(panels), figsize=(15, 4.2))
   for axes, (key, title) in zip(all_axes, panels):
     drawn = False
-    for column, label, style in ((key, 'train', 'o-'),
+    train_label = 'at epoch end' if key == 'learning_rate' else 'train'
+    for column, label, style in ((key, train_label, 'o-'),
                                  (f'val_{key}', 'eval', 's--')):
       values = history.get(column)
       if values and not np.all(np.isnan(values)):
@@ -190,6 +192,7 @@ def plot_curves(history):
       axes.plot(epochs, history['top5'], '^:', label='train top-5')
     axes.set_title(title)
     axes.set_xlabel('epoch')
+    axes.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
     if drawn:
       axes.legend()
