@@ -39,6 +39,9 @@ PREFIX = 'folder:'
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 # Unreadable files listed in an error message (all of them are counted).
 _MAX_LISTED = 20
+# find_unreadable results by (path, size, mtime) of every file: a resumed run
+# builds its datasets twice in one process and need not decode twice.
+_CHECKED = {}
 
 _SPLIT_PATTERN = re.compile(
     r'^(?P<name>[^\[\]]+?)\s*(\[\s*(?P<start>-?[\d.]+%?)?\s*:\s*'
@@ -337,6 +340,14 @@ def _describe(bad, total, root):
           f'JPEG or PNG:\n  {listed}{more}')
 
 
+def _signature(path):
+  try:
+    stat = os.stat(path)
+  except OSError:
+    return (path, None, None)
+  return (path, stat.st_size, stat.st_mtime_ns)
+
+
 def check_files(splits, root, skip_corrupt_images=False):
   """Decodes every file of `splits` once; fails or skips unreadable ones.
 
@@ -355,7 +366,11 @@ def check_files(splits, root, skip_corrupt_images=False):
     ValueError: unreadable files, listed by path, unless skipped.
   """
   every_path = [path for split in splits for path in split.paths]
-  bad = find_unreadable(every_path)
+  key = tuple(_signature(path) for path in every_path)
+  if key not in _CHECKED:
+    _CHECKED.clear()  # Keep one entry: the dataset of this run.
+    _CHECKED[key] = find_unreadable(every_path)
+  bad = _CHECKED[key]
   if not bad:
     return list(splits), 0
   message = _describe(bad, len(every_path), root)

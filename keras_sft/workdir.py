@@ -5,7 +5,8 @@ Layout:
   train.log        log lines of every start of the run
   checkpoints/     atomic backups, resumed from on a rerun
   history.csv      per-epoch metrics; tensorboard/ the same for TensorBoard
-  metrics.json     final evaluation
+  metrics.json     final evaluation, with the report of keras_sft.evaluation
+  confusion_matrix.png, curves.png   the report's pictures
   export/          SavedModel for serving
 """
 

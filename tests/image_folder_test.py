@@ -242,3 +242,20 @@ def test_parse_split_rejects_garbage():
   assert image_folder.parse_split('val') == ('val', None, None)
   with pytest.raises(ValueError, match='Cannot parse'):
     image_folder.parse_split('train[:90%')
+
+
+def test_files_are_decoded_once_per_process_unless_they_change(folder_copy,
+                                                              monkeypatch):
+  root, _ = folder_copy
+  calls = []
+  real = image_folder.find_unreadable
+  monkeypatch.setattr(image_folder, 'find_unreadable',
+                      lambda paths: calls.append(len(paths)) or real(paths))
+  _create(root)
+  _create(root, start_step=1)  # What a resumed run does.
+  assert calls == [18]
+  # Overwrite a file that was fine: its size changes, so it is checked again.
+  image_fixtures.write_corrupt(os.path.join(root, 'test', 'cat', '0.png'))
+  with pytest.raises(ValueError, match='0.png'):
+    _create(root)
+  assert calls == [18, 18]
