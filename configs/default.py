@@ -23,11 +23,21 @@ def get_config():
   config = ml_collections.ConfigDict()
 
   # --- Data -----------------------------------------------------------------
-  # A tfds name (`cifar10`, `oxford_flowers102`, ...).
+  # A tfds name (`cifar10`, `oxford_flowers102`, ...), or `folder:PATH` for
+  # an image folder: PATH/train/<class>/*, PATH/test/<class>/* (JPEG/PNG).
   config.dataset = 'cifar10'
-  # tfds split strings, slices included (`train[:90%]`).
+  # tfds split strings, slices included (`train[:90%]`, `train[90%:]`). For a
+  # folder: split folder names (`train`, `test`, `val`), sliceable the same
+  # way.
   config.train_split = 'train'
   config.eval_split = 'test'
+  # Folders only: when > 0, hold out this fraction of each class of the train
+  # split for evaluation (eval_split is then unused); PATH may then hold the
+  # class folders directly, PATH/<class>/*. For tfds use split slices.
+  config.validation_fraction = 0.0
+  # Folders only: every image is decoded once before training; False: an
+  # unreadable file is an error listing the paths; True: skip and count them.
+  config.skip_corrupt_images = False
   # Where tfds keeps prepared data. None: tfds' default (~/tensorflow_datasets).
   # Offline: put the archive tfds would download into
   # `<data_dir>/downloads/manual/` (CIFAR-10: cifar-10-binary.tar.gz).

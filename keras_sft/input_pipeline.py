@@ -1,4 +1,9 @@
-"""tf.data input pipelines over tensorflow-datasets splits.
+"""tf.data input pipelines over tensorflow-datasets splits and image folders.
+
+`create_datasets` reads a tfds dataset by name, or an image folder given as
+`folder:PATH` (see `keras_sft.image_folder`); both become `(image uint8
+[H, W, 3], label int64)` examples that `make_train_dataset` and
+`make_eval_dataset` turn into batches.
 
 Images leave the pipeline as float32 RGB in [0, 255], shape
 `[batch, image_size, image_size, 3]`; labels as int64 `[batch]`. The model
@@ -20,6 +25,8 @@ from unittest import mock
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import downloader as tfds_downloader
+
+from keras_sft import image_folder
 
 # ImageNet-style resize-and-crop keeps this fraction of the resized image.
 _CROP_FRACTION = 0.875
@@ -180,22 +187,30 @@ def create_datasets(dataset='cifar10',
                     seed=0,
                     shuffle_buffer_size=10_000,
                     cache=True,
-                    start_step=0):
+                    start_step=0,
+                    validation_fraction=0.0,
+                    skip_corrupt_images=False):
   """Builds the training and evaluation datasets.
 
   Args:
-    dataset: A tfds name.
+    dataset: A tfds name, or `folder:PATH` for an image folder.
     image_size: Side of the square images fed to the model.
     global_batch_size: Batch size summed over all replicas. Under a
       `tf.distribute` strategy Keras splits each batch across replicas.
-    train_split: tfds split string for training.
-    eval_split: tfds split string for evaluation.
-    data_dir: tfds data directory.
+    train_split: tfds split string for training (slices such as
+      `train[:90%]` work); for a folder, a split folder name, optionally
+      sliced the same way.
+    eval_split: The same, for evaluation (e.g. `train[90%:]`).
+    data_dir: tfds data directory (unused for folders).
     seed: Seeds shuffling and augmentation.
     shuffle_buffer_size: Size of the training shuffle buffer.
     cache: Keep decoded examples in memory after the first pass.
     start_step: Number of training batches already consumed by an earlier
       run; the training stream starts right after them.
+    validation_fraction: Folders only: when > 0, hold out this fraction of
+      each class of the train split for evaluation (`eval_split` unused).
+    skip_corrupt_images: Folders only: skip unreadable image files (logged
+      and counted) instead of failing before training.
 
   Returns:
     `(train_dataset, eval_dataset, info)`: an infinite training dataset of
@@ -205,19 +220,35 @@ def create_datasets(dataset='cifar10',
     raise ValueError(
         'image_size and global_batch_size must be positive. Received: '
         f'image_size={image_size}, global_batch_size={global_batch_size}')
-  builder = get_builder(dataset, data_dir)
-  train_data = _read_split(builder, train_split, shuffle_files=True, seed=seed)
-  eval_data = _read_split(builder, eval_split, shuffle_files=False, seed=seed)
-  num_train = _num_examples(train_data, train_split)
-  num_eval = _num_examples(eval_data, eval_split)
+  if image_folder.is_folder_dataset(dataset):
+    (train_data, eval_data, class_names, num_train,
+     num_eval) = image_folder.load(
+         dataset, train_split=train_split, eval_split=eval_split,
+         validation_fraction=validation_fraction,
+         skip_corrupt_images=skip_corrupt_images, seed=seed)
+  else:
+    if validation_fraction:
+      raise ValueError(
+          f'validation_fraction={validation_fraction} is for image folders. '
+          f'For the tfds dataset {dataset!r} use split slices instead, e.g. '
+          'train_split="train[:90%]" and eval_split="train[90%:]".')
+    builder = get_builder(dataset, data_dir)
+    train_data = _read_split(builder, train_split, shuffle_files=True,
+                             seed=seed)
+    eval_data = _read_split(builder, eval_split, shuffle_files=False,
+                            seed=seed)
+    num_train = _num_examples(train_data, train_split)
+    num_eval = _num_examples(eval_data, eval_split)
+    class_names = _class_names(
+        builder, builder.info.features['label'].num_classes)
   if num_train < global_batch_size:
     raise ValueError(
         f'The train split {train_split!r} has {num_train} examples, fewer '
         f'than one global batch (global_batch_size={global_batch_size}).')
-  num_classes = builder.info.features['label'].num_classes
+  num_classes = len(class_names)
   info = DatasetInfo(
       num_classes=num_classes,
-      class_names=_class_names(builder, num_classes),
+      class_names=class_names,
       num_train_examples=num_train,
       num_eval_examples=num_eval)
   logging.info('Dataset %s: %d train / %d eval examples, %d classes.',

@@ -5,6 +5,7 @@ r"""Command line: fine-tune a pretrained classifier from a config file.
 
 Any config value can be overridden (`--config.num_epochs=3`); unknown keys are
 errors. Rerunning the same command resumes the run in --workdir.
+`--mode=evaluate` evaluates the run's newest backup without training.
 
 Flags live only in entry modules (this one, `export_main`, `predict`); the
 library takes `(config, workdir)` or explicit arguments.
@@ -30,6 +31,10 @@ _WORKDIR = flags.DEFINE_string('workdir', None,
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, e.g. configs/cifar10_resnet50.py[:smoke].',
     lock_config=True)
+_MODE = flags.DEFINE_enum(
+    'mode', 'train', ['train', 'evaluate'],
+    'train: train (or resume) then evaluate and export; evaluate: evaluate '
+    'the newest backup in --workdir and write the report, without training.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -39,7 +44,10 @@ def main(argv):
   # Imported here so that `--help` and flag errors do not wait for TF.
   from keras_sft import train  # pylint: disable=g-import-not-at-top
   logging.info('Config:\n%s', _CONFIG.value)
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if _MODE.value == 'evaluate':
+    train.evaluate(_CONFIG.value, _WORKDIR.value)
+  else:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 def run():

@@ -5,7 +5,9 @@ optimizer inside the strategy scope → resume from the newest backup → `fit`
 with backups, TensorBoard, CSV log and stop-on-NaN → evaluate →
 `metrics.json` → SavedModel export to `<workdir>/export/<next version>/`.
 Rerunning the same command on the same workdir continues where the last run
-stopped, to the same optimizer step.
+stopped, to the same optimizer step. The evaluation also writes the report of
+`keras_sft.evaluation` into the workdir; `evaluate(config, workdir)` only
+evaluates the newest backup.
 """
 
 import json
@@ -19,6 +21,7 @@ import numpy as np
 from keras_sft import checkpointing
 from keras_sft import classifier
 from keras_sft import distribution
+from keras_sft import evaluation
 from keras_sft import export
 from keras_sft import input_pipeline
 from keras_sft import models
@@ -52,6 +55,10 @@ def validate_config(config):
   if config.optimizer not in ('sgd', 'adamw'):
     raise ValueError(f'Unknown optimizer: optimizer={config.optimizer!r}. '
                      'Expected "sgd" or "adamw".')
+  if not 0 <= config.validation_fraction < 1:
+    raise ValueError('config.validation_fraction must be in [0, 1). '
+                     'Received: validation_fraction='
+                     f'{config.validation_fraction!r}')
   models.resolve_weights(config.weights)
 
 
@@ -93,7 +100,41 @@ def train_and_evaluate(config, workdir):
     handler.close()
 
 
-def _train_and_evaluate(config, workdir):
+def evaluate(config, workdir):
+  """Evaluates the newest backup of the run in `workdir`; never trains.
+
+  Writes the report files and `metrics.json` as a finished run does.
+
+  Args:
+    config: The run's config (a different one is refused, as in training).
+    workdir: Directory of a run with at least one backup.
+
+  Returns:
+    The dict written to `<workdir>/metrics.json`.
+
+  Raises:
+    FileNotFoundError: `workdir` holds no run or no backup yet.
+  """
+  validate_config(config)
+  if not os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
+    raise FileNotFoundError(
+        f'workdir={workdir!r} holds no run to evaluate (no '
+        f'{workdir_lib.CONFIG_FILE}). Train first with --mode=train.')
+  if checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints')).latest(
+  ) is None:
+    raise FileNotFoundError(
+        f'workdir={workdir!r} holds no backup in {workdir}/checkpoints to '
+        'evaluate. Train first with --mode=train.')
+  workdir_lib.prepare(workdir, config)
+  handler = _add_log_file(workdir)
+  try:
+    return _train_and_evaluate(config, workdir, evaluate_only=True)
+  finally:
+    logging.getLogger().removeHandler(handler)
+    handler.close()
+
+
+def _train_and_evaluate(config, workdir, evaluate_only=False):
   strategy = distribution.create_strategy(config.distribution)
   distribution.check_global_batch_size(config.global_batch_size, strategy)
   keras.utils.set_random_seed(config.seed)
@@ -110,7 +151,8 @@ def _train_and_evaluate(config, workdir):
         train_split=config.train_split, eval_split=config.eval_split,
         data_dir=config.data_dir, seed=config.seed,
         shuffle_buffer_size=config.shuffle_buffer_size, cache=config.cache,
-        start_step=start)
+        start_step=start, validation_fraction=config.validation_fraction,
+        skip_corrupt_images=config.skip_corrupt_images)
 
   train_data, eval_data, info = datasets(start_step)
   # The export reads the class names here, so it needs no dataset.
@@ -172,8 +214,10 @@ def _train_and_evaluate(config, workdir):
               shuffle=False, verbose=2)
     _check_finite(model, workdir)
 
-  trained = step < total_steps
-  if step < total_steps:
+  trained = not evaluate_only and step < total_steps
+  if evaluate_only:
+    logging.info('Evaluating the backup at step %d of %d.', step, total_steps)
+  elif step < total_steps:
     done_in_epoch = step % steps_per_epoch
     if done_in_epoch:
       # Finish the interrupted epoch on its remaining batches first.
@@ -197,8 +241,13 @@ def _train_and_evaluate(config, workdir):
       'total_steps': total_steps,
       'eval': {key: float(value) for key, value in results.items()},
   }
+  metrics['report'] = evaluation.write_report(
+      model, eval_data, info.class_names, workdir, steps=config.eval_steps,
+      step=metrics['step'])
   _write_json(os.path.join(workdir, 'metrics.json'), metrics)
   logging.info('Eval at step %d: %s', metrics['step'], metrics['eval'])
+  if evaluate_only:
+    return metrics
   export_base = os.path.join(workdir, 'export')
   # A rerun of a finished run exports only if no version was written yet.
   if config.export and (trained or not export.list_versions(export_base)):

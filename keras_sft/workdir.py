@@ -6,7 +6,8 @@ Layout:
   checkpoints/     atomic backups, resumed from on a rerun
   history.csv      per-epoch metrics; tensorboard/ the same for TensorBoard
   dataset.json     dataset name and class names (read by the export)
-  metrics.json     final evaluation
+  metrics.json     final evaluation, with the report of keras_sft.evaluation
+  confusion_matrix.png, curves.png   the report's pictures
   export/<n>/      SavedModels for TF Serving, versions 1, 2, ...
 """
 

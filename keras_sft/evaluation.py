@@ -1,0 +1,249 @@
+"""The evaluation report: numbers and pictures a person can look at.
+
+`write_report(model, eval_data, class_names, workdir)` runs the model over the
+eval dataset once and writes, into the workdir:
+
+  confusion_matrix.png   rows: true class, columns: predicted class; cells
+                         show counts, colored by the fraction of the row
+  curves.png             loss, accuracy and learning rate per epoch, from
+                         `<workdir>/history.csv` (when training wrote it)
+  tensorboard/report/    the confusion matrix as a TensorBoard image
+
+and returns the numbers (top-1, top-5, per-class accuracy, the confusion
+matrix) for `metrics.json`.
+"""
+
+import csv
+import io
+import logging
+import os
+
+import matplotlib
+
+matplotlib.use('Agg')  # No display: render to files only.
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+import numpy as np
+import tensorflow as tf
+
+CONFUSION_MATRIX_PNG = 'confusion_matrix.png'
+CURVES_PNG = 'curves.png'
+HISTORY_CSV = 'history.csv'
+# Above this many classes, the confusion matrix PNG has no numbers in cells.
+_MAX_ANNOTATED_CLASSES = 20
+# Above this many classes, it has no class names on the axes either.
+_MAX_LABELLED_CLASSES = 50
+
+
+def predict(model, eval_data, steps=None):
+  """Returns `(labels, logits)` numpy arrays over `eval_data`.
+
+  Args:
+    model: A Keras model mapping image batches to logits.
+    eval_data: A finite dataset of `(images, labels)` batches.
+    steps: Batches to use; None for all.
+  """
+  if steps is not None:
+    eval_data = eval_data.take(steps)
+  labels, logits = [], []
+  for images, batch_labels in eval_data:
+    logits.append(np.asarray(model.predict_on_batch(images)))
+    labels.append(np.asarray(batch_labels))
+  if not labels:
+    raise ValueError('The eval dataset yielded no batches.')
+  return np.concatenate(labels).astype(np.int64), np.concatenate(logits)
+
+
+def confusion_matrix(labels, predictions, num_classes):
+  """`[num_classes, num_classes]` counts: row = true, column = predicted."""
+  matrix = np.zeros((num_classes, num_classes), np.int64)
+  np.add.at(matrix, (labels, predictions), 1)
+  return matrix
+
+
+def compute_report(labels, logits, class_names):
+  """Top-1, top-5, per-class accuracy and the confusion matrix.
+
+  Args:
+    labels: `[N]` int class ids.
+    logits: `[N, num_classes]` scores.
+    class_names: One name per class id.
+
+  Returns:
+    A JSON-serializable dict. Top-5 counts a hit when the label is among
+    the `min(5, num_classes)` highest scores; a class without eval examples
+    has accuracy None.
+  """
+  labels = np.asarray(labels)
+  logits = np.asarray(logits)
+  num_classes = len(class_names)
+  if logits.ndim != 2 or logits.shape[1] != num_classes:
+    raise ValueError(f'Expected logits of shape [N, {num_classes}]. '
+                     f'Received: {logits.shape}')
+  predictions = np.argmax(logits, axis=1)
+  k = min(5, num_classes)
+  top_k = np.argsort(-logits, axis=1, kind='stable')[:, :k]
+  matrix = confusion_matrix(labels, predictions, num_classes)
+  counts = matrix.sum(axis=1)
+  per_class = {
+      name: (float(matrix[i, i] / counts[i]) if counts[i] else None)
+      for i, name in enumerate(class_names)
+  }
+  return {
+      'num_examples': int(len(labels)),
+      'top1': float(np.mean(predictions == labels)),
+      'top5': float(np.mean(np.any(top_k == labels[:, None], axis=1))),
+      'per_class_accuracy': per_class,
+      'per_class_count': {name: int(counts[i])
+                          for i, name in enumerate(class_names)},
+      'class_names': list(class_names),
+      'confusion_matrix': matrix.tolist(),
+  }
+
+
+def plot_confusion_matrix(matrix, class_names, title='Confusion matrix'):
+  """Renders the confusion matrix; returns PNG bytes."""
+  matrix = np.asarray(matrix)
+  num_classes = len(class_names)
+  rows = matrix.sum(axis=1, keepdims=True)
+  fractions = np.divide(matrix, rows, out=np.zeros(matrix.shape, float),
+                        where=rows > 0)
+  side = float(np.clip(2.5 + 0.45 * num_classes, 5, 20))
+  figure, axes = plt.subplots(figsize=(side + 1.5, side))
+  shown = axes.imshow(fractions, cmap='Blues', vmin=0, vmax=1)
+  figure.colorbar(shown, ax=axes, fraction=0.046, pad=0.04,
+                  label='fraction of the true class')
+  if num_classes <= _MAX_LABELLED_CLASSES:
+    ticks = np.arange(num_classes)
+    axes.set_xticks(ticks, labels=class_names, rotation=90)
+    axes.set_yticks(ticks, labels=class_names)
+  if num_classes <= _MAX_ANNOTATED_CLASSES:
+    for i in range(num_classes):
+      for j in range(num_classes):
+        axes.text(j, i, str(matrix[i, j]), ha='center', va='center',
+                  color='white' if fractions[i, j] > 0.5 else 'black',
+                  fontsize=9)
+  axes.set_xlabel('predicted class')
+  axes.set_ylabel('true class')
+  axes.set_title(f'{title} ({int(matrix.sum())} images, top-1 '
+                 f'{np.trace(matrix) / max(matrix.sum(), 1):.1%})')
+  figure.tight_layout()
+  return _png_bytes(figure)
+
+
+def _png_bytes(figure):
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format='png', dpi=100)
+  plt.close(figure)
+  return buffer.getvalue()
+
+
+def read_history(path):
+  """Reads Keras' CSVLogger file into `{column: [float per epoch]}`.
+
+  Columns that are not numbers are left out. A resumed run appends rows;
+  when an epoch appears twice, the later row wins.
+  """
+  with open(path, newline='') as file:
+    rows = list(csv.DictReader(file))
+  by_epoch = {}
+  for row in rows:
+    try:
+      by_epoch[int(float(row['epoch']))] = row
+    except (KeyError, ValueError):
+      continue
+  history = {'epoch': []}
+  for epoch in sorted(by_epoch):
+    history['epoch'].append(epoch + 1)  # CSVLogger counts from 0.
+  for column in (rows[0].keys() if rows else ()):
+    if column == 'epoch':
+      continue
+    values = []
+    for epoch in sorted(by_epoch):
+      try:
+        values.append(float(by_epoch[epoch][column]))
+      except (TypeError, ValueError):
+        values.append(float('nan'))
+    history[column] = values
+  return history
+
+
+def plot_curves(history):
+  """Loss, accuracy and learning rate per epoch; returns PNG bytes.
+
+  Args:
+    history: `{column: values}` as from `read_history`; `val_*` columns are
+      drawn next to their training column.
+  """
+  epochs = history['epoch']
+  panels = [('loss', 'loss'), ('accuracy', 'top-1 accuracy'),
+            ('learning_rate', 'learning rate')]
+  figure, all_axes = plt.subplots(1, len(panels), figsize=(15, 4.2))
+  for axes, (key, title) in zip(all_axes, panels):
+    drawn = False
+    train_label = 'at epoch end' if key == 'learning_rate' else 'train'
+    for column, label, style in ((key, train_label, 'o-'),
+                                 (f'val_{key}', 'eval', 's--')):
+      values = history.get(column)
+      if values and not np.all(np.isnan(values)):
+        axes.plot(epochs, values, style, label=label)
+        drawn = True
+    if key == 'accuracy' and history.get('top5'):
+      axes.plot(epochs, history['top5'], '^:', label='train top-5')
+    axes.set_title(title)
+    axes.set_xlabel('epoch')
+    axes.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    if drawn:
+      axes.legend()
+    else:
+      axes.text(0.5, 0.5, f'no {key} in history.csv', ha='center',
+                transform=axes.transAxes)
+  figure.tight_layout()
+  return _png_bytes(figure)
+
+
+def _write_bytes(path, data):
+  temporary = path + '.tmp'
+  with open(temporary, 'wb') as file:
+    file.write(data)
+  os.replace(temporary, path)
+
+
+def write_report(model, eval_data, class_names, workdir, steps=None,
+                 step=0):
+  """Evaluates `model` and writes the report files into `workdir`.
+
+  Args:
+    model: A Keras model mapping image batches to logits.
+    eval_data: A finite dataset of `(images, labels)` batches.
+    class_names: One name per class id.
+    workdir: Directory of the run; `history.csv` there is plotted if present.
+    steps: Eval batches to use; None for all.
+    step: Optimizer step, the TensorBoard step of the confusion matrix.
+
+  Returns:
+    The report dict of `compute_report`.
+  """
+  labels, logits = predict(model, eval_data, steps)
+  report = compute_report(labels, logits, class_names)
+  png = plot_confusion_matrix(report['confusion_matrix'], class_names,
+                              title=f'Confusion matrix at step {step}')
+  _write_bytes(os.path.join(workdir, CONFUSION_MATRIX_PNG), png)
+  writer = tf.summary.create_file_writer(
+      os.path.join(workdir, 'tensorboard', 'report'))
+  with writer.as_default():
+    image = tf.image.decode_png(png, channels=4)[tf.newaxis]
+    tf.summary.image('confusion_matrix', image, step=step)
+  writer.close()
+  history_path = os.path.join(workdir, HISTORY_CSV)
+  if os.path.exists(history_path):
+    history = read_history(history_path)
+    if history['epoch']:
+      _write_bytes(os.path.join(workdir, CURVES_PNG), plot_curves(history))
+  else:
+    logging.info('No %s: no curves plotted.', history_path)
+  logging.info('Report: top-1 %.4f, top-5 %.4f on %d images; per class: %s',
+               report['top1'], report['top5'], report['num_examples'],
+               report['per_class_accuracy'])
+  return report

@@ -1,0 +1,454 @@
+"""Image folders as datasets: `folder:PATH` in `config.dataset`.
+
+Two layouts are understood:
+
+    PATH/train/<class>/*.jpg|*.jpeg|*.png    split folders: `train_split` and
+    PATH/test/<class>/...                    `eval_split` name subfolders
+    PATH/val/<class>/...                     (`train`, `test`, `val`, ...)
+
+    PATH/<class>/*.png                       one folder: `validation_fraction`
+                                             of each class is held out for
+                                             evaluation
+
+Split strings accept tfds-style slices, `train[:90%]`, `train[90%:]`,
+`train[:100]`, applied to a fixed order of the split's files (ordered by a
+hash of `<class>/<file name>`, so classes are interleaved and the order does
+not depend on the seed: `train[:90%]` and `train[90%:]` never overlap).
+
+Class names are the sorted class folder names; label `i` is the `i`-th name.
+Images are decoded in a parallel `tf.data` map; grayscale and RGBA become RGB
+(alpha is dropped), 16-bit PNGs become 8-bit, and images of mixed sizes are
+fine (the input pipeline resizes each one).
+
+Every file is decoded once before training starts (`find_unreadable`), so a
+corrupt or unreadable file is named by path before any model is built, or
+skipped and counted with `skip_corrupt_images=True`.
+"""
+
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+
+import numpy as np
+import tensorflow as tf
+
+PREFIX = 'folder:'
+# Lower-case file extensions read as images; other files are ignored.
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+# Unreadable files listed in an error message (all of them are counted).
+_MAX_LISTED = 20
+# find_unreadable results by (path, size, mtime) of every file: a resumed run
+# builds its datasets twice in one process and need not decode twice.
+_CHECKED = {}
+
+_SPLIT_PATTERN = re.compile(
+    r'^(?P<name>[^\[\]]+?)\s*(\[\s*(?P<start>-?[\d.]+%?)?\s*:\s*'
+    r'(?P<end>-?[\d.]+%?)?\s*\])?$')
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderSplit:
+  """The files of one split and their labels.
+
+  Attributes:
+    paths: Image file paths.
+    labels: Class id of each path.
+  """
+  paths: tuple
+  labels: tuple
+
+  def __len__(self):
+    return len(self.paths)
+
+
+def is_folder_dataset(dataset):
+  """True for a `folder:PATH` dataset name."""
+  return isinstance(dataset, str) and dataset.startswith(PREFIX)
+
+
+def folder_root(dataset):
+  """Returns PATH of `folder:PATH`, with `~` expanded."""
+  return os.path.expanduser(dataset[len(PREFIX):])
+
+
+def parse_split(split):
+  """Parses `name` or `name[start:end]` (ints or percentages).
+
+  Args:
+    split: A split string, e.g. `train`, `train[:90%]`, `train[-100:]`.
+
+  Returns:
+    `(name, start, end)`; `start` and `end` are None or strings as written.
+
+  Raises:
+    ValueError: `split` is not of that form.
+  """
+  match = _SPLIT_PATTERN.match(split.strip())
+  if not match:
+    raise ValueError(
+        f'Cannot parse the split {split!r}. Expected a folder name with an '
+        'optional slice, e.g. "train", "train[:90%]" or "train[90%:]".')
+  return match.group('name'), match.group('start'), match.group('end')
+
+
+def _bound(text, size):
+  if text is None:
+    return None
+  if text.endswith('%'):
+    # Rounded like tfds' percent slices.
+    return int(round(float(text[:-1]) * size / 100))
+  return int(text)
+
+
+def _slice(split, start, end):
+  size = len(split)
+  selected = slice(_bound(start, size), _bound(end, size))
+  return FolderSplit(split.paths[selected], split.labels[selected])
+
+
+def _fixed_order(root_relative_paths):
+  """Indices ordering files by a hash of their `<class>/<name>` path."""
+  keys = [hashlib.md5(path.encode('utf-8')).hexdigest()
+          for path in root_relative_paths]
+  return sorted(range(len(keys)), key=lambda i: (keys[i],
+                                                 root_relative_paths[i]))
+
+
+def list_classes(directory):
+  """Returns the sorted class folder names in `directory`.
+
+  Raises:
+    FileNotFoundError: `directory` does not exist.
+    ValueError: it holds no class folders.
+  """
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(
+        f'Image folder {directory!r} does not exist. Expected '
+        '<PATH>/train/<class>/* and <PATH>/test/<class>/*, or <PATH>/<class>/* '
+        'with --config.validation_fraction.')
+  names = sorted(name for name in os.listdir(directory)
+                 if os.path.isdir(os.path.join(directory, name)) and
+                 not name.startswith('.'))
+  if not names:
+    raise ValueError(
+        f'No class folders in {directory!r}: no images at all. Put the images '
+        f'of each class in their own subfolder, {directory}/<class>/*.png.')
+  return names
+
+
+def list_split(directory, class_names=None):
+  """Lists the images of one split folder, `directory/<class>/*`.
+
+  Args:
+    directory: The split folder.
+    class_names: The classes expected (those of the train split), or None to
+      take them from `directory`.
+
+  Returns:
+    `(class_names, split)`: the sorted class names and a `FolderSplit` of all
+    images in the fixed, hash-based order (see the module docstring).
+
+  Raises:
+    FileNotFoundError: `directory` does not exist.
+    ValueError: no class folders, an empty class folder, or class folders that
+      differ from `class_names`.
+  """
+  found = list_classes(directory)
+  if class_names is not None and tuple(found) != tuple(class_names):
+    missing = sorted(set(class_names) - set(found))
+    extra = sorted(set(found) - set(class_names))
+    raise ValueError(
+        f'The class folders of {directory!r} differ from the train split\'s: '
+        f'missing {missing}, unexpected {extra}. Every split needs the same '
+        'class folders (an empty one is an error too); rename or add them.')
+  relative, labels, ignored = [], [], 0
+  for label, name in enumerate(found):
+    class_dir = os.path.join(directory, name)
+    files = []
+    for root, dirs, file_names in os.walk(class_dir, followlinks=True):
+      dirs.sort()
+      for file_name in sorted(file_names):
+        if os.path.splitext(file_name)[1].lower() in IMAGE_EXTENSIONS:
+          files.append(os.path.relpath(os.path.join(root, file_name),
+                                       directory))
+        elif not file_name.startswith('.'):
+          ignored += 1
+    if not files:
+      raise ValueError(
+          f'Class folder {class_dir!r} holds no images '
+          f'({"/".join(IMAGE_EXTENSIONS)}). Add images or remove the folder '
+          'from every split.')
+    relative.extend(files)
+    labels.extend([label] * len(files))
+  if ignored:
+    logging.warning('Ignored %d files in %s that are not %s images.', ignored,
+                    directory, '/'.join(IMAGE_EXTENSIONS))
+  order = _fixed_order(relative)
+  split = FolderSplit(
+      paths=tuple(os.path.join(directory, relative[i]) for i in order),
+      labels=tuple(labels[i] for i in order))
+  return tuple(found), split
+
+
+def hold_out(split, num_classes, fraction):
+  """Splits `split` into train and validation, `fraction` of each class.
+
+  Per class, the last `round(fraction * n)` files in the fixed order are held
+  out, so the validation set is stratified and does not depend on the seed.
+
+  Returns:
+    `(train, validation)` FolderSplits.
+  """
+  labels = np.asarray(split.labels)
+  held = np.zeros(len(labels), bool)
+  for label in range(num_classes):
+    indices = np.flatnonzero(labels == label)
+    count = int(round(fraction * len(indices)))
+    if count:
+      held[indices[len(indices) - count:]] = True
+  pick = lambda mask: FolderSplit(  # pylint: disable=g-long-lambda
+      tuple(p for p, m in zip(split.paths, mask) if m),
+      tuple(int(l) for l, m in zip(split.labels, mask) if m))
+  return pick(~held), pick(held)
+
+
+def find_splits(root, train_split='train', eval_split='test',
+                validation_fraction=0.0):
+  """Finds the train and eval files of an image folder.
+
+  Args:
+    root: PATH of `folder:PATH`.
+    train_split: Split folder for training, optionally sliced (`train[:90%]`).
+    eval_split: Split folder for evaluation, optionally sliced; unused when
+      `validation_fraction` > 0.
+    validation_fraction: When > 0, hold out this fraction of each class of the
+      train split for evaluation; `root` may then hold the class folders
+      directly.
+
+  Returns:
+    `(class_names, train, eval)`, the latter two `FolderSplit`s.
+
+  Raises:
+    FileNotFoundError: a folder is missing.
+    ValueError: a layout or split problem, naming the path.
+  """
+  if not 0 <= validation_fraction < 1:
+    raise ValueError(
+        'validation_fraction must be in [0, 1). Received: '
+        f'validation_fraction={validation_fraction!r}')
+  if not os.path.isdir(root):
+    raise FileNotFoundError(
+        f'Image folder {root!r} (from dataset="folder:{root}") does not '
+        'exist. Give the folder that holds train/<class>/* and '
+        'test/<class>/*, or <class>/* with --config.validation_fraction.')
+  train_name, train_start, train_end = parse_split(train_split)
+  train_dir = os.path.join(root, train_name)
+  if not os.path.isdir(train_dir):
+    if validation_fraction <= 0:
+      raise FileNotFoundError(
+          f'{root!r} holds no {train_name}/ folder. Either use '
+          f'{root}/{train_name}/<class>/* and {root}/test/<class>/*, or keep '
+          f'{root}/<class>/* and set --config.validation_fraction=0.1 to '
+          'hold out 10% of each class for evaluation.')
+    train_dir = root  # One folder of class folders.
+  class_names, train = list_split(train_dir)
+  train = _slice(train, train_start, train_end)
+  if validation_fraction > 0:
+    train, evaluation = hold_out(train, len(class_names), validation_fraction)
+    logging.info('Held out %d of %d images of %s for evaluation '
+                 '(validation_fraction=%g).', len(evaluation),
+                 len(train) + len(evaluation), train_dir, validation_fraction)
+  else:
+    eval_name, eval_start, eval_end = parse_split(eval_split)
+    eval_dir = os.path.join(root, eval_name)
+    if not os.path.isdir(eval_dir):
+      raise FileNotFoundError(
+          f'Eval folder {eval_dir!r} (eval_split={eval_split!r}) does not '
+          'exist. Create it with the same class folders as '
+          f'{train_dir!r}, set --config.eval_split to an existing split '
+          '(e.g. "val", or "train[90%:]" with train_split="train[:90%]"), or '
+          'set --config.validation_fraction.')
+    _, evaluation = list_split(eval_dir, class_names)
+    evaluation = _slice(evaluation, eval_start, eval_end)
+  for name, split, text in (('train', train, train_split),
+                            ('eval', evaluation, eval_split)):
+    if not len(split):  # pylint: disable=g-explicit-length-test
+      raise ValueError(
+          f'The {name} split {text!r} of {root!r} selects no images '
+          f'(validation_fraction={validation_fraction}). Widen the slice or '
+          'add images.')
+  return class_names, train, evaluation
+
+
+def decode_image(contents):
+  """Decodes JPEG or PNG bytes to a uint8 RGB `[H, W, 3]` tensor."""
+  # channels=3 turns grayscale into RGB and drops an alpha channel;
+  # dtype=uint8 scales 16-bit PNGs down.
+  image = tf.io.decode_image(contents, channels=3, dtype=tf.uint8,
+                             expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def find_unreadable(paths):
+  """Returns the paths among `paths` that cannot be read or decoded.
+
+  Every file is read and fully decoded in a parallel tf.data map that emits
+  its path; `ignore_errors` drops the elements that fail, and the paths that
+  do not come out are the unreadable ones. A header check alone would miss
+  truncated files. Measured on this project's 2-core CPU (shared): 0.8 s
+  per 10k 32x32 PNGs (3 KB each), 13 s per 10k 500x375 JPEGs (115 KB each):
+  the cost of decoding them once; the training pipeline decodes again into
+  its cache.
+
+  Args:
+    paths: A sequence of file paths.
+
+  Returns:
+    The unreadable paths, in the order of `paths`.
+  """
+  if not paths:
+    return []
+  dataset = tf.data.Dataset.from_tensor_slices(np.asarray(paths, dtype=object))
+
+  def check(path):
+    image = decode_image(tf.io.read_file(path))
+    # Emit a value computed from the decoded image: a control dependency
+    # alone gets pruned by tf.data's graph optimizations (measured).
+    return path, tf.shape(image)
+
+  # Order does not matter here (the result is a set difference), so the
+  # parallel map may return elements as soon as they are ready.
+  readable = dataset.map(check, num_parallel_calls=tf.data.AUTOTUNE,
+                         deterministic=False)
+  readable = readable.ignore_errors()
+  # Batch so that Python touches few, large elements.
+  readable = readable.batch(1024)
+  good = set()
+  for batch, _ in readable.as_numpy_iterator():
+    good.update(path.decode('utf-8') for path in batch)
+  return [path for path in paths if path not in good]
+
+
+def _describe(bad, total, root):
+  listed = '\n  '.join(bad[:_MAX_LISTED])
+  more = (f'\n  ... and {len(bad) - _MAX_LISTED} more'
+          if len(bad) > _MAX_LISTED else '')
+  return (f'{len(bad)} of {total} image files in {root!r} cannot be read as '
+          f'JPEG or PNG:\n  {listed}{more}')
+
+
+def _signature(path):
+  try:
+    stat = os.stat(path)
+  except OSError:
+    return (path, None, None)
+  return (path, stat.st_size, stat.st_mtime_ns)
+
+
+def check_files(splits, root, skip_corrupt_images=False):
+  """Decodes every file of `splits` once; fails or skips unreadable ones.
+
+  All splits are checked in one pass, so one error lists every bad file.
+
+  Args:
+    splits: A list of FolderSplits.
+    root: The dataset folder, for messages.
+    skip_corrupt_images: Drop unreadable files (logged and counted) instead of
+      failing.
+
+  Returns:
+    `(splits, num_skipped)`: `splits` without the unreadable files.
+
+  Raises:
+    ValueError: unreadable files, listed by path, unless skipped.
+  """
+  every_path = [path for split in splits for path in split.paths]
+  key = tuple(_signature(path) for path in every_path)
+  if key not in _CHECKED:
+    _CHECKED.clear()  # Keep one entry: the dataset of this run.
+    _CHECKED[key] = find_unreadable(every_path)
+  bad = _CHECKED[key]
+  if not bad:
+    return list(splits), 0
+  message = _describe(bad, len(every_path), root)
+  if not skip_corrupt_images:
+    raise ValueError(
+        message + '\nDelete or replace these files, or set '
+        '--config.skip_corrupt_images=True to train without them.')
+  logging.warning('%s\nSkipping them (skip_corrupt_images=True).', message)
+  bad = set(bad)
+  kept = []
+  for split in splits:
+    pairs = [(path, label) for path, label in zip(split.paths, split.labels)
+             if path not in bad]
+    if not pairs:
+      raise ValueError(
+          f'No readable images left in a split of {root!r} after skipping '
+          'unreadable files. Add readable images.')
+    paths, labels = zip(*pairs)
+    kept.append(FolderSplit(paths, labels))
+  return kept, len(bad)
+
+
+def check_every_class_has_images(split, class_names, root, name):
+  """Raises if skipping files emptied a class of the train split."""
+  counts = np.bincount(np.asarray(split.labels), minlength=len(class_names))
+  empty = [class_names[i] for i in np.flatnonzero(counts == 0)]
+  if empty:
+    raise ValueError(
+        f'After skipping unreadable files, the {name} split of {root!r} has '
+        f'no images of the classes {empty}. Add readable images.')
+
+
+def to_dataset(split, shuffle_seed=None):
+  """A dataset of `(image uint8 [H, W, 3], label int64)` examples.
+
+  Args:
+    split: A FolderSplit.
+    shuffle_seed: If not None, the file order is permuted with this seed
+      before decoding, so that a shuffle buffer smaller than the dataset
+      still mixes classes; None keeps the split's fixed order.
+  """
+  order = np.arange(len(split))
+  if shuffle_seed is not None:
+    order = np.random.default_rng(shuffle_seed).permutation(len(split))
+  paths = np.asarray(split.paths, dtype=object)[order]
+  labels = np.asarray(split.labels, dtype=np.int64)[order]
+  files = tf.data.Dataset.from_tensor_slices((paths, labels))
+  # Decode in parallel; deterministic=True keeps the file order, which the
+  # seeded, resumable training stream and the in-order eval rely on.
+  return files.map(
+      lambda path, label: (decode_image(tf.io.read_file(path)), label),
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def load(dataset, train_split='train', eval_split='test',
+         validation_fraction=0.0, skip_corrupt_images=False, seed=0):
+  """Lists, checks and opens a `folder:PATH` dataset.
+
+  Args:
+    dataset: `folder:PATH`.
+    train_split: See `find_splits`.
+    eval_split: See `find_splits`.
+    validation_fraction: See `find_splits`.
+    skip_corrupt_images: See `check_files`.
+    seed: Seeds the permutation of the training files.
+
+  Returns:
+    `(train_examples, eval_examples, class_names, num_train, num_eval)`.
+  """
+  root = folder_root(dataset)
+  class_names, train, evaluation = find_splits(
+      root, train_split, eval_split, validation_fraction)
+  (train, evaluation), skipped = check_files([train, evaluation], root,
+                                            skip_corrupt_images)
+  check_every_class_has_images(train, class_names, root, 'train')
+  logging.info(
+      'Image folder %s: %d classes, %d train / %d eval images (%d unreadable '
+      'files skipped).', root, len(class_names), len(train), len(evaluation),
+      skipped)
+  return (to_dataset(train, shuffle_seed=seed), to_dataset(evaluation),
+          class_names, len(train), len(evaluation))
