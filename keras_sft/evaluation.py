@@ -45,9 +45,13 @@ def predict(model, eval_data, steps=None):
   """
   if steps is not None:
     eval_data = eval_data.take(steps)
+  # A plain call, not `predict_on_batch`: under MultiWorkerMirroredStrategy
+  # only the chief writes the report, and `predict` would wait for the
+  # other workers in a collective.
+  forward = tf.function(lambda images: model(images, training=False))
   labels, logits = [], []
   for images, batch_labels in eval_data:
-    logits.append(np.asarray(model.predict_on_batch(images)))
+    logits.append(np.asarray(forward(images)))
     labels.append(np.asarray(batch_labels))
   if not labels:
     raise ValueError('The eval dataset yielded no batches.')

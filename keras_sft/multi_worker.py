@@ -13,6 +13,9 @@ keras-team/keras#20585 (open): with the TensorFlow backend, `fit` under
    reduced with `axis=None` instead (a mean across workers; metric results are
    already synchronized, so the mean equals each worker's value).
 
+TensorFlow also waits forever for a worker that never starts;
+`wait_for_peers` bounds that wait and names the missing peers.
+
 `apply()` patches exactly these two functions, only for the Keras versions in
 which the bug was reproduced, and is idempotent. `multi_worker_test.py`
 checks that the unpatched functions still fail, so an upstream fix shows up
@@ -20,6 +23,9 @@ as a failing test, telling us to narrow `AFFECTED_KERAS_VERSIONS`.
 """
 
 import functools
+import logging
+import socket
+import time
 
 import keras
 import tensorflow as tf
@@ -90,3 +96,57 @@ def apply():
   tf_trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build  # pylint: disable=protected-access
   tf_trainer.reduce_per_replica = _reduce_per_replica
   return True
+
+
+def _split_host(host):
+  name, _, port = host.rpartition(':')
+  return name.strip('[]'), int(port)
+
+
+def wait_for_peers(own_host, hosts, timeout_seconds, poll_seconds=0.5):
+  """Returns once every task of the cluster has started, or raises.
+
+  Listens on this task's own port (so peers can see it) and connects to
+  every other `host:port` until all answer. TensorFlow's own server takes
+  the port over right after.
+
+  Args:
+    own_host: This task's `host:port` in TF_CONFIG.
+    hosts: Every task's `host:port`.
+    timeout_seconds: How long to wait for all of them.
+    poll_seconds: Pause between rounds of connection attempts.
+
+  Raises:
+    TimeoutError: some peers did not answer in time; they are named.
+    OSError: this task's port is taken by another program.
+  """
+  _, own_port = _split_host(own_host)
+  listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+  listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+  try:
+    listener.bind(('', own_port))
+  except OSError as error:
+    listener.close()
+    raise OSError(f'Port {own_port} of this task ({own_host} in TF_CONFIG) '
+                  f'is in use by another program: {error}') from error
+  listener.listen(128)
+  pending = [host for host in hosts if host != own_host]
+  deadline = time.monotonic() + timeout_seconds
+  try:
+    while pending:
+      for host in list(pending):
+        try:
+          socket.create_connection(_split_host(host), timeout=1).close()
+          pending.remove(host)
+        except OSError:
+          pass
+      if pending and time.monotonic() > deadline:
+        raise TimeoutError(
+            f'{len(pending)} task(s) of TF_CONFIG did not start within '
+            f'{timeout_seconds} s: {pending}. Start every task, check the '
+            'host names and ports in TF_CONFIG and that the ports are open.')
+      if pending:
+        time.sleep(poll_seconds)
+  finally:
+    listener.close()
+  logging.info('All %d tasks of the cluster are up.', len(hosts))

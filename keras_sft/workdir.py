@@ -34,18 +34,21 @@ def config_to_dict(config):
   return json.loads(json.dumps(as_dict, default=str))
 
 
-def prepare(workdir, config):
+def prepare(workdir, config, write=True):
   """Creates `workdir` for `config`, or checks it holds this same run.
 
   Args:
     workdir: The run directory.
     config: The resolved ConfigDict.
+    write: False on the workers of a multi-worker run other than the chief:
+      they check the config the chief wrote, if any, and write nothing.
 
   Raises:
     ValueError: `workdir` holds a run with a different config.
   """
-  os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, CONFIG_FILE)
+  if write:
+    os.makedirs(workdir, exist_ok=True)
   current = config_to_dict(config)
   if os.path.exists(path):
     with open(path) as file:
@@ -62,6 +65,8 @@ def prepare(workdir, config):
           f'workdir={workdir!r} holds another run; its config differs in: '
           + '; '.join(differences) +
           '. Use a new --workdir, or rerun with the same config to resume.')
+    return
+  if not write:
     return
   temporary = path + '.tmp'
   with open(temporary, 'w') as file:

@@ -58,12 +58,12 @@ def mock_cifar10():
     yield
 
 
-def run_cli(workdir, *flags, check=True, timeout=600, **popen_kwargs):
+def run_cli(workdir, *flags, check=True, timeout=600, env=None):
   """Runs `python -m keras_sft.main` on tfds mock data in a subprocess."""
   command = cli_command(workdir, *flags)
   result = subprocess.run(command, capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO_ROOT, env=cli_env(),
-                          **popen_kwargs)
+                          timeout=timeout, cwd=REPO_ROOT,
+                          env=env or cli_env())
   if check and result.returncode:
     raise AssertionError(f'{command} exited {result.returncode}:\n'
                          f'{result.stderr[-5000:]}')

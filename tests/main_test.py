@@ -57,7 +57,7 @@ def test_smoke_run_trains_backs_up_evaluates_and_exports(smoke_run):
     log = file.read()
   # ResNet50 has 53 convolutions; the head adds one Dense kernel.
   assert 'L2 weight decay' in log and 'on 54 kernels' in log
-  assert 'Strategy _DefaultDistributionStrategy: 1 replica(s)' in log
+  assert 'Strategy _DefaultDistributionStrategy (local): 1 replica(s)' in log
   with open(os.path.join(workdir, 'dataset.json')) as file:
     assert json.load(file)['class_names'] == [str(i) for i in range(10)]
   del result

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Several machines, MultiWorkerMirroredStrategy: run this same command on
+# every machine, each with its own INDEX (0 is the chief, which writes the
+# run). WORKDIR must be on a file system every machine sees (NFS, GCS, ...),
+# since all of them resume from the chief's backups.
+#
+#   HOSTS=10.0.0.1:2222,10.0.0.2:2222 INDEX=0 \
+#     launch/multi_machine.sh configs/cifar10_resnet50.py /shared/runs/c10
+#
+# The global batch size in the config is split over all GPUs of all machines
+# and must divide by their number. Restarting every machine with the same
+# command resumes from the last backup (preemption, a dead worker, ...).
+set -euo pipefail
+if [ $# -lt 2 ] || [ -z "${HOSTS:-}" ] || [ -z "${INDEX:-}" ]; then
+  echo "usage: HOSTS=host:port,host:port INDEX=i $0 CONFIG WORKDIR [--config.KEY=VALUE ...]" >&2
+  exit 2
+fi
+config=$1 workdir=$2
+shift 2
+cd "$(dirname "$0")/.."
+workers=$(printf '"%s",' ${HOSTS//,/ })
+export TF_CONFIG="{\"cluster\": {\"worker\": [${workers%,}]}, \"task\": {\"type\": \"worker\", \"index\": ${INDEX}}}"
+echo "TF_CONFIG=${TF_CONFIG}" >&2
+exec python -m keras_sft.main --config="$config" --workdir="$workdir" \
+  --config.distribution=multi_worker_mirrored "$@"

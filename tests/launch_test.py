@@ -1,0 +1,35 @@
+"""The launch scripts: usage errors and the TF_CONFIG they build."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+import conftest
+
+_LAUNCH = os.path.join(conftest.REPO_ROOT, 'launch')
+
+
+@pytest.mark.parametrize('script', ['local.sh', 'multi_gpu.sh', 'tpu_vm.sh',
+                                    'multi_machine.sh'])
+def test_missing_arguments_print_usage(script):
+  result = subprocess.run(['bash', os.path.join(_LAUNCH, script)],
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2
+  assert 'usage:' in result.stderr
+
+
+def test_multi_machine_builds_tf_config_from_hosts_and_index():
+  env = dict(conftest.cli_env(), HOSTS='10.0.0.1:2222,10.0.0.2:2222',
+             INDEX='1')
+  # --help stops the command line before any TensorFlow work.
+  result = subprocess.run(
+      ['bash', os.path.join(_LAUNCH, 'multi_machine.sh'), 'c.py', 'w',
+       '--help'], capture_output=True, text=True, timeout=120, env=env)
+  assert result.returncode == 0, result.stderr
+  line = next(line for line in result.stderr.splitlines()
+              if line.startswith('TF_CONFIG='))
+  assert json.loads(line[len('TF_CONFIG='):]) == {
+      'cluster': {'worker': ['10.0.0.1:2222', '10.0.0.2:2222']},
+      'task': {'type': 'worker', 'index': 1}}
