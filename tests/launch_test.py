@@ -25,7 +25,8 @@ def test_multi_machine_builds_tf_config_from_hosts_and_index():
              INDEX='1')
   # --help stops the command line before any TensorFlow work.
   result = subprocess.run(
-      ['bash', os.path.join(_LAUNCH, 'multi_machine.sh'), 'c.py', 'w',
+      ['bash', os.path.join(_LAUNCH, 'multi_machine.sh'),
+       'configs/cifar10_resnet50.py:smoke', 'w',
        '--help'], capture_output=True, text=True, timeout=120, env=env)
   assert result.returncode == 0, result.stderr
   line = next(line for line in result.stderr.splitlines()
