@@ -10,6 +10,7 @@
 # The global batch size in the config is split over all GPUs of all machines
 # and must divide by their number. Restarting every machine with the same
 # command resumes from the last backup (preemption, a dead worker, ...).
+# DRY_RUN=1 prints TF_CONFIG and the command instead of running it.
 set -euo pipefail
 if [ $# -lt 2 ] || [ -z "${HOSTS:-}" ] || [ -z "${INDEX:-}" ]; then
   echo "usage: HOSTS=host:port,host:port INDEX=i $0 CONFIG WORKDIR [--config.KEY=VALUE ...]" >&2
@@ -21,5 +22,10 @@ cd "$(dirname "$0")/.."
 workers=$(printf '"%s",' ${HOSTS//,/ })
 export TF_CONFIG="{\"cluster\": {\"worker\": [${workers%,}]}, \"task\": {\"type\": \"worker\", \"index\": ${INDEX}}}"
 echo "TF_CONFIG=${TF_CONFIG}" >&2
-exec python -m keras_sft.main --config="$config" --workdir="$workdir" \
-  --config.distribution=multi_worker_mirrored "$@"
+command=(python -m keras_sft.main --config="$config" --workdir="$workdir"
+         --config.distribution=multi_worker_mirrored "$@")
+if [ -n "${DRY_RUN:-}" ]; then
+  echo "${command[@]}"
+  exit 0
+fi
+exec "${command[@]}"

@@ -22,15 +22,17 @@ def test_missing_arguments_print_usage(script):
 
 def test_multi_machine_builds_tf_config_from_hosts_and_index():
   env = dict(conftest.cli_env(), HOSTS='10.0.0.1:2222,10.0.0.2:2222',
-             INDEX='1')
-  # --help stops the command line before any TensorFlow work.
+             INDEX='1', DRY_RUN='1')
   result = subprocess.run(
-      ['bash', os.path.join(_LAUNCH, 'multi_machine.sh'),
-       'configs/cifar10_resnet50.py:smoke', 'w',
-       '--help'], capture_output=True, text=True, timeout=120, env=env)
+      ['bash', os.path.join(_LAUNCH, 'multi_machine.sh'), 'c.py', 'w',
+       '--config.seed=3'], capture_output=True, text=True, timeout=60,
+      env=env)
   assert result.returncode == 0, result.stderr
   line = next(line for line in result.stderr.splitlines()
               if line.startswith('TF_CONFIG='))
   assert json.loads(line[len('TF_CONFIG='):]) == {
       'cluster': {'worker': ['10.0.0.1:2222', '10.0.0.2:2222']},
       'task': {'type': 'worker', 'index': 1}}
+  assert result.stdout.split() == [
+      'python', '-m', 'keras_sft.main', '--config=c.py', '--workdir=w',
+      '--config.distribution=multi_worker_mirrored', '--config.seed=3']
