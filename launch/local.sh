@@ -6,8 +6,8 @@
 #
 # Process and environment only: hyperparameters live in the config file.
 set -euo pipefail
-if [ $# -lt 2 ]; then
-  echo "usage: $0 CONFIG WORKDIR [--config.KEY=VALUE ...]" >&2
+if [ $# -lt 2 ] || [[ $1 == --* ]] || [[ $2 == --* ]]; then
+  echo "usage: $(basename "$0") CONFIG WORKDIR [--config.KEY=VALUE ...]" >&2
   exit 2
 fi
 config=$1 workdir=$2

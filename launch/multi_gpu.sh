@@ -6,13 +6,4 @@
 #   CUDA_VISIBLE_DEVICES=0,1 launch/multi_gpu.sh configs/cifar10_resnet50.py workdirs/c10
 #
 # The global batch size in the config must divide by the number of GPUs.
-set -euo pipefail
-if [ $# -lt 2 ]; then
-  echo "usage: $0 CONFIG WORKDIR [--config.KEY=VALUE ...]" >&2
-  exit 2
-fi
-config=$1 workdir=$2
-shift 2
-cd "$(dirname "$0")/.."
-exec python -m keras_sft.main --config="$config" --workdir="$workdir" \
-  --config.distribution=mirrored "$@"
+exec "$(dirname "$0")/local.sh" "$@" --config.distribution=mirrored

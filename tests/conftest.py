@@ -1,5 +1,7 @@
 """Shared test setup: 2 logical CPU devices, no network, mock tfds data."""
 
+import csv
+import json
 import os
 import socket
 import subprocess
@@ -86,3 +88,33 @@ def smoke_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('smoke') / 'run')
   result = run_cli(workdir)
   return workdir, result
+
+
+def read_metrics(workdir):
+  """The run's metrics.json."""
+  with open(os.path.join(workdir, 'metrics.json')) as file:
+    return json.load(file)
+
+
+def history_rows(workdir):
+  """The run's history.csv, one dict per epoch."""
+  with open(os.path.join(workdir, 'history.csv')) as file:
+    return list(csv.DictReader(file))
+
+
+def latest_backup(workdir):
+  """`(path, step)` of the run's newest backup."""
+  directory = os.path.join(workdir, 'checkpoints')
+  with open(os.path.join(directory, 'checkpoint.json')) as file:
+    state = json.load(file)
+  return os.path.join(directory, state['file']), state['step']
+
+
+def backup_arrays(path):
+  """Every array of a `.weights.h5` backup, by its path in the file."""
+  import h5py  # pylint: disable=g-import-not-at-top
+  arrays = {}
+  with h5py.File(path, 'r') as file:
+    file.visititems(lambda name, item: arrays.__setitem__(name, item[()])
+                    if isinstance(item, h5py.Dataset) else None)
+  return arrays

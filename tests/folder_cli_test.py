@@ -1,7 +1,5 @@
 """End to end: the command line on an image folder, then --mode=evaluate."""
 
-import csv
-import json
 import os
 import subprocess
 import sys
@@ -26,16 +24,6 @@ def _cli(workdir, root, *flags):
   return result
 
 
-def _metrics(workdir):
-  with open(os.path.join(workdir, 'metrics.json')) as file:
-    return json.load(file)
-
-
-def _history_rows(workdir):
-  with open(os.path.join(workdir, 'history.csv')) as file:
-    return list(csv.DictReader(file))
-
-
 def test_folder_dataset_trains_reports_and_evaluates_again(tmp_path):
   root = str(tmp_path / 'images')
   written = image_fixtures.write_image_folder(root)
@@ -44,7 +32,7 @@ def test_folder_dataset_trains_reports_and_evaluates_again(tmp_path):
 
   _cli(workdir, root)
 
-  metrics = _metrics(workdir)
+  metrics = conftest.read_metrics(workdir)
   assert metrics['step'] == metrics['total_steps'] == 4
   report = metrics['report']
   assert report['class_names'] == list(image_fixtures.CLASSES)
@@ -58,15 +46,15 @@ def test_folder_dataset_trains_reports_and_evaluates_again(tmp_path):
     assert os.path.exists(os.path.join(workdir, name)), name
   with open(os.path.join(workdir, 'train.log')) as file:
     assert '3 classes, 12 train / 6 eval images' in file.read()
-  rows_before = _history_rows(workdir)
+  rows_before = conftest.history_rows(workdir)
   os.remove(os.path.join(workdir, 'metrics.json'))
   os.remove(os.path.join(workdir, 'confusion_matrix.png'))
 
   result = _cli(workdir, root, '--mode=evaluate')
 
   assert 'Evaluating the backup at step 4 of 4' in result.stderr
-  again = _metrics(workdir)
+  again = conftest.read_metrics(workdir)
   assert again['step'] == 4
   assert again['report']['confusion_matrix'] == report['confusion_matrix']
   assert os.path.exists(os.path.join(workdir, 'confusion_matrix.png'))
-  assert _history_rows(workdir) == rows_before  # No training happened.
+  assert conftest.history_rows(workdir) == rows_before  # No training happened.

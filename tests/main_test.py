@@ -1,42 +1,15 @@
 """End-to-end tests of the command line on tfds mock data."""
 
-import csv
 import json
 import os
 import signal
 import subprocess
 import time
 
-import h5py
 import numpy as np
 import pytest
 
 import conftest
-
-
-def _metrics(workdir):
-  with open(os.path.join(workdir, 'metrics.json')) as file:
-    return json.load(file)
-
-
-def _history_rows(workdir):
-  with open(os.path.join(workdir, 'history.csv')) as file:
-    return list(csv.DictReader(file))
-
-
-def _latest_backup(workdir):
-  directory = os.path.join(workdir, 'checkpoints')
-  with open(os.path.join(directory, 'checkpoint.json')) as file:
-    state = json.load(file)
-  return os.path.join(directory, state['file']), state['step']
-
-
-def _arrays(path):
-  arrays = {}
-  with h5py.File(path, 'r') as file:
-    file.visititems(lambda name, item: arrays.__setitem__(name, item[()])
-                    if isinstance(item, h5py.Dataset) else None)
-  return arrays
 
 
 def test_smoke_run_trains_backs_up_evaluates_and_exports(smoke_run):
@@ -46,13 +19,13 @@ def test_smoke_run_trains_backs_up_evaluates_and_exports(smoke_run):
                'checkpoints/checkpoint.json', 'checkpoints/best.weights.h5',
                'dataset.json', 'export/1/saved_model.pb', 'tensorboard/train'):
     assert os.path.exists(os.path.join(workdir, name)), name
-  metrics = _metrics(workdir)
+  metrics = conftest.read_metrics(workdir)
   # smoke: 2 epochs x 2 steps.
   assert metrics['step'] == metrics['total_steps'] == 4
   for key in ('loss', 'ce', 'l2', 'accuracy', 'top5'):
     assert np.isfinite(metrics['eval'][key]), key
-  assert len(_history_rows(workdir)) == 2
-  assert _latest_backup(workdir)[1] == 4
+  assert len(conftest.history_rows(workdir)) == 2
+  assert conftest.latest_backup(workdir)[1] == 4
   with open(os.path.join(workdir, 'train.log')) as file:
     log = file.read()
   # ResNet50 has 53 convolutions; the head adds one Dense kernel.
@@ -67,16 +40,16 @@ def test_best_weights_are_those_of_the_best_val_accuracy_epoch(smoke_run):
   workdir, _ = smoke_run
   with open(os.path.join(workdir, 'checkpoints', 'best.json')) as file:
     best = json.load(file)
-  rows = _history_rows(workdir)
+  rows = conftest.history_rows(workdir)
   accuracies = [float(row['val_accuracy']) for row in rows]
   assert best['value'] == pytest.approx(max(accuracies))
   # The first epoch reaching the best value (ties keep the earlier one);
   # smoke: 2 steps per epoch.
   assert best['step'] == 2 * (accuracies.index(max(accuracies)) + 1)
-  saved = _arrays(os.path.join(workdir, 'checkpoints', 'best.weights.h5'))
+  saved = conftest.backup_arrays(os.path.join(workdir, 'checkpoints', 'best.weights.h5'))
   # The optimizer's first variable is its step counter.
   assert int(saved['optimizer/vars/0']) == best['step']
-  last = _arrays(_latest_backup(workdir)[0])
+  last = conftest.backup_arrays(conftest.latest_backup(workdir)[0])
   assert saved.keys() == last.keys()
 
 
@@ -84,14 +57,14 @@ def test_same_command_again_resumes_instead_of_starting_over(smoke_run,
                                                             tmp_path):
   """A finished run rerun with the same command neither retrains nor fails."""
   workdir, _ = smoke_run
-  before = _arrays(_latest_backup(workdir)[0])
+  before = conftest.backup_arrays(conftest.latest_backup(workdir)[0])
   result = conftest.run_cli(workdir)
   assert 'already finished its 4 steps' in result.stderr
-  assert _metrics(workdir)['step'] == 4
-  assert len(_history_rows(workdir)) == 2
+  assert conftest.read_metrics(workdir)['step'] == 4
+  assert len(conftest.history_rows(workdir)) == 2
   # The run had exported already: no second version.
   assert sorted(os.listdir(os.path.join(workdir, 'export'))) == ['1']
-  after = _arrays(_latest_backup(workdir)[0])
+  after = conftest.backup_arrays(conftest.latest_backup(workdir)[0])
   assert before.keys() == after.keys()
   for name in before:
     np.testing.assert_array_equal(before[name], after[name])
@@ -112,15 +85,15 @@ def test_killed_run_resumes_to_the_same_weights(smoke_run, tmp_path):
     time.sleep(0.02)
   process.send_signal(signal.SIGKILL)
   process.wait()
-  killed_at = _latest_backup(workdir)[1]
+  killed_at = conftest.latest_backup(workdir)[1]
   assert killed_at < 4, 'the run finished before it could be killed'
   assert not os.path.exists(os.path.join(workdir, 'metrics.json'))
 
   result = conftest.run_cli(workdir)
 
   assert f'at step {killed_at}' in result.stderr
-  assert _metrics(workdir)['step'] == 4
-  resumed, expected = (_arrays(_latest_backup(w)[0])
+  assert conftest.read_metrics(workdir)['step'] == 4
+  resumed, expected = (conftest.backup_arrays(conftest.latest_backup(w)[0])
                        for w in (workdir, reference))
   assert resumed.keys() == expected.keys()
   for name in expected:
