@@ -33,6 +33,7 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from keras_sft import distribution  # pylint: disable=g-import-not-at-top
 from keras_sft import export  # pylint: disable=g-import-not-at-top
 from keras_sft import input_pipeline  # pylint: disable=g-import-not-at-top
 from keras_sft import models  # pylint: disable=g-import-not-at-top
@@ -104,31 +105,36 @@ def call_rate(function, images, steps, repeats):
   return _median_rate(steps * len(images), seconds)
 
 
-def _ours(image_size, weight_decay):
+def _ours(args, weight_decay):
   keras.utils.set_random_seed(0)
-  model = models.create_model(_NUM_CLASSES, image_size, weights=None,
-                              weight_decay=weight_decay)
-  train.compile_model(model, keras.optimizers.SGD(0.01, momentum=0.9))
+  with args.strategy.scope():
+    model = models.create_model(_NUM_CLASSES, args.image_size, weights=None,
+                                weight_decay=weight_decay)
+    train.compile_model(model, keras.optimizers.SGD(0.01, momentum=0.9),
+                        jit_compile=args.jit_compile)
   return model
 
 
-def _plain_keras(image_size):
+def _plain_keras(args):
   keras.utils.set_random_seed(0)
-  backbone = keras.applications.ResNet50(
-      include_top=False, weights=None, pooling='avg',
-      input_shape=(image_size, image_size, 3))
-  outputs = keras.layers.Dense(_NUM_CLASSES)(backbone.output)
-  model = keras.Model(backbone.input, outputs)
-  model.compile(
-      optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-      metrics=['accuracy'])
+  with args.strategy.scope():
+    backbone = keras.applications.ResNet50(
+        include_top=False, weights=None, pooling='avg',
+        input_shape=(args.image_size, args.image_size, 3))
+    outputs = keras.layers.Dense(_NUM_CLASSES, dtype='float32')(
+        backbone.output)
+    model = keras.Model(backbone.input, outputs)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=['accuracy'], jit_compile=args.jit_compile)
   return model
 
 
 def run(args):
   """Measures every row; returns the results as a dict."""
   keras.mixed_precision.set_global_policy(args.precision)
+  args.strategy = distribution.create_strategy(args.distribution)
   size, batch_size = args.image_size, args.batch_size
   images, labels = _examples(max(args.num_examples, batch_size), size)
   batch = (tf.constant(images[:batch_size], tf.float32),
@@ -141,11 +147,11 @@ def run(args):
                  'baseline_images_per_second': baseline_rate,
                  'ratio': rate / baseline_rate, 'target': target})
 
-  ours = _ours(size, weight_decay=5e-5)
+  ours = _ours(args, weight_decay=5e-5)
   ours_rate = fit_rate(ours, batch, args.steps, args.repeats)
-  no_l2_rate = fit_rate(_ours(size, weight_decay=0.0), batch, args.steps,
+  no_l2_rate = fit_rate(_ours(args, weight_decay=0.0), batch, args.steps,
                         args.repeats)
-  plain_rate = fit_rate(_plain_keras(size), batch, args.steps, args.repeats)
+  plain_rate = fit_rate(_plain_keras(args), batch, args.steps, args.repeats)
   add('train step, ours (CE + λ·R)', ours_rate, 'plain Keras fit',
       plain_rate, target='>= 1.0')
   add('train step, ours (CE + λ·R)', ours_rate, 'ours with λ = 0',
@@ -184,8 +190,11 @@ def run(args):
   add('serving, exported SavedModel (uint8 in)', serving_rate,
       'model.predict', predict_rate, target='>= 1.0')
 
+  settings = {key: value for key, value in vars(args).items()
+              if key != 'strategy'}
+  settings['replicas'] = args.strategy.num_replicas_in_sync
   return {
-      'settings': vars(args),
+      'settings': settings,
       'machine': {
           'platform': platform.platform(),
           'processor': platform.processor() or platform.machine(),
@@ -215,6 +224,10 @@ def parse_args(argv=None):
   parser.add_argument('--batch_size', type=int, default=64)
   parser.add_argument('--precision', default='float32',
                       choices=['float32', 'mixed_bfloat16', 'mixed_float16'])
+  parser.add_argument('--jit_compile', type=lambda text: text == 'true',
+                      default=False, help='true: XLA for each step.')
+  parser.add_argument('--distribution', default='default',
+                      choices=['default', 'one_device', 'mirrored'])
   parser.add_argument('--steps', type=int, default=10,
                       help='Timed steps per repeat.')
   parser.add_argument('--pipeline_steps', type=int, default=200,

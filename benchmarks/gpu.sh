@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# ResNet50 training throughput on GPUs at 224px, bf16: one GPU without and
+# with XLA, then every GPU under MirroredStrategy. Under 8 minutes on one
+# H200-class GPU; writes benchmarks/gpu-*.json and prints a table per run.
+#
+#   bash benchmarks/gpu.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+common=(--image_size=224 --batch_size=128 --precision=mixed_bfloat16
+        --steps=20 --repeats=3 --pipeline_steps=50 --num_examples=512)
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
+python benchmarks/run.py "${common[@]}" --jit_compile=false \
+  --out=benchmarks/gpu-1gpu.json
+python benchmarks/run.py "${common[@]}" --jit_compile=true \
+  --out=benchmarks/gpu-1gpu-xla.json
+python benchmarks/run.py "${common[@]}" --distribution=mirrored \
+  --out=benchmarks/gpu-mirrored.json
