@@ -83,6 +83,10 @@ def get_config():
   # term is 2λw, so λ = wd / 2 for an SGD "weight_decay" of wd.
   config.weight_decay = 5e-5
 
+  # --- Fine-tuning recipe (README "Recipe") -----------------------------------
+  # ε of label smoothing: targets (1 - ε)·one_hot + ε / num_classes. 0: off.
+  config.label_smoothing = 0.0
+
   # --- Distribution and compilation -----------------------------------------
   # 'default' (no strategy), 'one_device', 'mirrored'.
   config.distribution = 'default'

@@ -14,6 +14,8 @@ import keras
 import tensorflow as tf
 from keras.src.losses import loss as loss_module
 
+from keras_sft import losses
+
 # Layer types whose `kernel` is decayed.
 _DECAYED_LAYER_TYPES = (
     keras.layers.Dense,
@@ -108,14 +110,18 @@ class Classifier(keras.Model):
     # Unscales (and skips non-finite steps) under loss scaling.
     self.optimizer.apply(gradients, variables)
     self._update_trackers(x, ce, l2)
-    return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+    # Accuracy metrics need class ids; MixUp/CutMix labels are soft.
+    return self.compute_metrics(x, losses.hard_labels(y, y_pred.shape.rank),
+                                y_pred, sample_weight=sample_weight)
 
   def test_step(self, data):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     y_pred = self(x, training=False)
     _, ce, l2 = self._split_loss(x, y, y_pred, sample_weight, training=False)
     self._update_trackers(x, ce, l2)
-    return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+    # Accuracy metrics need class ids; MixUp/CutMix labels are soft.
+    return self.compute_metrics(x, losses.hard_labels(y, y_pred.shape.rank),
+                                y_pred, sample_weight=sample_weight)
 
   def get_config(self):
     config = super().get_config()

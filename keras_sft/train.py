@@ -24,6 +24,7 @@ from keras_sft import distribution
 from keras_sft import evaluation
 from keras_sft import export
 from keras_sft import input_pipeline
+from keras_sft import losses
 from keras_sft import models
 from keras_sft import optimizers
 from keras_sft import workdir as workdir_lib
@@ -60,6 +61,14 @@ def validate_config(config):
                      'Received: validation_fraction='
                      f'{config.validation_fraction!r}')
   models.resolve_weights(config.weights)
+  _validate_recipe(config)
+
+
+def _validate_recipe(config):
+  """Checks the keys of the fine-tuning recipe (README "Recipe")."""
+  if not 0 <= config.label_smoothing < 1:
+    raise ValueError('config.label_smoothing must be in [0, 1). Received: '
+                     f'label_smoothing={config.label_smoothing!r}')
 
 
 class _LearningRateLogger(keras.callbacks.Callback):
@@ -186,7 +195,8 @@ def _train_and_evaluate(config, workdir, evaluate_only=False):
         nesterov=config.nesterov,
         adamw_weight_decay=config.adamw_weight_decay)
     compile_model(model, optimizer, jit_compile=config.jit_compile,
-                  steps_per_execution=config.steps_per_execution)
+                  steps_per_execution=config.steps_per_execution,
+                  label_smoothing=config.label_smoothing)
     build(model, config.image_size)
     step = checkpointer.restore(model)
   decayed = classifier.decayed_variables(model.network)
@@ -256,11 +266,16 @@ def _train_and_evaluate(config, workdir, evaluate_only=False):
   return metrics
 
 
-def compile_model(model, optimizer, jit_compile=False, steps_per_execution=1):
-  """Compiles with from-logits cross-entropy, top-1 and top-5 accuracy."""
+def compile_model(model, optimizer, jit_compile=False, steps_per_execution=1,
+                  label_smoothing=0.0):
+  """Compiles with from-logits cross-entropy, top-1 and top-5 accuracy.
+
+  The loss takes class ids or soft (MixUp/CutMix) labels; see
+  `keras_sft.losses`.
+  """
   model.compile(
       optimizer=optimizer,
-      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+      loss=losses.CrossEntropy(label_smoothing=label_smoothing),
       metrics=[
           keras.metrics.SparseCategoricalAccuracy(name='accuracy'),
           keras.metrics.SparseTopKCategoricalAccuracy(k=5, name='top5'),
