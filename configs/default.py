@@ -86,6 +86,16 @@ def get_config():
   # --- Fine-tuning recipe (README "Recipe") -----------------------------------
   # ε of label smoothing: targets (1 - ε)·one_hot + ε / num_classes. 0: off.
   config.label_smoothing = 0.0
+  # Training-batch augmentation with Keras' own layers, after batching
+  # (keras_sft.batch_augment). MixUp: α of Beta(α, α); 0: off.
+  config.mixup_alpha = 0.0
+  # CutMix: α of Beta(α, α), in [0, 1]; 0: off. With MixUp also on, one of
+  # the two per batch.
+  config.cutmix_alpha = 0.0
+  # RandAugment: operations per batch (0: off) and strength in [0, 1]
+  # (Keras' `factor`; timm's magnitude m is m / 10).
+  config.randaugment_num_ops = 0
+  config.randaugment_magnitude = 0.0
 
   # --- Distribution and compilation -----------------------------------------
   # 'default' (no strategy), 'one_device', 'mirrored'.

@@ -69,6 +69,17 @@ def _validate_recipe(config):
   if not 0 <= config.label_smoothing < 1:
     raise ValueError('config.label_smoothing must be in [0, 1). Received: '
                      f'label_smoothing={config.label_smoothing!r}')
+  if config.mixup_alpha < 0 or not 0 <= config.cutmix_alpha <= 1:
+    raise ValueError('config.mixup_alpha must be >= 0 and config.cutmix_alpha '
+                     f'in [0, 1]. Received: mixup_alpha={config.mixup_alpha!r}'
+                     f', cutmix_alpha={config.cutmix_alpha!r}')
+  if (config.randaugment_num_ops < 0 or
+      not 0 <= config.randaugment_magnitude <= 1):
+    raise ValueError(
+        'config.randaugment_num_ops must be >= 0 and '
+        'config.randaugment_magnitude in [0, 1]. Received: '
+        f'randaugment_num_ops={config.randaugment_num_ops!r}, '
+        f'randaugment_magnitude={config.randaugment_magnitude!r}')
 
 
 class _LearningRateLogger(keras.callbacks.Callback):
@@ -161,7 +172,12 @@ def _train_and_evaluate(config, workdir, evaluate_only=False):
         data_dir=config.data_dir, seed=config.seed,
         shuffle_buffer_size=config.shuffle_buffer_size, cache=config.cache,
         start_step=start, validation_fraction=config.validation_fraction,
-        skip_corrupt_images=config.skip_corrupt_images)
+        skip_corrupt_images=config.skip_corrupt_images,
+        batch_augmentation=dict(
+            mixup_alpha=config.mixup_alpha,
+            cutmix_alpha=config.cutmix_alpha,
+            randaugment_num_ops=config.randaugment_num_ops,
+            randaugment_magnitude=config.randaugment_magnitude))
 
   train_data, eval_data, info = datasets(start_step)
   # The export reads the class names here, so it needs no dataset.

@@ -37,6 +37,9 @@ def no_model_built(monkeypatch):
     ('distribution', 'mirored', "distribution='mirored'"),
     ('optimizer', 'lamb', "optimizer='lamb'"),
     ('weights', '/no/such/file.h5', '/no/such/file.h5'),
+    ('label_smoothing', 1.0, 'label_smoothing=1.0'),
+    ('cutmix_alpha', 2.0, 'cutmix_alpha=2.0'),
+    ('randaugment_magnitude', 3.0, 'randaugment_magnitude=3.0'),
 ])
 def test_bad_values_are_named(tmp_path, no_model_built, key, value, message):
   with pytest.raises((ValueError, FileNotFoundError), match=message):
