@@ -98,6 +98,10 @@ def get_config():
   config.randaugment_magnitude = 0.0
 
   # --- Distribution and compilation -----------------------------------------
+  # 'float32', 'mixed_bfloat16', 'mixed_float16' (with dynamic loss scaling)
+  # or 'auto': bf16 on GPUs with compute capability >= 8.0 and on CPUs with
+  # AVX512_BF16/AMX, else float32 (keras_sft.precision).
+  config.precision = 'float32'
   # 'default' (no strategy), 'one_device', 'mirrored'.
   config.distribution = 'default'
   # Passed to model.compile: 'auto', True or False. Keras turns XLA off under

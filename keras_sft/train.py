@@ -27,6 +27,7 @@ from keras_sft import input_pipeline
 from keras_sft import losses
 from keras_sft import models
 from keras_sft import optimizers
+from keras_sft import precision
 from keras_sft import workdir as workdir_lib
 
 
@@ -66,6 +67,9 @@ def validate_config(config):
 
 def _validate_recipe(config):
   """Checks the keys of the fine-tuning recipe (README "Recipe")."""
+  if config.precision not in precision.POLICIES:
+    raise ValueError(f'Unknown precision: precision={config.precision!r}. '
+                     f'Expected one of {precision.POLICIES}.')
   if not 0 <= config.label_smoothing < 1:
     raise ValueError('config.label_smoothing must be in [0, 1). Received: '
                      f'label_smoothing={config.label_smoothing!r}')
@@ -199,7 +203,10 @@ def _train_and_evaluate(config, workdir, evaluate_only=False):
       config.learning_rate, config.global_batch_size,
       config.learning_rate_batch_size)
 
-  with strategy.scope():
+  policy = precision.resolve_policy(config.precision)
+  logging.info('Dtype policy: %s.', policy)
+  # The policy applies to the layers built here; the global is restored after.
+  with strategy.scope(), precision.global_policy(policy):
     model = models.create_model(
         info.num_classes, config.image_size, weights=config.weights,
         dropout_rate=config.dropout_rate, weight_decay=config.weight_decay,
