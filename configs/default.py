@@ -96,6 +96,11 @@ def get_config():
   # (Keras' `factor`; timm's magnitude m is m / 10).
   config.randaugment_num_ops = 0
   config.randaugment_magnitude = 0.0
+  # Momentum m of an exponential moving average of the weights (Keras'
+  # optimizer `use_ema`); None: off. When on, the final evaluation, the
+  # report and the export use the EMA weights; per-epoch validation during
+  # fit and best_weights use the raw ones.
+  config.ema_momentum = ml_collections.FieldReference(None, field_type=float)
 
   # --- Distribution and compilation -----------------------------------------
   # 'float32', 'mixed_bfloat16', 'mixed_float16' (with dynamic loss scaling)

@@ -44,8 +44,14 @@ def create_schedule(peak_learning_rate, total_steps, warmup_steps=0):
 
 
 def create_optimizer(name, learning_rate, momentum=0.9, nesterov=False,
-                     adamw_weight_decay=0.0):
+                     adamw_weight_decay=0.0, ema_momentum=None):
   """Returns SGD with momentum or AdamW.
+
+  With `ema_momentum`, the optimizer keeps an exponential moving average of
+  the trainable variables (Keras' own `use_ema`): after step t (1-based),
+  ema_1 = w_1 and ema_t = m·ema_{t-1} + (1 - m)·w_t. The averages are
+  optimizer variables, so backups carry them; `Model.fit` overwrites the
+  model's variables with them when it returns (`finalize_variable_values`).
 
   Args:
     name: 'sgd' or 'adamw'.
@@ -54,13 +60,19 @@ def create_optimizer(name, learning_rate, momentum=0.9, nesterov=False,
     nesterov: Nesterov momentum for SGD.
     adamw_weight_decay: AdamW's decoupled weight decay, applied to the same
       variables as the L2 term (kernels only).
+    ema_momentum: None (no EMA) or m in [0, 1).
   """
+  if ema_momentum is not None and not 0 <= ema_momentum < 1:
+    raise ValueError('ema_momentum must be None or in [0, 1). Received: '
+                     f'ema_momentum={ema_momentum}')
+  ema = dict(use_ema=ema_momentum is not None,
+             ema_momentum=0.99 if ema_momentum is None else ema_momentum)
   if name == 'sgd':
     return keras.optimizers.SGD(learning_rate=learning_rate,
-                                momentum=momentum, nesterov=nesterov)
+                                momentum=momentum, nesterov=nesterov, **ema)
   if name == 'adamw':
     optimizer = keras.optimizers.AdamW(learning_rate=learning_rate,
-                                       weight_decay=adamw_weight_decay)
+                                       weight_decay=adamw_weight_decay, **ema)
     # Decay kernels only, like the L2 term: not biases, not BatchNorm.
     optimizer.exclude_from_weight_decay(
         var_names=['bias', 'gamma', 'beta', 'moving_mean', 'moving_variance'])

@@ -67,6 +67,9 @@ def validate_config(config):
 
 def _validate_recipe(config):
   """Checks the keys of the fine-tuning recipe (README "Recipe")."""
+  if config.ema_momentum is not None and not 0 <= config.ema_momentum < 1:
+    raise ValueError('config.ema_momentum must be None or in [0, 1). '
+                     f'Received: ema_momentum={config.ema_momentum!r}')
   if config.precision not in precision.POLICIES:
     raise ValueError(f'Unknown precision: precision={config.precision!r}. '
                      f'Expected one of {precision.POLICIES}.')
@@ -216,7 +219,8 @@ def _train_and_evaluate(config, workdir, evaluate_only=False):
     optimizer = optimizers.create_optimizer(
         config.optimizer, schedule, momentum=config.momentum,
         nesterov=config.nesterov,
-        adamw_weight_decay=config.adamw_weight_decay)
+        adamw_weight_decay=config.adamw_weight_decay,
+        ema_momentum=config.ema_momentum)
     compile_model(model, optimizer, jit_compile=config.jit_compile,
                   steps_per_execution=config.steps_per_execution,
                   label_smoothing=config.label_smoothing)
@@ -260,6 +264,10 @@ def _train_and_evaluate(config, workdir, evaluate_only=False):
       fit(train_data, step, step // steps_per_epoch + 1,
           steps_per_epoch - done_in_epoch)
       step = int(model.optimizer.iterations.numpy())
+      if config.ema_momentum is not None:
+        # fit swapped the EMA weights in; go on from the raw ones, which the
+        # epoch-end backup holds.
+        checkpointer.restore(model)
       train_data, _, _ = datasets(step)
     if step < total_steps:
       fit(train_data, step, config.num_epochs, steps_per_epoch)
@@ -267,6 +275,10 @@ def _train_and_evaluate(config, workdir, evaluate_only=False):
     logging.info('The run in %s already finished its %d steps.', workdir,
                  total_steps)
 
+  if config.ema_momentum is not None:
+    # Evaluate and export the EMA weights. fit already swapped them in after
+    # training; a restored backup holds the raw ones (idempotent otherwise).
+    model.optimizer.finalize_variable_values(model.trainable_weights)
   results = model.evaluate(eval_data, steps=config.eval_steps,
                            return_dict=True, verbose=2)
   metrics = {

@@ -39,6 +39,7 @@ def no_model_built(monkeypatch):
     ('weights', '/no/such/file.h5', '/no/such/file.h5'),
     ('label_smoothing', 1.0, 'label_smoothing=1.0'),
     ('precision', 'float8', "precision='float8'"),
+    ('ema_momentum', 1.0, 'ema_momentum=1.0'),
     ('cutmix_alpha', 2.0, 'cutmix_alpha=2.0'),
     ('randaugment_magnitude', 3.0, 'randaugment_magnitude=3.0'),
 ])
