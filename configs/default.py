@@ -56,6 +56,13 @@ def get_config():
   config.weights = ml_collections.FieldReference('imagenet', field_type=str)
   # Dropout before the new classification head; 0 disables it.
   config.dropout_rate = 0.0
+  # The backbone's BatchNormalization layers: 'trained' (Keras' default),
+  # 'frozen' (non-trainable: inference mode, moving statistics and γ/β kept)
+  # or 'synchronized' (batch statistics all-reduced across replicas).
+  config.batch_norm = 'trained'
+  # None, or 'conv1'..'conv5': freeze ResNet50 up to and including that
+  # stage for the whole run (non-trainable, not decayed, BN in inference).
+  config.freeze_until = ml_collections.FieldReference(None, field_type=str)
 
   # --- Optimization ---------------------------------------------------------
   # Images per optimizer step, summed over all replicas and workers.
@@ -101,6 +108,13 @@ def get_config():
   # report and the export use the EMA weights; per-epoch validation during
   # fit and best_weights use the raw ones.
   config.ema_momentum = ml_collections.FieldReference(None, field_type=float)
+  # Staged fine-tuning: epochs (from the start) in which only the head trains
+  # (backbone gradients x 0, read from the optimizer step, so resumable), then
+  # the full network. 0: off.
+  config.head_only_epochs = 0.0
+  # Gradient multiplier of the backbone; the head uses the base LR. For SGD
+  # it is exactly an LR multiplier; refused with AdamW unless 1.0.
+  config.backbone_learning_rate_multiplier = 1.0
 
   # --- Distribution and compilation -----------------------------------------
   # 'float32', 'mixed_bfloat16', 'mixed_float16' (with dynamic loss scaling)

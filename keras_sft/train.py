@@ -70,6 +70,34 @@ def _validate_recipe(config):
   if config.ema_momentum is not None and not 0 <= config.ema_momentum < 1:
     raise ValueError('config.ema_momentum must be None or in [0, 1). '
                      f'Received: ema_momentum={config.ema_momentum!r}')
+  if config.batch_norm not in models.BATCH_NORM_POLICIES:
+    raise ValueError(f'Unknown batch_norm: batch_norm={config.batch_norm!r}. '
+                     f'Expected one of {models.BATCH_NORM_POLICIES}.')
+  if config.freeze_until is not None and (
+      config.freeze_until not in models.STAGES):
+    raise ValueError(f'Unknown stage: freeze_until={config.freeze_until!r}. '
+                     f'Expected None or one of {models.STAGES}.')
+  if not 0 <= config.head_only_epochs < config.num_epochs:
+    raise ValueError('config.head_only_epochs must be in [0, num_epochs). '
+                     f'Received: head_only_epochs={config.head_only_epochs!r}'
+                     f', num_epochs={config.num_epochs!r}')
+  if config.backbone_learning_rate_multiplier < 0:
+    raise ValueError(
+        'config.backbone_learning_rate_multiplier must be >= 0. Received: '
+        'backbone_learning_rate_multiplier='
+        f'{config.backbone_learning_rate_multiplier!r}')
+  if config.optimizer == 'adamw' and (
+      config.backbone_learning_rate_multiplier != 1.0 or
+      (config.head_only_epochs and config.adamw_weight_decay)):
+    # keras_sft.classifier: a gradient multiplier is an LR multiplier for SGD
+    # only, and AdamW's decoupled decay would move a "frozen" backbone.
+    raise ValueError(
+        'optimizer="adamw" supports neither backbone_learning_rate_multiplier'
+        ' != 1 nor head_only_epochs with adamw_weight_decay > 0. Received: '
+        'backbone_learning_rate_multiplier='
+        f'{config.backbone_learning_rate_multiplier!r}, head_only_epochs='
+        f'{config.head_only_epochs!r}, adamw_weight_decay='
+        f'{config.adamw_weight_decay!r}. Use optimizer="sgd".')
   if config.precision not in precision.POLICIES:
     raise ValueError(f'Unknown precision: precision={config.precision!r}. '
                      f'Expected one of {precision.POLICIES}.')
@@ -206,6 +234,11 @@ def _train_and_evaluate(config, workdir, evaluate_only=False):
       config.learning_rate, config.global_batch_size,
       config.learning_rate_batch_size)
 
+  head_only_steps = int(round(config.head_only_epochs * steps_per_epoch))
+  logging.info('Recipe: batch_norm=%s, freeze_until=%s, head-only steps %d, '
+               'backbone LR multiplier %g.', config.batch_norm,
+               config.freeze_until, head_only_steps,
+               config.backbone_learning_rate_multiplier)
   policy = precision.resolve_policy(config.precision)
   logging.info('Dtype policy: %s.', policy)
   # The policy applies to the layers built here; the global is restored after.
@@ -213,7 +246,10 @@ def _train_and_evaluate(config, workdir, evaluate_only=False):
     model = models.create_model(
         info.num_classes, config.image_size, weights=config.weights,
         dropout_rate=config.dropout_rate, weight_decay=config.weight_decay,
-        seed=config.seed)
+        seed=config.seed, batch_norm=config.batch_norm,
+        freeze_until_stage=config.freeze_until,
+        backbone_multiplier=config.backbone_learning_rate_multiplier,
+        head_only_steps=head_only_steps)
     schedule = optimizers.create_schedule(peak_learning_rate, total_steps,
                                           warmup_steps)
     optimizer = optimizers.create_optimizer(

@@ -40,6 +40,11 @@ def no_model_built(monkeypatch):
     ('label_smoothing', 1.0, 'label_smoothing=1.0'),
     ('precision', 'float8', "precision='float8'"),
     ('ema_momentum', 1.0, 'ema_momentum=1.0'),
+    ('batch_norm', 'sync', "batch_norm='sync'"),
+    ('freeze_until', 'conv6', "freeze_until='conv6'"),
+    ('head_only_epochs', 2.0, 'head_only_epochs=2.0'),
+    ('backbone_learning_rate_multiplier', -1.0,
+     'backbone_learning_rate_multiplier=-1.0'),
     ('cutmix_alpha', 2.0, 'cutmix_alpha=2.0'),
     ('randaugment_magnitude', 3.0, 'randaugment_magnitude=3.0'),
 ])
