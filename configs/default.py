@@ -44,6 +44,10 @@ def get_config():
   config.data_dir = ml_collections.FieldReference(None, field_type=str)
   # Side length, in pixels, of the square images the model sees.
   config.image_size = 224
+  # None, or the side every training image is resized to before its random
+  # crop to image_size (BiT-HyperRule: 160 -> 128, 448 -> 384). None: pad-and-
+  # crop for images already image_size, else resize to image_size / 0.875.
+  config.resize_size = ml_collections.FieldReference(None, field_type=int)
   # Elements kept in the shuffle buffer of the training set.
   config.shuffle_buffer_size = 10_000
   # Keep decoded training and eval images in memory after the first epoch.
@@ -77,8 +81,13 @@ def get_config():
   # learning_rate_batch_size.
   config.learning_rate = 0.01
   config.learning_rate_batch_size = 256
-  # Linear warmup from 0 to the peak, then cosine decay to 0 at the end.
+  # Linear warmup from 0 to the peak, then 'cosine' decay to 0 at the end,
+  # or 'step': the LR x lr_decay_factor at each of lr_boundary_fractions of
+  # the total steps (BiT-HyperRule: x0.1 at 30%, 60%, 90%).
   config.warmup_epochs = 1.0
+  config.lr_schedule = 'cosine'
+  config.lr_boundary_fractions = (0.3, 0.6, 0.9)
+  config.lr_decay_factor = 0.1
   # 'sgd' (with momentum) or 'adamw'.
   config.optimizer = 'sgd'
   config.momentum = 0.9

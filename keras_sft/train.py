@@ -98,6 +98,14 @@ def _validate_recipe(config):
         f'{config.backbone_learning_rate_multiplier!r}, head_only_epochs='
         f'{config.head_only_epochs!r}, adamw_weight_decay='
         f'{config.adamw_weight_decay!r}. Use optimizer="sgd".')
+  if config.lr_schedule not in ('cosine', 'step'):
+    raise ValueError(f'Unknown lr_schedule: lr_schedule='
+                     f'{config.lr_schedule!r}. Expected "cosine" or "step".')
+  if config.resize_size is not None and not (
+      config.resize_size >= config.image_size):
+    raise ValueError('config.resize_size must be None or >= image_size. '
+                     f'Received: resize_size={config.resize_size!r}, '
+                     f'image_size={config.image_size!r}')
   if config.precision not in precision.POLICIES:
     raise ValueError(f'Unknown precision: precision={config.precision!r}. '
                      f'Expected one of {precision.POLICIES}.')
@@ -212,7 +220,8 @@ def _train_and_evaluate(config, workdir, evaluate_only=False):
             mixup_alpha=config.mixup_alpha,
             cutmix_alpha=config.cutmix_alpha,
             randaugment_num_ops=config.randaugment_num_ops,
-            randaugment_magnitude=config.randaugment_magnitude))
+            randaugment_magnitude=config.randaugment_magnitude),
+        resize_size=config.resize_size)
 
   train_data, eval_data, info = datasets(start_step)
   # The export reads the class names here, so it needs no dataset.
@@ -250,8 +259,8 @@ def _train_and_evaluate(config, workdir, evaluate_only=False):
         freeze_until_stage=config.freeze_until,
         backbone_multiplier=config.backbone_learning_rate_multiplier,
         head_only_steps=head_only_steps)
-    schedule = optimizers.create_schedule(peak_learning_rate, total_steps,
-                                          warmup_steps)
+    schedule = _schedule(config, peak_learning_rate, total_steps,
+                         warmup_steps)
     optimizer = optimizers.create_optimizer(
         config.optimizer, schedule, momentum=config.momentum,
         nesterov=config.nesterov,
@@ -335,6 +344,16 @@ def _train_and_evaluate(config, workdir, evaluate_only=False):
     export.export_version(model, export_base, config.image_size,
                           info.class_names, top_k=config.export_top_k)
   return metrics
+
+
+def _schedule(config, peak_learning_rate, total_steps, warmup_steps):
+  if config.lr_schedule == 'step':
+    return optimizers.create_step_schedule(
+        peak_learning_rate, total_steps, warmup_steps,
+        boundary_fractions=tuple(config.lr_boundary_fractions),
+        factor=config.lr_decay_factor)
+  return optimizers.create_schedule(peak_learning_rate, total_steps,
+                                    warmup_steps)
 
 
 def compile_model(model, optimizer, jit_compile=False, steps_per_execution=1,

@@ -40,6 +40,8 @@ def no_model_built(monkeypatch):
     ('label_smoothing', 1.0, 'label_smoothing=1.0'),
     ('precision', 'float8', "precision='float8'"),
     ('ema_momentum', 1.0, 'ema_momentum=1.0'),
+    ('lr_schedule', 'linear', "lr_schedule='linear'"),
+    ('resize_size', 16, 'resize_size=16'),
     ('batch_norm', 'sync', "batch_norm='sync'"),
     ('freeze_until', 'conv6', "freeze_until='conv6'"),
     ('head_only_epochs', 2.0, 'head_only_epochs=2.0'),
