@@ -162,3 +162,15 @@ def test_every_recipe_switch_together_trains_evaluates_and_exports(tmp_path):
   assert metrics['step'] == 4
   assert np.isfinite(metrics['eval']['loss'])
   assert os.listdir(os.path.join(workdir, 'export')) == ['1']
+  # Exporting the run later rebuilds the same model (frozen layers, BN, EMA
+  # slots) and gives the EMA weights, as the end-of-run export did.
+  from keras_sft import export  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  model, _, _, _ = export.restore_run_model(workdir, 'last')
+  images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3),
+                                             dtype=np.uint8)
+  served = tf.saved_model.load(os.path.join(workdir, 'export', '1'))
+  logits = served.signatures['serving_default'](
+      images=tf.constant(images))['logits'].numpy()
+  np.testing.assert_allclose(model.predict(images, verbose=0), logits,
+                             rtol=0.02, atol=0.02)
