@@ -34,7 +34,13 @@ class CrossEntropy(keras.losses.Loss):
   def call(self, y_true, y_pred):
     y_pred = tf.cast(y_pred, tf.float32)
     num_classes = tf.shape(y_pred)[-1]
-    if y_true.shape.rank == y_pred.shape.rank:
+    sparse = y_true.shape.rank != y_pred.shape.rank
+    if sparse and not self.label_smoothing:
+      # Bit for bit what SparseCategoricalCrossentropy(from_logits=True)
+      # computes, so runs without the recipe train exactly as before.
+      return keras.losses.sparse_categorical_crossentropy(
+          y_true, y_pred, from_logits=True)
+    if not sparse:
       targets = tf.cast(y_true, tf.float32)
     else:  # Class ids, possibly [N, 1].
       ids = tf.cast(tf.reshape(y_true, tf.shape(y_pred)[:-1]), tf.int32)
