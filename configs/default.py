@@ -44,6 +44,10 @@ def get_config():
   config.data_dir = ml_collections.FieldReference(None, field_type=str)
   # Side length, in pixels, of the square images the model sees.
   config.image_size = 224
+  # None, or the side every training image is resized to before its random
+  # crop to image_size (BiT-HyperRule: 160 -> 128, 448 -> 384). None: pad-and-
+  # crop for images already image_size, else resize to image_size / 0.875.
+  config.resize_size = ml_collections.FieldReference(None, field_type=int)
   # Elements kept in the shuffle buffer of the training set.
   config.shuffle_buffer_size = 10_000
   # Keep decoded training and eval images in memory after the first epoch.
@@ -56,6 +60,13 @@ def get_config():
   config.weights = ml_collections.FieldReference('imagenet', field_type=str)
   # Dropout before the new classification head; 0 disables it.
   config.dropout_rate = 0.0
+  # The backbone's BatchNormalization layers: 'trained' (Keras' default),
+  # 'frozen' (non-trainable: inference mode, moving statistics and γ/β kept)
+  # or 'synchronized' (batch statistics all-reduced across replicas).
+  config.batch_norm = 'trained'
+  # None, or 'conv1'..'conv5': freeze ResNet50 up to and including that
+  # stage for the whole run (non-trainable, not decayed, BN in inference).
+  config.freeze_until = ml_collections.FieldReference(None, field_type=str)
 
   # --- Optimization ---------------------------------------------------------
   # Images per optimizer step, summed over all replicas and workers.
@@ -70,8 +81,13 @@ def get_config():
   # learning_rate_batch_size.
   config.learning_rate = 0.01
   config.learning_rate_batch_size = 256
-  # Linear warmup from 0 to the peak, then cosine decay to 0 at the end.
+  # Linear warmup from 0 to the peak, then 'cosine' decay to 0 at the end,
+  # or 'step': the LR x lr_decay_factor at each of lr_boundary_fractions of
+  # the total steps (BiT-HyperRule: x0.1 at 30%, 60%, 90%).
   config.warmup_epochs = 1.0
+  config.lr_schedule = 'cosine'
+  config.lr_boundary_fractions = (0.3, 0.6, 0.9)
+  config.lr_decay_factor = 0.1
   # 'sgd' (with momentum) or 'adamw'.
   config.optimizer = 'sgd'
   config.momentum = 0.9
@@ -83,7 +99,38 @@ def get_config():
   # term is 2λw, so λ = wd / 2 for an SGD "weight_decay" of wd.
   config.weight_decay = 5e-5
 
+  # --- Fine-tuning recipe (README "Recipe") -----------------------------------
+  # ε of label smoothing: targets (1 - ε)·one_hot + ε / num_classes. 0: off.
+  config.label_smoothing = 0.0
+  # Training-batch augmentation with Keras' own layers, after batching
+  # (keras_sft.batch_augment). MixUp: α of Beta(α, α); 0: off.
+  config.mixup_alpha = 0.0
+  # CutMix: α of Beta(α, α), in [0, 1]; 0: off. With MixUp also on, one of
+  # the two per batch.
+  config.cutmix_alpha = 0.0
+  # RandAugment: operations per batch (0: off) and strength in [0, 1]
+  # (Keras' `factor`; timm's magnitude m is m / 10).
+  config.randaugment_num_ops = 0
+  config.randaugment_magnitude = 0.0
+  # Momentum m of an exponential moving average of the weights (Keras'
+  # optimizer `use_ema`); None: off. When on, the final evaluation, the
+  # report and the export use the EMA weights; per-epoch validation during
+  # fit and best_weights use the raw ones.
+  config.ema_momentum = ml_collections.FieldReference(None, field_type=float)
+  # Staged fine-tuning: epochs (from the start) in which only the head trains
+  # (backbone gradients x 0, read from the optimizer step, so resumable), then
+  # the full network. 0: off. The backbone's BN moving statistics still
+  # follow the batches in that phase unless batch_norm='frozen'.
+  config.head_only_epochs = 0.0
+  # Gradient multiplier of the backbone; the head uses the base LR. For SGD
+  # it is exactly an LR multiplier; refused with AdamW unless 1.0.
+  config.backbone_learning_rate_multiplier = 1.0
+
   # --- Distribution and compilation -----------------------------------------
+  # 'float32', 'mixed_bfloat16', 'mixed_float16' (with dynamic loss scaling)
+  # or 'auto': bf16 on GPUs with compute capability >= 8.0 and on CPUs with
+  # AVX512_BF16/AMX, else float32 (keras_sft.precision).
+  config.precision = 'float32'
   # 'auto' (TPU, else TF_CONFIG with several tasks: multi_worker_mirrored,
   # else several GPUs: mirrored, else default), 'default' (no strategy),
   # 'one_device', 'mirrored' (all local GPUs), 'multi_worker_mirrored' (all

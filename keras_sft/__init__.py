@@ -10,13 +10,17 @@ Library use, with your own `model.fit`:
     ...
 """
 
+from keras_sft import batch_augment
 from keras_sft import checkpointing
 from keras_sft import classifier
 from keras_sft import distribution
 from keras_sft import export
+from keras_sft import hyperrule
 from keras_sft import input_pipeline
+from keras_sft import losses
 from keras_sft import models
 from keras_sft import optimizers
+from keras_sft import precision
 from keras_sft import train
 
 __version__ = '0.1.0'

@@ -8,11 +8,25 @@ Under a `tf.distribute` strategy, Keras 3 divides the compiled loss by the
 number of replicas in sync and sums the replicas' gradients. R(θ) is the same
 on every replica, so the term is divided by the replica count exactly once
 here; the summed gradient is then that of λ·R, not N·λ·R.
+
+Staged fine-tuning scales the gradients of the backbone (every variable not
+in the layer named `head_layer`) before the optimizer sees them: by 0 while
+`optimizer.iterations < head_only_steps` (head-only phase), by
+`backbone_multiplier` after. The phase is read from the optimizer's step, so
+a run resumed from a backup is in the right phase, and every variable stays
+in the optimizer throughout (backups restore across the boundary). For SGD,
+with or without momentum, a gradient multiplier is exactly a learning-rate
+multiplier (the λ·R gradient included, so frozen variables are not decayed).
+For Adam(W) it is not: Adam normalizes gradient scale away (a multiplier of 0
+still freezes, as long as no decoupled weight decay applies); `train.py`
+refuses those combinations.
 """
 
 import keras
 import tensorflow as tf
 from keras.src.losses import loss as loss_module
+
+from keras_sft import losses
 
 # Layer types whose `kernel` is decayed.
 _DECAYED_LAYER_TYPES = (
@@ -56,16 +70,30 @@ class Classifier(keras.Model):
   Args:
     network: A `keras.Model` mapping images to logits.
     weight_decay: λ, a non-negative float.
+    backbone_multiplier: Gradient (= SGD learning-rate) multiplier of the
+      variables outside the head, >= 0.
+    head_only_steps: Optimizer steps, from 0, during which only the head
+      trains (backbone gradients multiplied by 0).
+    head_layer: Name of the head layer inside `network`.
     **kwargs: Passed to `keras.Model`.
   """
 
-  def __init__(self, network, weight_decay=0.0, **kwargs):
+  def __init__(self, network, weight_decay=0.0, backbone_multiplier=1.0,
+               head_only_steps=0, head_layer='head', **kwargs):
     super().__init__(**kwargs)
     if weight_decay < 0:
       raise ValueError(
           f'weight_decay must be >= 0. Received: weight_decay={weight_decay}')
+    if backbone_multiplier < 0 or head_only_steps < 0:
+      raise ValueError(
+          'backbone_multiplier and head_only_steps must be >= 0. Received: '
+          f'backbone_multiplier={backbone_multiplier}, '
+          f'head_only_steps={head_only_steps}')
     self.network = network
     self.weight_decay = float(weight_decay)
+    self.backbone_multiplier = float(backbone_multiplier)
+    self.head_only_steps = int(head_only_steps)
+    self.head_layer = head_layer
     self.ce_tracker = keras.metrics.Mean(name='ce')
     self.l2_tracker = keras.metrics.Mean(name='l2')
 
@@ -105,23 +133,50 @@ class Classifier(keras.Model):
       # Multiplies by the loss scale under mixed_float16; identity otherwise.
       scaled = self.optimizer.scale_loss(total)
     gradients = tape.gradient(scaled, variables)
+    gradients = self._scale_backbone_gradients(gradients, variables)
     # Unscales (and skips non-finite steps) under loss scaling.
     self.optimizer.apply(gradients, variables)
     self._update_trackers(x, ce, l2)
-    return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+    # Accuracy metrics need class ids; MixUp/CutMix labels are soft.
+    return self.compute_metrics(x, losses.hard_labels(y, y_pred.shape.rank),
+                                y_pred, sample_weight=sample_weight)
+
+  def backbone_scale(self):
+    """The current backbone gradient multiplier, a float32 scalar."""
+    scale = tf.constant(self.backbone_multiplier, tf.float32)
+    if self.head_only_steps:
+      in_head_phase = tf.less(self.optimizer.iterations, self.head_only_steps)
+      scale = tf.where(in_head_phase, tf.constant(0.0, tf.float32), scale)
+    return scale
+
+  def _scale_backbone_gradients(self, gradients, variables):
+    if self.backbone_multiplier == 1.0 and not self.head_only_steps:
+      return gradients
+    head = {id(v) for v in self.network.get_layer(
+        self.head_layer).trainable_variables}
+    scale = self.backbone_scale()
+    return [
+        g if g is None or id(v) in head else g * tf.cast(scale, g.dtype)
+        for g, v in zip(gradients, variables)
+    ]
 
   def test_step(self, data):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     y_pred = self(x, training=False)
     _, ce, l2 = self._split_loss(x, y, y_pred, sample_weight, training=False)
     self._update_trackers(x, ce, l2)
-    return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+    # Accuracy metrics need class ids; MixUp/CutMix labels are soft.
+    return self.compute_metrics(x, losses.hard_labels(y, y_pred.shape.rank),
+                                y_pred, sample_weight=sample_weight)
 
   def get_config(self):
     config = super().get_config()
     config.update({
         'network': keras.saving.serialize_keras_object(self.network),
         'weight_decay': self.weight_decay,
+        'backbone_multiplier': self.backbone_multiplier,
+        'head_only_steps': self.head_only_steps,
+        'head_layer': self.head_layer,
     })
     return config
 

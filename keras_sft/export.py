@@ -313,21 +313,33 @@ def restore_run_model(workdir, checkpoint='best'):
     if latest is None:
       raise FileNotFoundError(f'No checkpoint in {directory}.')
     path = latest[0]
-  model = models.create_model(len(class_names), config['image_size'],
-                              weights=None,
-                              dropout_rate=config['dropout_rate'])
-  # The backups hold optimizer state too; an optimizer of the same kind (and
-  # a schedule, as in training, so no learning-rate variable) gives it
-  # somewhere to go. None of it is exported.
-  optimizer = optimizers.create_optimizer(
-      config['optimizer'], optimizers.create_schedule(0.0, total_steps=1),
-      momentum=config['momentum'],
-      nesterov=config['nesterov'],
-      adamw_weight_decay=config['adamw_weight_decay'])
-  train.compile_model(model, optimizer)
-  train.build(model, config['image_size'])
-  optimizer.build(model.trainable_variables)
+  # The recipe keys shape the trainable set and the optimizer's slots, so
+  # they must match the run's for its backup to load (older runs lack them).
+  from keras_sft import precision  # pylint: disable=g-import-not-at-top
+  policy = precision.resolve_policy(config.get('precision', 'float32'))
+  ema_momentum = config.get('ema_momentum')
+  with precision.global_policy(policy):
+    model = models.create_model(
+        len(class_names), config['image_size'], weights=None,
+        dropout_rate=config['dropout_rate'],
+        batch_norm=config.get('batch_norm', 'trained'),
+        freeze_until_stage=config.get('freeze_until'))
+    # The backups hold optimizer state too; an optimizer of the same kind
+    # (and a schedule, as in training, so no learning-rate variable) gives it
+    # somewhere to go. None of it is exported.
+    optimizer = optimizers.create_optimizer(
+        config['optimizer'], optimizers.create_schedule(0.0, total_steps=1),
+        momentum=config['momentum'],
+        nesterov=config['nesterov'],
+        adamw_weight_decay=config['adamw_weight_decay'],
+        ema_momentum=ema_momentum)
+    train.compile_model(model, optimizer)
+    train.build(model, config['image_size'])
+    model.optimizer.build(model.trainable_variables)
   model.load_weights(path)
+  if ema_momentum is not None:
+    # Export the moving averages, as the end of training does.
+    model.optimizer.finalize_variable_values(model.trainable_weights)
   logging.info('Restored %s.', path)
   return model, config, class_names, path
 

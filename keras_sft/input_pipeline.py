@@ -26,6 +26,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import downloader as tfds_downloader
 
+from keras_sft import batch_augment
 from keras_sft import image_folder
 
 # ImageNet-style resize-and-crop keeps this fraction of the resized image.
@@ -138,17 +139,21 @@ def _resize(image, image_size):
   return tf.image.resize(image, [image_size, image_size], antialias=True)
 
 
-def augment_for_training(image, image_size, seed):
+def augment_for_training(image, image_size, seed, resize_size=None):
   """Random crop and horizontal flip of one image, as float32 in [0, 255].
 
   Images whose side equals `image_size` are padded by 12.5% on each edge with
   zeros and cropped back (the CIFAR recipe). Other images are resized so the
-  crop keeps 87.5% of the side, then cropped (the ImageNet recipe).
+  crop keeps 87.5% of the side, then cropped (the ImageNet recipe). With
+  `resize_size`, every image is resized to that side and then cropped
+  (BiT-HyperRule: 160 then 128, or 448 then 384).
 
   Args:
     image: `[H, W, 3]` uint8 or float image.
     image_size: Side of the output square.
     seed: Shape `[2]` int tensor for the stateless random ops.
+    resize_size: None, or the side every image is resized to before the crop
+      (>= image_size).
 
   Returns:
     `[image_size, image_size, 3]` float32 image.
@@ -161,6 +166,9 @@ def augment_for_training(image, image_size, seed):
                           tf.equal(width, image_size))
   pad = int(round(image_size * _PAD_FRACTION))
   enlarged = int(round(image_size / _CROP_FRACTION))
+  if resize_size:
+    native = tf.constant(False)
+    enlarged = resize_size
   image = tf.cond(
       native,
       lambda: tf.pad(image, [[pad, pad], [pad, pad], [0, 0]]),
@@ -189,7 +197,9 @@ def create_datasets(dataset='cifar10',
                     cache=True,
                     start_step=0,
                     validation_fraction=0.0,
-                    skip_corrupt_images=False):
+                    skip_corrupt_images=False,
+                    batch_augmentation=None,
+                    resize_size=None):
   """Builds the training and evaluation datasets.
 
   Args:
@@ -211,6 +221,13 @@ def create_datasets(dataset='cifar10',
       each class of the train split for evaluation (`eval_split` unused).
     skip_corrupt_images: Folders only: skip unreadable image files (logged
       and counted) instead of failing before training.
+    batch_augmentation: None, or a dict of keyword arguments of
+      `batch_augment.create_batch_augmenter` (`mixup_alpha`, `cutmix_alpha`,
+      `randaugment_num_ops`, `randaugment_magnitude`) for the training
+      batches. With MixUp or CutMix on, training labels are soft one-hot
+      `[batch, num_classes]` float32; eval labels stay class ids.
+    resize_size: None, or resize every training image to this side before
+      the random crop (see `augment_for_training`).
 
   Returns:
     `(train_dataset, eval_dataset, info)`: an infinite training dataset of
@@ -253,10 +270,13 @@ def create_datasets(dataset='cifar10',
       num_eval_examples=num_eval)
   logging.info('Dataset %s: %d train / %d eval examples, %d classes.',
                dataset, num_train, num_eval, num_classes)
+  augmenter = batch_augment.create_batch_augmenter(
+      num_classes, seed=seed, **(batch_augmentation or {}))
   train = make_train_dataset(
       train_data, image_size=image_size, global_batch_size=global_batch_size,
       seed=seed, shuffle_buffer_size=shuffle_buffer_size, cache=cache,
-      start_step=start_step)
+      start_step=start_step, batch_augmenter=augmenter,
+      resize_size=resize_size)
   evaluation = make_eval_dataset(
       eval_data, image_size=image_size, global_batch_size=global_batch_size,
       cache=cache)
@@ -280,8 +300,13 @@ def _shard_by_data(dataset):
 
 
 def make_train_dataset(examples, *, image_size, global_batch_size, seed=0,
-                       shuffle_buffer_size=10_000, cache=True, start_step=0):
-  """Turns `(image, label)` examples into an infinite stream of batches."""
+                       shuffle_buffer_size=10_000, cache=True, start_step=0,
+                       batch_augmenter=None, resize_size=None):
+  """Turns `(image, label)` examples into an infinite stream of batches.
+
+  `batch_augmenter`: None or a function from
+  `batch_augment.create_batch_augmenter`, applied to whole batches.
+  """
   # Validate before caching so a wrong channel count fails on the first
   # element, not after hours.
   examples = examples.map(lambda image, label: (_check_image_shape(image),
@@ -305,12 +330,21 @@ def make_train_dataset(examples, *, image_size, global_batch_size, seed=0,
   def augment(index, example):
     image, label = example
     example_seed = tf.stack([tf.cast(seed, tf.int64), index])
-    return augment_for_training(image, image_size, example_seed), label
+    return augment_for_training(image, image_size, example_seed,
+                                resize_size), label
 
   # Augment per example in parallel; the output order stays deterministic.
   examples = examples.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
   # drop_remainder keeps static batch shapes, which replicas and XLA need.
   batches = examples.batch(global_batch_size, drop_remainder=True)
+  if batch_augmenter is not None:
+    # After batching: MixUp/CutMix mix the images of one batch with each
+    # other, and Keras' layers work on batches. Numbered from start_step, so
+    # batch k gets the same augmentation whether or not the run resumed; the
+    # augmenter is stateless, so a parallel map stays deterministic.
+    batches = batches.enumerate(start=start_step).map(
+        lambda index, batch: batch_augmenter(index, *batch),
+        num_parallel_calls=tf.data.AUTOTUNE)
   # Overlap the input pipeline with the training step.
   return _shard_by_data(batches.prefetch(tf.data.AUTOTUNE))
 

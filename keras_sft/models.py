@@ -17,6 +17,12 @@ from keras_sft import classifier
 IMAGENET_NOTOP_WEIGHTS = 'resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5'
 
 
+# config.batch_norm: how the backbone's BatchNormalization layers train.
+BATCH_NORM_POLICIES = ('trained', 'frozen', 'synchronized')
+# ResNet50's stages, by the prefix of their layer names ('pool1_*' is conv1's).
+STAGES = ('conv1', 'conv2', 'conv3', 'conv4', 'conv5')
+
+
 class WeightsUnavailableError(RuntimeError):
   """ImageNet weights are neither cached locally nor downloadable."""
 
@@ -66,8 +72,75 @@ def resolve_weights(weights):
   return weights
 
 
+def set_batch_norm_policy(model, policy):
+  """Sets how every BatchNormalization layer inside `model` trains.
+
+  Args:
+    model: A Keras layer or model; its nested layers are visited.
+    policy: 'trained' (batch statistics in training, moving statistics and
+      γ/β updated: Keras' default), 'frozen' (layers non-trainable: Keras 3
+      then runs them in inference mode, so neither γ/β nor the moving
+      statistics change; the Keras transfer-learning guide's choice) or
+      'synchronized' (batch statistics all-reduced across the replicas of a
+      `tf.distribute` strategy, `synchronized=True`; read at call time, so
+      setting it on built layers takes effect).
+
+  Returns:
+    The number of BatchNormalization layers changed.
+  """
+  if policy not in BATCH_NORM_POLICIES:
+    raise ValueError(f'Unknown batch_norm policy: batch_norm={policy!r}. '
+                     f'Expected one of {BATCH_NORM_POLICIES}.')
+  count = 0
+  for layer in model._flatten_layers(include_self=False):  # pylint: disable=protected-access
+    if isinstance(layer, keras.layers.BatchNormalization):
+      count += 1
+      if policy == 'frozen':
+        layer.trainable = False
+      elif policy == 'synchronized':
+        layer.synchronized = True
+  return count
+
+
+def _stage_of(layer_name):
+  prefix = layer_name.split('_', 1)[0]
+  if prefix == 'pool1':
+    return 'conv1'
+  return prefix if prefix in STAGES else None
+
+
+def freeze_until(backbone, stage):
+  """Makes the layers of ResNet50's stages up to `stage` non-trainable.
+
+  Args:
+    backbone: Keras' ResNet50 model (layers named conv1_*, pool1_*,
+      conv2_block1_*, ..., conv5_block3_*).
+    stage: None (nothing frozen) or one of `STAGES`, inclusive.
+
+  Returns:
+    The names of the layers frozen.
+  """
+  if stage is None:
+    return []
+  if stage not in STAGES:
+    raise ValueError(f'Unknown stage: freeze_until={stage!r}. Expected None '
+                     f'or one of {STAGES}.')
+  last = STAGES.index(stage)
+  frozen = []
+  for layer in backbone.layers:
+    layer_stage = _stage_of(layer.name)
+    if layer_stage is not None and STAGES.index(layer_stage) <= last:
+      layer.trainable = False
+      frozen.append(layer.name)
+  if not frozen:
+    raise ValueError(f'freeze_until={stage!r} matched no layer of '
+                     f'{backbone.name!r}: not a Keras ResNet50?')
+  return frozen
+
+
 def create_network(num_classes, image_size, weights='imagenet',
-                   dropout_rate=0.0, seed=None):
+                   dropout_rate=0.0, seed=None, batch_norm='trained',
+                   freeze_until_stage=None):
   """Builds ResNet50 (no top) + global average pooling + Dense head.
 
   Args:
@@ -77,6 +150,9 @@ def create_network(num_classes, image_size, weights='imagenet',
       file.
     dropout_rate: Dropout before the head; 0 disables it.
     seed: Seeds the head's initializer and dropout.
+    batch_norm: One of `BATCH_NORM_POLICIES`, for the backbone's BN layers.
+    freeze_until_stage: None or one of `STAGES`: freeze the backbone up to
+      and including that stage (its BN layers then run in inference mode).
 
   Returns:
     A functional `keras.Model` named 'network' mapping `[N, S, S, 3]` images
@@ -99,6 +175,11 @@ def create_network(num_classes, image_size, weights='imagenet',
     if weights == 'imagenet':
       raise WeightsUnavailableError(_imagenet_weights_help()) from error
     raise
+  set_batch_norm_policy(backbone, batch_norm)
+  frozen = freeze_until(backbone, freeze_until_stage)
+  if frozen:
+    logging.info('Froze %d backbone layers up to stage %s.', len(frozen),
+                 freeze_until_stage)
   x = backbone(x)
   x = keras.layers.GlobalAveragePooling2D(name='avg_pool')(x)
   if dropout_rate:
@@ -116,12 +197,20 @@ def create_network(num_classes, image_size, weights='imagenet',
 
 
 def create_model(num_classes, image_size, weights='imagenet',
-                 dropout_rate=0.0, weight_decay=0.0, seed=None):
+                 dropout_rate=0.0, weight_decay=0.0, seed=None,
+                 batch_norm='trained', freeze_until_stage=None,
+                 backbone_multiplier=1.0, head_only_steps=0):
   """Returns a `classifier.Classifier` around `create_network(...)`.
 
   Compile it as any Keras model, with a from-logits cross-entropy loss.
+  `backbone_multiplier` and `head_only_steps` are the Classifier's (the head
+  is the layer named 'head').
   """
   network = create_network(num_classes, image_size, weights=weights,
-                           dropout_rate=dropout_rate, seed=seed)
+                           dropout_rate=dropout_rate, seed=seed,
+                           batch_norm=batch_norm,
+                           freeze_until_stage=freeze_until_stage)
   return classifier.Classifier(network, weight_decay=weight_decay,
+                               backbone_multiplier=backbone_multiplier,
+                               head_only_steps=head_only_steps,
                                name='classifier')

@@ -43,9 +43,61 @@ def create_schedule(peak_learning_rate, total_steps, warmup_steps=0):
       warmup_steps=warmup_steps)
 
 
+@keras.saving.register_keras_serializable(package='keras_sft')
+class WarmupStepDecay(keras.optimizers.schedules.LearningRateSchedule):
+  """Linear warmup from 0, then the peak times `factor` per boundary passed.
+
+  lr(t) = peak·t/warmup_steps for t < warmup_steps, else
+  peak·factor^(number of boundaries <= t). BiT-HyperRule's schedule.
+  """
+
+  def __init__(self, peak_learning_rate, boundaries, factor=0.1,
+               warmup_steps=0):
+    self.peak_learning_rate = float(peak_learning_rate)
+    self.boundaries = [int(b) for b in boundaries]
+    self.factor = float(factor)
+    self.warmup_steps = int(warmup_steps)
+
+  def __call__(self, step):
+    step = keras.ops.cast(step, 'float32')
+    passed = sum(keras.ops.cast(step >= b, 'float32') for b in self.boundaries)
+    decayed = self.peak_learning_rate * keras.ops.power(self.factor, passed)
+    if not self.warmup_steps:
+      return decayed
+    warmup = self.peak_learning_rate * step / self.warmup_steps
+    return keras.ops.where(step < self.warmup_steps, warmup, decayed)
+
+  def get_config(self):
+    return {'peak_learning_rate': self.peak_learning_rate,
+            'boundaries': self.boundaries, 'factor': self.factor,
+            'warmup_steps': self.warmup_steps}
+
+
+def create_step_schedule(peak_learning_rate, total_steps, warmup_steps=0,
+                         boundary_fractions=(0.3, 0.6, 0.9), factor=0.1):
+  """Warmup, then step decay by `factor` at fractions of `total_steps`."""
+  if total_steps <= 0 or not 0 <= warmup_steps < total_steps:
+    raise ValueError(
+        'Need total_steps > 0 and warmup_steps in [0, total_steps). '
+        f'Received: total_steps={total_steps}, warmup_steps={warmup_steps}')
+  if not all(0 < f < 1 for f in boundary_fractions):
+    raise ValueError('boundary_fractions must be in (0, 1). Received: '
+                     f'boundary_fractions={boundary_fractions}')
+  return WarmupStepDecay(
+      peak_learning_rate,
+      [int(round(f * total_steps)) for f in boundary_fractions], factor,
+      warmup_steps)
+
+
 def create_optimizer(name, learning_rate, momentum=0.9, nesterov=False,
-                     adamw_weight_decay=0.0):
+                     adamw_weight_decay=0.0, ema_momentum=None):
   """Returns SGD with momentum or AdamW.
+
+  With `ema_momentum`, the optimizer keeps an exponential moving average of
+  the trainable variables (Keras' own `use_ema`): after step t (1-based),
+  ema_1 = w_1 and ema_t = m·ema_{t-1} + (1 - m)·w_t. The averages are
+  optimizer variables, so backups carry them; `Model.fit` overwrites the
+  model's variables with them when it returns (`finalize_variable_values`).
 
   Args:
     name: 'sgd' or 'adamw'.
@@ -54,13 +106,19 @@ def create_optimizer(name, learning_rate, momentum=0.9, nesterov=False,
     nesterov: Nesterov momentum for SGD.
     adamw_weight_decay: AdamW's decoupled weight decay, applied to the same
       variables as the L2 term (kernels only).
+    ema_momentum: None (no EMA) or m in [0, 1).
   """
+  if ema_momentum is not None and not 0 <= ema_momentum < 1:
+    raise ValueError('ema_momentum must be None or in [0, 1). Received: '
+                     f'ema_momentum={ema_momentum}')
+  ema = dict(use_ema=ema_momentum is not None,
+             ema_momentum=0.99 if ema_momentum is None else ema_momentum)
   if name == 'sgd':
     return keras.optimizers.SGD(learning_rate=learning_rate,
-                                momentum=momentum, nesterov=nesterov)
+                                momentum=momentum, nesterov=nesterov, **ema)
   if name == 'adamw':
     optimizer = keras.optimizers.AdamW(learning_rate=learning_rate,
-                                       weight_decay=adamw_weight_decay)
+                                       weight_decay=adamw_weight_decay, **ema)
     # Decay kernels only, like the L2 term: not biases, not BatchNorm.
     optimizer.exclude_from_weight_decay(
         var_names=['bias', 'gamma', 'beta', 'moving_mean', 'moving_variance'])

@@ -25,8 +25,11 @@ from keras_sft import distribution
 from keras_sft import evaluation
 from keras_sft import export
 from keras_sft import input_pipeline
+from keras_sft import losses
 from keras_sft import models
 from keras_sft import optimizers
+from keras_sft import precision
+from keras_sft import recipe
 from keras_sft import workdir as workdir_lib
 
 
@@ -66,6 +69,7 @@ def validate_config(config):
                      'Received: validation_fraction='
                      f'{config.validation_fraction!r}')
   models.resolve_weights(config.weights)
+  recipe.validate_config(config)
 
 
 class _LearningRateLogger(keras.callbacks.Callback):
@@ -198,7 +202,13 @@ def _train_and_evaluate(config, workdir, strategy, chief, evaluate_only=False):
         data_dir=config.data_dir, seed=config.seed,
         shuffle_buffer_size=config.shuffle_buffer_size, cache=config.cache,
         start_step=start, validation_fraction=config.validation_fraction,
-        skip_corrupt_images=config.skip_corrupt_images)
+        skip_corrupt_images=config.skip_corrupt_images,
+        batch_augmentation=dict(
+            mixup_alpha=config.mixup_alpha,
+            cutmix_alpha=config.cutmix_alpha,
+            randaugment_num_ops=config.randaugment_num_ops,
+            randaugment_magnitude=config.randaugment_magnitude),
+        resize_size=config.resize_size)
 
   train_data, eval_data, info = datasets(start_step)
   # The export reads the class names here, so it needs no dataset.
@@ -221,20 +231,33 @@ def _train_and_evaluate(config, workdir, strategy, chief, evaluate_only=False):
       config.learning_rate, config.global_batch_size,
       config.learning_rate_batch_size)
 
-  with strategy.scope():
+  head_only_steps = int(round(config.head_only_epochs * steps_per_epoch))
+  logging.info('Recipe: batch_norm=%s, freeze_until=%s, head-only steps %d, '
+               'backbone LR multiplier %g.', config.batch_norm,
+               config.freeze_until, head_only_steps,
+               config.backbone_learning_rate_multiplier)
+  policy = precision.resolve_policy(config.precision)
+  logging.info('Dtype policy: %s.', policy)
+  # The policy applies to the layers built here; the global is restored after.
+  with strategy.scope(), precision.global_policy(policy):
     model = models.create_model(
         info.num_classes, config.image_size, weights=config.weights,
         dropout_rate=config.dropout_rate, weight_decay=config.weight_decay,
-        seed=config.seed)
-    schedule = optimizers.create_schedule(peak_learning_rate, total_steps,
-                                          warmup_steps)
+        seed=config.seed, batch_norm=config.batch_norm,
+        freeze_until_stage=config.freeze_until,
+        backbone_multiplier=config.backbone_learning_rate_multiplier,
+        head_only_steps=head_only_steps)
+    schedule = recipe.create_schedule(config, peak_learning_rate,
+                                      total_steps, warmup_steps)
     optimizer = optimizers.create_optimizer(
         config.optimizer, schedule, momentum=config.momentum,
         nesterov=config.nesterov,
-        adamw_weight_decay=config.adamw_weight_decay)
+        adamw_weight_decay=config.adamw_weight_decay,
+        ema_momentum=config.ema_momentum)
     compile_model(model, optimizer,
                   jit_compile=resolve_jit_compile(config.jit_compile),
-                  steps_per_execution=config.steps_per_execution)
+                  steps_per_execution=config.steps_per_execution,
+                  label_smoothing=config.label_smoothing)
     build(model, config.image_size)
     step = checkpointer.restore(model)
   decayed = classifier.decayed_variables(model.network)
@@ -276,6 +299,10 @@ def _train_and_evaluate(config, workdir, strategy, chief, evaluate_only=False):
       fit(train_data, step, step // steps_per_epoch + 1,
           steps_per_epoch - done_in_epoch)
       step = int(model.optimizer.iterations.numpy())
+      if config.ema_momentum is not None:
+        # fit swapped the EMA weights in; go on from the raw ones, which the
+        # epoch-end backup holds.
+        checkpointer.restore(model)
       train_data, _, _ = datasets(step)
     if step < total_steps:
       fit(train_data, step, config.num_epochs, steps_per_epoch)
@@ -283,6 +310,10 @@ def _train_and_evaluate(config, workdir, strategy, chief, evaluate_only=False):
     logging.info('The run in %s already finished its %d steps.', workdir,
                  total_steps)
 
+  if config.ema_momentum is not None:
+    # Evaluate and export the EMA weights. fit already swapped them in after
+    # training; a restored backup holds the raw ones (idempotent otherwise).
+    model.optimizer.finalize_variable_values(model.trainable_weights)
   results = model.evaluate(eval_data, steps=config.eval_steps,
                            return_dict=True, verbose=2)
   metrics = {
@@ -307,11 +338,16 @@ def _train_and_evaluate(config, workdir, strategy, chief, evaluate_only=False):
   return metrics
 
 
-def compile_model(model, optimizer, jit_compile=False, steps_per_execution=1):
-  """Compiles with from-logits cross-entropy, top-1 and top-5 accuracy."""
+def compile_model(model, optimizer, jit_compile=False, steps_per_execution=1,
+                  label_smoothing=0.0):
+  """Compiles with from-logits cross-entropy, top-1 and top-5 accuracy.
+
+  The loss takes class ids or soft (MixUp/CutMix) labels; see
+  `keras_sft.losses`.
+  """
   model.compile(
       optimizer=optimizer,
-      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+      loss=losses.CrossEntropy(label_smoothing=label_smoothing),
       metrics=[
           keras.metrics.SparseCategoricalAccuracy(name='accuracy'),
           keras.metrics.SparseTopKCategoricalAccuracy(k=5, name='top5'),

@@ -177,3 +177,78 @@ def test_keras_file_round_trip(tmp_path):
 def test_negative_weight_decay_is_refused():
   with pytest.raises(ValueError, match='weight_decay=-1'):
     classifier.Classifier(_network(), weight_decay=-1.0)
+
+
+def _staged_model(head_only_steps=3, backbone_multiplier=1.0, momentum=0.9):
+  keras.utils.set_random_seed(1)
+  model = classifier.Classifier(_network(), _LAMBDA,
+                                backbone_multiplier=backbone_multiplier,
+                                head_only_steps=head_only_steps)
+  _compile(model, momentum=momentum)
+  model(np.zeros((1, 8, 8, 3), np.float32))
+  return model
+
+
+def _backbone_and_head(model):
+  network = model.network
+  backbone = [np.asarray(v) for layer in ('conv', 'bn')
+              for v in network.get_layer(layer).trainable_variables]
+  head = [np.asarray(v) for v in network.get_layer('head').trainable_variables]
+  return backbone, head
+
+
+def _step(model, seed):
+  images, labels = _batch(seed=seed)
+  model.train_on_batch(images, labels)
+
+
+def test_backbone_frozen_in_head_only_phase_and_trains_after():
+  model = _staged_model(head_only_steps=3)
+  backbone, head = _backbone_and_head(model)
+  for seed in range(3):
+    _step(model, seed)
+  backbone_3, head_3 = _backbone_and_head(model)
+  for before, after in zip(backbone, backbone_3):
+    np.testing.assert_array_equal(before, after)  # frozen: no CE, no decay
+  assert all(not np.allclose(a, b) for a, b in zip(head, head_3))
+  _step(model, 3)
+  backbone_4, _ = _backbone_and_head(model)
+  assert all(not np.allclose(a, b) for a, b in zip(backbone_3, backbone_4))
+
+
+def test_resume_across_the_phase_boundary_matches_an_uninterrupted_run(
+    tmp_path):
+  reference = _staged_model(head_only_steps=2)
+  for seed in range(4):
+    _step(reference, seed)
+  first = _staged_model(head_only_steps=2)
+  _step(first, 0)
+  path = str(tmp_path / 'ckpt.weights.h5')
+  first.save_weights(path)  # a backup inside the head-only phase
+  resumed = _staged_model(head_only_steps=2)
+  resumed.optimizer.build(resumed.trainable_variables)
+  resumed.load_weights(path)
+  assert int(resumed.optimizer.iterations.numpy()) == 1
+  for seed in range(1, 4):
+    _step(resumed, seed)
+  for a, b in zip(reference.get_weights(), resumed.get_weights()):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_backbone_multiplier_equals_a_backbone_learning_rate():
+  """SGD step: multiplier m on the backbone = backbone trained at m·lr."""
+  multiplier = 0.25
+  scaled = _staged_model(head_only_steps=0, backbone_multiplier=multiplier)
+  slow = _staged_model(head_only_steps=0)
+  _compile(slow, learning_rate=0.1 * multiplier, momentum=0.9)
+  slow.set_weights(scaled.get_weights())
+  start = _backbone_and_head(scaled)[0]
+  _step(scaled, 0)
+  _step(slow, 0)
+  scaled_backbone, scaled_head = _backbone_and_head(scaled)
+  slow_backbone, slow_head = _backbone_and_head(slow)
+  for a, b in zip(scaled_backbone, slow_backbone):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  assert not np.allclose(scaled_backbone[0], start[0])  # the conv kernel
+  # The head keeps the base LR: 4x the slow model's head step.
+  assert not np.allclose(scaled_head[0], slow_head[0])

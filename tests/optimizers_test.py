@@ -166,3 +166,67 @@ def test_adamw_decays_kernels_but_not_biases_or_batchnorm():
   for variable in others:
     assert np.any(before[variable.path] != 0), 'Would not show a decay.'
     np.testing.assert_array_equal(variable.numpy(), before[variable.path])
+
+
+def _ema_model(ema_momentum):
+  from keras_sft import classifier  # pylint: disable=g-import-not-at-top
+  keras.utils.set_random_seed(0)
+  inputs = keras.Input((6,))
+  x = keras.layers.Dense(4, activation='relu', name='hidden')(inputs)
+  network = keras.Model(inputs, keras.layers.Dense(3, name='head')(x))
+  model = classifier.Classifier(network, weight_decay=0.01)
+  model.compile(
+      optimizer=optimizers.create_optimizer('sgd', 0.3, momentum=0.9,
+                                            ema_momentum=ema_momentum),
+      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  return model
+
+
+class _RawWeights(keras.callbacks.Callback):
+
+  def __init__(self):
+    super().__init__()
+    self.steps = []
+
+  def on_train_batch_end(self, batch, logs=None):
+    self.steps.append([np.asarray(v) for v in self.model.trainable_variables])
+
+
+def test_ema_weights_equal_the_formula_after_k_steps(tmp_path):
+  momentum, steps = 0.8, 5
+  model = _ema_model(momentum)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(40, 6)).astype(np.float32)
+  y = rng.integers(0, 3, 40)
+  raw = _RawWeights()
+  model.fit(x, y, batch_size=8, epochs=1, callbacks=[raw], verbose=0,
+            shuffle=False)
+  assert len(raw.steps) == steps
+  # ema_1 = w_1; ema_t = m·ema_{t-1} + (1 - m)·w_t, in float64.
+  expected = [w.astype(np.float64) for w in raw.steps[0]]
+  for weights in raw.steps[1:]:
+    expected = [momentum * e + (1 - momentum) * w
+                for e, w in zip(expected, weights)]
+  # fit swapped the averages in at its end.
+  final = [np.asarray(v) for v in model.trainable_variables]
+  for got, want, last in zip(final, expected, raw.steps[-1]):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got, last)  # really the average, not w_5
+
+  # The averages are optimizer variables: a backup carries them.
+  path = str(tmp_path / 'ckpt.weights.h5')
+  model.save_weights(path)
+  restored = _ema_model(momentum)
+  restored(x[:1])
+  restored.optimizer.build(restored.trainable_variables)
+  restored.load_weights(path)
+  restored.optimizer.finalize_variable_values(restored.trainable_weights)
+  for got, want in zip(restored.trainable_variables, final):
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+
+
+def test_no_ema_by_default_and_bad_momentum_is_named():
+  assert not optimizers.create_optimizer('sgd', 0.1).use_ema
+  assert optimizers.create_optimizer('adamw', 0.1, ema_momentum=0.9).use_ema
+  with pytest.raises(ValueError, match='ema_momentum=1.5'):
+    optimizers.create_optimizer('sgd', 0.1, ema_momentum=1.5)

@@ -37,6 +37,18 @@ def no_model_built(monkeypatch):
     ('distribution', 'mirored', "distribution='mirored'"),
     ('optimizer', 'lamb', "optimizer='lamb'"),
     ('weights', '/no/such/file.h5', '/no/such/file.h5'),
+    ('label_smoothing', 1.0, 'label_smoothing=1.0'),
+    ('precision', 'float8', "precision='float8'"),
+    ('ema_momentum', 1.0, 'ema_momentum=1.0'),
+    ('lr_schedule', 'linear', "lr_schedule='linear'"),
+    ('resize_size', 16, 'resize_size=16'),
+    ('batch_norm', 'sync', "batch_norm='sync'"),
+    ('freeze_until', 'conv6', "freeze_until='conv6'"),
+    ('head_only_epochs', 2.0, 'head_only_epochs=2.0'),
+    ('backbone_learning_rate_multiplier', -1.0,
+     'backbone_learning_rate_multiplier=-1.0'),
+    ('cutmix_alpha', 2.0, 'cutmix_alpha=2.0'),
+    ('randaugment_magnitude', 3.0, 'randaugment_magnitude=3.0'),
 ])
 def test_bad_values_are_named(tmp_path, no_model_built, key, value, message):
   with pytest.raises((ValueError, FileNotFoundError), match=message):
