@@ -14,9 +14,17 @@ seeded and every random augmentation is a stateless op seeded by
 `(seed, index of the example in the stream)`. That is what lets a resumed run
 skip exactly the examples it has already trained on (`start_step`) and see the
 same batches as a run that was never interrupted.
+
+Both pipelines keep a deterministic order on purpose, although tf.data could
+trade it for throughput: a resumed run must skip exactly the batches it has
+seen, and multi-worker DATA sharding (`_shard_by_data`) needs every worker to
+see the same order to split it. Throughput comes instead from the parallel
+map, caching decoded images, and prefetching (`benchmarks/run.py` measures
+the train pipeline against the training step).
 """
 
 import dataclasses
+import functools
 import logging
 from typing import Optional
 
@@ -34,6 +42,10 @@ _CROP_FRACTION = 0.875
 # CIFAR-style pad-and-crop pads this fraction of the side on each edge
 # (4 pixels at 32px, as in He et al. 2016).
 _PAD_FRACTION = 0.125
+# Epochs with distinct shuffle orders before the orders repeat.
+_DISTINCT_EPOCH_ORDERS = 16
+# Separates the shuffle seeds of different `seed`s: seed * stride + epoch.
+_SEED_STRIDE = 1_000_003
 # HTTP retries of a tfds download (tfds' own default retries for minutes).
 _DOWNLOAD_RETRIES = 2
 
@@ -314,11 +326,18 @@ def make_train_dataset(examples, *, image_size, global_batch_size, seed=0,
   # Cache decoded, un-augmented examples: augmentation must differ per epoch.
   if cache:
     examples = examples.cache()
-  # Shuffle before repeat, so every epoch sees each example exactly once;
-  # reshuffle each epoch, seeded, so the whole stream is reproducible.
-  examples = examples.shuffle(
-      shuffle_buffer_size, seed=seed, reshuffle_each_iteration=True)
-  examples = examples.repeat()
+  # One shuffle per epoch, so every epoch sees each example exactly once, in
+  # an order seeded by (seed, epoch); the orders repeat after
+  # _DISTINCT_EPOCH_ORDERS epochs (the augmentation still differs, being
+  # seeded by the position in the stream). Not `reshuffle_each_iteration`:
+  # the seeds it draws for later epochs differ between a process and a
+  # worker of MultiWorkerMirroredStrategy, whose batches would then differ.
+  epochs = [
+      examples.shuffle(shuffle_buffer_size, seed=seed * _SEED_STRIDE + epoch,
+                       reshuffle_each_iteration=False)
+      for epoch in range(_DISTINCT_EPOCH_ORDERS)
+  ]
+  examples = functools.reduce(tf.data.Dataset.concatenate, epochs).repeat()
   # Number the examples of the stream: the index seeds the augmentation of
   # that example, independent of parallelism and of where a run resumed.
   examples = examples.enumerate()

@@ -314,6 +314,10 @@ def _train_and_evaluate(config, workdir, strategy, chief, evaluate_only=False):
     # Evaluate and export the EMA weights. fit already swapped them in after
     # training; a restored backup holds the raw ones (idempotent otherwise).
     model.optimizer.finalize_variable_values(model.trainable_weights)
+  # Every worker logs it: equal sums show the replicas stayed in sync.
+  logging.info('Weights checksum (%s) at step %d: %.12e',
+               distribution.task_name(strategy),
+               int(model.optimizer.iterations.numpy()), weights_checksum(model))
   results = model.evaluate(eval_data, steps=config.eval_steps,
                            return_dict=True, verbose=2)
   metrics = {
@@ -359,6 +363,13 @@ def compile_model(model, optimizer, jit_compile=False, steps_per_execution=1,
 def build(model, image_size):
   """Creates the model's variables (needed before restoring a backup)."""
   model(np.zeros((1, image_size, image_size, 3), np.float32), training=False)
+
+
+def weights_checksum(model):
+  """Σ|w| over the model's weights, in float64: a cheap fingerprint."""
+  return float(sum(np.abs(np.asarray(keras.ops.convert_to_numpy(weight),
+                                     np.float64)).sum()
+                   for weight in model.weights))
 
 
 def _check_finite(model, workdir):
