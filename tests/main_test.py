@@ -131,7 +131,7 @@ def test_every_recipe_switch_together_trains_evaluates_and_exports(tmp_path):
   assert 'Dtype policy: mixed_bfloat16' in result.stderr
   assert 'up to stage conv2' in result.stderr
   assert 'head-only steps 2' in result.stderr
-  metrics = _metrics(workdir)
+  metrics = conftest.read_metrics(workdir)
   assert metrics['step'] == 4
   assert np.isfinite(metrics['eval']['loss'])
   assert os.listdir(os.path.join(workdir, 'export')) == ['1']

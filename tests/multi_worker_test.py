@@ -27,13 +27,20 @@ def _free_ports(count):
   return ports
 
 
-def _run_workers(tmp_path, patch):
+def _worker_envs():
+  """The environments of 2 workers on free ports of 127.0.0.1."""
   hosts = [f'127.0.0.1:{port}' for port in _free_ports(2)]
+  return [
+      dict(conftest.cli_env(), TF_CONFIG=json.dumps(
+          {'cluster': {'worker': hosts},
+           'task': {'type': 'worker', 'index': index}}))
+      for index in range(2)
+  ]
+
+
+def _run_workers(tmp_path, patch):
   processes = []
-  for index in range(2):
-    tf_config = {'cluster': {'worker': hosts},
-                 'task': {'type': 'worker', 'index': index}}
-    env = dict(conftest.cli_env(), TF_CONFIG=json.dumps(tf_config))
+  for index, env in enumerate(_worker_envs()):
     command = [sys.executable, _WORKER, str(tmp_path / f'worker{index}.npz')]
     processes.append(subprocess.Popen(
         command + (['--patch'] if patch else []), env=env,
@@ -91,12 +98,8 @@ def test_upstream_keras_still_needs_the_patch(tmp_path):
 
 def _start_cli_workers(workdir, log_prefix):
   """Starts 2 CLI workers; their logs go to files (a full pipe would block)."""
-  hosts = [f'127.0.0.1:{port}' for port in _free_ports(2)]
   processes = []
-  for index in range(2):
-    tf_config = {'cluster': {'worker': hosts},
-                 'task': {'type': 'worker', 'index': index}}
-    env = dict(conftest.cli_env(), TF_CONFIG=json.dumps(tf_config))
+  for index, env in enumerate(_worker_envs()):
     with open(f'{log_prefix}-worker{index}.log', 'w') as log:
       processes.append(subprocess.Popen(
           conftest.cli_command(workdir, *_CLI_FLAGS), env=env,

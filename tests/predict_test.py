@@ -65,4 +65,4 @@ def test_predict_prints_top_k_per_file_and_names_bad_files(smoke_run,
         str(i) for i in top5]
     np.testing.assert_allclose(
         [entry['probability'] for entry in record['top_k']], expected[top5],
-        atol=1e-6)
+        atol=1e-5)  # Other batch shapes: oneDNN rounds differently (~1e-6).
