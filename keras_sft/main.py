@@ -19,6 +19,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from keras_sft import train
+
 # Config files import their siblings as `configs.<name>`, as in the flax
 # examples; resolve those from the directory the command runs in, also when
 # started through the console script.
@@ -41,8 +43,6 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  # Imported here so that `--help` and flag errors do not wait for TF.
-  from keras_sft import train  # pylint: disable=g-import-not-at-top
   logging.info('Config:\n%s', _CONFIG.value)
   if _MODE.value == 'evaluate':
     train.evaluate(_CONFIG.value, _WORKDIR.value)
