@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 
 import keras
 import numpy as np
@@ -213,7 +214,7 @@ def _train_and_evaluate(config, workdir, strategy, chief, evaluate_only=False):
   train_data, eval_data, info = datasets(start_step)
   # The export reads the class names here, so it needs no dataset.
   if chief:
-      _write_json(os.path.join(workdir, export.DATASET_FILE),
+    _write_json(os.path.join(workdir, export.DATASET_FILE),
                 {'dataset': config.dataset, 'num_classes': info.num_classes,
                  'class_names': list(info.class_names)})
   steps_per_epoch = (config.steps_per_epoch or
@@ -301,7 +302,8 @@ def _train_and_evaluate(config, workdir, strategy, chief, evaluate_only=False):
       step = int(model.optimizer.iterations.numpy())
       if config.ema_momentum is not None:
         # fit swapped the EMA weights in; go on from the raw ones, which the
-        # epoch-end backup holds.
+        # chief's epoch-end backup holds (the other workers wait for it).
+        _wait_for_backup(checkpointer, step, config.collective_timeout_seconds)
         checkpointer.restore(model)
       train_data, _, _ = datasets(step)
     if step < total_steps:
@@ -363,6 +365,17 @@ def compile_model(model, optimizer, jit_compile=False, steps_per_execution=1,
 def build(model, image_size):
   """Creates the model's variables (needed before restoring a backup)."""
   model(np.zeros((1, image_size, image_size, 3), np.float32), training=False)
+
+
+def _wait_for_backup(checkpointer, step, timeout_seconds):
+  """Waits until the newest backup is at `step` (written by the chief)."""
+  deadline = time.monotonic() + (timeout_seconds or float('inf'))
+  while (checkpointer.latest() or (None, -1))[1] < step:
+    if time.monotonic() > deadline:
+      raise TimeoutError(
+          f'No backup of step {step} appeared in {checkpointer.directory} '
+          f'within {timeout_seconds} s: is the chief alive?')
+    time.sleep(0.5)
 
 
 def weights_checksum(model):
