@@ -18,6 +18,8 @@ import re
 
 import keras
 
+from keras_sft import workdir as workdir_lib
+
 _POINTER = 'checkpoint.json'
 BEST_WEIGHTS = 'best.weights.h5'
 _BEST_POINTER = 'best.json'
@@ -30,15 +32,6 @@ def _fsync_path(path):
     os.fsync(descriptor)
   finally:
     os.close(descriptor)
-
-
-def _atomic_write_text(path, text):
-  temporary = path + '.tmp'
-  with open(temporary, 'w') as file:
-    file.write(text)
-    file.flush()
-    os.fsync(file.fileno())
-  os.replace(temporary, path)
 
 
 class Checkpointer:
@@ -78,8 +71,8 @@ class Checkpointer:
     model.save_weights(temporary, overwrite=True)
     _fsync_path(temporary)
     os.replace(temporary, path)
-    _atomic_write_text(os.path.join(self.directory, _POINTER),
-                       json.dumps({'file': name, 'step': step}))
+    workdir_lib.atomic_write(os.path.join(self.directory, _POINTER),
+                             json.dumps({'file': name, 'step': step}))
     _fsync_path(self.directory)
     self._prune(keep_name=name)
     return path
@@ -196,7 +189,7 @@ class BestWeightsCallback(keras.callbacks.Callback):
     _fsync_path(temporary)
     os.replace(temporary, path)
     self._best = float(value)
-    _atomic_write_text(
+    workdir_lib.atomic_write(
         os.path.join(self.directory, _BEST_POINTER),
         json.dumps({'file': BEST_WEIGHTS, 'monitor': self.monitor,
                     'value': self._best,

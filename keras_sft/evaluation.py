@@ -26,6 +26,8 @@ from matplotlib import ticker  # pylint: disable=g-import-not-at-top
 import numpy as np
 import tensorflow as tf
 
+from keras_sft import workdir as workdir_lib
+
 CONFUSION_MATRIX_PNG = 'confusion_matrix.png'
 CURVES_PNG = 'curves.png'
 HISTORY_CSV = 'history.csv'
@@ -207,13 +209,6 @@ def plot_curves(history):
   return _png_bytes(figure)
 
 
-def _write_bytes(path, data):
-  temporary = path + '.tmp'
-  with open(temporary, 'wb') as file:
-    file.write(data)
-  os.replace(temporary, path)
-
-
 def write_report(model, eval_data, class_names, workdir, steps=None,
                  step=0):
   """Evaluates `model` and writes the report files into `workdir`.
@@ -233,7 +228,7 @@ def write_report(model, eval_data, class_names, workdir, steps=None,
   report = compute_report(labels, logits, class_names)
   png = plot_confusion_matrix(report['confusion_matrix'], class_names,
                               title=f'Confusion matrix at step {step}')
-  _write_bytes(os.path.join(workdir, CONFUSION_MATRIX_PNG), png)
+  workdir_lib.atomic_write(os.path.join(workdir, CONFUSION_MATRIX_PNG), png)
   writer = tf.summary.create_file_writer(
       os.path.join(workdir, 'tensorboard', 'report'))
   with writer.as_default():
@@ -244,7 +239,8 @@ def write_report(model, eval_data, class_names, workdir, steps=None,
   if os.path.exists(history_path):
     history = read_history(history_path)
     if history['epoch']:
-      _write_bytes(os.path.join(workdir, CURVES_PNG), plot_curves(history))
+      workdir_lib.atomic_write(os.path.join(workdir, CURVES_PNG),
+                               plot_curves(history))
   else:
     logging.info('No %s: no curves plotted.', history_path)
   logging.info('Report: top-1 %.4f, top-5 %.4f on %d images; per class: %s',

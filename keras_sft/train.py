@@ -11,7 +11,6 @@ evaluates the newest backup.
 """
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -214,7 +213,7 @@ def _train_and_evaluate(config, workdir, strategy, chief, evaluate_only=False):
   train_data, eval_data, info = datasets(start_step)
   # The export reads the class names here, so it needs no dataset.
   if chief:
-    _write_json(os.path.join(workdir, export.DATASET_FILE),
+    workdir_lib.write_json(os.path.join(workdir, export.DATASET_FILE),
                 {'dataset': config.dataset, 'num_classes': info.num_classes,
                  'class_names': list(info.class_names)})
   steps_per_epoch = (config.steps_per_epoch or
@@ -332,7 +331,7 @@ def _train_and_evaluate(config, workdir, strategy, chief, evaluate_only=False):
   metrics['report'] = evaluation.write_report(
       model, eval_data, info.class_names, workdir, steps=config.eval_steps,
       step=metrics['step'])
-  _write_json(os.path.join(workdir, 'metrics.json'), metrics)
+  workdir_lib.write_json(os.path.join(workdir, 'metrics.json'), metrics)
   logging.info('Eval at step %d: %s', metrics['step'], metrics['eval'])
   if evaluate_only:
     return metrics
@@ -395,8 +394,3 @@ def _check_finite(model, workdir):
         'workdir.')
 
 
-def _write_json(path, value):
-  temporary = path + '.tmp'
-  with open(temporary, 'w') as file:
-    json.dump(value, file, indent=2, sort_keys=True)
-  os.replace(temporary, path)

@@ -68,7 +68,23 @@ def prepare(workdir, config, write=True):
     return
   if not write:
     return
+  write_json(path, current)
+
+
+def atomic_write(path, data):
+  """Writes `data` (str or bytes) to `path` via a flushed temporary file.
+
+  A process killed at any moment leaves the old file or the new one, never
+  a torn one.
+  """
   temporary = path + '.tmp'
-  with open(temporary, 'w') as file:
-    json.dump(current, file, indent=2, sort_keys=True)
+  with open(temporary, 'wb' if isinstance(data, bytes) else 'w') as file:
+    file.write(data)
+    file.flush()
+    os.fsync(file.fileno())
   os.replace(temporary, path)
+
+
+def write_json(path, value):
+  """Atomically writes `value` as indented JSON with sorted keys."""
+  atomic_write(path, json.dumps(value, indent=2, sort_keys=True))
