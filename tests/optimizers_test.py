@@ -100,10 +100,10 @@ def test_schedule_rejects_bad_steps(total_steps, warmup_steps, named):
 
 
 def test_create_optimizer_sgd():
-  """'sgd' is SGD with the given LR, momentum and Nesterov flag."""
+  """'sgd' is (fused) SGD with the given LR, momentum and Nesterov flag."""
   optimizer = optimizers.create_optimizer('sgd', 0.05, momentum=0.8,
                                           nesterov=True)
-  assert isinstance(optimizer, keras.optimizers.SGD)
+  assert isinstance(optimizer, optimizers.FusedSGD)
   assert optimizer.momentum == pytest.approx(0.8)
   assert optimizer.nesterov is True
   assert float(optimizer.learning_rate) == pytest.approx(0.05)
@@ -230,3 +230,65 @@ def test_no_ema_by_default_and_bad_momentum_is_named():
   assert optimizers.create_optimizer('adamw', 0.1, ema_momentum=0.9).use_ema
   with pytest.raises(ValueError, match='ema_momentum=1.5'):
     optimizers.create_optimizer('sgd', 0.1, ema_momentum=1.5)
+
+
+def _trained_variables(optimizer, strategy, steps=3):
+  """Variables of a tiny Conv/BN/Dense model after `steps` fit steps."""
+  with strategy.scope():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((6, 6, 3)),
+        keras.layers.Conv2D(4, 3),
+        keras.layers.BatchNormalization(),
+        keras.layers.ReLU(),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(5),
+    ])
+    model.compile(optimizer=optimizer(), loss=keras.losses.
+                  SparseCategoricalCrossentropy(from_logits=True))
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(8 * steps, 6, 6, 3)).astype(np.float32)
+  labels = rng.integers(0, 5, 8 * steps)
+  model.fit(images, labels, batch_size=8, epochs=1, shuffle=False, verbose=0)
+  return [np.asarray(v) for v in model.variables + model.optimizer.variables]
+
+
+@pytest.mark.parametrize('nesterov', [False, True])
+@pytest.mark.parametrize('replicas', [1, 2])
+def test_fused_sgd_matches_keras_sgd(nesterov, replicas):
+  """Same weights and momenta as Keras' SGD after steps with a schedule."""
+  strategy = (tf.distribute.get_strategy() if replicas == 1 else
+              tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1']))
+
+  def make(cls):
+    def optimizer():
+      schedule = optimizers.create_schedule(0.5, 10, 2)
+      return cls(schedule, momentum=0.9, nesterov=nesterov)
+    return optimizer
+
+  expected = _trained_variables(make(keras.optimizers.SGD), strategy)
+  actual = _trained_variables(make(optimizers.FusedSGD), strategy)
+  assert len(actual) == len(expected)
+  for want, got in zip(expected, actual):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # The weights moved: the comparison is not of two untouched models.
+  assert not np.allclose(_trained_variables(make(optimizers.FusedSGD),
+                                            strategy, steps=1)[0], actual[0])
+
+
+def test_fused_sgd_without_momentum_and_in_a_keras_file(tmp_path):
+  """momentum=0 runs Keras' update; the class survives save and load."""
+  expected = _trained_variables(
+      lambda: keras.optimizers.SGD(0.1), tf.distribute.get_strategy())
+  actual = _trained_variables(
+      lambda: optimizers.FusedSGD(0.1), tf.distribute.get_strategy())
+  for want, got in zip(expected, actual):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+  model.compile(optimizer=optimizers.FusedSGD(0.1, momentum=0.9), loss='mse')
+  model.fit(np.ones((2, 2)), np.ones((2, 1)), verbose=0)
+  path = str(tmp_path / 'model.keras')
+  model.save(path)
+  loaded = keras.models.load_model(path)
+  assert isinstance(loaded.optimizer, optimizers.FusedSGD)
+  assert loaded.optimizer.momentum == pytest.approx(0.9)
