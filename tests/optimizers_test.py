@@ -257,8 +257,12 @@ def _trained_variables(optimizer, strategy, steps=3):
 @pytest.mark.parametrize('replicas', [1, 2])
 def test_fused_sgd_matches_keras_sgd(nesterov, replicas):
   """Same weights and momenta as Keras' SGD after steps with a schedule."""
+  # Reduction by copying, not collectives: collective keys of several
+  # MirroredStrategy objects in one process (other test files) collide.
   strategy = (tf.distribute.get_strategy() if replicas == 1 else
-              tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1']))
+              tf.distribute.MirroredStrategy(
+                  ['/cpu:0', '/cpu:1'],
+                  cross_device_ops=tf.distribute.ReductionToOneDevice()))
 
   def make(cls):
     def optimizer():
@@ -292,3 +296,26 @@ def test_fused_sgd_without_momentum_and_in_a_keras_file(tmp_path):
   loaded = keras.models.load_model(path)
   assert isinstance(loaded.optimizer, optimizers.FusedSGD)
   assert loaded.optimizer.momentum == pytest.approx(0.9)
+
+
+def test_fused_sgd_and_batch_norm_compile_under_xla():
+  """jit_compile=True (the GPU default of jit_compile='auto') lowers both
+  fused kernels and gives the same weights as without XLA."""
+  from keras_sft import batch_norm  # pylint: disable=g-import-not-at-top
+  results = []
+  for jit_compile in (False, True):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 6, 3))
+    x = keras.layers.Conv2D(4, 3)(inputs)
+    x = batch_norm.BatchNormalization()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(5)(x))
+    model.compile(optimizer=optimizers.FusedSGD(0.1, momentum=0.9),
+                  loss=keras.losses.SparseCategoricalCrossentropy(
+                      from_logits=True), jit_compile=jit_compile)
+    rng = np.random.default_rng(0)
+    model.fit(rng.normal(size=(16, 6, 6, 3)).astype(np.float32),
+              rng.integers(0, 5, 16), batch_size=8, shuffle=False, verbose=0)
+    results.append(model.get_weights())
+  for want, got in zip(*results):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
