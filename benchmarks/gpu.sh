@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 common=(--image_size=224 --batch_size=128 --precision=mixed_bfloat16
-        --steps=20 --repeats=3 --pipeline_steps=50 --num_examples=512)
+        --steps=10 --repeats=5 --pipeline_steps=50 --num_examples=512)
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
 python benchmarks/run.py "${common[@]}" --jit_compile=false \
   --out=benchmarks/gpu-1gpu.json
