@@ -294,7 +294,7 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--image_size', type=int, default=32)
   parser.add_argument('--batch_size', type=int, default=128,
-                      help='Global batch (128: the reference of issue 7).')
+                      help='Global batch; 128 is the size the targets refer to.')
   parser.add_argument('--precision', default='float32',
                       choices=['float32', 'mixed_bfloat16', 'mixed_float16'])
   parser.add_argument('--jit_compile', type=lambda text: text == 'true',

@@ -1,12 +1,11 @@
 """BatchNormalization as one fused kernel, for the TensorFlow backend.
 
-Keras 3 computes BatchNormalization from separate ops (moments, then
-normalize; about ten ops forward and thirty backward per layer), where Keras 2
-called TensorFlow's fused kernel (`FusedBatchNormV3`: oneDNN on CPUs, cuDNN on
-GPUs, also lowered by XLA). ResNet50 has 53 such layers, and at small image
-sizes the separate ops cost more than the convolutions around them: measured
-on this project's 2-core CPU (32px, batch 64, float32), a plain Keras ResNet50
-trains 1.2x faster with the fused layer (`benchmarks/run.py`).
+Keras 3 computes BatchNormalization from separate ops (moments, then the
+normalization, each a pass over the activations, and more of them backward),
+where Keras 2 called TensorFlow's fused kernel (`FusedBatchNormV3`: oneDNN on
+CPUs, cuDNN on GPUs, also lowered by XLA). ResNet50 has 53 such layers:
+measured on this project's 2-core CPU (32px, batch 64, float32, interleaved
+repeats), a plain Keras ResNet50 trained 1.2x faster with the fused layer.
 
 `BatchNormalization` here is Keras' layer with the same variables, config and
 arithmetic, where the fused kernel applies (4-D channels-last inputs, with
