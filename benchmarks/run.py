@@ -37,12 +37,11 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from configs import default as default_lib  # pylint: disable=g-import-not-at-top
 from keras_sft import distribution  # pylint: disable=g-import-not-at-top
-from keras_sft import export  # pylint: disable=g-import-not-at-top
 from keras_sft import input_pipeline  # pylint: disable=g-import-not-at-top
-from keras_sft import models  # pylint: disable=g-import-not-at-top
-from keras_sft import optimizers  # pylint: disable=g-import-not-at-top
-from keras_sft import train  # pylint: disable=g-import-not-at-top
+from keras_sft import recipe  # pylint: disable=g-import-not-at-top
+from keras_sft import serving  # pylint: disable=g-import-not-at-top
 
 _NUM_CLASSES = 10
 
@@ -159,14 +158,22 @@ def call_seconds(function, images, steps):
 
 
 def _ours(args, weight_decay):
+  """Our model as a run builds it (`recipe.build_model`), random weights."""
   keras.utils.set_random_seed(0)
+  config = default_lib.get_config()
+  config.weights = None
+  config.image_size = args.image_size
+  config.global_batch_size = args.batch_size
+  config.weight_decay = weight_decay
+  config.precision = args.precision
+  config.jit_compile = args.jit_compile
+  # A constant learning rate of 0.01, as the plain-Keras baseline's.
+  plan = recipe.Plan(steps_per_epoch=1, total_steps=10**9, warmup_steps=0,
+                     peak_learning_rate=0.01, head_only_steps=0)
+  config.lr_schedule = 'step'
+  config.lr_boundary_fractions = (0.999999,)
   with args.strategy.scope():
-    model = models.create_model(_NUM_CLASSES, args.image_size, weights=None,
-                                weight_decay=weight_decay)
-    train.compile_model(
-        model, optimizers.create_optimizer('sgd', 0.01, momentum=0.9),
-        jit_compile=args.jit_compile)
-  return model
+    return recipe.build_model(config, _NUM_CLASSES, plan)
 
 
 def _plain_keras(args):
@@ -238,7 +245,7 @@ def run(args):
   # Inference: evaluate and the exported SavedModel against model.predict.
   with tempfile.TemporaryDirectory() as directory:
     export_dir = os.path.join(directory, 'export')
-    export.export_saved_model(ours, export_dir, size,
+    serving.export_saved_model(ours, export_dir, size,
                               [str(i) for i in range(_NUM_CLASSES)])
     serving = tf.saved_model.load(export_dir).signatures['serving_default']
     uint8_batch = tf.constant(images[:batch_size])

@@ -12,7 +12,7 @@ Experiment files in this folder are thin overrides of this one:
 The returned ConfigDict is locked, so a typo such as `--config.num_epoch=3` is
 an error rather than a silently ignored flag. Values that are derived (the
 learning rate actually used, steps per epoch, the total number of steps) are
-computed by `keras_sft.train` from these and logged at start.
+computed by `keras_sft.recipe.make_plan` from these and logged at start.
 """
 
 import ml_collections
@@ -149,6 +149,11 @@ def get_config():
   config.jit_compile = 'auto'
   # Train steps run inside one tf.function call (fewer host round trips).
   config.steps_per_execution = 1
+
+  # --- Progress ---------------------------------------------------------------
+  # Besides one line per epoch (and Keras' progress bar on a terminal), log
+  # step, loss, images/s and the ETA every this many steps.
+  config.log_every_steps = 100
 
   # --- Run bookkeeping ------------------------------------------------------
   # Seeds the shuffle order, augmentation and the head's initialization.

@@ -8,19 +8,30 @@ Library use, with your own `model.fit`:
     model = keras_sft.models.create_model(info.num_classes, 224,
                                           weight_decay=5e-5)
     ...
+
+Submodules are imported on first use (`keras_sft.models` loads TensorFlow
+then, not `import keras_sft`), so the command lines answer `--help` at once.
 """
 
-from keras_sft import batch_augment
-from keras_sft import checkpointing
-from keras_sft import classifier
-from keras_sft import distribution
-from keras_sft import export
-from keras_sft import hyperrule
-from keras_sft import input_pipeline
-from keras_sft import losses
-from keras_sft import models
-from keras_sft import optimizers
-from keras_sft import precision
-from keras_sft import train
+import importlib
 
 __version__ = '0.1.0'
+
+# Every submodule, reachable as an attribute of the package.
+_SUBMODULES = (
+    'batch_augment', 'batch_norm', 'checkpointing', 'classifier', 'cli',
+    'distribution', 'errors', 'evaluation', 'export', 'hyperrule',
+    'image_folder', 'input_pipeline', 'losses', 'models', 'multi_worker',
+    'optimizers', 'precision', 'predict', 'progress', 'recipe', 'serving',
+    'train', 'workdir')
+__all__ = list(_SUBMODULES)
+
+
+def __getattr__(name):
+  if name in _SUBMODULES:
+    return importlib.import_module(f'{__name__}.{name}')
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_SUBMODULES))

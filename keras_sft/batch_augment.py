@@ -26,6 +26,26 @@ stay class ids.
 import keras
 import tensorflow as tf
 
+from keras_sft import errors
+
+
+def check_config(config):
+  """Checks the batch augmentation keys of the config."""
+  _check(config.mixup_alpha, config.cutmix_alpha, config.randaugment_num_ops,
+         config.randaugment_magnitude)
+
+
+def _check(mixup_alpha, cutmix_alpha, randaugment_num_ops,
+           randaugment_magnitude):
+  errors.check_non_negative('mixup_alpha', mixup_alpha)
+  errors.check_fraction('cutmix_alpha', cutmix_alpha, upper_inclusive=True)
+  if not isinstance(randaugment_num_ops, int) or randaugment_num_ops < 0:
+    raise errors.ConfigError('randaugment_num_ops must be an integer >= 0. '
+                             'Received: randaugment_num_ops='
+                             f'{randaugment_num_ops!r}')
+  errors.check_fraction('randaugment_magnitude', randaugment_magnitude,
+                        upper_inclusive=True)
+
 
 class _BatchSeeds(keras.random.SeedGenerator):
   """A seed generator without state: seeds from a per-batch seed tensor.
@@ -87,15 +107,8 @@ def create_batch_augmenter(num_classes, *, mixup_alpha=0.0, cutmix_alpha=0.0,
     `augment(batch_index, images, labels) -> (images, labels)` for images
     float32 `[N, H, W, 3]` in [0, 255] and int labels `[N]`, or None.
   """
-  if mixup_alpha < 0 or not 0 <= cutmix_alpha <= 1:
-    raise ValueError('mixup_alpha must be >= 0 and cutmix_alpha in [0, 1]. '
-                     f'Received: mixup_alpha={mixup_alpha}, '
-                     f'cutmix_alpha={cutmix_alpha}')
-  if randaugment_num_ops < 0 or not 0 <= randaugment_magnitude <= 1:
-    raise ValueError(
-        'randaugment_num_ops must be >= 0 and randaugment_magnitude in '
-        f'[0, 1]. Received: randaugment_num_ops={randaugment_num_ops}, '
-        f'randaugment_magnitude={randaugment_magnitude}')
+  _check(mixup_alpha, cutmix_alpha, randaugment_num_ops,
+         randaugment_magnitude)
   layers = []  # (name, layer, its _BatchSeeds)
   if randaugment_num_ops and randaugment_magnitude:
     layer = keras.layers.RandAugment(

@@ -3,9 +3,8 @@
 Keras 3 computes BatchNormalization from separate ops (moments, then the
 normalization, each a pass over the activations, and more of them backward),
 where Keras 2 called TensorFlow's fused kernel (`FusedBatchNormV3`: oneDNN on
-CPUs, cuDNN on GPUs, also lowered by XLA). ResNet50 has 53 such layers:
-measured on this project's 2-core CPU (32px, batch 64, float32, interleaved
-repeats), a plain Keras ResNet50 trained 1.2x faster with the fused layer.
+CPUs, cuDNN on GPUs, also lowered by XLA). ResNet50 has 53 such layers, so
+the kernel matters for its step time (README "Performance").
 
 `BatchNormalization` here is Keras' layer with the same variables, config and
 arithmetic, where the fused kernel applies (4-D channels-last inputs, with

@@ -18,6 +18,7 @@ import re
 
 import keras
 
+from keras_sft import errors
 from keras_sft import workdir as workdir_lib
 
 _POINTER = 'checkpoint.json'
@@ -26,12 +27,23 @@ _BEST_POINTER = 'best.json'
 _PATTERN = re.compile(r'^ckpt-(\d+)\.weights\.h5$')
 
 
+def check_config(config):
+  """Checks the backup keys of the config."""
+  errors.check_positive('checkpoint_every_steps', config.checkpoint_every_steps)
+  errors.check_positive('keep_checkpoints', config.keep_checkpoints)
+
+
 def _fsync_path(path):
   descriptor = os.open(path, os.O_RDONLY)
   try:
     os.fsync(descriptor)
   finally:
     os.close(descriptor)
+
+
+def trained_steps(model):
+  """Training steps taken so far: the position of the input stream."""
+  return int(model.optimizer.iterations.numpy())
 
 
 class Checkpointer:
@@ -103,7 +115,7 @@ class Checkpointer:
     if not model.optimizer.built:
       model.optimizer.build(model.trainable_variables)
     model.load_weights(path)
-    restored = int(model.optimizer.iterations.numpy())
+    restored = trained_steps(model)
     if restored != step:
       raise ValueError(
           f'{path} holds optimizer step {restored}, but {_POINTER} says '
@@ -127,7 +139,7 @@ class BackupCallback(keras.callbacks.Callback):
     self._last_saved = None
 
   def _step(self):
-    return int(self.model.optimizer.iterations.numpy())
+    return trained_steps(self.model)
 
   def _save(self, logs):
     # Never replace a good backup with weights that went NaN.
@@ -193,5 +205,5 @@ class BestWeightsCallback(keras.callbacks.Callback):
         os.path.join(self.directory, _BEST_POINTER),
         json.dumps({'file': BEST_WEIGHTS, 'monitor': self.monitor,
                     'value': self._best,
-                    'step': int(self.model.optimizer.iterations.numpy())}))
+                    'step': trained_steps(self.model)}))
     _fsync_path(self.directory)

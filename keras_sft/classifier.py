@@ -18,7 +18,7 @@ in the optimizer throughout (backups restore across the boundary). For SGD,
 with or without momentum, a gradient multiplier is exactly a learning-rate
 multiplier (the λ·R gradient included, so frozen variables are not decayed).
 For Adam(W) it is not: Adam normalizes gradient scale away (a multiplier of 0
-still freezes, as long as no decoupled weight decay applies); `train.py`
+still freezes, as long as no decoupled weight decay applies); `check_config`
 refuses those combinations.
 """
 
@@ -26,6 +26,7 @@ import keras
 import tensorflow as tf
 from keras.src.losses import loss as loss_module
 
+from keras_sft import errors
 from keras_sft import losses
 
 # Layer types whose `kernel` is decayed.
@@ -60,6 +61,31 @@ def l2_penalty(variables):
   ])
 
 
+def check_config(config):
+  """Checks λ and the staged fine-tuning keys; builds nothing."""
+  errors.check_non_negative('weight_decay', config.weight_decay)
+  errors.check_non_negative('backbone_learning_rate_multiplier',
+                            config.backbone_learning_rate_multiplier)
+  if not (errors.is_number(config.head_only_epochs) and
+          0 <= config.head_only_epochs < config.num_epochs):
+    raise errors.ConfigError(
+        'head_only_epochs must be in [0, num_epochs). Received: '
+        f'head_only_epochs={config.head_only_epochs!r}, '
+        f'num_epochs={config.num_epochs!r}')
+  if config.optimizer == 'adamw' and (
+      config.backbone_learning_rate_multiplier != 1.0 or
+      (config.head_only_epochs and config.adamw_weight_decay)):
+    # A gradient multiplier is an LR multiplier for SGD only, and AdamW's
+    # decoupled decay would move a "frozen" backbone (see the module doc).
+    raise errors.ConfigError(
+        'optimizer="adamw" supports neither backbone_learning_rate_multiplier'
+        ' != 1 nor head_only_epochs with adamw_weight_decay > 0. Received: '
+        'backbone_learning_rate_multiplier='
+        f'{config.backbone_learning_rate_multiplier!r}, head_only_epochs='
+        f'{config.head_only_epochs!r}, adamw_weight_decay='
+        f'{config.adamw_weight_decay!r}. Use optimizer="sgd".')
+
+
 @keras.saving.register_keras_serializable(package='keras_sft')
 class Classifier(keras.Model):
   """Wraps a network and trains it on cross-entropy + λ·Σ‖w‖².
@@ -81,14 +107,9 @@ class Classifier(keras.Model):
   def __init__(self, network, weight_decay=0.0, backbone_multiplier=1.0,
                head_only_steps=0, head_layer='head', **kwargs):
     super().__init__(**kwargs)
-    if weight_decay < 0:
-      raise ValueError(
-          f'weight_decay must be >= 0. Received: weight_decay={weight_decay}')
-    if backbone_multiplier < 0 or head_only_steps < 0:
-      raise ValueError(
-          'backbone_multiplier and head_only_steps must be >= 0. Received: '
-          f'backbone_multiplier={backbone_multiplier}, '
-          f'head_only_steps={head_only_steps}')
+    errors.check_non_negative('weight_decay', weight_decay)
+    errors.check_non_negative('backbone_multiplier', backbone_multiplier)
+    errors.check_non_negative('head_only_steps', head_only_steps)
     self.network = network
     self.weight_decay = float(weight_decay)
     self.backbone_multiplier = float(backbone_multiplier)

@@ -16,12 +16,50 @@ import os
 
 import tensorflow as tf
 
+from keras_sft import errors
 from keras_sft import multi_worker
 
 STRATEGIES = ('auto', 'default', 'one_device', 'mirrored',
               'multi_worker_mirrored', 'tpu')
 # Device files of a TPU VM.
 _TPU_DEVICE_FILES = ('/dev/accel0', '/dev/vfio/0')
+
+
+def check_config(config):
+  """Checks the distribution and compilation keys; looks at no device."""
+  errors.check_choice('distribution', config.distribution, STRATEGIES)
+  errors.check_positive('startup_timeout_seconds',
+                        config.startup_timeout_seconds, optional=True)
+  errors.check_positive('collective_timeout_seconds',
+                        config.collective_timeout_seconds, optional=True)
+  parse_jit_compile(config.jit_compile)
+
+
+def parse_jit_compile(setting):
+  """'auto', True or False from a config value (also the strings)."""
+  # Looks at no device: TF must not initialize before a multi-worker strategy.
+  text = str(setting).lower()
+  if text == 'auto':
+    return 'auto'
+  if text in ('true', 'false'):
+    return text == 'true'
+  raise errors.ConfigError("jit_compile must be 'auto', True or False. "
+                           f'Received: jit_compile={setting!r}')
+
+
+def resolve_jit_compile(setting):
+  """`jit_compile` for `model.compile`: XLA per replica on GPUs and TPUs.
+
+  'auto' is True where an accelerator is present and False on CPUs, where XLA
+  made the step slower (README "Performance"). Unlike Keras' own 'auto', it
+  stays on under a `tf.distribute` strategy: each replica's step is
+  compiled.
+  """
+  setting = parse_jit_compile(setting)
+  if setting == 'auto':
+    return bool(tf.config.list_logical_devices('GPU') or
+                tf.config.list_logical_devices('TPU'))
+  return setting
 
 
 def read_tf_config(environ=None):
@@ -37,21 +75,25 @@ def read_tf_config(environ=None):
   try:
     tf_config = json.loads(text)
   except json.JSONDecodeError as error:
-    raise ValueError(f'TF_CONFIG is not valid JSON ({error}): '
-                     f'TF_CONFIG={text!r}') from error
+    raise errors.ConfigError(
+        f'TF_CONFIG is not valid JSON ({error}): '
+        f'TF_CONFIG={text!r}') from error
   cluster, task = tf_config.get('cluster'), tf_config.get('task')
   if not isinstance(cluster, dict) or not cluster:
-    raise ValueError('TF_CONFIG needs a "cluster" mapping job names to '
-                     f'host:port lists. Received: TF_CONFIG={text!r}')
+    raise errors.ConfigError(
+        'TF_CONFIG needs a "cluster" mapping job names to '
+        f'host:port lists. Received: TF_CONFIG={text!r}')
   if not isinstance(task, dict) or 'type' not in task or 'index' not in task:
-    raise ValueError('TF_CONFIG needs a "task" with "type" and "index". '
-                     f'Received: TF_CONFIG={text!r}')
+    raise errors.ConfigError(
+        'TF_CONFIG needs a "task" with "type" and "index". '
+        f'Received: TF_CONFIG={text!r}')
   hosts = cluster.get(task['type'])
   if not hosts:
-    raise ValueError(f'TF_CONFIG task type {task["type"]!r} is not in its '
-                     f'cluster {sorted(cluster)}. Received: TF_CONFIG={text!r}')
+    raise errors.ConfigError(
+        f'TF_CONFIG task type {task["type"]!r} is not in its '
+        f'cluster {sorted(cluster)}. Received: TF_CONFIG={text!r}')
   if not isinstance(task['index'], int) or not 0 <= task['index'] < len(hosts):
-    raise ValueError(
+    raise errors.ConfigError(
         f'TF_CONFIG task index {task["index"]!r} is out of range for the '
         f'{len(hosts)} {task["type"]!r} host(s) {hosts}. Received: '
         f'TF_CONFIG={text!r}')
@@ -99,9 +141,7 @@ def create_strategy(name, startup_timeout_seconds=300,
     ValueError: an unknown name, or a bad TF_CONFIG.
     TimeoutError: a peer did not start within `startup_timeout_seconds`.
   """
-  if name not in STRATEGIES:
-    raise ValueError(f'Unknown distribution: distribution={name!r}. '
-                     f'Expected one of {STRATEGIES}.')
+  errors.check_choice('distribution', name, STRATEGIES)
   if name == 'auto':
     name = resolve_auto()
     logging.info('distribution=auto chose %r.', name)
@@ -126,7 +166,7 @@ def _multi_worker_strategy(startup_timeout_seconds,
                            collective_timeout_seconds):
   tf_config = read_tf_config()
   if tf_config is None:
-    raise ValueError(
+    raise errors.ConfigError(
         'distribution=multi_worker_mirrored needs $TF_CONFIG naming every '
         'worker (see launch/multi_machine.sh).')
   multi_worker.wait_for_peers(_own_host(tf_config),
@@ -173,13 +213,9 @@ def check_global_batch_size(global_batch_size, strategy):
   """Returns the per-replica batch, or raises if it would not be whole."""
   num_replicas = strategy.num_replicas_in_sync
   if global_batch_size <= 0 or global_batch_size % num_replicas:
-    raise ValueError(
+    raise errors.ConfigError(
         f'global_batch_size={global_batch_size} must be a positive multiple '
         f'of the {num_replicas} replicas in sync, e.g. '
         f'--config.global_batch_size='
         f'{num_replicas * max(1, global_batch_size // num_replicas)}.')
-  per_replica = global_batch_size // num_replicas
-  logging.info('Strategy %s (%s): %d replica(s), %d images per replica per '
-               'step.', type(strategy).__name__, task_name(strategy),
-               num_replicas, per_replica)
-  return per_replica
+  return global_batch_size // num_replicas

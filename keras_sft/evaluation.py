@@ -28,9 +28,6 @@ import tensorflow as tf
 
 from keras_sft import workdir as workdir_lib
 
-CONFUSION_MATRIX_PNG = 'confusion_matrix.png'
-CURVES_PNG = 'curves.png'
-HISTORY_CSV = 'history.csv'
 # Above this many classes, the confusion matrix PNG has no numbers in cells.
 _MAX_ANNOTATED_CLASSES = 20
 # Above this many classes, it has no class names on the axes either.
@@ -224,25 +221,24 @@ def write_report(model, eval_data, class_names, workdir, steps=None,
   Returns:
     The report dict of `compute_report`.
   """
+  run = workdir_lib.Workdir(workdir)
   labels, logits = predict(model, eval_data, steps)
   report = compute_report(labels, logits, class_names)
   png = plot_confusion_matrix(report['confusion_matrix'], class_names,
                               title=f'Confusion matrix at step {step}')
-  workdir_lib.atomic_write(os.path.join(workdir, CONFUSION_MATRIX_PNG), png)
+  workdir_lib.atomic_write(run.confusion_matrix_png, png)
   writer = tf.summary.create_file_writer(
-      os.path.join(workdir, 'tensorboard', 'report'))
+      os.path.join(run.tensorboard, 'report'))
   with writer.as_default():
     image = tf.image.decode_png(png, channels=4)[tf.newaxis]
     tf.summary.image('confusion_matrix', image, step=step)
   writer.close()
-  history_path = os.path.join(workdir, HISTORY_CSV)
-  if os.path.exists(history_path):
-    history = read_history(history_path)
+  if os.path.exists(run.history_csv):
+    history = read_history(run.history_csv)
     if history['epoch']:
-      workdir_lib.atomic_write(os.path.join(workdir, CURVES_PNG),
-                               plot_curves(history))
+      workdir_lib.atomic_write(run.curves_png, plot_curves(history))
   else:
-    logging.info('No %s: no curves plotted.', history_path)
+    logging.info('No %s: no curves plotted.', run.history_csv)
   logging.info('Report: top-1 %.4f, top-5 %.4f on %d images; per class: %s',
                report['top1'], report['top5'], report['num_examples'],
                report['per_class_accuracy'])

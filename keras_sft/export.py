@@ -1,364 +1,65 @@
-"""SavedModel export for TF Serving, loadable without keras_sft installed.
+r"""Command line: export a run as a SavedModel for TF Serving.
 
-Layout (what TF Serving watches): `<export_base>/<version>/saved_model.pb`
-plus `variables/`, with integer versions. `export_version` writes the next
-version into a hidden temporary directory and renames it into place, so TF
-Serving never sees a half-written version and no version is ever overwritten.
+    python -m keras_sft.export --workdir=workdirs/cifar10_resnet50
 
-The SavedModel holds each weight once (Keras' own `model.export` stores every
-weight twice, keras-team/keras#23553), no optimizer state, and the whole eval
-preprocessing (`input_pipeline.preprocess_for_eval`). Two signatures:
+Writes `<workdir>/export/<next version>/` (or under --export_base) from the
+run's best checkpoint (`checkpoints/best.weights.h5`, highest val_accuracy),
+or its last backup with --checkpoint=last or when the run has no best one.
+Prints the path of the new version. Existing versions are never replaced.
+The library behind it is `keras_sft.serving`.
 
-- `serving_default(images)`: uint8 RGB images `[N, H, W, 3]` of any size.
-- `serve_image_bytes(image_bytes)`: `[N]` encoded JPEG or PNG strings of
-  mixed sizes; grayscale and RGBA are converted to RGB. Bytes that are not a
-  JPEG or PNG image fail the call with an InvalidArgumentError naming the
-  input (`image_bytes[i] is not a JPEG or PNG image ...`).
-
-Both return `logits` `[N, C]`, `probabilities` `[N, C]`, `class_ids` `[N]`,
-`class_names` `[N]`, and the k most probable classes: `top_k_class_ids`,
-`top_k_class_names`, `top_k_probabilities`, each `[N, k]` with
-k = min(top_k, C).
-
-Each version also holds `assets.extra/tf_serving_warmup_requests`, one
-request per signature, which TF Serving replays when it loads the version.
+Flags are defined when the command runs, not on import, so that this module
+and `keras_sft.main` (which defines --workdir too) can share a process.
 """
 
-import errno
-import json
-import logging
-import os
-import shutil
-import tempfile
+import warnings
 
-import tensorflow as tf
+from absl import flags
 
-from keras_sft import input_pipeline
-
-# Files a run directory holds that the export reads (see `train.py`).
-DATASET_FILE = 'dataset.json'
-# TF Serving's warm-up file, in `<version>/assets.extra/`.
-WARMUP_FILE = 'tf_serving_warmup_requests'
-
-_JPEG_MAGIC = b'\xff\xd8\xff'
-_PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+from keras_sft import cli
 
 
-class _ServingModule(tf.Module):
-  """Tracks the model's variables once and serves it in `tf.function`s."""
-
-  def __init__(self, model, image_size, class_names, top_k):
-    super().__init__(name='serving')
-    # The raw tf.Variables, tracked once. The Keras model itself must not be
-    # an attribute: tracking it would store every weight a second time (and
-    # a compiled model's optimizer state with it).
-    self.model_variables = [variable.value for variable in model.variables]
-    self._class_names = tf.constant(list(class_names), dtype=tf.string)
-    self._image_size = image_size
-    self._top_k = min(top_k, len(class_names))
-    self._call = lambda images: model(images, training=False)
-
-  def _outputs(self, images):
-    """Runs the model on float32 `[N, S, S, 3]` images in [0, 255]."""
-    logits = tf.cast(self._call(images), tf.float32)
-    probabilities = tf.nn.softmax(logits, axis=-1)
-    class_ids = tf.argmax(logits, axis=-1, output_type=tf.int64)
-    top_k = tf.math.top_k(probabilities, k=self._top_k)
-    top_k_ids = tf.cast(top_k.indices, tf.int64)
-    return {
-        'logits': logits,
-        'probabilities': probabilities,
-        'class_ids': class_ids,
-        'class_names': tf.gather(self._class_names, class_ids),
-        'top_k_class_ids': top_k_ids,
-        'top_k_class_names': tf.gather(self._class_names, top_k_ids),
-        'top_k_probabilities': top_k.values,
-    }
-
-  @tf.function(input_signature=[
-      tf.TensorSpec([None, None, None, 3], tf.uint8, name='images')])
-  def serve_images(self, images):
-    return self._outputs(
-        input_pipeline.preprocess_for_eval(images, self._image_size))
-
-  @tf.function(input_signature=[
-      tf.TensorSpec([None], tf.string, name='image_bytes')])
-  def serve_image_bytes(self, image_bytes):
-    indices = tf.range(tf.shape(image_bytes, out_type=tf.int64)[0])
-    images = tf.map_fn(
-        self._decode, (image_bytes, indices),
-        fn_output_signature=tf.TensorSpec(
-            [self._image_size, self._image_size, 3], tf.float32))
-    return self._outputs(images)
-
-  def _decode(self, element):
-    """One encoded image → `[S, S, 3]` float32, as the eval pipeline does."""
-    data, index = element
-    is_image = tf.logical_or(
-        tf.equal(tf.strings.substr(data, 0, len(_JPEG_MAGIC)), _JPEG_MAGIC),
-        tf.equal(tf.strings.substr(data, 0, len(_PNG_MAGIC)), _PNG_MAGIC))
-    message = tf.strings.format(
-        'image_bytes[{}] is not a JPEG or PNG image: it holds {} bytes '
-        'starting with {}', [index, tf.strings.length(data),
-                             tf.strings.substr(data, 0, 8)])
-    check = tf.debugging.Assert(is_image, [message])
-    with tf.control_dependencies([check]):
-      image = tf.io.decode_image(data, channels=3, dtype=tf.uint8,
-                                 expand_animations=False)
-    image.set_shape([None, None, 3])
-    return input_pipeline.preprocess_for_eval(image, self._image_size)
+def _define_flags():
+  flags.DEFINE_string('workdir', None, 'Directory of the run.')
+  flags.DEFINE_enum(
+      'checkpoint', 'best', ['best', 'last'],
+      'best: the epoch with the highest val_accuracy (falls back to the last '
+      'backup); last: the newest backup.')
+  flags.DEFINE_string('export_base', None,
+                      'Where versions go. Default: <workdir>/export.')
+  flags.DEFINE_integer(
+      'top_k', None, "Classes in the top-k outputs. Default: the run's "
+      'config.export_top_k.')
+  flags.mark_flag_as_required('workdir')
 
 
-def _varint(value):
-  encoded = bytearray()
-  while True:
-    byte, value = value & 0x7f, value >> 7
-    encoded.append(byte | (0x80 if value else 0))
-    if not value:
-      return bytes(encoded)
+def main(argv):
+  cli.check_no_arguments(argv)
+  # Imported here so that `--help` and flag errors do not wait for TF.
+  from keras_sft import serving  # pylint: disable=g-import-not-at-top
+  values = flags.FLAGS
+  _, path = serving.export_run(values.workdir, checkpoint=values.checkpoint,
+                               export_base=values.export_base,
+                               top_k=values.top_k)
+  print(path)
 
 
-def _field(number, payload):
-  """A length-delimited protobuf field (wire type 2)."""
-  return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+def run():
+  """Entry point of `python -m keras_sft.export` and `keras-sft-export`."""
+  _define_flags()
+  cli.run(main)
 
 
-def warmup_record(signature_name, input_name, value):
-  """A serialized `tensorflow.serving.PredictionLog` with one PredictRequest.
-
-  Encoded by hand (field numbers of tensorflow_serving/apis/*.proto:
-  PredictionLog.predict_log = 6, PredictLog.request = 1,
-  PredictRequest.model_spec = 1 and .inputs = 2, ModelSpec.signature_name =
-  3), so the export needs no tensorflow-serving-api package.
-  """
-  tensor = tf.make_tensor_proto(value).SerializeToString()
-  inputs_entry = _field(1, input_name.encode()) + _field(2, tensor)
-  request = (_field(1, _field(3, signature_name.encode())) +
-             _field(2, inputs_entry))
-  return _field(6, _field(1, request))
+def __getattr__(name):
+  # keras-sft 0.1 kept the SavedModel library here; it is keras_sft.serving.
+  from keras_sft import serving  # pylint: disable=g-import-not-at-top
+  if hasattr(serving, name):
+    warnings.warn(f'keras_sft.export.{name} moved to keras_sft.serving.{name}'
+                  '; the old name goes in the next release.',
+                  DeprecationWarning, stacklevel=2)
+    return getattr(serving, name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
-def _write_warmup_requests(export_dir, image_size):
-  """TF Serving replays these at load, so the first real request is fast."""
-  directory = os.path.join(export_dir, 'assets.extra')
-  os.makedirs(directory, exist_ok=True)
-  image = tf.zeros([image_size, image_size, 3], tf.uint8)
-  with tf.io.TFRecordWriter(
-      os.path.join(directory, WARMUP_FILE)) as writer:
-    writer.write(warmup_record('serving_default', 'images', image[None]))
-    writer.write(warmup_record('serve_image_bytes', 'image_bytes',
-                               [tf.io.encode_png(image).numpy()]))
-
-
-def _save(model, export_dir, image_size, class_names, top_k):
-  if not class_names:
-    raise ValueError(f'class_names must not be empty. Received: '
-                     f'class_names={class_names!r}')
-  if top_k < 1:
-    raise ValueError(f'top_k must be >= 1. Received: top_k={top_k!r}')
-  module = _ServingModule(model, image_size, class_names, top_k)
-  tf.saved_model.save(
-      module, export_dir,
-      signatures={
-          'serving_default': module.serve_images,
-          'serve_image_bytes': module.serve_image_bytes,
-      })
-  _write_warmup_requests(export_dir, image_size)
-
-
-def export_saved_model(model, export_dir, image_size, class_names, top_k=5):
-  """Writes a SavedModel of `model` to `export_dir` (no version directory).
-
-  Use `export_version` for the layout TF Serving watches.
-
-  Args:
-    model: A Keras model mapping float32 `[N, S, S, 3]` images in [0, 255] to
-      logits.
-    export_dir: Output directory; replaced atomically if it exists.
-    image_size: S, the side the model expects.
-    class_names: One name per class id.
-    top_k: How many of the most probable classes the signatures return.
-
-  Returns:
-    `export_dir`.
-  """
-  temporary = export_dir.rstrip('/') + '.tmp'
-  if tf.io.gfile.exists(temporary):
-    tf.io.gfile.rmtree(temporary)
-  _save(model, temporary, image_size, class_names, top_k)
-  if tf.io.gfile.exists(export_dir):
-    tf.io.gfile.rmtree(export_dir)
-  os.replace(temporary, export_dir)
-  logging.info('Exported a SavedModel to %s.', export_dir)
-  return export_dir
-
-
-def list_versions(export_base):
-  """Returns the sorted integer versions under `export_base` ([] if none)."""
-  if not os.path.isdir(export_base):
-    return []
-  return sorted(
-      int(name) for name in os.listdir(export_base)
-      if name.isdigit() and os.path.isdir(os.path.join(export_base, name)))
-
-
-def latest_version_dir(export_base):
-  """Returns `<export_base>/<newest version>`.
-
-  Raises:
-    FileNotFoundError: `export_base` holds no version.
-  """
-  versions = list_versions(export_base)
-  if not versions:
-    raise FileNotFoundError(
-        f'No SavedModel version (an integer directory) in '
-        f'export_base={export_base!r}.')
-  return os.path.join(export_base, str(versions[-1]))
-
-
-def export_version(model, export_base, image_size, class_names, top_k=5):
-  """Writes `<export_base>/<next version>/`, the layout TF Serving loads.
-
-  The version is one more than the largest there (1 for the first). The
-  SavedModel is written to a hidden temporary directory (TF Serving ignores
-  names that are not integers) and renamed into place; an existing version
-  is never replaced.
-
-  Args:
-    model: A Keras model mapping float32 `[N, S, S, 3]` images in [0, 255] to
-      logits.
-    export_base: The directory TF Serving's `--model_base_path` points at.
-    image_size: S, the side the model expects.
-    class_names: One name per class id.
-    top_k: How many of the most probable classes the signatures return.
-
-  Returns:
-    `(version, path)` of the new version.
-  """
-  os.makedirs(export_base, exist_ok=True)
-  temporary = tempfile.mkdtemp(prefix='.tmp-', dir=export_base)
-  try:
-    _save(model, temporary, image_size, class_names, top_k)
-    while True:
-      version = (list_versions(export_base) or [0])[-1] + 1
-      path = os.path.join(export_base, str(version))
-      try:
-        # Fails if another writer took this version meanwhile; then retry.
-        os.rename(temporary, path)
-        break
-      except OSError as error:
-        if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-          raise
-  except BaseException:
-    shutil.rmtree(temporary, ignore_errors=True)
-    raise
-  logging.info('Exported SavedModel version %d to %s.', version, path)
-  return version, path
-
-
-def _read_json(path):
-  with open(path) as file:
-    return json.load(file)
-
-
-def class_names_of_run(workdir, config):
-  """Class names of the run in `workdir`.
-
-  Read from `<workdir>/dataset.json` (written by `train.py`); for runs
-  without one, from the tfds dataset info (which needs the prepared data).
-  """
-  path = os.path.join(workdir, DATASET_FILE)
-  if os.path.exists(path):
-    return list(_read_json(path)['class_names'])
-  builder = input_pipeline.get_builder(config['dataset'],
-                                       data_dir=config['data_dir'])
-  label = builder.info.features['label']
-  names = getattr(label, 'names', None)
-  if names and len(names) == label.num_classes:
-    return list(names)
-  return [str(i) for i in range(label.num_classes)]
-
-
-def restore_run_model(workdir, checkpoint='best'):
-  """Rebuilds the model of the run in `workdir` with its trained weights.
-
-  Args:
-    workdir: A run directory (`config.json`, `checkpoints/`).
-    checkpoint: 'best' (`checkpoints/best.weights.h5`, the highest
-      val_accuracy; the last backup when the run has none) or 'last'.
-
-  Returns:
-    `(model, config, class_names, weights_path)`.
-  """
-  # Imported here: train imports this module to export at the end of a run.
-  from keras_sft import checkpointing  # pylint: disable=g-import-not-at-top
-  from keras_sft import models  # pylint: disable=g-import-not-at-top
-  from keras_sft import optimizers  # pylint: disable=g-import-not-at-top
-  from keras_sft import train  # pylint: disable=g-import-not-at-top
-  if checkpoint not in ('best', 'last'):
-    raise ValueError(f'checkpoint must be "best" or "last". Received: '
-                     f'checkpoint={checkpoint!r}')
-  config_path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f'{config_path} does not exist: workdir='
-                            f'{workdir!r} is not a keras_sft run.')
-  config = _read_json(config_path)
-  class_names = class_names_of_run(workdir, config)
-  directory = os.path.join(workdir, 'checkpoints')
-  best = os.path.join(directory, checkpointing.BEST_WEIGHTS)
-  if checkpoint == 'best' and os.path.exists(best):
-    path = best
-  else:
-    latest = checkpointing.Checkpointer(directory).latest()
-    if latest is None:
-      raise FileNotFoundError(f'No checkpoint in {directory}.')
-    path = latest[0]
-  # The recipe keys shape the trainable set and the optimizer's slots, so
-  # they must match the run's for its backup to load (older runs lack them).
-  from keras_sft import precision  # pylint: disable=g-import-not-at-top
-  policy = precision.resolve_policy(config.get('precision', 'float32'))
-  ema_momentum = config.get('ema_momentum')
-  with precision.global_policy(policy):
-    model = models.create_model(
-        len(class_names), config['image_size'], weights=None,
-        dropout_rate=config['dropout_rate'],
-        batch_norm=config.get('batch_norm', 'trained'),
-        freeze_until_stage=config.get('freeze_until'))
-    # The backups hold optimizer state too; an optimizer of the same kind
-    # (and a schedule, as in training, so no learning-rate variable) gives it
-    # somewhere to go. None of it is exported.
-    optimizer = optimizers.create_optimizer(
-        config['optimizer'], optimizers.create_schedule(0.0, total_steps=1),
-        momentum=config['momentum'],
-        nesterov=config['nesterov'],
-        adamw_weight_decay=config['adamw_weight_decay'],
-        ema_momentum=ema_momentum)
-    train.compile_model(model, optimizer)
-    train.build(model, config['image_size'])
-    model.optimizer.build(model.trainable_variables)
-  model.load_weights(path)
-  if ema_momentum is not None:
-    # Export the moving averages, as the end of training does.
-    model.optimizer.finalize_variable_values(model.trainable_weights)
-  logging.info('Restored %s.', path)
-  return model, config, class_names, path
-
-
-def export_run(workdir, checkpoint='best', export_base=None, top_k=None):
-  """Exports the next SavedModel version of the run in `workdir`.
-
-  Args:
-    workdir: A run directory.
-    checkpoint: 'best' or 'last'; see `restore_run_model`.
-    export_base: Where versions go; default `<workdir>/export`.
-    top_k: Classes in the top-k outputs; default the run's
-      `config.export_top_k` (5 if the run's config has none).
-
-  Returns:
-    `(version, path)` of the new version.
-  """
-  model, config, class_names, _ = restore_run_model(workdir, checkpoint)
-  if top_k is None:
-    top_k = config.get('export_top_k', 5)
-  return export_version(model, export_base or os.path.join(workdir, 'export'),
-                        config['image_size'], class_names, top_k=top_k)
+if __name__ == '__main__':
+  run()

@@ -19,9 +19,8 @@ Both pipelines keep a deterministic order on purpose, although tf.data could
 trade it for throughput: a resumed run must skip exactly the batches it has
 seen, and multi-worker DATA sharding (`_shard_by_data`) needs every worker to
 see the same order to split it. Throughput comes instead from the parallel
-map, caching decoded images, and prefetching: `benchmarks/run.py` measured
-the train pipeline at 12,300 images/s, 75x the 32px ResNet50 training step
-(batch 128), on 2 CPU cores (2026-11-30).
+map, caching decoded images, and prefetching (`benchmarks/run.py` measures
+the pipeline against the training step; README "Performance").
 """
 
 import dataclasses
@@ -36,6 +35,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import downloader as tfds_downloader
 
 from keras_sft import batch_augment
+from keras_sft import errors
 from keras_sft import image_folder
 
 # ImageNet-style resize-and-crop keeps this fraction of the resized image.
@@ -67,8 +67,75 @@ class DatasetInfo:
   num_eval_examples: int
 
 
-class DatasetUnavailableError(RuntimeError):
+class DatasetUnavailableError(errors.UnavailableError):
   """The dataset is neither prepared locally nor downloadable."""
+
+
+def check_config(config):
+  """Checks the data keys of the config; reads no data."""
+  if not isinstance(config.dataset, str) or not config.dataset.strip():
+    raise errors.ConfigError('dataset must be a tfds name or folder:PATH. '
+                             f'Received: dataset={config.dataset!r}')
+  errors.check_positive('image_size', config.image_size)
+  errors.check_positive('global_batch_size', config.global_batch_size)
+  errors.check_positive('shuffle_buffer_size', config.shuffle_buffer_size)
+  errors.check_fraction('validation_fraction', config.validation_fraction)
+  errors.check_positive('resize_size', config.resize_size, optional=True)
+  if config.resize_size is not None and config.resize_size < config.image_size:
+    raise errors.ConfigError(
+        'resize_size must be None or >= image_size. Received: '
+        f'resize_size={config.resize_size!r}, image_size={config.image_size!r}')
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """A run's datasets: the training stream can restart at any step.
+
+  Attributes:
+    info: The `DatasetInfo`.
+    eval: The finite eval dataset of batches.
+    train_examples: Decoded `(image, label)` training examples.
+    train_options: Keyword arguments of `make_train_dataset`.
+  """
+  info: 'DatasetInfo'
+  eval: tf.data.Dataset
+  train_examples: tf.data.Dataset
+  train_options: dict
+
+  def train(self, start_step=0):
+    """The infinite training stream, from batch `start_step` on."""
+    return make_train_dataset(self.train_examples, start_step=start_step,
+                              **self.train_options)
+
+
+def from_config(config):
+  """Loads the config's dataset; returns a `Data`.
+
+  Reads and checks the data (a folder's every file is decoded once), so bad
+  data fails here, before any model is built.
+  """
+  train_examples, eval_examples, info = load_examples(
+      config.dataset, train_split=config.train_split,
+      eval_split=config.eval_split, data_dir=config.data_dir,
+      seed=config.seed, validation_fraction=config.validation_fraction,
+      skip_corrupt_images=config.skip_corrupt_images,
+      global_batch_size=config.global_batch_size)
+  augmenter = batch_augment.create_batch_augmenter(
+      info.num_classes, seed=config.seed, mixup_alpha=config.mixup_alpha,
+      cutmix_alpha=config.cutmix_alpha,
+      randaugment_num_ops=config.randaugment_num_ops,
+      randaugment_magnitude=config.randaugment_magnitude)
+  return Data(
+      info=info,
+      eval=make_eval_dataset(eval_examples, image_size=config.image_size,
+                             global_batch_size=config.global_batch_size,
+                             cache=config.cache),
+      train_examples=train_examples,
+      train_options=dict(
+          image_size=config.image_size,
+          global_batch_size=config.global_batch_size, seed=config.seed,
+          shuffle_buffer_size=config.shuffle_buffer_size, cache=config.cache,
+          batch_augmenter=augmenter, resize_size=config.resize_size))
 
 
 def _offline_help(name, data_dir):
@@ -100,7 +167,7 @@ def get_builder(name, data_dir=None):
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as error:
-    raise ValueError(
+    raise errors.ConfigError(
         f'Unknown tfds dataset: dataset={name!r}. See '
         'tfds.list_builders() for names.') from error
   # Offline, tfds retries a failed download for minutes; a couple of quick
@@ -114,8 +181,11 @@ def get_builder(name, data_dir=None):
   return builder
 
 
-def _class_names(builder, num_classes):
+def class_names(builder):
+  """The class names of a tfds builder's `label` feature ('0', '1', ...
+  when it has none)."""
   label = builder.info.features['label']
+  num_classes = label.num_classes
   names = getattr(label, 'names', None)
   if names and len(names) == num_classes:
     return tuple(names)
@@ -132,9 +202,9 @@ def _read_split(builder, split, shuffle_files, seed):
 def _num_examples(dataset, split):
   count = int(dataset.cardinality())
   if count < 0:
-    raise ValueError(f'The size of split {split!r} is unknown to tfds.')
+    raise errors.DataError(f'The size of split {split!r} is unknown to tfds.')
   if count == 0:
-    raise ValueError(f'Split {split!r} holds no examples.')
+    raise errors.DataError(f'Split {split!r} holds no examples.')
   return count
 
 
@@ -246,19 +316,48 @@ def create_datasets(dataset='cifar10',
     `(train_dataset, eval_dataset, info)`: an infinite training dataset of
     `(images, labels)` batches, a finite eval dataset and a `DatasetInfo`.
   """
-  if image_size <= 0 or global_batch_size <= 0:
-    raise ValueError(
-        'image_size and global_batch_size must be positive. Received: '
-        f'image_size={image_size}, global_batch_size={global_batch_size}')
+  errors.check_positive('image_size', image_size)
+  errors.check_positive('global_batch_size', global_batch_size)
+  train_examples, eval_examples, info = load_examples(
+      dataset, train_split=train_split, eval_split=eval_split,
+      data_dir=data_dir, seed=seed, validation_fraction=validation_fraction,
+      skip_corrupt_images=skip_corrupt_images,
+      global_batch_size=global_batch_size)
+  augmenter = batch_augment.create_batch_augmenter(
+      info.num_classes, seed=seed, **(batch_augmentation or {}))
+  train = make_train_dataset(
+      train_examples, image_size=image_size,
+      global_batch_size=global_batch_size, seed=seed,
+      shuffle_buffer_size=shuffle_buffer_size, cache=cache,
+      start_step=start_step, batch_augmenter=augmenter,
+      resize_size=resize_size)
+  evaluation = make_eval_dataset(
+      eval_examples, image_size=image_size,
+      global_batch_size=global_batch_size, cache=cache)
+  return train, evaluation, info
+
+
+def load_examples(dataset, *, train_split='train', eval_split='test',
+                  data_dir=None, seed=0, validation_fraction=0.0,
+                  skip_corrupt_images=False, global_batch_size=1):
+  """Reads a tfds dataset or an image folder as decoded examples.
+
+  Args: as `create_datasets`; `global_batch_size` only checks that the train
+    split holds at least one batch.
+
+  Returns:
+    `(train_examples, eval_examples, info)`: datasets of `(image uint8
+    [H, W, 3], label int64)` and a `DatasetInfo`.
+  """
   if image_folder.is_folder_dataset(dataset):
-    (train_data, eval_data, class_names, num_train,
+    (train_data, eval_data, names, num_train,
      num_eval) = image_folder.load(
          dataset, train_split=train_split, eval_split=eval_split,
          validation_fraction=validation_fraction,
          skip_corrupt_images=skip_corrupt_images, seed=seed)
   else:
     if validation_fraction:
-      raise ValueError(
+      raise errors.ConfigError(
           f'validation_fraction={validation_fraction} is for image folders. '
           f'For the tfds dataset {dataset!r} use split slices instead, e.g. '
           'train_split="train[:90%]" and eval_split="train[90%:]".')
@@ -269,31 +368,19 @@ def create_datasets(dataset='cifar10',
                             seed=seed)
     num_train = _num_examples(train_data, train_split)
     num_eval = _num_examples(eval_data, eval_split)
-    class_names = _class_names(
-        builder, builder.info.features['label'].num_classes)
+    names = class_names(builder)
   if num_train < global_batch_size:
-    raise ValueError(
+    raise errors.DataError(
         f'The train split {train_split!r} has {num_train} examples, fewer '
         f'than one global batch (global_batch_size={global_batch_size}).')
-  num_classes = len(class_names)
   info = DatasetInfo(
-      num_classes=num_classes,
-      class_names=class_names,
+      num_classes=len(names),
+      class_names=tuple(names),
       num_train_examples=num_train,
       num_eval_examples=num_eval)
   logging.info('Dataset %s: %d train / %d eval examples, %d classes.',
-               dataset, num_train, num_eval, num_classes)
-  augmenter = batch_augment.create_batch_augmenter(
-      num_classes, seed=seed, **(batch_augmentation or {}))
-  train = make_train_dataset(
-      train_data, image_size=image_size, global_batch_size=global_batch_size,
-      seed=seed, shuffle_buffer_size=shuffle_buffer_size, cache=cache,
-      start_step=start_step, batch_augmenter=augmenter,
-      resize_size=resize_size)
-  evaluation = make_eval_dataset(
-      eval_data, image_size=image_size, global_batch_size=global_batch_size,
-      cache=cache)
-  return train, evaluation, info
+               dataset, num_train, num_eval, info.num_classes)
+  return train_data, eval_data, info
 
 
 def _shard_by_data(dataset):

@@ -14,6 +14,13 @@ argmax of soft labels, the ids themselves otherwise.
 import keras
 import tensorflow as tf
 
+from keras_sft import errors
+
+
+def check_config(config):
+  """Checks the loss keys of the config."""
+  errors.check_fraction('label_smoothing', config.label_smoothing)
+
 
 @keras.saving.register_keras_serializable(package='keras_sft')
 class CrossEntropy(keras.losses.Loss):
@@ -26,9 +33,7 @@ class CrossEntropy(keras.losses.Loss):
 
   def __init__(self, label_smoothing=0.0, name='cross_entropy', **kwargs):
     super().__init__(name=name, **kwargs)
-    if not 0.0 <= label_smoothing < 1.0:
-      raise ValueError('label_smoothing must be in [0, 1). Received: '
-                       f'label_smoothing={label_smoothing}')
+    errors.check_fraction('label_smoothing', label_smoothing)
     self.label_smoothing = float(label_smoothing)
 
   def call(self, y_true, y_pred):

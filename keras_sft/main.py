@@ -7,19 +7,19 @@ Any config value can be overridden (`--config.num_epochs=3`); unknown keys are
 errors. Rerunning the same command resumes the run in --workdir.
 `--mode=evaluate` evaluates the run's newest backup without training.
 
-Flags live only in entry modules (this one, `export_main`, `predict`); the
-library takes `(config, workdir)` or explicit arguments.
+Flags live only in entry modules (this one, `export`, `predict`); the library
+takes `(config, workdir)` or explicit arguments. A mistake in the input ends
+with one `error: ...` line (see `keras_sft.cli`).
 """
 
 import os
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from keras_sft import train
+from keras_sft import cli
 
 # Config files import their siblings as `configs.<name>`, as in the flax
 # examples; resolve those from the directory the command runs in, also when
@@ -41,18 +41,20 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.info('Config:\n%s', _CONFIG.value)
+  cli.check_no_arguments(argv)
+  config = cli.loaded_config(_CONFIG)
+  # Imported here so that `--help` and flag errors do not wait for TF.
+  from keras_sft import train  # pylint: disable=g-import-not-at-top
+  logging.info('Config:\n%s', config)
   if _MODE.value == 'evaluate':
-    train.evaluate(_CONFIG.value, _WORKDIR.value)
+    train.evaluate(config, _WORKDIR.value)
   else:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train.train_and_evaluate(config, _WORKDIR.value)
 
 
 def run():
   """Entry point of the `keras-sft-train` console script."""
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == '__main__':

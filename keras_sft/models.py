@@ -4,7 +4,8 @@ The network takes RGB images with values in [0, 255] (uint8 or float) and
 applies ResNet50's own preprocessing inside the graph, so training, evaluation
 and the serving export all feed the backbone what its weights expect. Its
 BatchNormalization layers run TensorFlow's fused kernel
-(`keras_sft.batch_norm`), with Keras' weights and arithmetic.
+(`keras_sft.batch_norm`), with Keras' weights and arithmetic, except under
+`batch_norm='synchronized'`, where Keras' own cross-replica computation runs.
 """
 
 import logging
@@ -14,6 +15,7 @@ import keras
 
 from keras_sft import batch_norm as batch_norm_module
 from keras_sft import classifier
+from keras_sft import errors
 
 # The file Keras downloads for `ResNet50(include_top=False, weights=
 # 'imagenet')` and looks for first in $KERAS_HOME/models/.
@@ -26,8 +28,21 @@ BATCH_NORM_POLICIES = ('trained', 'frozen', 'synchronized')
 STAGES = ('conv1', 'conv2', 'conv3', 'conv4', 'conv5')
 
 
-class WeightsUnavailableError(RuntimeError):
+# The first bytes of every HDF5 file (Keras' .h5 and .weights.h5 formats).
+_HDF5_SIGNATURE = b'\x89HDF\r\n\x1a\n'
+
+
+class WeightsUnavailableError(errors.UnavailableError):
   """ImageNet weights are neither cached locally nor downloadable."""
+
+
+def check_config(config):
+  """Checks the model keys of the config; reads the weights file's header."""
+  resolve_weights(config.weights)
+  errors.check_fraction('dropout_rate', config.dropout_rate)
+  errors.check_choice('batch_norm', config.batch_norm, BATCH_NORM_POLICIES)
+  errors.check_choice('freeze_until', config.freeze_until, STAGES,
+                      optional=True)
 
 
 @keras.saving.register_keras_serializable(package='keras_sft')
@@ -61,17 +76,24 @@ def resolve_weights(weights):
     weights: 'imagenet', None (or 'none'/'') or a path to a local file.
 
   Raises:
-    FileNotFoundError: a path that does not exist.
+    PathNotFoundError: a path that does not exist.
+    ConfigError: a file that is not HDF5 (Keras' weights format).
   """
   if weights is None or str(weights).lower() in ('none', ''):
     return None
   if weights == 'imagenet':
     return 'imagenet'
   if not os.path.isfile(weights):
-    raise FileNotFoundError(
+    raise errors.PathNotFoundError(
         f'weights={weights!r} is neither "imagenet", None, nor an existing '
         f'file. Expected a local ResNet50 no-top weights file such as '
         f'{IMAGENET_NOTOP_WEIGHTS}.')
+  with open(weights, 'rb') as file:
+    if file.read(len(_HDF5_SIGNATURE)) != _HDF5_SIGNATURE:
+      raise errors.ConfigError(
+          f'weights={weights!r} is not an HDF5 weights file (.h5 or '
+          f'.weights.h5, as Keras saves them). Expected a ResNet50 no-top '
+          f'weights file such as {IMAGENET_NOTOP_WEIGHTS}.')
   return weights
 
 
@@ -91,9 +113,7 @@ def set_batch_norm_policy(model, policy):
   Returns:
     The number of BatchNormalization layers changed.
   """
-  if policy not in BATCH_NORM_POLICIES:
-    raise ValueError(f'Unknown batch_norm policy: batch_norm={policy!r}. '
-                     f'Expected one of {BATCH_NORM_POLICIES}.')
+  errors.check_choice('batch_norm', policy, BATCH_NORM_POLICIES)
   count = 0
   for layer in model._flatten_layers(include_self=False):  # pylint: disable=protected-access
     if isinstance(layer, keras.layers.BatchNormalization):
@@ -125,9 +145,7 @@ def freeze_until(backbone, stage):
   """
   if stage is None:
     return []
-  if stage not in STAGES:
-    raise ValueError(f'Unknown stage: freeze_until={stage!r}. Expected None '
-                     f'or one of {STAGES}.')
+  errors.check_choice('freeze_until', stage, STAGES)
   last = STAGES.index(stage)
   frozen = []
   for layer in backbone.layers:
@@ -136,8 +154,9 @@ def freeze_until(backbone, stage):
       layer.trainable = False
       frozen.append(layer.name)
   if not frozen:
-    raise ValueError(f'freeze_until={stage!r} matched no layer of '
-                     f'{backbone.name!r}: not a Keras ResNet50?')
+    raise errors.ConfigError(
+        f'freeze_until={stage!r} matched no layer of '
+        f'{backbone.name!r}: not a Keras ResNet50?')
   return frozen
 
 
@@ -162,11 +181,10 @@ def create_network(num_classes, image_size, weights='imagenet',
     in [0, 255] to float32 logits `[N, num_classes]`.
   """
   if num_classes <= 0 or image_size <= 0:
-    raise ValueError('num_classes and image_size must be positive. Received: '
-                     f'num_classes={num_classes}, image_size={image_size}')
-  if not 0.0 <= dropout_rate < 1.0:
-    raise ValueError(
-        f'dropout_rate must be in [0, 1). Received: dropout_rate={dropout_rate}')
+    raise errors.ConfigError(
+        'num_classes and image_size must be positive. Received: '
+        f'num_classes={num_classes}, image_size={image_size}')
+  errors.check_fraction('dropout_rate', dropout_rate)
   weights = resolve_weights(weights)
   inputs = keras.Input(shape=(image_size, image_size, 3), name='images')
   x = ResNetPreprocessing(name='preprocessing')(inputs)
@@ -178,8 +196,8 @@ def create_network(num_classes, image_size, weights='imagenet',
     if weights == 'imagenet':
       raise WeightsUnavailableError(_imagenet_weights_help()) from error
     raise
-  # Same weights and arithmetic, one kernel per BatchNormalization layer:
-  # 1.2x faster training (keras_sft.batch_norm).
+  # Same weights and arithmetic, one kernel per BatchNormalization layer
+  # (keras_sft.batch_norm).
   backbone = batch_norm_module.fuse(backbone)
   set_batch_norm_policy(backbone, batch_norm)
   frozen = freeze_until(backbone, freeze_until_stage)

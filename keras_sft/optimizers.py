@@ -3,6 +3,33 @@
 import keras
 import tensorflow as tf
 
+from keras_sft import errors
+
+OPTIMIZERS = ('sgd', 'adamw')
+SCHEDULES = ('cosine', 'step')
+
+
+def check_config(config):
+  """Checks the optimization keys of the config; builds nothing."""
+  errors.check_non_negative('learning_rate', config.learning_rate)
+  errors.check_positive('learning_rate_batch_size',
+                        config.learning_rate_batch_size)
+  errors.check_non_negative('warmup_epochs', config.warmup_epochs)
+  errors.check_choice('optimizer', config.optimizer, OPTIMIZERS)
+  errors.check_non_negative('momentum', config.momentum)
+  errors.check_non_negative('adamw_weight_decay', config.adamw_weight_decay)
+  errors.check_fraction('ema_momentum', config.ema_momentum, optional=True)
+  errors.check_choice('lr_schedule', config.lr_schedule, SCHEDULES)
+  _check_boundary_fractions(config.lr_boundary_fractions)
+  errors.check_non_negative('lr_decay_factor', config.lr_decay_factor)
+
+
+def _check_boundary_fractions(boundary_fractions):
+  if not all(0 < fraction < 1 for fraction in boundary_fractions):
+    raise errors.ConfigError(
+        'lr_boundary_fractions must all be in (0, 1). Received: '
+        f'lr_boundary_fractions={tuple(boundary_fractions)!r}')
+
 
 def scaled_learning_rate(learning_rate, global_batch_size,
                          learning_rate_batch_size=256):
@@ -31,9 +58,10 @@ def create_schedule(peak_learning_rate, total_steps, warmup_steps=0):
     A `keras.optimizers.schedules.LearningRateSchedule`.
   """
   if total_steps <= 0:
-    raise ValueError(f'total_steps must be positive. Received: {total_steps}')
+    raise errors.ConfigError(
+        f'total_steps must be positive. Received: {total_steps}')
   if not 0 <= warmup_steps < total_steps:
-    raise ValueError(
+    raise errors.ConfigError(
         'warmup_steps must be in [0, total_steps). Received: '
         f'warmup_steps={warmup_steps}, total_steps={total_steps}')
   return keras.optimizers.schedules.CosineDecay(
@@ -78,12 +106,10 @@ def create_step_schedule(peak_learning_rate, total_steps, warmup_steps=0,
                          boundary_fractions=(0.3, 0.6, 0.9), factor=0.1):
   """Warmup, then step decay by `factor` at fractions of `total_steps`."""
   if total_steps <= 0 or not 0 <= warmup_steps < total_steps:
-    raise ValueError(
+    raise errors.ConfigError(
         'Need total_steps > 0 and warmup_steps in [0, total_steps). '
         f'Received: total_steps={total_steps}, warmup_steps={warmup_steps}')
-  if not all(0 < f < 1 for f in boundary_fractions):
-    raise ValueError('boundary_fractions must be in (0, 1). Received: '
-                     f'boundary_fractions={boundary_fractions}')
+  _check_boundary_fractions(boundary_fractions)
   return WarmupStepDecay(
       peak_learning_rate,
       [int(round(f * total_steps)) for f in boundary_fractions], factor,
@@ -106,8 +132,7 @@ class FusedSGD(keras.optimizers.SGD):
   w ← w + m (Nesterov: w ← w + μ·m − lr·g). Keras computes it with five ops
   per variable (two scalings, a difference, two assignments), each a pass over
   the variable's memory; `ResourceApplyKerasMomentum`, the kernel Keras 2 used,
-  reads w, m and g once and writes w and m once. Measured on this project's CPU
-  for ResNet50's 23.6M trainable weights: 29 ms per update instead of 48 ms.
+  reads w, m and g once and writes w and m once (README "Performance").
   Without momentum, or for sparse gradients, Keras' code runs.
   """
 
@@ -143,20 +168,16 @@ def create_optimizer(name, learning_rate, momentum=0.9, nesterov=False,
       variables as the L2 term (kernels only).
     ema_momentum: None (no EMA) or m in [0, 1).
   """
-  if ema_momentum is not None and not 0 <= ema_momentum < 1:
-    raise ValueError('ema_momentum must be None or in [0, 1). Received: '
-                     f'ema_momentum={ema_momentum}')
+  errors.check_fraction('ema_momentum', ema_momentum, optional=True)
+  errors.check_choice('optimizer', name, OPTIMIZERS)
   ema = dict(use_ema=ema_momentum is not None,
              ema_momentum=0.99 if ema_momentum is None else ema_momentum)
   if name == 'sgd':
     return FusedSGD(learning_rate=learning_rate, momentum=momentum,
                     nesterov=nesterov, **ema)
-  if name == 'adamw':
-    optimizer = keras.optimizers.AdamW(learning_rate=learning_rate,
-                                       weight_decay=adamw_weight_decay, **ema)
-    # Decay kernels only, like the L2 term: not biases, not BatchNorm.
-    optimizer.exclude_from_weight_decay(
-        var_names=['bias', 'gamma', 'beta', 'moving_mean', 'moving_variance'])
-    return optimizer
-  raise ValueError(
-      f'Unknown optimizer: optimizer={name!r}. Expected "sgd" or "adamw".')
+  optimizer = keras.optimizers.AdamW(learning_rate=learning_rate,
+                                     weight_decay=adamw_weight_decay, **ema)
+  # Decay kernels only, like the L2 term: not biases, not BatchNorm.
+  optimizer.exclude_from_weight_decay(
+      var_names=['bias', 'gamma', 'beta', 'moving_mean', 'moving_variance'])
+  return optimizer

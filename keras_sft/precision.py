@@ -2,9 +2,8 @@
 
 `resolve_policy('auto')` picks 'mixed_bfloat16' where the hardware runs
 bfloat16 natively (NVIDIA GPUs of compute capability 8.0 and up; CPUs with
-AVX512_BF16 or AMX-BF16, where this project measured bf16 ResNet50 training
-1.2x faster than float32), else 'float32'. The choice and its reason are
-logged.
+AVX512_BF16 or AMX-BF16), else 'float32' (README "Performance"). The choice
+and its reason are logged.
 
 `global_policy(name)` sets Keras' global policy for the layers built inside
 it and restores the previous one after, so library callers are not left with
@@ -25,9 +24,16 @@ import logging
 import keras
 import tensorflow as tf
 
+from keras_sft import errors
+
 POLICIES = ('float32', 'mixed_bfloat16', 'mixed_float16', 'auto')
 # CPU feature flags (Linux /proc/cpuinfo) of native bfloat16 arithmetic.
 _CPU_BF16_FLAGS = ('avx512_bf16', 'amx_bf16')
+
+
+def check_config(config):
+  """Checks `config.precision`; looks at no device."""
+  errors.check_choice('precision', config.precision, POLICIES)
 
 
 def cpu_flags(path='/proc/cpuinfo'):
@@ -63,9 +69,7 @@ def resolve_policy(name, gpu_capabilities=None, flags=None):
   Raises:
     ValueError: an unknown `name`.
   """
-  if name not in POLICIES:
-    raise ValueError(f'Unknown precision: precision={name!r}. Expected one '
-                     f'of {POLICIES}.')
+  errors.check_choice('precision', name, POLICIES)
   if name != 'auto':
     return name
   if gpu_capabilities is None:

@@ -22,7 +22,8 @@ import re
 from absl import app
 from absl import flags
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+from keras_sft import cli
+from keras_sft import errors
 
 _EXPORT = flags.DEFINE_string(
     'export', None, 'A SavedModel version directory, or an export base whose '
@@ -42,34 +43,21 @@ def image_paths(paths):
     The files, in the given order; each folder's images sorted by path.
 
   Raises:
-    FileNotFoundError: A path does not exist.
+    PathNotFoundError: A path does not exist.
   """
+  from keras_sft import image_folder  # pylint: disable=g-import-not-at-top
   files = []
   for path in paths:
     if os.path.isdir(path):
       found = [os.path.join(root, name)
                for root, _, names in os.walk(path) for name in names
-               if name.lower().endswith(IMAGE_EXTENSIONS)]
+               if name.lower().endswith(image_folder.IMAGE_EXTENSIONS)]
       files.extend(sorted(found))
     elif os.path.isfile(path):
       files.append(path)
     else:
-      raise FileNotFoundError(f'No such file or folder: {path!r}')
+      raise errors.PathNotFoundError(f'No such file or folder: {path!r}')
   return files
-
-
-def resolve_export(export):
-  """Returns the SavedModel directory `export` names (see --export)."""
-  if os.path.exists(os.path.join(export, 'saved_model.pb')):
-    return export
-  versions = sorted(int(name) for name in
-                    (os.listdir(export) if os.path.isdir(export) else [])
-                    if name.isdigit())
-  if not versions:
-    raise FileNotFoundError(
-        f'export={export!r} is neither a SavedModel directory nor a folder '
-        'of integer versions.')
-  return os.path.join(export, str(versions[-1]))
 
 
 def _records(outputs, files):
@@ -123,11 +111,13 @@ def _short_message(message):
 
 def main(argv):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from keras_sft import serving as serving_lib  # pylint: disable=g-import-not-at-top
   files = image_paths(argv[1:])
   if not files:
     raise app.UsageError('Give image files or folders holding .jpg/.jpeg/.png '
                          f'files. Received: {argv[1:]}')
-  serving = tf.saved_model.load(resolve_export(_EXPORT.value))
+  serving = tf.saved_model.load(
+      serving_lib.resolve_saved_model(_EXPORT.value))
   failed = False
   for record in predict_files(serving.signatures['serve_image_bytes'], files,
                               _BATCH_SIZE.value):
@@ -138,7 +128,7 @@ def main(argv):
 
 def run():
   """Entry point of the `keras-sft-predict` console script."""
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == '__main__':

@@ -1,80 +1,164 @@
-"""The fine-tuning recipe's config keys (README "Recipe"): checks, schedule.
+"""From a config to a run's model: the derived numbers and the one builder.
 
-`train.validate_config` calls `validate_config` here for the recipe keys of
-`configs/default.py`; `create_schedule` picks the learning-rate schedule.
+`make_plan(config, num_train_examples)` computes (and logs) the numbers the
+config implies: steps per epoch, total steps, warmup, the linearly scaled
+peak learning rate, the head-only steps. `build_model(config, num_classes,
+plan)` builds the run's compiled `Classifier` (network, BN policy, frozen
+stages, optimizer with its EMA slots, loss, metrics, dtype policy) with all
+of its variables created, ready for `fit` or for loading a backup. Training,
+`--mode=evaluate`, the export of a finished run and the benchmarks all build
+through it, so a run is built the same way wherever it is read back.
 """
 
+import dataclasses
+import logging
+
+import keras
+import numpy as np
+
+from keras_sft import distribution
+from keras_sft import losses
 from keras_sft import models
 from keras_sft import optimizers
 from keras_sft import precision
 
 
-def validate_config(config):
-  """Raises ValueError naming the first bad recipe value; builds nothing."""
-  if config.ema_momentum is not None and not 0 <= config.ema_momentum < 1:
-    raise ValueError('config.ema_momentum must be None or in [0, 1). '
-                     f'Received: ema_momentum={config.ema_momentum!r}')
-  if config.batch_norm not in models.BATCH_NORM_POLICIES:
-    raise ValueError(f'Unknown batch_norm: batch_norm={config.batch_norm!r}. '
-                     f'Expected one of {models.BATCH_NORM_POLICIES}.')
-  if config.freeze_until is not None and (
-      config.freeze_until not in models.STAGES):
-    raise ValueError(f'Unknown stage: freeze_until={config.freeze_until!r}. '
-                     f'Expected None or one of {models.STAGES}.')
-  if not 0 <= config.head_only_epochs < config.num_epochs:
-    raise ValueError('config.head_only_epochs must be in [0, num_epochs). '
-                     f'Received: head_only_epochs={config.head_only_epochs!r}'
-                     f', num_epochs={config.num_epochs!r}')
-  if config.backbone_learning_rate_multiplier < 0:
-    raise ValueError(
-        'config.backbone_learning_rate_multiplier must be >= 0. Received: '
-        'backbone_learning_rate_multiplier='
-        f'{config.backbone_learning_rate_multiplier!r}')
-  if config.optimizer == 'adamw' and (
-      config.backbone_learning_rate_multiplier != 1.0 or
-      (config.head_only_epochs and config.adamw_weight_decay)):
-    # keras_sft.classifier: a gradient multiplier is an LR multiplier for SGD
-    # only, and AdamW's decoupled decay would move a "frozen" backbone.
-    raise ValueError(
-        'optimizer="adamw" supports neither backbone_learning_rate_multiplier'
-        ' != 1 nor head_only_epochs with adamw_weight_decay > 0. Received: '
-        'backbone_learning_rate_multiplier='
-        f'{config.backbone_learning_rate_multiplier!r}, head_only_epochs='
-        f'{config.head_only_epochs!r}, adamw_weight_decay='
-        f'{config.adamw_weight_decay!r}. Use optimizer="sgd".')
-  if config.lr_schedule not in ('cosine', 'step'):
-    raise ValueError(f'Unknown lr_schedule: lr_schedule='
-                     f'{config.lr_schedule!r}. Expected "cosine" or "step".')
-  if config.resize_size is not None and not (
-      config.resize_size >= config.image_size):
-    raise ValueError('config.resize_size must be None or >= image_size. '
-                     f'Received: resize_size={config.resize_size!r}, '
-                     f'image_size={config.image_size!r}')
-  if config.precision not in precision.POLICIES:
-    raise ValueError(f'Unknown precision: precision={config.precision!r}. '
-                     f'Expected one of {precision.POLICIES}.')
-  if not 0 <= config.label_smoothing < 1:
-    raise ValueError('config.label_smoothing must be in [0, 1). Received: '
-                     f'label_smoothing={config.label_smoothing!r}')
-  if config.mixup_alpha < 0 or not 0 <= config.cutmix_alpha <= 1:
-    raise ValueError('config.mixup_alpha must be >= 0 and config.cutmix_alpha '
-                     f'in [0, 1]. Received: mixup_alpha={config.mixup_alpha!r}'
-                     f', cutmix_alpha={config.cutmix_alpha!r}')
-  if (config.randaugment_num_ops < 0 or
-      not 0 <= config.randaugment_magnitude <= 1):
-    raise ValueError(
-        'config.randaugment_num_ops must be >= 0 and '
-        'config.randaugment_magnitude in [0, 1]. Received: '
-        f'randaugment_num_ops={config.randaugment_num_ops!r}, '
-        f'randaugment_magnitude={config.randaugment_magnitude!r}')
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Numbers derived from the config and the dataset size.
+
+  Attributes:
+    steps_per_epoch: Optimizer steps per epoch.
+    total_steps: Optimizer steps of the whole run.
+    warmup_steps: Steps of linear warmup (fewer than `total_steps`).
+    peak_learning_rate: The learning rate after warmup.
+    head_only_steps: Steps, from 0, in which only the head trains.
+  """
+  steps_per_epoch: int
+  total_steps: int
+  warmup_steps: int
+  peak_learning_rate: float
+  head_only_steps: int
 
 
-def create_schedule(config, peak_learning_rate, total_steps, warmup_steps):
+def make_plan(config, num_train_examples):
+  """Derives the run's step counts and learning rate; logs how.
+
+  Args:
+    config: The run's ConfigDict.
+    num_train_examples: Examples in the train split.
+
+  Returns:
+    A `Plan`.
+  """
+  steps_per_epoch = (config.steps_per_epoch or
+                     num_train_examples // config.global_batch_size)
+  total_steps = config.num_epochs * steps_per_epoch
+  plan = Plan(
+      steps_per_epoch=steps_per_epoch,
+      total_steps=total_steps,
+      warmup_steps=min(int(round(config.warmup_epochs * steps_per_epoch)),
+                       total_steps - 1),
+      peak_learning_rate=optimizers.scaled_learning_rate(
+          config.learning_rate, config.global_batch_size,
+          config.learning_rate_batch_size),
+      head_only_steps=int(round(config.head_only_epochs * steps_per_epoch)))
+  logging.info(
+      'Derived: %d steps/epoch x %d epochs = %d steps; warmup %d steps; peak '
+      'learning rate %g (= %g x %d / %d).', plan.steps_per_epoch,
+      config.num_epochs, plan.total_steps, plan.warmup_steps,
+      plan.peak_learning_rate, config.learning_rate, config.global_batch_size,
+      config.learning_rate_batch_size)
+  logging.info('Recipe: batch_norm=%s, freeze_until=%s, head-only steps %d, '
+               'backbone LR multiplier %g.', config.batch_norm,
+               config.freeze_until, plan.head_only_steps,
+               config.backbone_learning_rate_multiplier)
+  return plan
+
+
+def create_schedule(config, plan):
   """Returns the LR schedule `config.lr_schedule` names (cosine or step)."""
   if config.lr_schedule == 'step':
     return optimizers.create_step_schedule(
-        peak_learning_rate, total_steps, warmup_steps,
+        plan.peak_learning_rate, plan.total_steps, plan.warmup_steps,
         boundary_fractions=tuple(config.lr_boundary_fractions),
         factor=config.lr_decay_factor)
-  return optimizers.create_schedule(peak_learning_rate, total_steps,
-                                    warmup_steps)
+  return optimizers.create_schedule(plan.peak_learning_rate, plan.total_steps,
+                                    plan.warmup_steps)
+
+
+def compile_model(model, optimizer, jit_compile=False, steps_per_execution=1,
+                  label_smoothing=0.0):
+  """Compiles with from-logits cross-entropy, top-1 and top-5 accuracy.
+
+  The loss takes class ids or soft (MixUp/CutMix) labels; see
+  `keras_sft.losses`.
+  """
+  model.compile(
+      optimizer=optimizer,
+      loss=losses.CrossEntropy(label_smoothing=label_smoothing),
+      metrics=[
+          keras.metrics.SparseCategoricalAccuracy(name='accuracy'),
+          keras.metrics.SparseTopKCategoricalAccuracy(k=5, name='top5'),
+      ],
+      jit_compile=jit_compile,
+      steps_per_execution=steps_per_execution)
+
+
+def create_variables(model, image_size):
+  """Creates the model's variables (needed before restoring a backup)."""
+  model(np.zeros((1, image_size, image_size, 3), np.float32), training=False)
+
+
+def build_model(config, num_classes, plan=None, pretrained=True):
+  """Builds the run's compiled model with every variable created.
+
+  Call it inside the strategy's scope when there is one. The same function
+  builds the model for training, evaluation and export, so the trainable
+  set, the BN policy and the optimizer's slots always match the run's
+  backups.
+
+  Args:
+    config: The run's ConfigDict (the keys of `configs/default.py`).
+    num_classes: Width of the head.
+    plan: The run's `Plan`; None for a model that is only restored and
+      evaluated or exported (a constant zero learning rate, no head-only
+      phase).
+    pretrained: Load `config.weights` into the backbone; False when a
+      backup's weights are loaded next anyway.
+
+  Returns:
+    A compiled `classifier.Classifier` with variables and optimizer slots.
+  """
+  policy = precision.resolve_policy(config.precision)
+  logging.info('Dtype policy: %s.', policy)
+  # The policy applies to the layers built here; the global is restored after.
+  with precision.global_policy(policy):
+    model = models.create_model(
+        num_classes, config.image_size,
+        weights=config.weights if pretrained else None,
+        dropout_rate=config.dropout_rate, weight_decay=config.weight_decay,
+        seed=config.seed, batch_norm=config.batch_norm,
+        freeze_until_stage=config.freeze_until,
+        backbone_multiplier=config.backbone_learning_rate_multiplier,
+        head_only_steps=plan.head_only_steps if plan else 0)
+    if plan is None:
+      # A schedule, as in training, so the optimizer has no learning-rate
+      # variable and a backup's optimizer state loads into it.
+      schedule = optimizers.create_schedule(0.0, total_steps=1)
+    else:
+      schedule = create_schedule(config, plan)
+    optimizer = optimizers.create_optimizer(
+        config.optimizer, schedule, momentum=config.momentum,
+        nesterov=config.nesterov,
+        adamw_weight_decay=config.adamw_weight_decay,
+        ema_momentum=config.ema_momentum)
+    compile_model(
+        model, optimizer,
+        jit_compile=distribution.resolve_jit_compile(config.jit_compile),
+        steps_per_execution=config.steps_per_execution,
+        label_smoothing=config.label_smoothing)
+    create_variables(model, config.image_size)
+    # The optimizer's slots must exist before a backup's state can load.
+    model.optimizer.build(model.trainable_variables)
+  return model

@@ -1,6 +1,8 @@
-"""The workdir is the run: it holds the resolved config and refuses another.
+"""The workdir is the run: its layout, its config, and atomic file writes.
 
-Layout:
+`Workdir(path)` is the one place that names the files of a run; every module
+(and the tests) asks it for a path instead of spelling the name:
+
   config.json      the resolved config of the run (written on first start)
   train.log        log lines of every start of the run
   checkpoints/     atomic backups, resumed from on a rerun
@@ -14,8 +16,111 @@ Layout:
 import json
 import os
 
-CONFIG_FILE = 'config.json'
+from keras_sft import errors
+
 _ABSENT = '<absent>'
+
+
+class Workdir:
+  """The paths of one run directory; creating it writes nothing.
+
+  Args:
+    path: The run directory.
+  """
+
+  def __init__(self, path):
+    if not path:
+      raise errors.ConfigError(f'workdir must be a directory path. Received: '
+                               f'workdir={path!r}')
+    self.path = os.fspath(path)
+
+  def __repr__(self):
+    return f'Workdir({self.path!r})'
+
+  def _join(self, *names):
+    return os.path.join(self.path, *names)
+
+  @property
+  def config_file(self):
+    return self._join('config.json')
+
+  @property
+  def log_file(self):
+    return self._join('train.log')
+
+  @property
+  def checkpoints(self):
+    return self._join('checkpoints')
+
+  @property
+  def history_csv(self):
+    return self._join('history.csv')
+
+  @property
+  def tensorboard(self):
+    return self._join('tensorboard')
+
+  @property
+  def dataset_file(self):
+    return self._join('dataset.json')
+
+  @property
+  def metrics_file(self):
+    return self._join('metrics.json')
+
+  @property
+  def confusion_matrix_png(self):
+    return self._join('confusion_matrix.png')
+
+  @property
+  def curves_png(self):
+    return self._join('curves.png')
+
+  @property
+  def export(self):
+    return self._join('export')
+
+  def has_run(self):
+    """Whether a run has claimed this directory (its config is written)."""
+    return os.path.exists(self.config_file)
+
+  def read_config(self):
+    """The run's config as a dict (from config.json).
+
+    Raises:
+      PathNotFoundError: no run has claimed this directory.
+    """
+    if not self.has_run():
+      raise errors.PathNotFoundError(
+          f'{self.config_file} does not exist: workdir={self.path!r} holds no '
+          'keras_sft run. Train first: python -m keras_sft.main '
+          f'--config=CONFIG --workdir={self.path}')
+    return read_json(self.config_file)
+
+  def claim(self, config, write=True):
+    """Creates the directory for `config`, or checks it holds this run.
+
+    Args:
+      config: The resolved ConfigDict (or dict).
+      write: False on the workers of a multi-worker run other than the
+        chief: they check the config the chief wrote, if any, and write
+        nothing.
+
+    Raises:
+      WorkdirError: the directory holds a run with a different config.
+    """
+    current = config_to_dict(config)
+    if self.has_run():
+      previous = read_json(self.config_file)
+      if previous != current:
+        raise errors.WorkdirError(
+            f'workdir={self.path!r} holds another run; its config differs '
+            f'in: {_differences(previous, current)}. Use a new --workdir, or '
+            'rerun with the same config to resume.')
+      return
+    if write:
+      os.makedirs(self.path, exist_ok=True)
+      write_json(self.config_file, current)
 
 
 def _flatten(tree, prefix=''):
@@ -28,47 +133,19 @@ def _flatten(tree, prefix=''):
   return flat
 
 
+def _differences(previous, current):
+  old, new = _flatten(previous), _flatten(current)
+  return '; '.join(
+      f'{key}: {old.get(key, _ABSENT)!r} in the workdir, '
+      f'{new.get(key, _ABSENT)!r} now'
+      for key in sorted(set(old) | set(new))
+      if old.get(key, _ABSENT) != new.get(key, _ABSENT))
+
+
 def config_to_dict(config):
   """Returns a JSON-safe dict of a ConfigDict (or dict)."""
   as_dict = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
   return json.loads(json.dumps(as_dict, default=str))
-
-
-def prepare(workdir, config, write=True):
-  """Creates `workdir` for `config`, or checks it holds this same run.
-
-  Args:
-    workdir: The run directory.
-    config: The resolved ConfigDict.
-    write: False on the workers of a multi-worker run other than the chief:
-      they check the config the chief wrote, if any, and write nothing.
-
-  Raises:
-    ValueError: `workdir` holds a run with a different config.
-  """
-  path = os.path.join(workdir, CONFIG_FILE)
-  if write:
-    os.makedirs(workdir, exist_ok=True)
-  current = config_to_dict(config)
-  if os.path.exists(path):
-    with open(path) as file:
-      previous = json.load(file)
-    if previous != current:
-      old, new = _flatten(previous), _flatten(current)
-      differences = [
-          f'{key}: {old.get(key, _ABSENT)!r} in the workdir, '
-          f'{new.get(key, _ABSENT)!r} now'
-          for key in sorted(set(old) | set(new))
-          if old.get(key, _ABSENT) != new.get(key, _ABSENT)
-      ]
-      raise ValueError(
-          f'workdir={workdir!r} holds another run; its config differs in: '
-          + '; '.join(differences) +
-          '. Use a new --workdir, or rerun with the same config to resume.')
-    return
-  if not write:
-    return
-  write_json(path, current)
 
 
 def atomic_write(path, data):
@@ -88,3 +165,15 @@ def atomic_write(path, data):
 def write_json(path, value):
   """Atomically writes `value` as indented JSON with sorted keys."""
   atomic_write(path, json.dumps(value, indent=2, sort_keys=True))
+
+
+def read_json(path):
+  """Reads a JSON file, naming the file when it is not valid JSON."""
+  with open(path) as file:
+    text = file.read()
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as error:
+    raise errors.DataError(
+        f'{path} is not valid JSON ({error}); it may have been truncated. '
+        'Restore it or delete it.') from error

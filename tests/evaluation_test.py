@@ -104,7 +104,7 @@ def test_write_report_files_and_confusion_matrix_sum(tmp_path, steps,
   predicted = np.argmax(model(images[:expected_count]), axis=1)
   assert report['top1'] == pytest.approx(
       np.mean(predicted == labels[:expected_count]))
-  for name in (evaluation.CONFUSION_MATRIX_PNG, evaluation.CURVES_PNG):
+  for name in ("confusion_matrix.png", "curves.png"):
     height, width, _ = _png_size(os.path.join(workdir, name))
     assert height >= 300 and width >= 400, name
   events = glob.glob(os.path.join(workdir, 'tensorboard', 'report',
@@ -121,13 +121,13 @@ def test_write_report_without_history_skips_the_curves(tmp_path):
       (np.zeros((3, 8, 8, 3), np.float32), np.array([0, 1, 2]))).batch(2)
   evaluation.write_report(_tiny_model(3), data, ('x', 'y', 'z'),
                           str(tmp_path))
-  assert os.path.exists(tmp_path / evaluation.CONFUSION_MATRIX_PNG)
-  assert not os.path.exists(tmp_path / evaluation.CURVES_PNG)
+  assert os.path.exists(tmp_path / "confusion_matrix.png")
+  assert not os.path.exists(tmp_path / "curves.png")
 
 
 def test_evaluate_mode_needs_a_trained_run(tmp_path):
   config = cifar10_resnet50.get_config('smoke')
-  with pytest.raises(FileNotFoundError, match='holds no run.*--mode=train'):
+  with pytest.raises(FileNotFoundError, match='holds no keras_sft run.*Train first'):
     train.evaluate(config, str(tmp_path / 'never_trained'))
   assert not os.path.exists(tmp_path / 'never_trained')
   (tmp_path / 'claimed').mkdir()

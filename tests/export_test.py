@@ -17,11 +17,12 @@ from PIL import Image
 
 import conftest
 from configs import cifar10_resnet50
-from keras_sft import export
+from keras_sft import checkpointing
 from keras_sft import input_pipeline
 from keras_sft import models
-from keras_sft import optimizers
-from keras_sft import train
+from keras_sft import recipe
+from keras_sft import serving
+from keras_sft import workdir as workdir_lib
 
 # Loads the SavedModel where `import keras_sft` fails and calls both
 # signatures, a batch of bad bytes, then a valid batch again.
@@ -64,12 +65,10 @@ def _encode(array, image_format, mode=None):
 
 def _in_memory_model(workdir):
   config = cifar10_resnet50.get_config('smoke')
-  model = models.create_model(10, config.image_size, weights=None)
-  train.compile_model(model, optimizers.create_optimizer('sgd', 0.1))
-  train.build(model, config.image_size)
-  with open(os.path.join(workdir, 'checkpoints', 'checkpoint.json')) as file:
-    latest = json.load(file)['file']
-  model.load_weights(os.path.join(workdir, 'checkpoints', latest))
+  model = recipe.build_model(config, 10, pretrained=False)
+  latest, _ = checkpointing.Checkpointer(
+      workdir_lib.Workdir(workdir).checkpoints).latest()
+  model.load_weights(latest)
   return model, config.image_size
 
 
@@ -199,11 +198,11 @@ def test_export_version_takes_the_next_integer_version(tmp_path):
   os.makedirs(os.path.join(base, '7', 'variables'))
   os.makedirs(os.path.join(base, 'not-a-version'))
   model = _tiny_model()
-  version, path = export.export_version(model, base, 8, ['a', 'b', 'c'],
+  version, path = serving.export_version(model, base, 8, ['a', 'b', 'c'],
                                         top_k=5)
   assert (version, path) == (8, os.path.join(base, '8'))
   assert os.path.exists(os.path.join(path, 'saved_model.pb'))
-  assert export.list_versions(base) == [7, 8]
+  assert serving.list_versions(base) == [7, 8]
   # Nothing temporary is left where TF Serving looks.
   assert sorted(os.listdir(base)) == ['7', '8', 'not-a-version']
   # top_k is capped at the number of classes.
@@ -229,7 +228,7 @@ def test_second_export_from_the_workdir_makes_version_2(smoke_run, tmp_path):
   shutil.copytree(os.path.join(workdir, 'export', '1'), base / '1')
   before = _file_digests(base / '1')
   result = subprocess.run(
-      [sys.executable, '-m', 'keras_sft.export_main', f'--workdir={workdir}',
+      [sys.executable, '-m', 'keras_sft.export', f'--workdir={workdir}',
        f'--export_base={base}', '--checkpoint=last'],
       capture_output=True, text=True, cwd=conftest.REPO_ROOT,
       env=conftest.cli_env(), timeout=300)

@@ -45,7 +45,7 @@ def test_folder_dataset_trains_reports_and_evaluates_again(tmp_path):
   for name in ('confusion_matrix.png', 'curves.png', 'tensorboard/report'):
     assert os.path.exists(os.path.join(workdir, name)), name
   with open(os.path.join(workdir, 'train.log')) as file:
-    assert '3 classes, 12 train / 6 eval images' in file.read()
+    assert '12 train / 6 eval examples, 3 classes' in file.read()
   rows_before = conftest.history_rows(workdir)
   os.remove(os.path.join(workdir, 'metrics.json'))
   os.remove(os.path.join(workdir, 'confusion_matrix.png'))

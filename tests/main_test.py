@@ -120,14 +120,15 @@ def test_bad_value_fails_before_any_model_is_built(tmp_path):
 def test_every_recipe_switch_together_trains_evaluates_and_exports(tmp_path):
   """All recipe switches at once through the CLI (no accuracy claim)."""
   workdir = str(tmp_path / 'run')
-  result = conftest.run_cli(
-      workdir, '--config.mixup_alpha=0.2', '--config.cutmix_alpha=1.0',
+  recipe_flags = (
+      '--config.mixup_alpha=0.2', '--config.cutmix_alpha=1.0',
       '--config.randaugment_num_ops=2', '--config.randaugment_magnitude=0.5',
       '--config.label_smoothing=0.1', '--config.precision=mixed_bfloat16',
       '--config.ema_momentum=0.9', '--config.batch_norm=frozen',
       '--config.head_only_epochs=1', '--config.freeze_until=conv2',
       '--config.backbone_learning_rate_multiplier=0.1',
       '--config.lr_schedule=step', '--config.resize_size=40')
+  result = conftest.run_cli(workdir, *recipe_flags)
   assert 'Dtype policy: mixed_bfloat16' in result.stderr
   assert 'up to stage conv2' in result.stderr
   assert 'head-only steps 2' in result.stderr
@@ -137,9 +138,9 @@ def test_every_recipe_switch_together_trains_evaluates_and_exports(tmp_path):
   assert os.listdir(os.path.join(workdir, 'export')) == ['1']
   # Exporting the run later rebuilds the same model (frozen layers, BN, EMA
   # slots) and gives the EMA weights, as the end-of-run export did.
-  from keras_sft import export  # pylint: disable=g-import-not-at-top
+  from keras_sft import serving  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  model, _, _, _ = export.restore_run_model(workdir, 'last')
+  model, _, _, _ = serving.restore_run_model(workdir, 'last')
   images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3),
                                              dtype=np.uint8)
   served = tf.saved_model.load(os.path.join(workdir, 'export', '1'))
@@ -147,3 +148,12 @@ def test_every_recipe_switch_together_trains_evaluates_and_exports(tmp_path):
       images=tf.constant(images))['logits'].numpy()
   np.testing.assert_allclose(model.predict(images, verbose=0), logits,
                              rtol=0.02, atol=0.02)
+  # --mode=evaluate builds the same model again and evaluates the same
+  # (EMA) weights as the end of training did.
+  trained = conftest.read_metrics(workdir)
+  evaluated = conftest.run_cli(workdir, *recipe_flags, '--mode=evaluate')
+  assert 'Evaluating the backup at step 4 of 4' in evaluated.stderr
+  again = conftest.read_metrics(workdir)
+  for key in ('loss', 'accuracy'):
+    assert again['eval'][key] == pytest.approx(trained['eval'][key],
+                                               rel=1e-4), key

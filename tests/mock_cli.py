@@ -8,13 +8,13 @@ import os
 import sys
 
 import tensorflow_datasets as tfds
-from absl import app
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from keras_sft import cli  # pylint: disable=g-import-not-at-top
 from keras_sft import main  # pylint: disable=g-import-not-at-top
 
 if __name__ == '__main__':
   with tfds.testing.mock_data(
       num_examples=int(os.environ.get('MOCK_NUM_EXAMPLES', '64'))):
-    app.run(main.main)
+    cli.run(main.main)

@@ -63,18 +63,32 @@ def test_batch_not_divisible_by_replicas(tmp_path, no_model_built,
     train.train_and_evaluate(config, str(tmp_path))
 
 
-def test_workdir_of_another_run_is_refused(tmp_path, no_model_built):
+def test_workdir_of_another_run_is_refused(tmp_path, no_model_built,
+                                          mock_cifar10):
   workdir = str(tmp_path)
-  with pytest.raises(ValueError, match='image_size=0'):
-    train.train_and_evaluate(_smoke_config(image_size=0), workdir)
-  assert not os.path.exists(os.path.join(workdir, 'config.json'))
-  # Claim the workdir with one config (stops at the missing dataset below).
-  config = _smoke_config(dataset='no_such_dataset')
-  with pytest.raises(ValueError, match='no_such_dataset'):
-    train.train_and_evaluate(config, workdir)
-  changed = _smoke_config(dataset='no_such_dataset', learning_rate=0.5)
+  # This start claims the workdir, then stops where the model is built.
+  with pytest.raises(AssertionError, match='A model was built'):
+    train.train_and_evaluate(_smoke_config(), workdir)
+  changed = _smoke_config(learning_rate=0.5)
   with pytest.raises(ValueError, match='holds another run.*learning_rate'):
     train.train_and_evaluate(changed, workdir)
+
+
+@pytest.mark.parametrize('key, value', [
+    ('image_size', 0),
+    ('dataset', 'no_such_dataset'),
+    ('weights', 'not_hdf5'),
+])
+def test_a_failed_start_leaves_the_workdir_unclaimed(tmp_path, no_model_built,
+                                                     key, value):
+  """Config, data and weights are checked before the workdir is claimed."""
+  if value == 'not_hdf5':
+    value = str(tmp_path / 'weights.h5')
+    (tmp_path / 'weights.h5').write_bytes(b'<html>not weights</html>')
+  workdir = tmp_path / 'run'
+  with pytest.raises(ValueError):
+    train.train_and_evaluate(_smoke_config(**{key: value}), str(workdir))
+  assert not workdir.exists()
 
 
 def test_offline_dataset_fails_fast_naming_the_routes(tmp_path,

@@ -11,7 +11,7 @@ from keras_sft import workdir as workdir_lib
 
 
 def _config_file(workdir):
-  return os.path.join(workdir, workdir_lib.CONFIG_FILE)
+  return workdir_lib.Workdir(workdir).config_file
 
 
 def _read_config(workdir):
@@ -23,7 +23,7 @@ def test_first_prepare_creates_workdir_and_writes_config(tmp_path):
   """The first prepare creates the directory and writes config.json."""
   workdir = str(tmp_path / 'run' / 'nested')
   config = default_lib.get_config()
-  workdir_lib.prepare(workdir, config)
+  workdir_lib.Workdir(workdir).claim(config)
   assert os.path.isdir(workdir)
   written = _read_config(workdir)
   assert written == json.loads(json.dumps(config.to_dict()))
@@ -44,18 +44,17 @@ def test_config_to_dict_is_json_safe():
 def test_same_config_again_passes_and_keeps_the_file(tmp_path):
   """Rerunning with an equal config (a fresh copy) is accepted."""
   workdir = str(tmp_path)
-  workdir_lib.prepare(workdir, default_lib.get_config())
+  workdir_lib.Workdir(workdir).claim(default_lib.get_config())
   before = _read_config(workdir)
-  workdir_lib.prepare(workdir, default_lib.get_config())
+  workdir_lib.Workdir(workdir).claim(default_lib.get_config())
   assert _read_config(workdir) == before
 
 
 def test_same_config_with_tuples_passes(tmp_path):
   """Values that JSON turns into lists still compare equal on a rerun."""
   config = ml_collections.ConfigDict({'crop': (224, 224), 'name': 'x'})
-  workdir_lib.prepare(str(tmp_path), config)
-  workdir_lib.prepare(
-      str(tmp_path), ml_collections.ConfigDict({'crop': (224, 224),
+  workdir_lib.Workdir(str(tmp_path)).claim(config)
+  workdir_lib.Workdir(str(tmp_path)).claim(ml_collections.ConfigDict({'crop': (224, 224),
                                                 'name': 'x'}))
   assert _read_config(str(tmp_path))['crop'] == [224, 224]
 
@@ -64,11 +63,11 @@ def test_changed_value_raises_naming_key_values_and_new_workdir(tmp_path):
   """A changed value: ValueError naming the key, both values, --workdir."""
   workdir = str(tmp_path)
   config = default_lib.get_config()
-  workdir_lib.prepare(workdir, config)
+  workdir_lib.Workdir(workdir).claim(config)
   changed = default_lib.get_config()
   changed.num_epochs = config.num_epochs + 5
   with pytest.raises(ValueError) as error:
-    workdir_lib.prepare(workdir, changed)
+    workdir_lib.Workdir(workdir).claim(changed)
   message = str(error.value)
   assert 'num_epochs' in message
   assert repr(config.num_epochs) in message
@@ -84,12 +83,12 @@ def test_changed_value_raises_naming_key_values_and_new_workdir(tmp_path):
 def test_every_changed_key_is_named(tmp_path):
   """Several changes, a None → value change included, are all reported."""
   workdir = str(tmp_path)
-  workdir_lib.prepare(workdir, default_lib.get_config())
+  workdir_lib.Workdir(workdir).claim(default_lib.get_config())
   changed = default_lib.get_config()
   changed.learning_rate = 0.5
   changed.data_dir = '/data/tfds'
   with pytest.raises(ValueError) as error:
-    workdir_lib.prepare(workdir, changed)
+    workdir_lib.Workdir(workdir).claim(changed)
   message = str(error.value)
   assert 'learning_rate: 0.01' in message and '0.5' in message
   assert 'data_dir: None' in message and "'/data/tfds'" in message
@@ -105,10 +104,10 @@ def test_nested_keys_are_named_with_dots(tmp_path):
         'seed': 0,
     })
 
-  workdir_lib.prepare(workdir, config(8))
-  workdir_lib.prepare(workdir, config(8))
+  workdir_lib.Workdir(workdir).claim(config(8))
+  workdir_lib.Workdir(workdir).claim(config(8))
   with pytest.raises(ValueError) as error:
-    workdir_lib.prepare(workdir, config(16))
+    workdir_lib.Workdir(workdir).claim(config(16))
   message = str(error.value)
   assert 'model.head.width' in message
   assert '8' in message and '16' in message
@@ -118,9 +117,9 @@ def test_nested_keys_are_named_with_dots(tmp_path):
 def test_added_and_removed_keys_are_named(tmp_path):
   """A key only in one of the configs is named and marked absent."""
   workdir = str(tmp_path)
-  workdir_lib.prepare(workdir, ml_collections.ConfigDict({'a': 1, 'b': 2}))
+  workdir_lib.Workdir(workdir).claim(ml_collections.ConfigDict({'a': 1, 'b': 2}))
   with pytest.raises(ValueError) as error:
-    workdir_lib.prepare(workdir, ml_collections.ConfigDict({'a': 1, 'c': 3}))
+    workdir_lib.Workdir(workdir).claim(ml_collections.ConfigDict({'a': 1, 'c': 3}))
   message = str(error.value)
   assert 'b: 2 in the workdir' in message
   assert "'<absent>' now" in message
@@ -134,9 +133,9 @@ def test_new_key_set_to_none_is_named(tmp_path):
   whose default is None (like `eval_steps`) and an old workdir is rerun.
   """
   workdir = str(tmp_path)
-  workdir_lib.prepare(workdir, ml_collections.ConfigDict({'seed': 0}))
+  workdir_lib.Workdir(workdir).claim(ml_collections.ConfigDict({'seed': 0}))
   newer = ml_collections.ConfigDict({'seed': 0})
   newer.eval_steps = ml_collections.FieldReference(None, field_type=int)
   with pytest.raises(ValueError) as error:
-    workdir_lib.prepare(workdir, newer)
+    workdir_lib.Workdir(workdir).claim(newer)
   assert 'eval_steps' in str(error.value)

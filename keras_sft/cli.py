@@ -1,0 +1,90 @@
+"""What the command lines share: one-line errors for the user's mistakes.
+
+`run(main)` runs an absl `main`. A `keras_sft.errors.UserError` (a bad config
+value, a missing path, bad data, a workdir holding another run, a run that
+diverged) prints one `error: ...` line, whose message names the fix, and
+exits with status 2 (1 for a diverged run: the input was valid); any other
+exception is a bug and keeps its traceback. `--verbose` or
+KERAS_SFT_TRACEBACK=1 shows the traceback of user errors too.
+
+Imports no TensorFlow, so `--help` and flag errors are immediate.
+"""
+
+import functools
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+from keras_sft import errors
+
+_VERBOSE = flags.DEFINE_bool(
+    'verbose', False, 'Show the traceback of user errors too (as does '
+    'KERAS_SFT_TRACEBACK=1).')
+
+# Exit status of a user error, and of a run that diverged.
+USER_ERROR_STATUS = 2
+DIVERGED_STATUS = 1
+
+
+def _show_tracebacks():
+  return _VERBOSE.value or os.environ.get('KERAS_SFT_TRACEBACK')
+
+
+def _fail(message, status=USER_ERROR_STATUS):
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(status)
+
+
+def _call(main, started, argv):
+  started.append(True)
+  try:
+    return main(argv)
+  except errors.UserError as error:
+    if _show_tracebacks():
+      raise
+    _fail(error, DIVERGED_STATUS if isinstance(error, errors.DivergedError)
+          else USER_ERROR_STATUS)
+
+
+def _innermost_message(error):
+  """The text of a (Key|Attribute)Error that wraps another: ml_collections'."""
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]
+  return str(error.args[0]) if error.args else str(error)
+
+
+def run(main):
+  """`absl.app.run(main)`, with user errors as one line (see module doc)."""
+  started = []
+  try:
+    app.run(functools.partial(_call, main, started))
+  except (KeyError, AttributeError, TypeError, ValueError) as error:
+    # absl reports most flag errors itself; ml_collections raises these for
+    # a `--config.KEY` override that names no key or has the wrong type.
+    if started or os.environ.get('KERAS_SFT_TRACEBACK'):
+      raise
+    _fail(f'bad command line flag: {_innermost_message(error)}')
+
+
+def loaded_config(config_flag):
+  """The ConfigDict of an ml_collections `--config` flag.
+
+  Raises:
+    ConfigError: the config file could not be loaded (ml_collections defers
+      that error to the first use of the config).
+  """
+  config = config_flag.value
+  if type(config).__name__ == '_ErrorConfig':
+    try:
+      config.to_dict()
+    except Exception as error:  # The stored load error, whatever its type.
+      raise errors.ConfigError(f'Cannot load --config: {error}') from error
+  return config
+
+
+def check_no_arguments(argv):
+  """Refuses positional arguments (the commands take flags only)."""
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
