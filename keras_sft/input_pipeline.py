@@ -129,7 +129,8 @@ def from_config(config):
       info=info,
       eval=make_eval_dataset(eval_examples, image_size=config.image_size,
                              global_batch_size=config.global_batch_size,
-                             cache=config.cache),
+                             cache=config.cache,
+                             resize_size=config.resize_size),
       train_examples=train_examples,
       train_options=dict(
           image_size=config.image_size,
@@ -262,10 +263,43 @@ def augment_for_training(image, image_size, seed, resize_size=None):
   return image
 
 
-def preprocess_for_eval(image, image_size):
-  """Resizes one image to `image_size`, as float32 in [0, 255]."""
+def preprocess_for_eval(image, image_size, resize_size=None):
+  """The eval (and serving) view of an image, at the scale training sees.
+
+  Images of side `image_size` pass unchanged (training pads and crops them
+  at their own scale). Others are resized to `image_size / 0.875`, squashed
+  to a square as `augment_for_training` does, and centre-cropped to
+  `image_size`, so objects look as large as in the training crops. With
+  `resize_size` (BiT-HyperRule), images are resized to `image_size`
+  directly, BiT's published eval rule.
+
+  Args:
+    image: `[H, W, 3]` or a batch `[N, H, W, 3]`, uint8 or float.
+    image_size: Side of the output square.
+    resize_size: None, or the training `resize_size` (see
+      `augment_for_training`).
+
+  Returns:
+    float32 in [0, 255], `[image_size, image_size, 3]` (or batched).
+  """
   image = tf.cast(image, tf.float32)
-  return _resize(image, image_size)
+  if resize_size:
+    return _resize(image, image_size)
+  enlarged = int(round(image_size / _CROP_FRACTION))
+  offset = (enlarged - image_size) // 2
+
+  def resize_and_crop():
+    resized = _resize(image, enlarged)
+    return resized[..., offset:offset + image_size,
+                   offset:offset + image_size, :]
+
+  shape = tf.shape(image)
+  native = tf.logical_and(tf.equal(shape[-3], image_size),
+                          tf.equal(shape[-2], image_size))
+  output = tf.cond(native, lambda: image, resize_and_crop)
+  output.set_shape(image.shape[:-3].concatenate(
+      [image_size, image_size, image.shape[-1]]))
+  return output
 
 
 def create_datasets(dataset='cifar10',
@@ -333,7 +367,8 @@ def create_datasets(dataset='cifar10',
       resize_size=resize_size)
   evaluation = make_eval_dataset(
       eval_examples, image_size=image_size,
-      global_batch_size=global_batch_size, cache=cache)
+      global_batch_size=global_batch_size, cache=cache,
+      resize_size=resize_size)
   return train, evaluation, info
 
 
@@ -456,8 +491,12 @@ def make_train_dataset(examples, *, image_size, global_batch_size, seed=0,
   return _shard_by_data(batches.prefetch(tf.data.AUTOTUNE))
 
 
-def make_eval_dataset(examples, *, image_size, global_batch_size, cache=True):
-  """Turns `(image, label)` examples into a finite dataset of batches."""
+def make_eval_dataset(examples, *, image_size, global_batch_size, cache=True,
+                      resize_size=None):
+  """Turns `(image, label)` examples into a finite dataset of batches.
+
+  `resize_size`: the training `resize_size`; see `preprocess_for_eval`.
+  """
   examples = examples.map(lambda image, label: (_check_image_shape(image),
                                                 label))
   # Cache the decoded uint8 images, before resizing: at 224px the resized
@@ -465,7 +504,8 @@ def make_eval_dataset(examples, *, image_size, global_batch_size, cache=True):
   if cache:
     examples = examples.cache()
   examples = examples.map(
-      lambda image, label: (preprocess_for_eval(image, image_size), label),
+      lambda image, label: (preprocess_for_eval(image, image_size,
+                                                resize_size), label),
       num_parallel_calls=tf.data.AUTOTUNE)
   # Keep the last, smaller batch: every eval example counts once.
   batches = examples.batch(global_batch_size, drop_remainder=False)

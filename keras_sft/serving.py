@@ -55,7 +55,7 @@ _PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 class _ServingModule(tf.Module):
   """Tracks the model's variables once and serves it in `tf.function`s."""
 
-  def __init__(self, model, image_size, class_names, top_k):
+  def __init__(self, model, image_size, class_names, top_k, resize_size):
     super().__init__(name='serving')
     # The raw tf.Variables, tracked once. The Keras model itself must not be
     # an attribute: tracking it would store every weight a second time (and
@@ -63,6 +63,7 @@ class _ServingModule(tf.Module):
     self.model_variables = [variable.value for variable in model.variables]
     self._class_names = tf.constant(list(class_names), dtype=tf.string)
     self._image_size = image_size
+    self._resize_size = resize_size
     self._top_k = min(top_k, len(class_names))
     self._call = lambda images: model(images, training=False)
 
@@ -87,7 +88,8 @@ class _ServingModule(tf.Module):
       tf.TensorSpec([None, None, None, 3], tf.uint8, name='images')])
   def serve_images(self, images):
     return self._outputs(
-        input_pipeline.preprocess_for_eval(images, self._image_size))
+        input_pipeline.preprocess_for_eval(images, self._image_size,
+                                           self._resize_size))
 
   @tf.function(input_signature=[
       tf.TensorSpec([None], tf.string, name='image_bytes')])
@@ -112,7 +114,8 @@ class _ServingModule(tf.Module):
     check = tf.debugging.Assert(is_image, [message])
     with tf.control_dependencies([check]):
       image = image_folder.decode_image(data)
-    return input_pipeline.preprocess_for_eval(image, self._image_size)
+    return input_pipeline.preprocess_for_eval(image, self._image_size,
+                                              self._resize_size)
 
 
 def _varint(value):
@@ -161,12 +164,12 @@ def check_config(config):
   errors.check_positive('export_top_k', config.export_top_k)
 
 
-def _save(model, export_dir, image_size, class_names, top_k):
+def _save(model, export_dir, image_size, class_names, top_k, resize_size):
   if not class_names:
     raise errors.ConfigError(f'class_names must not be empty. Received: '
                              f'class_names={class_names!r}')
   errors.check_positive('top_k', top_k)
-  module = _ServingModule(model, image_size, class_names, top_k)
+  module = _ServingModule(model, image_size, class_names, top_k, resize_size)
   tf.saved_model.save(
       module, export_dir,
       signatures={
@@ -176,7 +179,8 @@ def _save(model, export_dir, image_size, class_names, top_k):
   _write_warmup_requests(export_dir, image_size)
 
 
-def export_saved_model(model, export_dir, image_size, class_names, top_k=5):
+def export_saved_model(model, export_dir, image_size, class_names, top_k=5,
+                       resize_size=None):
   """Writes a SavedModel of `model` to `export_dir` (no version directory).
 
   Use `export_version` for the layout TF Serving watches.
@@ -188,6 +192,8 @@ def export_saved_model(model, export_dir, image_size, class_names, top_k=5):
     image_size: S, the side the model expects.
     class_names: One name per class id.
     top_k: How many of the most probable classes the signatures return.
+    resize_size: The run's training `resize_size` (BiT-HyperRule), which
+      changes the eval preprocessing; see `input_pipeline.preprocess_for_eval`.
 
   Returns:
     `export_dir`.
@@ -195,7 +201,7 @@ def export_saved_model(model, export_dir, image_size, class_names, top_k=5):
   temporary = export_dir.rstrip('/') + '.tmp'
   if tf.io.gfile.exists(temporary):
     tf.io.gfile.rmtree(temporary)
-  _save(model, temporary, image_size, class_names, top_k)
+  _save(model, temporary, image_size, class_names, top_k, resize_size)
   if tf.io.gfile.exists(export_dir):
     tf.io.gfile.rmtree(export_dir)
   os.replace(temporary, export_dir)
@@ -228,7 +234,8 @@ def resolve_saved_model(path):
   return os.path.join(path, str(versions[-1]))
 
 
-def export_version(model, export_base, image_size, class_names, top_k=5):
+def export_version(model, export_base, image_size, class_names, top_k=5,
+                   resize_size=None):
   """Writes `<export_base>/<next version>/`, the layout TF Serving loads.
 
   The version is one more than the largest there (1 for the first). The
@@ -243,6 +250,7 @@ def export_version(model, export_base, image_size, class_names, top_k=5):
     image_size: S, the side the model expects.
     class_names: One name per class id.
     top_k: How many of the most probable classes the signatures return.
+    resize_size: As in `export_saved_model`.
 
   Returns:
     `(version, path)` of the new version.
@@ -250,7 +258,7 @@ def export_version(model, export_base, image_size, class_names, top_k=5):
   os.makedirs(export_base, exist_ok=True)
   temporary = tempfile.mkdtemp(prefix='.tmp-', dir=export_base)
   try:
-    _save(model, temporary, image_size, class_names, top_k)
+    _save(model, temporary, image_size, class_names, top_k, resize_size)
     while True:
       version = (list_versions(export_base) or [0])[-1] + 1
       path = os.path.join(export_base, str(version))
@@ -336,4 +344,5 @@ def export_run(workdir, checkpoint='best', export_base=None, top_k=None):
   return export_version(
       model, export_base or workdir_lib.Workdir(workdir).export,
       config.image_size, class_names,
-      top_k=config.export_top_k if top_k is None else top_k)
+      top_k=config.export_top_k if top_k is None else top_k,
+      resize_size=config.resize_size)

@@ -420,3 +420,48 @@ def test_preprocess_for_eval_native_size_is_identity():
   output = input_pipeline.preprocess_for_eval(image, _SIDE).numpy()
   assert output.dtype == np.float32
   np.testing.assert_allclose(output, image.astype(np.float32), atol=1e-3)
+
+
+def _square_side(image):
+  """Side of the bright square drawn by `_image_with_square`, in pixels."""
+  mask = image[..., 0] > 127
+  return int(mask.any(axis=0).sum())
+
+
+def _image_with_square(height, width, side):
+  image = np.zeros((height, width, 3), np.uint8)
+  top, left = (height - side) // 2, (width - side) // 2
+  image[top:top + side, left:left + side] = 255
+  return image
+
+
+@pytest.mark.parametrize('height, width', [(224, 224), (300, 400)])
+def test_eval_sees_objects_at_the_training_scale(height, width):
+  """An object has the same size in eval (and serving) as in training crops.
+
+  Training squashes the image to image_size / 0.875 and crops; eval must
+  resize the same way and centre-crop, not resize the whole image to
+  image_size (objects 12.5% smaller).
+  """
+  image_size = 64
+  image = _image_with_square(height, width, side=112)
+  train_sides = {
+      _square_side(input_pipeline.augment_for_training(
+          image, image_size, tf.constant([0, seed], tf.int64)).numpy())
+      for seed in range(4)}
+  eval_side = _square_side(
+      input_pipeline.preprocess_for_eval(image, image_size).numpy())
+  assert len(train_sides) == 1 and eval_side in train_sides, (train_sides,
+                                                              eval_side)
+  # Batches of images (the serving signature) give the same as one image.
+  batch = input_pipeline.preprocess_for_eval(image[None], image_size).numpy()
+  np.testing.assert_array_equal(
+      batch[0], input_pipeline.preprocess_for_eval(image, image_size).numpy())
+
+
+def test_eval_with_resize_size_follows_bit_hyperrule():
+  """With resize_size (BiT-HyperRule), eval resizes to image_size directly."""
+  image = _image_with_square(160, 160, side=80)
+  output = input_pipeline.preprocess_for_eval(image, 128, resize_size=160)
+  assert output.shape == (128, 128, 3)
+  assert _square_side(output.numpy()) == 64
