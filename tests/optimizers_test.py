@@ -202,11 +202,12 @@ def test_ema_weights_equal_the_formula_after_k_steps(tmp_path):
   model.fit(x, y, batch_size=8, epochs=1, callbacks=[raw], verbose=0,
             shuffle=False)
   assert len(raw.steps) == steps
-  # ema_1 = w_1; ema_t = m·ema_{t-1} + (1 - m)·w_t, in float64.
+  # ema_1 = w_1; ema_t = m_t·ema_{t-1} + (1 - m_t)·w_t, in float64, with
+  # the warm-up m_t = min(m, t / (9 + t)) (TF's num_updates rule).
   expected = [w.astype(np.float64) for w in raw.steps[0]]
-  for weights in raw.steps[1:]:
-    expected = [momentum * e + (1 - momentum) * w
-                for e, w in zip(expected, weights)]
+  for t, weights in enumerate(raw.steps[1:], start=2):
+    m_t = min(momentum, t / (9 + t))
+    expected = [m_t * e + (1 - m_t) * w for e, w in zip(expected, weights)]
   # fit swapped the averages in at its end.
   final = [np.asarray(v) for v in model.trainable_variables]
   for got, want, last in zip(final, expected, raw.steps[-1]):
@@ -319,3 +320,14 @@ def test_fused_sgd_and_batch_norm_compile_under_xla():
     results.append(model.get_weights())
   for want, got in zip(*results):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_ema_warm_up_reaches_the_configured_momentum():
+  """Early averages follow the weights; later ones use m itself."""
+  def momentum(m, iterations):
+    return float(optimizers.ema_momentum_at(m, iterations))
+
+  assert momentum(0.999, 0) == 0.0  # The first step copies the weights.
+  assert momentum(0.999, 1) == pytest.approx(2 / 11)
+  assert momentum(0.999, 100) == pytest.approx(101 / 110)
+  assert momentum(0.9, 10**6) == pytest.approx(0.9)
