@@ -64,6 +64,16 @@ def get_config():
   # 'frozen' (non-trainable: inference mode, moving statistics and γ/β kept)
   # or 'synchronized' (batch statistics all-reduced across replicas).
   config.batch_norm = 'trained'
+  # Momentum m of the BN moving statistics, moving = m·moving + (1 - m)·batch;
+  # None: the layers' own (0.99 in Keras' ResNet50; PyTorch's momentum=0.1 is
+  # m = 0.9).
+  config.batch_norm_momentum = ml_collections.FieldReference(
+      None, field_type=float)
+  # Precise BN: before each evaluation, the best-checkpoint decision and the
+  # export, re-estimate the moving statistics of the trained BN layers as
+  # population statistics over this many training batches, computed with
+  # the weights being evaluated (keras_sft.precise_bn). 0: off.
+  config.precise_bn_batches = 0
   # None, or 'conv1'..'conv5': freeze ResNet50 up to and including that
   # stage for the whole run (non-trainable, not decayed, BN in inference).
   config.freeze_until = ml_collections.FieldReference(None, field_type=str)
@@ -113,9 +123,11 @@ def get_config():
   config.randaugment_num_ops = 0
   config.randaugment_magnitude = 0.0
   # Momentum m of an exponential moving average of the weights (Keras'
-  # optimizer `use_ema`); None: off. When on, the final evaluation, the
-  # report and the export use the EMA weights; per-epoch validation during
-  # fit and best_weights use the raw ones.
+  # optimizer `use_ema`, warmed up as min(m, (1 + t) / (10 + t)) at step t);
+  # None: off. When on, per-epoch validation, best.weights.h5, the final
+  # evaluation and the export use the EMA weights (with their own BN
+  # statistics when precise_bn_batches > 0); the raw weights are measured
+  # too, and exported instead if they evaluate better.
   config.ema_momentum = ml_collections.FieldReference(None, field_type=float)
   # Staged fine-tuning: epochs (from the start) in which only the head trains
   # (backbone gradients x 0, read from the optimizer step, so resumable), then

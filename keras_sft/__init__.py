@@ -20,9 +20,9 @@ __version__ = '0.1.0'
 # Every submodule, reachable as an attribute of the package.
 _SUBMODULES = (
     'batch_augment', 'batch_norm', 'checkpointing', 'classifier', 'cli',
-    'distribution', 'errors', 'evaluation', 'export', 'hyperrule',
+    'distribution', 'errors', 'evaluation', 'evaluation_weights', 'export', 'hyperrule',
     'image_folder', 'input_pipeline', 'losses', 'models', 'multi_worker',
-    'optimizers', 'precision', 'predict', 'progress', 'recipe', 'serving',
+    'optimizers', 'precise_bn', 'precision', 'predict', 'progress', 'recipe', 'serving',
     'train', 'workdir')
 __all__ = list(_SUBMODULES)
 

@@ -22,8 +22,47 @@ this layer and Keras' (a ResNet50 trained here loads into
 layers are fused, with the same weights.
 """
 
+import contextlib
+import threading
+
 import keras
 import tensorflow as tf
+
+# Per thread (tf.distribute runs each replica in its own thread): the list
+# that `collect_statistics` opened, or None.
+_collecting = threading.local()
+
+
+@contextlib.contextmanager
+def collect_statistics():
+  """Records the input statistics of every BN layer called in training mode.
+
+  Yields a list that fills with `(layer, count, mean, m2)` per call, in call
+  order: the count of elements per channel, their mean and sum of squared
+  deviations, float32 `[C]` tensors (`keras_sft.precise_bn` uses them).
+  """
+  previous = getattr(_collecting, 'entries', None)
+  _collecting.entries = []
+  try:
+    yield _collecting.entries
+  finally:
+    _collecting.entries = previous
+
+
+def _record_statistics(layer, inputs):
+  entries = getattr(_collecting, 'entries', None)
+  if entries is None:
+    return
+  inputs = tf.cast(inputs, tf.float32)
+  rank = len(inputs.shape)
+  channel_axis = layer.axis % rank
+  axes = [axis for axis in range(rank) if axis != channel_axis]
+  mean = tf.reduce_mean(inputs, axis=axes, keepdims=True)
+  m2 = tf.reduce_sum(tf.square(inputs - mean), axis=axes)
+  count = tf.cast(tf.size(inputs, out_type=tf.int64) //
+                  tf.cast(tf.shape(inputs)[channel_axis], tf.int64),
+                  tf.float32)
+  entries.append((layer, count, tf.reshape(mean, [-1]), m2))
 
 
 @keras.saving.register_keras_serializable(package='keras_sft')
@@ -36,6 +75,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
             and not self.renorm and not self.synchronized)
 
   def call(self, inputs, training=None, mask=None):
+    if training and self.trainable:
+      _record_statistics(self, inputs)
     if not self._fusable(inputs, mask):
       return super().call(inputs, training=training, mask=mask)
     # As Keras' layer: statistics in float32 also under mixed precision.

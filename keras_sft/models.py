@@ -41,6 +41,8 @@ def check_config(config):
   resolve_weights(config.weights)
   errors.check_fraction('dropout_rate', config.dropout_rate)
   errors.check_choice('batch_norm', config.batch_norm, BATCH_NORM_POLICIES)
+  errors.check_fraction('batch_norm_momentum', config.batch_norm_momentum,
+                        optional=True)
   errors.check_choice('freeze_until', config.freeze_until, STAGES,
                       optional=True)
 
@@ -97,7 +99,7 @@ def resolve_weights(weights):
   return weights
 
 
-def set_batch_norm_policy(model, policy):
+def set_batch_norm_policy(model, policy, momentum=None):
   """Sets how every BatchNormalization layer inside `model` trains.
 
   Args:
@@ -109,15 +111,21 @@ def set_batch_norm_policy(model, policy):
       'synchronized' (batch statistics all-reduced across the replicas of a
       `tf.distribute` strategy, `synchronized=True`; read at call time, so
       setting it on built layers takes effect).
+    momentum: None (the layers' own: 0.99 in ResNet50) or the momentum m of
+      the moving statistics, moving = m·moving + (1 − m)·batch (PyTorch's
+      `momentum=0.1` is m = 0.9).
 
   Returns:
     The number of BatchNormalization layers changed.
   """
   errors.check_choice('batch_norm', policy, BATCH_NORM_POLICIES)
+  errors.check_fraction('batch_norm_momentum', momentum, optional=True)
   count = 0
   for layer in model._flatten_layers(include_self=False):  # pylint: disable=protected-access
     if isinstance(layer, keras.layers.BatchNormalization):
       count += 1
+      if momentum is not None:
+        layer.momentum = float(momentum)
       if policy == 'frozen':
         layer.trainable = False
       elif policy == 'synchronized':
@@ -162,7 +170,7 @@ def freeze_until(backbone, stage):
 
 def create_network(num_classes, image_size, weights='imagenet',
                    dropout_rate=0.0, seed=None, batch_norm='trained',
-                   freeze_until_stage=None):
+                   freeze_until_stage=None, batch_norm_momentum=None):
   """Builds ResNet50 (no top) + global average pooling + Dense head.
 
   Args:
@@ -175,6 +183,8 @@ def create_network(num_classes, image_size, weights='imagenet',
     batch_norm: One of `BATCH_NORM_POLICIES`, for the backbone's BN layers.
     freeze_until_stage: None or one of `STAGES`: freeze the backbone up to
       and including that stage (its BN layers then run in inference mode).
+    batch_norm_momentum: None or the BN layers' momentum (see
+      `set_batch_norm_policy`).
 
   Returns:
     A functional `keras.Model` named 'network' mapping `[N, S, S, 3]` images
@@ -199,7 +209,7 @@ def create_network(num_classes, image_size, weights='imagenet',
   # Same weights and arithmetic, one kernel per BatchNormalization layer
   # (keras_sft.batch_norm).
   backbone = batch_norm_module.fuse(backbone)
-  set_batch_norm_policy(backbone, batch_norm)
+  set_batch_norm_policy(backbone, batch_norm, batch_norm_momentum)
   frozen = freeze_until(backbone, freeze_until_stage)
   if frozen:
     logging.info('Froze %d backbone layers up to stage %s.', len(frozen),
@@ -223,7 +233,8 @@ def create_network(num_classes, image_size, weights='imagenet',
 def create_model(num_classes, image_size, weights='imagenet',
                  dropout_rate=0.0, weight_decay=0.0, seed=None,
                  batch_norm='trained', freeze_until_stage=None,
-                 backbone_multiplier=1.0, head_only_steps=0):
+                 backbone_multiplier=1.0, head_only_steps=0,
+                 batch_norm_momentum=None):
   """Returns a `classifier.Classifier` around `create_network(...)`.
 
   Compile it as any Keras model, with a from-logits cross-entropy loss.
@@ -233,7 +244,8 @@ def create_model(num_classes, image_size, weights='imagenet',
   network = create_network(num_classes, image_size, weights=weights,
                            dropout_rate=dropout_rate, seed=seed,
                            batch_norm=batch_norm,
-                           freeze_until_stage=freeze_until_stage)
+                           freeze_until_stage=freeze_until_stage,
+                           batch_norm_momentum=batch_norm_momentum)
   return classifier.Classifier(network, weight_decay=weight_decay,
                                backbone_multiplier=backbone_multiplier,
                                head_only_steps=head_only_steps,

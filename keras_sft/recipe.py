@@ -140,6 +140,7 @@ def build_model(config, num_classes, plan=None, pretrained=True):
         dropout_rate=config.dropout_rate, weight_decay=config.weight_decay,
         seed=config.seed, batch_norm=config.batch_norm,
         freeze_until_stage=config.freeze_until,
+        batch_norm_momentum=config.batch_norm_momentum,
         backbone_multiplier=config.backbone_learning_rate_multiplier,
         head_only_steps=plan.head_only_steps if plan else 0)
     if plan is None:

@@ -38,6 +38,7 @@ import tensorflow as tf
 
 from keras_sft import checkpointing
 from keras_sft import errors
+from keras_sft import evaluation_weights
 from keras_sft import image_folder
 from keras_sft import input_pipeline
 from keras_sft import recipe
@@ -298,8 +299,13 @@ def restore_run_model(workdir, checkpoint='best'):
 
   Args:
     workdir: A run directory (`config.json`, `checkpoints/`).
-    checkpoint: 'best' (`checkpoints/best.weights.h5`, the highest
-      val_accuracy; the last backup when the run has none) or 'last'.
+    checkpoint: 'best' (`checkpoints/best.weights.h5`: the weights whose
+      val_accuracy was the highest, EMA and BN statistics as evaluated; the
+      last backup when the run has none) or 'last' (the newest backup, with
+      the weights the run evaluates put in: the EMA if on, unless the run's
+      final evaluation chose the raw weights (`exported_weights` in
+      metrics.json), and BN statistics re-estimated on the run's training
+      data if `precise_bn_batches`).
 
   Returns:
     `(model, config, class_names, weights_path)`; `config` is a ConfigDict.
@@ -320,10 +326,18 @@ def restore_run_model(workdir, checkpoint='best'):
     path = latest[0]
   model = recipe.build_model(config, len(class_names), pretrained=False)
   model.load_weights(path)
-  if config.ema_momentum is not None:
-    # Export the moving averages, as the end of training does.
-    model.optimizer.finalize_variable_values(model.trainable_weights)
   logging.info('Restored %s.', path)
+  if path != best:
+    statistics_batches = None
+    if config.precise_bn_batches:
+      statistics_batches = input_pipeline.from_config(config).train(
+          start_step=0).take(config.precise_bn_batches)
+    ema = config.ema_momentum is not None
+    if ema and os.path.exists(run.metrics_file):
+      ema = workdir_lib.read_json(run.metrics_file).get(
+          'exported_weights', 'ema') == 'ema'
+    evaluation_weights.use(model, ema=ema,
+                           statistics_batches=statistics_batches)
   return model, config, class_names, path
 
 

@@ -32,10 +32,12 @@ from keras_sft import classifier
 from keras_sft import distribution
 from keras_sft import errors
 from keras_sft import evaluation
+from keras_sft import evaluation_weights
 from keras_sft import input_pipeline
 from keras_sft import losses
 from keras_sft import models
 from keras_sft import optimizers
+from keras_sft import precise_bn
 from keras_sft import precision
 from keras_sft import progress
 from keras_sft import recipe
@@ -62,6 +64,7 @@ _CHECKS = (
     batch_augment.check_config,
     optimizers.check_config,
     precision.check_config,
+    precise_bn.check_config,
     distribution.check_config,
     checkpointing.check_config,
     serving.check_config,
@@ -159,13 +162,33 @@ def _build(run):
   return model
 
 
+def _statistics_batches(run):
+  """Training batches for precise BN (None: off), the same on every call."""
+  if not run.config.precise_bn_batches:
+    return None
+  # The first batches of the stream: deterministic, whatever the position of
+  # a resumed run.
+  return run.data.train(start_step=0).take(run.config.precise_bn_batches)
+
+
 def _callbacks(run):
+  # The other workers of a multi-worker run write nothing, but take part in
+  # the collectives of precise BN. The order of the next three matters: see
+  # keras_sft.evaluation_weights.
   callbacks = [keras.callbacks.TerminateOnNaN()]
-  if run.chief:  # The other workers of a multi-worker run write nothing.
+  if run.chief:
+    callbacks.append(
+        checkpointing.BestWeightsCallback(run.checkpointer.directory))
+  callbacks.append(evaluation_weights.EvaluationWeights(
+      ema=run.config.ema_momentum is not None,
+      statistics_batches=(
+          (lambda: _statistics_batches(run))
+          if run.config.precise_bn_batches else None),
+      strategy=run.strategy))
+  if run.chief:
     callbacks += [
         checkpointing.BackupCallback(run.checkpointer,
                                      run.config.checkpoint_every_steps),
-        checkpointing.BestWeightsCallback(run.checkpointer.directory),
         progress.LearningRateLogger(),
         progress.StepLogger(run.config.log_every_steps, run.plan.total_steps,
                             run.config.global_batch_size),
@@ -222,25 +245,55 @@ def _fit_to_end(run, model):
   return True
 
 
+def _evaluate(run, model, ema):
+  """Evaluates the raw (`ema=False`) or EMA weights, BN re-estimated."""
+  if run.config.ema_momentum is not None:
+    # Start from the raw weights of the newest backup (fit leaves the EMA
+    # in the model); the other workers wait for the chief's backup.
+    _wait_for_backup(run.checkpointer, checkpointing.trained_steps(model),
+                     run.config.collective_timeout_seconds)
+    run.checkpointer.restore(model)
+  evaluation_weights.use(model, ema, _statistics_batches(run), run.strategy)
+  results = model.evaluate(run.data.eval, steps=run.config.eval_steps,
+                           return_dict=True, verbose=progress.fit_verbosity())
+  return {key: float(value) for key, value in results.items()}
+
+
+def _evaluate_and_choose(run, model):
+  """Measures the raw and (if on) EMA weights; leaves the better in `model`.
+
+  Returns:
+    The metrics dict: `eval` of the weights left in `model`, and with EMA
+    also `eval_raw`, `eval_ema` and `exported_weights`.
+  """
+  if run.config.ema_momentum is None:
+    return {'eval': _evaluate(run, model, ema=False)}
+  metrics = {'eval_raw': _evaluate(run, model, ema=False),
+             'eval_ema': _evaluate(run, model, ema=True)}
+  chosen = 'ema'
+  if metrics['eval_ema']['accuracy'] < metrics['eval_raw']['accuracy']:
+    logging.warning(
+        'The EMA weights evaluate worse than the raw weights (accuracy %.4f '
+        'vs %.4f): reporting and exporting the raw weights. Lower '
+        '--config.ema_momentum for a run this short.',
+        metrics['eval_ema']['accuracy'], metrics['eval_raw']['accuracy'])
+    chosen = 'raw'
+    _evaluate(run, model, ema=False)
+  metrics['exported_weights'] = chosen
+  metrics['eval'] = metrics[f'eval_{chosen}']
+  return metrics
+
+
 def _finish(run, model, export):
   """Evaluates; on the chief writes the report, metrics and an export."""
   config = run.config
-  if config.ema_momentum is not None:
-    # Evaluate and export the EMA weights. fit already swapped them in after
-    # training; a restored backup holds the raw ones (idempotent otherwise).
-    model.optimizer.finalize_variable_values(model.trainable_weights)
   step = checkpointing.trained_steps(model)
+  metrics = {'step': step, 'total_steps': run.plan.total_steps}
+  metrics.update(_evaluate_and_choose(run, model))
   # Every worker logs it: equal sums show the replicas stayed in sync.
   logging.info('Weights checksum (%s) at step %d: %.12e',
                distribution.task_name(run.strategy), step,
                weights_checksum(model))
-  results = model.evaluate(run.data.eval, steps=config.eval_steps,
-                           return_dict=True, verbose=progress.fit_verbosity())
-  metrics = {
-      'step': step,
-      'total_steps': run.plan.total_steps,
-      'eval': {key: float(value) for key, value in results.items()},
-  }
   if not run.chief:
     return metrics
   metrics['report'] = evaluation.write_report(
