@@ -20,6 +20,9 @@ multiplier (the λ·R gradient included, so frozen variables are not decayed).
 For Adam(W) it is not: Adam normalizes gradient scale away (a multiplier of 0
 still freezes, as long as no decoupled weight decay applies); `check_config`
 refuses those combinations.
+
+Under loss scaling (mixed_float16) on several replicas, a step that
+overflows on any replica is skipped on all of them (`_skip_together`).
 """
 
 import keras
@@ -155,12 +158,44 @@ class Classifier(keras.Model):
       scaled = self.optimizer.scale_loss(total)
     gradients = tape.gradient(scaled, variables)
     gradients = self._scale_backbone_gradients(gradients, variables)
+    gradients = self._skip_together(gradients)
     # Unscales (and skips non-finite steps) under loss scaling.
     self.optimizer.apply(gradients, variables)
     self._update_trackers(x, ce, l2)
     # Accuracy metrics need class ids; MixUp/CutMix labels are soft.
     return self.compute_metrics(x, losses.hard_labels(y, y_pred.shape.rank),
                                 y_pred, sample_weight=sample_weight)
+
+  def _skip_together(self, gradients):
+    """Under loss scaling on several replicas, makes them skip together.
+
+    Keras' `LossScaleOptimizer.apply` receives each replica's own gradients
+    (they are all-reduced later, inside the inner optimizer) and decides
+    "finite or not" from the first local replica's (merge-call path: CPUs,
+    or GPUs without XLA) or from each replica's own (XLA on GPUs). So an
+    overflow on another replica was applied to every replica's weights, or
+    (XLA path, several workers) one replica skipped while the others waited
+    in the gradient all-reduce. Here the replicas all-reduce a count of the
+    non-finite ones, and if it is positive every replica's smallest
+    gradient becomes NaN: all then take Keras' skip branch (no update, loss
+    scale halved, step not counted). Finite steps are unchanged (× 1).
+    """
+    if not isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+      return gradients
+    replica_context = tf.distribute.get_replica_context()
+    if replica_context is None or replica_context.num_replicas_in_sync == 1:
+      return gradients
+    non_finite = 1.0 - tf.cast(self.optimizer.check_finite(gradients),
+                               tf.float32)
+    non_finite = replica_context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                            non_finite)
+    dense = [i for i, g in enumerate(gradients) if isinstance(g, tf.Tensor)]
+    smallest = min(dense, key=lambda i: gradients[i].shape.num_elements())
+    gradients = list(gradients)
+    gradients[smallest] *= tf.cast(
+        tf.where(non_finite > 0.0, float('nan'), 1.0),
+        gradients[smallest].dtype)
+    return gradients
 
   def backbone_scale(self):
     """The current backbone gradient multiplier, a float32 scalar."""

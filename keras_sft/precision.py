@@ -15,7 +15,7 @@ policies keep float32 variables), the classification head (built with
 'mixed_float16' `Model.compile` wraps the optimizer in a
 `keras.optimizers.LossScaleOptimizer`, whose `scale_loss`/`apply` the
 classifier's train_step calls: dynamic loss scaling, non-finite steps
-skipped.
+skipped (on every replica together when any replica overflows).
 """
 
 import contextlib
