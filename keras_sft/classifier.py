@@ -14,9 +14,12 @@ in the layer named `head_layer`) before the optimizer sees them: by 0 while
 `optimizer.iterations < head_only_steps` (head-only phase), by
 `backbone_multiplier` after. The phase is read from the optimizer's step, so
 a run resumed from a backup is in the right phase, and every variable stays
-in the optimizer throughout (backups restore across the boundary). For SGD,
-with or without momentum, a gradient multiplier is exactly a learning-rate
-multiplier (the λ·R gradient included, so frozen variables are not decayed).
+in the optimizer throughout (backups restore across the boundary). Only
+gradients are scaled: a trainable BatchNorm layer of the backbone still
+normalizes with batch statistics and updates its moving statistics in the
+head-only phase (README "Recipe"). For SGD, with or without momentum, a
+gradient multiplier is exactly a learning-rate multiplier (the λ·R gradient
+included, so frozen variables are not decayed).
 For Adam(W) it is not: Adam normalizes gradient scale away, and its bias
 correction counts the head-only steps although the backbone's moments stay
 zero in them (the backbone's first steps after would be 3-6x the learning

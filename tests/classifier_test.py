@@ -351,3 +351,29 @@ def test_adamw_with_a_head_only_phase_is_refused(adamw_weight_decay):
     classifier.check_config(config)
   classifier.check_config(_config(optimizer='adamw', head_only_epochs=0.0))
   classifier.check_config(_config(optimizer='sgd', head_only_epochs=1.0))
+
+
+@pytest.mark.parametrize('freeze_batchnorm', [False, True])
+def test_head_only_phase_moves_bn_statistics_unless_frozen(freeze_batchnorm):
+  """What README says of the head-only phase: BatchNorm keeps its policy.
+
+  γ and β are frozen (gradient x 0), but a trainable BatchNorm still
+  normalizes with batch statistics and its moving statistics follow the
+  batches; batch_norm='frozen' (non-trainable) keeps them.
+  """
+  keras.utils.set_random_seed(1)
+  model = classifier.Classifier(_network(freeze_batchnorm), _LAMBDA,
+                                head_only_steps=2)
+  _compile(model, momentum=0.9)
+  model(np.zeros((1, 8, 8, 3), np.float32))
+  bn = model.network.get_layer('bn')
+  before = [np.asarray(v) for v in bn.weights]
+  _step(model, 0)
+  _step(model, 1)
+  assert int(model.optimizer.iterations.numpy()) == 2  # still head-only
+  after = {v.name: np.asarray(v) for v in bn.weights}
+  for variable, old in zip(bn.weights, before):
+    moved = not np.array_equal(after[variable.name], old)
+    expected = (not freeze_batchnorm and
+                variable.name in ('moving_mean', 'moving_variance'))
+    assert moved == expected, variable.name
