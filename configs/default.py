@@ -131,8 +131,11 @@ def get_config():
   config.ema_momentum = ml_collections.FieldReference(None, field_type=float)
   # Staged fine-tuning: epochs (from the start) in which only the head trains
   # (backbone gradients x 0, read from the optimizer step, so resumable), then
-  # the full network. 0: off. The backbone's BN moving statistics still
-  # follow the batches in that phase unless batch_norm='frozen'.
+  # the full network. 0: off. Refused with optimizer='adamw' (its bias
+  # correction would over-step the backbone when it unfreezes). Only weights
+  # are frozen in that phase: with batch_norm='trained' the backbone's BN
+  # layers still normalize with batch statistics and their moving statistics
+  # follow the batches; batch_norm='frozen' keeps them for the whole run.
   config.head_only_epochs = 0.0
   # Gradient multiplier of the backbone; the head uses the base LR. For SGD
   # it is exactly an LR multiplier; refused with AdamW unless 1.0.

@@ -14,12 +14,19 @@ in the layer named `head_layer`) before the optimizer sees them: by 0 while
 `optimizer.iterations < head_only_steps` (head-only phase), by
 `backbone_multiplier` after. The phase is read from the optimizer's step, so
 a run resumed from a backup is in the right phase, and every variable stays
-in the optimizer throughout (backups restore across the boundary). For SGD,
-with or without momentum, a gradient multiplier is exactly a learning-rate
-multiplier (the λ·R gradient included, so frozen variables are not decayed).
-For Adam(W) it is not: Adam normalizes gradient scale away (a multiplier of 0
-still freezes, as long as no decoupled weight decay applies); `check_config`
-refuses those combinations.
+in the optimizer throughout (backups restore across the boundary). Only
+gradients are scaled: a trainable BatchNorm layer of the backbone still
+normalizes with batch statistics and updates its moving statistics in the
+head-only phase (README "Recipe"). For SGD, with or without momentum, a
+gradient multiplier is exactly a learning-rate multiplier (the λ·R gradient
+included, so frozen variables are not decayed).
+For Adam(W) it is not: Adam normalizes gradient scale away, and its bias
+correction counts the head-only steps although the backbone's moments stay
+zero in them (the backbone's first steps after would be 3-6x the learning
+rate); `check_config` refuses AdamW with either.
+
+Under loss scaling (mixed_float16) on several replicas, a step that
+overflows on any replica is skipped on all of them (`_skip_together`).
 """
 
 import keras
@@ -72,18 +79,30 @@ def check_config(config):
         'head_only_epochs must be in [0, num_epochs). Received: '
         f'head_only_epochs={config.head_only_epochs!r}, '
         f'num_epochs={config.num_epochs!r}')
-  if config.optimizer == 'adamw' and (
-      config.backbone_learning_rate_multiplier != 1.0 or
-      (config.head_only_epochs and config.adamw_weight_decay)):
-    # A gradient multiplier is an LR multiplier for SGD only, and AdamW's
-    # decoupled decay would move a "frozen" backbone (see the module doc).
+  if config.optimizer != 'adamw':
+    return
+  if config.head_only_epochs:
+    # The backbone's moments stay 0 in the head-only phase, but Adam's bias
+    # correction counts its steps: for a constant gradient, 1, 10 and 100
+    # steps after unfreezing (after 3,000 head-only steps) the backbone
+    # moves 3.1x, 6.4x and 3.2x the learning rate (a fresh Adam: 1x). Its
+    # own step count would need Adam's update rewritten; SGD is the recipe.
     raise errors.ConfigError(
-        'optimizer="adamw" supports neither backbone_learning_rate_multiplier'
-        ' != 1 nor head_only_epochs with adamw_weight_decay > 0. Received: '
+        'optimizer="adamw" cannot be combined with a head-only phase: '
+        "Adam's bias correction counts the head-only steps, in which the "
+        "backbone's moments stay zero, so the backbone's first steps after "
+        'it unfreezes are 3-6x the learning rate. Received: '
+        f'optimizer={config.optimizer!r}, '
+        f'head_only_epochs={config.head_only_epochs!r}. '
+        'Use optimizer="sgd" or head_only_epochs=0.')
+  if config.backbone_learning_rate_multiplier != 1.0:
+    # A gradient multiplier is an LR multiplier for SGD only (module doc).
+    raise errors.ConfigError(
+        'optimizer="adamw" does not support backbone_learning_rate_multiplier'
+        ' != 1: Adam normalizes the gradient scale away. Received: '
         'backbone_learning_rate_multiplier='
-        f'{config.backbone_learning_rate_multiplier!r}, head_only_epochs='
-        f'{config.head_only_epochs!r}, adamw_weight_decay='
-        f'{config.adamw_weight_decay!r}. Use optimizer="sgd".')
+        f'{config.backbone_learning_rate_multiplier!r}. Use optimizer="sgd" '
+        'or backbone_learning_rate_multiplier=1.0.')
 
 
 @keras.saving.register_keras_serializable(package='keras_sft')
@@ -155,12 +174,44 @@ class Classifier(keras.Model):
       scaled = self.optimizer.scale_loss(total)
     gradients = tape.gradient(scaled, variables)
     gradients = self._scale_backbone_gradients(gradients, variables)
+    gradients = self._skip_together(gradients)
     # Unscales (and skips non-finite steps) under loss scaling.
     self.optimizer.apply(gradients, variables)
     self._update_trackers(x, ce, l2)
     # Accuracy metrics need class ids; MixUp/CutMix labels are soft.
     return self.compute_metrics(x, losses.hard_labels(y, y_pred.shape.rank),
                                 y_pred, sample_weight=sample_weight)
+
+  def _skip_together(self, gradients):
+    """Under loss scaling on several replicas, makes them skip together.
+
+    Keras' `LossScaleOptimizer.apply` receives each replica's own gradients
+    (they are all-reduced later, inside the inner optimizer) and decides
+    "finite or not" from the first local replica's (merge-call path: CPUs,
+    or GPUs without XLA) or from each replica's own (XLA on GPUs). So an
+    overflow on another replica was applied to every replica's weights, or
+    (XLA path, several workers) one replica skipped while the others waited
+    in the gradient all-reduce. Here the replicas all-reduce a count of the
+    non-finite ones, and if it is positive every replica's smallest
+    gradient becomes NaN: all then take Keras' skip branch (no update, loss
+    scale halved, step not counted). Finite steps are unchanged (× 1).
+    """
+    if not isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+      return gradients
+    replica_context = tf.distribute.get_replica_context()
+    if replica_context is None or replica_context.num_replicas_in_sync == 1:
+      return gradients
+    non_finite = 1.0 - tf.cast(self.optimizer.check_finite(gradients),
+                               tf.float32)
+    non_finite = replica_context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                            non_finite)
+    dense = [i for i, g in enumerate(gradients) if isinstance(g, tf.Tensor)]
+    smallest = min(dense, key=lambda i: gradients[i].shape.num_elements())
+    gradients = list(gradients)
+    gradients[smallest] *= tf.cast(
+        tf.where(non_finite > 0.0, float('nan'), 1.0),
+        gradients[smallest].dtype)
+    return gradients
 
   def backbone_scale(self):
     """The current backbone gradient multiplier, a float32 scalar."""

@@ -1,9 +1,10 @@
 """Cross-entropy on sparse or soft labels, with optional label smoothing.
 
 Keras' `SparseCategoricalCrossentropy` has no `label_smoothing`, and MixUp and
-CutMix produce soft (one-hot mixed) labels. `CrossEntropy` takes either: int
-class ids `[N]` are one-hot encoded, float `[N, C]` distributions are used as
-they are; then, with smoothing ε over C classes, the target is
+CutMix produce soft (one-hot mixed) labels. `CrossEntropy` takes either:
+class ids `[N]` or `[N, 1]` (as for Keras' sparse cross-entropy) are one-hot
+encoded, `[N, C]` distributions are used as they are (`is_soft` decides, by
+shape, for the loss and the metrics alike); then, with smoothing ε over C classes, the target is
 `(1 - ε)·y + ε / C` (Szegedy et al. 2016), and the loss is
 `-Σ_c target_c · log softmax(logits)_c`, averaged over the batch.
 
@@ -39,7 +40,7 @@ class CrossEntropy(keras.losses.Loss):
   def call(self, y_true, y_pred):
     y_pred = tf.cast(y_pred, tf.float32)
     num_classes = tf.shape(y_pred)[-1]
-    sparse = y_true.shape.rank != y_pred.shape.rank
+    sparse = not is_soft(y_true, y_pred.shape.rank)
     if sparse and not self.label_smoothing:
       # Bit for bit what SparseCategoricalCrossentropy(from_logits=True)
       # computes, so runs without the recipe train exactly as before.
@@ -61,6 +62,20 @@ class CrossEntropy(keras.losses.Loss):
     return config
 
 
+def is_soft(y_true, num_dims):
+  """Whether `y_true` holds distributions `[N, C]` rather than class ids.
+
+  Ids are `[N]`, or `[N, 1]` (the rank of the logits, one column); a soft
+  label has the rank of the logits and a last dimension other than 1. Not
+  the rank alone: `[N, 1]` ids would be taken for a one-class distribution.
+
+  Args:
+    y_true: `[N]` or `[N, 1]` ids, or `[N, C]` soft labels.
+    num_dims: Rank of the predictions (2 for `[N, C]` logits).
+  """
+  return y_true.shape.rank == num_dims and y_true.shape[-1] != 1
+
+
 def hard_labels(y_true, num_dims):
   """Returns class ids: `y_true` itself, or its argmax if it is soft.
 
@@ -68,6 +83,6 @@ def hard_labels(y_true, num_dims):
     y_true: `[N]` (or `[N, 1]`) ids, or `[N, C]` soft labels.
     num_dims: Rank of the predictions (2 for `[N, C]` logits).
   """
-  if y_true.shape.rank == num_dims and y_true.shape[-1] != 1:
+  if is_soft(y_true, num_dims):
     return tf.argmax(y_true, axis=-1)
   return y_true

@@ -52,8 +52,16 @@ class ResNetPreprocessing(keras.layers.Layer):
   """ResNet50's 'caffe' preprocessing: RGB to BGR, minus the ImageNet mean.
 
   Same arithmetic as `keras.applications.resnet50.preprocess_input`, as a
-  named, serializable layer that casts its input to float32 first.
+  named, serializable layer. It computes in float32 unless given another
+  `dtype`, also under a mixed policy: bfloat16 has a spacing of 0.5 to 1
+  between 64 and 255, so subtracting the mean there rounded the input and
+  the mean (104 - 103.939 gave 0, not 0.061). The next layer casts the
+  exact result to its compute dtype.
   """
+
+  def __init__(self, **kwargs):
+    kwargs.setdefault('dtype', 'float32')
+    super().__init__(**kwargs)
 
   def call(self, inputs):
     images = keras.ops.cast(inputs, self.compute_dtype)

@@ -172,3 +172,23 @@ def test_weight_files_move_between_keras_and_fused_layers(tmp_path):
     fresh.load_weights(path)
     for want, got in zip(source.get_weights(), fresh.get_weights()):
       np.testing.assert_array_equal(got, want)
+
+
+def test_values_per_channel_past_two_to_the_31_elements():
+  """conv1 of ResNet50 at 384 px, a batch of 1,000 per replica: 2.36e9
+  values, more than int32 holds. Traced only (no 9 GB tensor): with a
+  static shape the count is a graph constant."""
+  shape = (1000, 192, 192, 64)
+  function = tf.function(batch_norm._values_per_channel).get_concrete_function(  # pylint: disable=protected-access
+      tf.TensorSpec(shape, tf.float32))
+  # The count depends on the shape only, so it runs without an input fed.
+  with tf.compat.v1.Session(graph=function.graph) as session:
+    count = session.run(function.outputs[0])
+  assert count == 1000 * 192 * 192
+
+
+def test_values_per_channel_of_an_unknown_batch_size():
+  count = tf.function(
+      batch_norm._values_per_channel,  # pylint: disable=protected-access
+      input_signature=[tf.TensorSpec((None, 5, 5, 6), tf.float32)])
+  assert float(count(tf.zeros((7, 5, 5, 6)))) == 7 * 5 * 5

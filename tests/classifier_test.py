@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from configs import default as default_lib
 from keras_sft import classifier
+from keras_sft import errors
 from keras_sft import models
+from keras_sft import precision
 
 _LAMBDA = 0.05
 _NUM_CLASSES = 5
@@ -252,3 +255,125 @@ def test_backbone_multiplier_equals_a_backbone_learning_rate():
   assert not np.allclose(scaled_backbone[0], start[0])  # the conv kernel
   # The head keeps the base LR: 4x the slow model's head step.
   assert not np.allclose(scaled_head[0], slow_head[0])
+
+
+class _Scale(keras.layers.Layer):
+  """logits = x·w elementwise: the gradient follows the input's values."""
+
+  def build(self, input_shape):
+    self.w = self.add_weight(shape=(2,), initializer='ones', name='w')
+
+  def call(self, inputs):
+    return tf.cast(inputs, self.w.dtype) * self.w
+
+
+def _float16_step(strategy, images):
+  """One mixed_float16 SGD step on a global batch of len(images) examples.
+
+  Returns the head's per-replica values, the optimizer step and the
+  per-replica loss scales.
+  """
+  with strategy.scope(), precision.global_policy('mixed_float16'):
+    inputs = keras.Input((2,))
+    outputs = _Scale(dtype='float32', name='head')(inputs)
+    model = classifier.Classifier(keras.Model(inputs, outputs))
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model(np.zeros((1, 2), np.float32))
+  assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+  labels = np.arange(len(images)) % 2
+  dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(
+      len(images))
+  model.fit(dataset, shuffle=False, verbose=0)
+
+  def per_replica(variable):
+    return [np.asarray(value) for value in
+            strategy.experimental_local_results(variable.value)]
+
+  return (per_replica(model.network.get_layer('head').w),
+          int(model.optimizer.iterations.numpy()),
+          per_replica(model.optimizer.dynamic_scale))
+
+
+def _two_replicas():
+  # Reduction by copying, not collectives: collective keys of several
+  # MirroredStrategy objects in one process collide.
+  return tf.distribute.MirroredStrategy(
+      ['/cpu:0', '/cpu:1'],
+      cross_device_ops=tf.distribute.ReductionToOneDevice())
+
+
+@pytest.mark.parametrize('overflowing_replica', [0, 1])
+def test_float16_overflow_on_one_replica_skips_the_step_on_all(
+    overflowing_replica):
+  """Every replica skips together and halves the same loss scale.
+
+  Keras' LossScaleOptimizer decides from the first replica's gradients
+  only; an overflow on replica 1 was applied (weights NaN, step counted).
+  """
+  images = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+  images[overflowing_replica, 0] = np.inf
+  weights, step, scales = _float16_step(_two_replicas(), images)
+  for replica_weights in weights:
+    np.testing.assert_array_equal(replica_weights, [1.0, 1.0])
+  assert step == 0
+  assert scales == [2.0**14, 2.0**14]  # 2^15 halved, on both replicas
+
+
+def test_float16_finite_step_on_two_replicas_equals_one_device():
+  images = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+  one, one_step, _ = _float16_step(tf.distribute.get_strategy(), images)
+  two, two_step, scales = _float16_step(_two_replicas(), images)
+  assert one_step == two_step == 1
+  assert not np.allclose(one[0], [1.0, 1.0])  # the step moved the weights
+  for replica_weights in two:
+    np.testing.assert_allclose(replica_weights, one[0], rtol=1e-6)
+  assert scales == [2.0**15, 2.0**15]
+
+
+def _config(**overrides):
+  config = default_lib.get_config()
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+@pytest.mark.parametrize('adamw_weight_decay', [0.0, 0.05])
+def test_adamw_with_a_head_only_phase_is_refused(adamw_weight_decay):
+  """Adam's bias correction counts the head-only steps, in which the
+  backbone's moments stay 0: its first steps after were 3x-6x the LR."""
+  config = _config(optimizer='adamw', head_only_epochs=1.0,
+                   adamw_weight_decay=adamw_weight_decay)
+  with pytest.raises(errors.ConfigError,
+                     match=r'optimizer=.adamw.*head_only_epochs=1\.0.*'
+                     r'optimizer="sgd" or head_only_epochs=0'):
+    classifier.check_config(config)
+  classifier.check_config(_config(optimizer='adamw', head_only_epochs=0.0))
+  classifier.check_config(_config(optimizer='sgd', head_only_epochs=1.0))
+
+
+@pytest.mark.parametrize('freeze_batchnorm', [False, True])
+def test_head_only_phase_moves_bn_statistics_unless_frozen(freeze_batchnorm):
+  """What README says of the head-only phase: BatchNorm keeps its policy.
+
+  γ and β are frozen (gradient x 0), but a trainable BatchNorm still
+  normalizes with batch statistics and its moving statistics follow the
+  batches; batch_norm='frozen' (non-trainable) keeps them.
+  """
+  keras.utils.set_random_seed(1)
+  model = classifier.Classifier(_network(freeze_batchnorm), _LAMBDA,
+                                head_only_steps=2)
+  _compile(model, momentum=0.9)
+  model(np.zeros((1, 8, 8, 3), np.float32))
+  bn = model.network.get_layer('bn')
+  before = [np.asarray(v) for v in bn.weights]
+  _step(model, 0)
+  _step(model, 1)
+  assert int(model.optimizer.iterations.numpy()) == 2  # still head-only
+  after = {v.name: np.asarray(v) for v in bn.weights}
+  for variable, old in zip(bn.weights, before):
+    moved = not np.array_equal(after[variable.name], old)
+    expected = (not freeze_batchnorm and
+                variable.name in ('moving_mean', 'moving_variance'))
+    assert moved == expected, variable.name

@@ -46,6 +46,29 @@ def test_smoothing_changes_the_loss_and_soft_labels_give_the_same_value():
   np.testing.assert_allclose(plain, float(keras_value), rtol=1e-5)
 
 
+@pytest.mark.parametrize('epsilon', [0.0, 0.2])
+@pytest.mark.parametrize('shape', [(6,), (6, 1)])
+@pytest.mark.parametrize('dtype', [np.int32, np.int64])
+def test_integer_ids_of_shape_n_or_n_1_equal_keras(epsilon, shape, dtype):
+  """[N, 1] ids are ids (as for Keras), not a [N, C] soft label."""
+  rng = np.random.default_rng(2)
+  logits = rng.normal(0, 3, (6, 4)).astype(np.float32)
+  ids = rng.integers(0, 4, 6)
+  loss = losses.CrossEntropy(epsilon)(ids.reshape(shape).astype(dtype),
+                                      logits)
+  if epsilon:
+    expected = keras.losses.categorical_crossentropy(
+        np.eye(4, dtype=np.float32)[ids], logits, from_logits=True,
+        label_smoothing=epsilon)
+  else:
+    expected = keras.losses.sparse_categorical_crossentropy(
+        ids.reshape(shape), logits, from_logits=True)
+  np.testing.assert_allclose(float(loss), float(np.mean(expected)),
+                             rtol=1e-5)
+  np.testing.assert_allclose(float(loss), _numpy_loss(ids, logits, epsilon),
+                             rtol=1e-5)
+
+
 def test_bad_smoothing_is_named():
   with pytest.raises(ValueError, match='label_smoothing=1.5'):
     losses.CrossEntropy(1.5)

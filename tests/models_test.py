@@ -13,6 +13,7 @@ import conftest
 from keras_sft import batch_norm
 from keras_sft import classifier
 from keras_sft import models
+from keras_sft import precision
 
 
 def _network():
@@ -127,3 +128,22 @@ def test_bad_policy_and_stage_are_named():
     models.freeze_until(_network(), 'conv9')
   with pytest.raises(ValueError, match='matched no layer'):
     models.freeze_until(_network(), 'conv2')
+
+
+def test_preprocessing_is_exact_float32_under_mixed_bfloat16():
+  """The mean is subtracted in float32; bf16 (spacing 0.5 to 1 there) only
+  rounds the result, when the backbone's first layer casts it."""
+  with precision.global_policy('mixed_bfloat16'):
+    network = models.create_network(10, 32, weights=None)
+  layer = network.get_layer('preprocessing')
+  conv1 = network.get_layer('resnet50').get_layer('conv1_conv')
+  assert conv1.compute_dtype == 'bfloat16'  # the run is still mixed
+  rng = np.random.default_rng(0)
+  every_byte = np.arange(256 * 3, dtype=np.uint8).reshape(1, 16, 16, 3)
+  resized = rng.uniform(0, 255, (2, 16, 16, 3)).astype(np.float32)
+  for images in (every_byte, resized):
+    expected = keras.applications.resnet50.preprocess_input(
+        images.astype(np.float32))
+    actual = keras.ops.convert_to_numpy(layer(images))
+    assert actual.dtype == np.float32
+    np.testing.assert_array_equal(actual, expected)
