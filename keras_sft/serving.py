@@ -32,6 +32,7 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 
 import ml_collections
 import tensorflow as tf
@@ -181,10 +182,18 @@ def export_saved_model(model, export_dir, image_size, class_names, top_k=5):
 
   Use `export_version` for the layout TF Serving watches.
 
+  The SavedModel is written to a hidden temporary directory beside
+  `export_dir` and renamed into place. An existing `export_dir` is first
+  renamed aside (to `.<name>.old-*` beside it), and removed only after the
+  new one is in place; if renaming the new one in fails, the old one is
+  renamed back. So a failure leaves the previous export at `export_dir`, and
+  a crash (kill -9) between the two renames leaves it at `.<name>.old-*`:
+  a complete SavedModel always exists at one of the two.
+
   Args:
     model: A Keras model mapping float32 `[N, S, S, 3]` images in [0, 255] to
       logits.
-    export_dir: Output directory; replaced atomically if it exists.
+    export_dir: Output directory; replaced if it exists (see above).
     image_size: S, the side the model expects.
     class_names: One name per class id.
     top_k: How many of the most probable classes the signatures return.
@@ -192,13 +201,27 @@ def export_saved_model(model, export_dir, image_size, class_names, top_k=5):
   Returns:
     `export_dir`.
   """
-  temporary = export_dir.rstrip('/') + '.tmp'
-  if tf.io.gfile.exists(temporary):
-    tf.io.gfile.rmtree(temporary)
-  _save(model, temporary, image_size, class_names, top_k)
-  if tf.io.gfile.exists(export_dir):
-    tf.io.gfile.rmtree(export_dir)
-  os.replace(temporary, export_dir)
+  export_dir = os.path.abspath(export_dir)
+  parent, name = os.path.split(export_dir)
+  os.makedirs(parent, exist_ok=True)
+  temporary = tempfile.mkdtemp(prefix=f'.{name}.tmp-', dir=parent)
+  try:
+    _save(model, temporary, image_size, class_names, top_k)
+    aside = None
+    if os.path.lexists(export_dir):
+      aside = os.path.join(parent, f'.{name}.old-{uuid.uuid4().hex}')
+      os.rename(export_dir, aside)
+    try:
+      os.rename(temporary, export_dir)
+    except BaseException:
+      if aside:
+        os.rename(aside, export_dir)
+      raise
+  except BaseException:
+    shutil.rmtree(temporary, ignore_errors=True)
+    raise
+  if aside:
+    shutil.rmtree(aside, ignore_errors=True)
   logging.info('Exported a SavedModel to %s.', export_dir)
   return export_dir
 

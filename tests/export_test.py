@@ -317,3 +317,47 @@ def test_warmup_requests_replay_on_both_signatures(smoke_run):
               for entry in request.inputs}
     outputs = serving.signatures[name](**inputs)
     assert outputs['probabilities'].shape == (1, 10), name
+
+
+def _export_dir_version(export_dir):
+  """The top-k count a SavedModel at `export_dir` serves: tells versions
+  apart."""
+  outputs = tf.saved_model.load(export_dir).signatures['serving_default'](
+      images=tf.zeros([1, 8, 8, 3], tf.uint8))
+  return int(outputs['top_k_class_ids'].shape[-1])
+
+
+def test_export_saved_model_keeps_the_old_export_when_the_rename_fails(
+    tmp_path, monkeypatch):
+  """A failure between removing the old and renaming the new loses nothing."""
+  export_dir = str(tmp_path / 'model')
+  serving.export_saved_model(_tiny_model(), export_dir, 8, ['a', 'b', 'c'],
+                             top_k=1)
+  real_replace, real_rename = os.replace, os.rename
+  failures = []
+
+  def fail_into_target(replace):
+    """The first rename into `export_dir` fails; later ones work."""
+    def wrapped(source, target, *args, **kwargs):
+      if (os.path.abspath(target) == os.path.abspath(export_dir) and
+          not failures):
+        failures.append(source)
+        raise OSError(28, 'No space left on device (simulated)')
+      return replace(source, target, *args, **kwargs)
+    return wrapped
+
+  monkeypatch.setattr(os, 'replace', fail_into_target(real_replace))
+  monkeypatch.setattr(os, 'rename', fail_into_target(real_rename))
+  with pytest.raises(OSError, match='simulated'):
+    serving.export_saved_model(_tiny_model(), export_dir, 8, ['a', 'b', 'c'],
+                               top_k=2)
+  monkeypatch.undo()
+  assert failures, 'the export never renamed into export_dir'
+  # The previous export is still there, complete, and nothing else is left.
+  assert _export_dir_version(export_dir) == 1
+  assert os.listdir(tmp_path) == ['model']
+  # Without the fault, the export is replaced.
+  serving.export_saved_model(_tiny_model(), export_dir, 8, ['a', 'b', 'c'],
+                             top_k=2)
+  assert _export_dir_version(export_dir) == 2
+  assert os.listdir(tmp_path) == ['model']
