@@ -257,8 +257,22 @@ def find_splits(root, train_split='train', eval_split='test',
     train_dir = root  # One folder of class folders.
   class_names, train = list_split(train_dir)
   train = _slice(train, train_start, train_end)
+  empty = _classes_without_images(train, class_names)
+  if empty and len(train):  # pylint: disable=g-explicit-length-test
+    raise errors.DataError(
+        f'The train split {train_split!r} of {root!r} selects {len(train)} '
+        f'images and none of the classes {empty}. Widen the slice, or add '
+        'images of these classes.')
   if validation_fraction > 0:
     train, evaluation = hold_out(train, len(class_names), validation_fraction)
+    empty = _classes_without_images(train, class_names)
+    if empty:
+      raise errors.DataError(
+          f'validation_fraction={validation_fraction} holds out every image '
+          f'of the classes {empty} of {train_split!r} in {train_dir!r} (of a '
+          'class of n images, round(validation_fraction * n) go to '
+          'evaluation), leaving none to train on. Add images to these '
+          'classes, or lower validation_fraction.')
     logging.info('Held out %d of %d images of %s for evaluation '
                  '(validation_fraction=%g).', len(evaluation),
                  len(train) + len(evaluation), train_dir, validation_fraction)
@@ -282,6 +296,12 @@ def find_splits(root, train_split='train', eval_split='test',
           f'(validation_fraction={validation_fraction}). Widen the slice or '
           'add images.')
   return class_names, train, evaluation
+
+
+def _classes_without_images(split, class_names):
+  counts = np.bincount(np.asarray(split.labels, dtype=np.int64),
+                       minlength=len(class_names))
+  return [class_names[i] for i in np.flatnonzero(counts == 0)]
 
 
 def decode_image(contents):
@@ -395,8 +415,7 @@ def check_files(splits, root, skip_corrupt_images=False):
 
 def check_every_class_has_images(split, class_names, root, name):
   """Raises if skipping files emptied a class of the train split."""
-  counts = np.bincount(np.asarray(split.labels), minlength=len(class_names))
-  empty = [class_names[i] for i in np.flatnonzero(counts == 0)]
+  empty = _classes_without_images(split, class_names)
   if empty:
     raise errors.DataError(
         f'After skipping unreadable files, the {name} split of {root!r} has '

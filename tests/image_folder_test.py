@@ -186,6 +186,39 @@ def test_validation_fraction_on_one_folder_holds_out_each_class(tmp_path):
   assert (info.num_train_examples, info.num_eval_examples) == (9, 3)
 
 
+def test_a_slice_that_leaves_a_class_without_images_says_so(folder):
+  """Not "after skipping unreadable files": nothing was skipped."""
+  root, _ = folder
+  _, split = image_folder.list_split(os.path.join(root, 'train'))
+  # The fixed order's first images: a prefix that misses some class.
+  size = next(size for size in range(1, len(split))
+              if set(split.labels[:size]) != {0, 1, 2})
+  names = [image_fixtures.CLASSES[i]
+           for i in sorted({0, 1, 2} - set(split.labels[:size]))]
+  with pytest.raises(ValueError) as error:
+    _create(root, train_split=f'train[:{size}]', global_batch_size=1)
+  message = str(error.value)
+  assert 'skipping' not in message, message
+  assert f"'train[:{size}]'" in message and str(names) in message, message
+  assert 'Widen the slice' in message, message
+
+
+def test_a_validation_fraction_that_takes_a_whole_class_says_so(tmp_path):
+  root = str(tmp_path / 'images')
+  image_fixtures.write_image_folder(root, counts={'all': 4})
+  flat = os.path.join(root, 'all')
+  for name in os.listdir(os.path.join(flat, 'owl'))[1:]:
+    os.remove(os.path.join(flat, 'owl', name))
+  # round(0.6 * 1) = 1: owl's only image is held out (2 of 4 of the others).
+  with pytest.raises(ValueError) as error:
+    _create(flat, validation_fraction=0.6)
+  message = str(error.value)
+  assert 'skipping' not in message, message
+  assert 'validation_fraction=0.6' in message, message
+  assert "['owl']" in message, message
+  assert 'lower validation_fraction' in message, message
+
+
 def test_validation_fraction_with_tfds_points_to_slices():
   with pytest.raises(ValueError, match=r'train\[:90%\]'):
     input_pipeline.create_datasets('cifar10', image_size=32,
