@@ -108,12 +108,20 @@ class _ServingModule(tf.Module):
         tf.equal(tf.strings.substr(data, 0, len(_PNG_MAGIC)), _PNG_MAGIC))
     message = tf.strings.format(
         'image_bytes[{}] is not a JPEG or PNG image: it holds {} bytes '
-        'starting with {}', [index, tf.strings.length(data),
-                             tf.strings.substr(data, 0, 8)])
+        'starting with (hex) {}', [index, tf.strings.length(data),
+                                   _hex(tf.strings.substr(data, 0, 8))])
     check = tf.debugging.Assert(is_image, [message])
     with tf.control_dependencies([check]):
       image = image_folder.decode_image(data)
     return input_pipeline.preprocess_for_eval(image, self._image_size)
+
+
+def _hex(data):
+  """Bytes as space-separated hex, e.g. '42 4d cf': valid UTF-8 always."""
+  digits = tf.constant([f'{byte:02x}' for byte in range(256)])
+  byte_values = tf.io.decode_raw(data, tf.uint8)
+  return tf.strings.reduce_join(
+      tf.gather(digits, tf.cast(byte_values, tf.int32)), separator=' ')
 
 
 def _varint(value):

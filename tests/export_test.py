@@ -361,3 +361,31 @@ def test_export_saved_model_keeps_the_old_export_when_the_rename_fails(
                              top_k=2)
   assert _export_dir_version(export_dir) == 2
   assert os.listdir(tmp_path) == ['model']
+
+
+@pytest.fixture(scope='module')
+def tiny_export(tmp_path_factory):
+  """A SavedModel of a tiny 8px model, and its `serve_image_bytes`."""
+  export_dir = str(tmp_path_factory.mktemp('tiny') / 'model')
+  serving.export_saved_model(_tiny_model(), export_dir, 8, ['a', 'b', 'c'])
+  return export_dir, tf.saved_model.load(export_dir).signatures[
+      'serve_image_bytes']
+
+
+def _serve_error(signature, data):
+  """The error `serve_image_bytes` raises for `[data]`, or None."""
+  try:
+    signature(image_bytes=tf.constant([data]))
+  except Exception as error:  # pylint: disable=broad-except
+    return error
+  return None
+
+
+def test_bytes_that_are_not_utf8_give_a_readable_error(tiny_export):
+  _, signature = tiny_export
+  error = _serve_error(signature, b'BM\xcf\x00\x01\x02\x03\x04')
+  assert isinstance(error, tf.errors.InvalidArgumentError), repr(error)
+  message = str(error)
+  assert 'image_bytes[0] is not a JPEG or PNG image' in message, message
+  # The bytes, hex-encoded.
+  assert '42 4d cf 00 01 02 03 04' in message, message
