@@ -39,6 +39,8 @@ from keras_sft import errors
 PREFIX = 'folder:'
 # Lower-case file extensions read as images; other files are ignored.
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+_JPEG_MAGIC = b'\xff\xd8\xff'
+_PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 # Unreadable files listed in an error message (all of them are counted).
 _MAX_LISTED = 20
 # find_unreadable results by (path, size, mtime) of every file: a resumed run
@@ -304,14 +306,88 @@ def _classes_without_images(split, class_names):
   return [class_names[i] for i in np.flatnonzero(counts == 0)]
 
 
-def decode_image(contents):
-  """Decodes JPEG or PNG bytes to a uint8 RGB `[H, W, 3]` tensor."""
-  # channels=3 turns grayscale into RGB and drops an alpha channel;
-  # dtype=uint8 scales 16-bit PNGs down.
-  image = tf.io.decode_image(contents, channels=3, dtype=tf.uint8,
-                             expand_animations=False)
+def _hex(data):
+  """Bytes as space-separated hex, e.g. '42 4d cf': valid UTF-8 always."""
+  digits = tf.constant([f'{byte:02x}' for byte in range(256)])
+  byte_values = tf.io.decode_raw(data, tf.uint8)
+  return tf.strings.reduce_join(
+      tf.gather(digits, tf.cast(byte_values, tf.int32)), separator=' ')
+
+
+def _other_format(head):
+  """' (it is a BMP image: ...)' for formats known by their header, else ''.
+
+  `head(position, length)` returns bytes of the image at that position.
+  """
+  known = (('BMP', tf.equal(head(0, 2), b'BM')),
+           ('GIF', tf.equal(head(0, 4), b'GIF8')),
+           ('WebP', tf.logical_and(tf.equal(head(0, 4), b'RIFF'),
+                                   tf.equal(head(8, 4), b'WEBP'))),
+           ('TIFF', tf.logical_or(tf.equal(head(0, 4), b'II*\0'),
+                                  tf.equal(head(0, 4), b'MM\0*'))))
+  text = tf.constant('')
+  for name, matches in known:
+    text = tf.where(matches, f' (it is a {name} image: convert it to PNG or '
+                    'JPEG)', text)
+  return text
+
+
+def decode_image(contents, name='image'):
+  """Decodes JPEG or PNG bytes to a uint8 RGB `[H, W, 3]` tensor.
+
+  Only JPEG and PNG are accepted, whatever the file name says: the training
+  data and the export's `serve_image_bytes` go through this one function,
+  so they accept the same images. Other bytes fail, when run, with an
+  InvalidArgumentError `<name> is not a JPEG or PNG image ...` that names a
+  recognized format (BMP, GIF, WebP, TIFF) and shows the first bytes in hex.
+
+  Args:
+    contents: A scalar string tensor, the encoded image.
+    name: A scalar string (tensor) naming the image in messages: a path, or
+      `image_bytes[3]`.
+  """
+  padded = tf.strings.join([contents, tf.constant(b'\0' * 16)])
+  head = lambda position, length: tf.strings.substr(padded, position, length)
+  is_image = tf.logical_or(tf.equal(head(0, len(_JPEG_MAGIC)), _JPEG_MAGIC),
+                           tf.equal(head(0, len(_PNG_MAGIC)), _PNG_MAGIC))
+  length = tf.strings.length(contents)
+  message = tf.strings.join([
+      name, ' is not a JPEG or PNG image', _other_format(head),
+      ': it holds ', tf.strings.as_string(length), ' bytes',
+      tf.where(length > 0, tf.strings.join([
+          ' starting with (hex) ', _hex(tf.strings.substr(contents, 0, 8))]),
+               '')])
+  check = tf.debugging.Assert(is_image, [message])
+  with tf.control_dependencies([check]):
+    # channels=3 turns grayscale into RGB and drops an alpha channel;
+    # dtype=uint8 scales 16-bit PNGs down.
+    image = tf.io.decode_image(contents, channels=3, dtype=tf.uint8,
+                               expand_animations=False)
   image.set_shape([None, None, 3])
   return image
+
+
+def error_message(error):
+  """The one-line reason in the error of a failed `decode_image`.
+
+  Args:
+    error: A `tf.errors.OpError` (or the UnicodeDecodeError of exports older
+      than the hex message) raised by a graph that ran `decode_image`.
+  """
+  if isinstance(error, UnicodeDecodeError):
+    message = error.object.decode('utf-8', 'backslashreplace')
+  else:
+    message = error.message
+  match = re.search(r'assertion failed: \[(.*?)\]\n', message)
+  if match:
+    return match.group(1).replace('\\"', '"')
+  # A decoder's own error, e.g. "Invalid PNG data, size 160", between
+  # lines naming graph nodes.
+  lines = [line.strip() for line in message.splitlines()]
+  kept = [line for line in lines if line and not line.startswith(
+      ('Graph execution error', 'Detected at node', '<stack traces', '[['))]
+  text = ' '.join(kept) or message
+  return re.sub(r'\s*\[Op:[^\]]*\]$', '', text)
 
 
 def find_unreadable(paths):
@@ -334,7 +410,7 @@ def find_unreadable(paths):
   dataset = tf.data.Dataset.from_tensor_slices(np.asarray(paths, dtype=object))
 
   def check(path):
-    image = decode_image(tf.io.read_file(path))
+    image = decode_image(tf.io.read_file(path), path)
     # Emit a value computed from the decoded image: a control dependency
     # alone gets pruned by tf.data's graph optimizations (measured).
     return path, tf.shape(image)
@@ -352,8 +428,25 @@ def find_unreadable(paths):
   return [path for path in paths if path not in good]
 
 
+def _reason(path):
+  """Why `path` cannot be decoded, in one line."""
+  try:
+    _decode_file(tf.constant(path))
+  except tf.errors.OpError as error:
+    message = error_message(error)
+    return message if message.startswith(path) else f'{path}: {message}'
+  return f'{path}: not readable when checked, readable now'
+
+
+@tf.function
+def _decode_file(path):
+  # A tf.function, so that a failed check has the message of the graph (as
+  # in training and serving), not eager mode's.
+  return tf.shape(decode_image(tf.io.read_file(path), path))
+
+
 def _describe(bad, total, root):
-  listed = '\n  '.join(bad[:_MAX_LISTED])
+  listed = '\n  '.join(_reason(path) for path in bad[:_MAX_LISTED])
   more = (f'\n  ... and {len(bad) - _MAX_LISTED} more'
           if len(bad) > _MAX_LISTED else '')
   return (f'{len(bad)} of {total} image files in {root!r} cannot be read as '
@@ -440,7 +533,7 @@ def to_dataset(split, shuffle_seed=None):
   # Decode in parallel; deterministic=True keeps the file order, which the
   # seeded, resumable training stream and the in-order eval rely on.
   return files.map(
-      lambda path, label: (decode_image(tf.io.read_file(path)), label),
+      lambda path, label: (decode_image(tf.io.read_file(path), path), label),
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 

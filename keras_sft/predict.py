@@ -19,7 +19,6 @@ to serve the export: the images go through its `serve_image_bytes` signature.
 
 import json
 import os
-import re
 
 from absl import app
 from absl import flags
@@ -109,6 +108,7 @@ def predict_files(signature, files, batch_size=32):
 def _serve(signature, paths, contents):
   """Records of `paths`; one call per file if the batch fails."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from keras_sft import image_folder  # pylint: disable=g-import-not-at-top
   # UnicodeDecodeError: older exports put the raw bytes of a non-image into
   # their error message.
   failures = (tf.errors.OpError, UnicodeDecodeError)
@@ -123,26 +123,9 @@ def _serve(signature, paths, contents):
       records.extend(_records(signature(image_bytes=tf.constant([data])),
                               [path]))
     except failures as error:
-      records.append({'file': path, 'error': _short_message(error)})
+      records.append({'file': path,
+                      'error': image_folder.error_message(error)})
   return records
-
-
-def _short_message(error):
-  """The signature's own message, without TF's graph execution frame."""
-  if isinstance(error, UnicodeDecodeError):
-    message = error.object.decode('utf-8', 'backslashreplace')
-  else:
-    message = error.message
-  match = re.search(r'assertion failed: \[(.*?)\]\n', message)
-  if match:
-    return match.group(1).replace('\\"', '"')
-  # A decoder's own error, e.g. "Invalid PNG data, size 160", between
-  # lines naming graph nodes.
-  lines = [line.strip() for line in message.splitlines()]
-  kept = [line for line in lines if line and not line.startswith(
-      ('Graph execution error', 'Detected at node', '<stack traces', '[['))]
-  text = ' '.join(kept) or message
-  return re.sub(r'\s*\[Op:[^\]]*\]$', '', text)
 
 
 def main(argv):

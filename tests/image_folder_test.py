@@ -1,18 +1,22 @@
 """Tests of image folders (`folder:PATH`) on folders the tests write."""
 
 import collections
+import io
 import logging
 import os
 import shutil
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 from configs import cifar10_resnet50
 from keras_sft import image_folder
 from keras_sft import input_pipeline
 from keras_sft import models
+from keras_sft import serving
 from keras_sft import train
 
 import image_fixtures
@@ -138,6 +142,41 @@ def test_corrupt_files_are_named_before_a_model_is_built(folder_copy,
   assert '2 of 20 image files' in message
   assert 'skip_corrupt_images' in message
   assert os.path.join(root, 'test', 'cat', '0.png') not in message
+
+
+def _bmp_bytes():
+  buffer = io.BytesIO()
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, 'BMP')
+  return buffer.getvalue()
+
+
+def test_a_bmp_named_jpg_is_refused_as_serving_refuses_it(folder_copy):
+  """Training reads only what `serve_image_bytes` accepts: JPEG and PNG."""
+  root, _ = folder_copy
+  bmp = os.path.join(root, 'train', 'dog', 'bitmap.jpg')
+  with open(bmp, 'wb') as file:
+    file.write(_bmp_bytes())
+  assert tf.io.decode_image(_bmp_bytes()).shape == (8, 8, 3)  # A real BMP.
+  with pytest.raises(ValueError) as error:
+    _create(root)
+  message = str(error.value)
+  assert bmp in message, message
+  reason = f'{bmp} is not a JPEG or PNG image (it is a BMP image'
+  assert reason in message, message
+  # The export's signature says the same of the same bytes.
+  export_dir = os.path.join(os.path.dirname(root), 'export')
+  serving.export_saved_model(_tiny_model(), export_dir, 8, ['a', 'b', 'c'])
+  with pytest.raises(tf.errors.InvalidArgumentError) as served:
+    tf.saved_model.load(export_dir).signatures['serve_image_bytes'](
+        image_bytes=tf.constant([_bmp_bytes()]))
+  assert ('image_bytes[0] is not a JPEG or PNG image (it is a BMP image' in
+          str(served.value)), str(served.value)
+
+
+def _tiny_model():
+  inputs = keras.Input((8, 8, 3))
+  return keras.Model(inputs, keras.layers.Dense(3)(
+      keras.layers.GlobalAveragePooling2D()(inputs)))
 
 
 def test_corrupt_files_skipped_and_counted_when_asked(folder_copy, caplog):
