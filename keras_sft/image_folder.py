@@ -39,6 +39,10 @@ from keras_sft import errors
 PREFIX = 'folder:'
 # Lower-case file extensions read as images; other files are ignored.
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+# The default of `config.max_image_pixels`: the most pixels an image may
+# have, read from its header before it is decoded (40 MP: 120 MB as uint8
+# RGB).
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 _JPEG_MAGIC = b'\xff\xd8\xff'
 _PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 # Unreadable files listed in an error message (all of them are counted).
@@ -332,7 +336,27 @@ def _other_format(head):
   return text
 
 
-def decode_image(contents, name='image'):
+def _header_size(contents, is_jpeg, head):
+  """`(width, height)` int64 from a JPEG's or PNG's header, not decoding.
+
+  PNG: the IHDR chunk, which the format puts first (bytes 16-24, big-endian
+  width and height); libpng refuses a file without it there, so these are
+  the dimensions it would decode. JPEG: libjpeg's own header parser (the
+  SOFn marker).
+  """
+  def jpeg():
+    height_width = tf.io.extract_jpeg_shape(contents, output_type=tf.int64)
+    return height_width[1], height_width[0]
+
+  def png():
+    digits = tf.cast(tf.io.decode_raw(head(16, 8), tf.uint8), tf.int64)
+    big_endian = lambda b: ((b[0] * 256 + b[1]) * 256 + b[2]) * 256 + b[3]
+    return big_endian(digits[:4]), big_endian(digits[4:])
+
+  return tf.cond(is_jpeg, jpeg, png)
+
+
+def decode_image(contents, name='image', max_pixels=None):
   """Decodes JPEG or PNG bytes to a uint8 RGB `[H, W, 3]` tensor.
 
   Only JPEG and PNG are accepted, whatever the file name says: the training
@@ -340,15 +364,20 @@ def decode_image(contents, name='image'):
   so they accept the same images. Other bytes fail, when run, with an
   InvalidArgumentError `<name> is not a JPEG or PNG image ...` that names a
   recognized format (BMP, GIF, WebP, TIFF) and shows the first bytes in hex.
+  With `max_pixels`, the width and height are read from the header first
+  and a larger image fails (`<name> is WxH pixels ...`) without being
+  decoded: a 250 KB PNG can hold 16000x16000 pixels (768 MB decoded).
 
   Args:
     contents: A scalar string tensor, the encoded image.
     name: A scalar string (tensor) naming the image in messages: a path, or
       `image_bytes[3]`.
+    max_pixels: None, or the most pixels (width x height) decoded.
   """
-  padded = tf.strings.join([contents, tf.constant(b'\0' * 16)])
+  padded = tf.strings.join([contents, tf.constant(b'\0' * 24)])
   head = lambda position, length: tf.strings.substr(padded, position, length)
-  is_image = tf.logical_or(tf.equal(head(0, len(_JPEG_MAGIC)), _JPEG_MAGIC),
+  is_jpeg = tf.equal(head(0, len(_JPEG_MAGIC)), _JPEG_MAGIC)
+  is_image = tf.logical_or(is_jpeg,
                            tf.equal(head(0, len(_PNG_MAGIC)), _PNG_MAGIC))
   length = tf.strings.length(contents)
   message = tf.strings.join([
@@ -357,8 +386,26 @@ def decode_image(contents, name='image'):
       tf.where(length > 0, tf.strings.join([
           ' starting with (hex) ', _hex(tf.strings.substr(contents, 0, 8))]),
                '')])
-  check = tf.debugging.Assert(is_image, [message])
-  with tf.control_dependencies([check]):
+  checks = [tf.debugging.Assert(is_image, [message])]
+  if max_pixels is not None:
+    with tf.control_dependencies(checks):
+      width, height = _header_size(contents, is_jpeg, head)
+    # Each side first: the product of two 32-bit sides can overflow int64.
+    small = tf.logical_and(
+        tf.logical_and(width <= max_pixels, height <= max_pixels),
+        width * height <= max_pixels)
+    megapixels = tf.strings.as_string(
+        tf.cast(width, tf.float64) * tf.cast(height, tf.float64) / 1e6,
+        precision=1)
+    message = tf.strings.join([
+        name, ' is ', tf.strings.as_string(width), 'x',
+        tf.strings.as_string(height), ' pixels (', megapixels,
+        f' megapixels), more than max_image_pixels={max_pixels} '
+        f'({max_pixels / 1e6:.1f} megapixels); it was not decoded. Use a '
+        'smaller image, or a larger --config.max_image_pixels (for an '
+        'export: when it is written).'])
+    checks.append(tf.debugging.Assert(small, [message]))
+  with tf.control_dependencies(checks):
     # channels=3 turns grayscale into RGB and drops an alpha channel;
     # dtype=uint8 scales 16-bit PNGs down.
     image = tf.io.decode_image(contents, channels=3, dtype=tf.uint8,
@@ -390,7 +437,7 @@ def error_message(error):
   return re.sub(r'\s*\[Op:[^\]]*\]$', '', text)
 
 
-def find_unreadable(paths):
+def find_unreadable(paths, max_pixels=None):
   """Returns the paths among `paths` that cannot be read or decoded.
 
   Every file is read and fully decoded in a parallel tf.data map that emits
@@ -401,6 +448,8 @@ def find_unreadable(paths):
 
   Args:
     paths: A sequence of file paths.
+    max_pixels: None, or the most pixels an image may have (see
+      `decode_image`); larger ones count as unreadable.
 
   Returns:
     The unreadable paths, in the order of `paths`.
@@ -410,7 +459,7 @@ def find_unreadable(paths):
   dataset = tf.data.Dataset.from_tensor_slices(np.asarray(paths, dtype=object))
 
   def check(path):
-    image = decode_image(tf.io.read_file(path), path)
+    image = decode_image(tf.io.read_file(path), path, max_pixels)
     # Emit a value computed from the decoded image: a control dependency
     # alone gets pruned by tf.data's graph optimizations (measured).
     return path, tf.shape(image)
@@ -428,10 +477,10 @@ def find_unreadable(paths):
   return [path for path in paths if path not in good]
 
 
-def _reason(path):
+def _reason(path, max_pixels):
   """Why `path` cannot be decoded, in one line."""
   try:
-    _decode_file(tf.constant(path))
+    _decode_file(tf.constant(path), max_pixels)
   except tf.errors.OpError as error:
     message = error_message(error)
     return message if message.startswith(path) else f'{path}: {message}'
@@ -439,14 +488,15 @@ def _reason(path):
 
 
 @tf.function
-def _decode_file(path):
+def _decode_file(path, max_pixels):
   # A tf.function, so that a failed check has the message of the graph (as
   # in training and serving), not eager mode's.
-  return tf.shape(decode_image(tf.io.read_file(path), path))
+  return tf.shape(decode_image(tf.io.read_file(path), path, max_pixels))
 
 
-def _describe(bad, total, root):
-  listed = '\n  '.join(_reason(path) for path in bad[:_MAX_LISTED])
+def _describe(bad, total, root, max_pixels):
+  listed = '\n  '.join(_reason(path, max_pixels)
+                       for path in bad[:_MAX_LISTED])
   more = (f'\n  ... and {len(bad) - _MAX_LISTED} more'
           if len(bad) > _MAX_LISTED else '')
   return (f'{len(bad)} of {total} image files in {root!r} cannot be read as '
@@ -461,7 +511,7 @@ def _signature(path):
   return (path, stat.st_size, stat.st_mtime_ns)
 
 
-def check_files(splits, root, skip_corrupt_images=False):
+def check_files(splits, root, skip_corrupt_images=False, max_pixels=None):
   """Decodes every file of `splits` once; fails or skips unreadable ones.
 
   All splits are checked in one pass, so one error lists every bad file.
@@ -471,6 +521,8 @@ def check_files(splits, root, skip_corrupt_images=False):
     root: The dataset folder, for messages.
     skip_corrupt_images: Drop unreadable files (logged and counted) instead of
       failing.
+    max_pixels: None, or the most pixels an image may have; larger ones are
+      unreadable files.
 
   Returns:
     `(splits, num_skipped)`: `splits` without the unreadable files.
@@ -479,14 +531,14 @@ def check_files(splits, root, skip_corrupt_images=False):
     ValueError: unreadable files, listed by path, unless skipped.
   """
   every_path = [path for split in splits for path in split.paths]
-  key = tuple(_signature(path) for path in every_path)
+  key = (max_pixels,) + tuple(_signature(path) for path in every_path)
   if key not in _CHECKED:
     _CHECKED.clear()  # Keep one entry: the dataset of this run.
-    _CHECKED[key] = find_unreadable(every_path)
+    _CHECKED[key] = find_unreadable(every_path, max_pixels)
   bad = _CHECKED[key]
   if not bad:
     return list(splits), 0
-  message = _describe(bad, len(every_path), root)
+  message = _describe(bad, len(every_path), root, max_pixels)
   if not skip_corrupt_images:
     raise errors.DataError(
         message + '\nDelete or replace these files, or set '
@@ -515,7 +567,7 @@ def check_every_class_has_images(split, class_names, root, name):
         f'no images of the classes {empty}. Add readable images.')
 
 
-def to_dataset(split, shuffle_seed=None):
+def to_dataset(split, shuffle_seed=None, max_pixels=None):
   """A dataset of `(image uint8 [H, W, 3], label int64)` examples.
 
   Args:
@@ -523,6 +575,8 @@ def to_dataset(split, shuffle_seed=None):
     shuffle_seed: If not None, the file order is permuted with this seed
       before decoding, so that a shuffle buffer smaller than the dataset
       still mixes classes; None keeps the split's fixed order.
+    max_pixels: None, or the most pixels an image may have (see
+      `decode_image`).
   """
   order = np.arange(len(split))
   if shuffle_seed is not None:
@@ -533,12 +587,14 @@ def to_dataset(split, shuffle_seed=None):
   # Decode in parallel; deterministic=True keeps the file order, which the
   # seeded, resumable training stream and the in-order eval rely on.
   return files.map(
-      lambda path, label: (decode_image(tf.io.read_file(path), path), label),
+      lambda path, label: (
+          decode_image(tf.io.read_file(path), path, max_pixels), label),
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def load(dataset, train_split='train', eval_split='test',
-         validation_fraction=0.0, skip_corrupt_images=False, seed=0):
+         validation_fraction=0.0, skip_corrupt_images=False, seed=0,
+         max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
   """Lists, checks and opens a `folder:PATH` dataset.
 
   Args:
@@ -548,6 +604,8 @@ def load(dataset, train_split='train', eval_split='test',
     validation_fraction: See `find_splits`.
     skip_corrupt_images: See `check_files`.
     seed: Seeds the permutation of the training files.
+    max_image_pixels: Images with more pixels (width x height, read from
+      the header) are not decoded: they are unreadable files.
 
   Returns:
     `(train_examples, eval_examples, class_names, num_train, num_eval)`.
@@ -555,12 +613,13 @@ def load(dataset, train_split='train', eval_split='test',
   root = folder_root(dataset)
   class_names, train, evaluation = find_splits(
       root, train_split, eval_split, validation_fraction)
-  (train, evaluation), skipped = check_files([train, evaluation], root,
-                                            skip_corrupt_images)
+  (train, evaluation), skipped = check_files(
+      [train, evaluation], root, skip_corrupt_images, max_image_pixels)
   check_every_class_has_images(train, class_names, root, 'train')
   logging.info(
       'Image folder %s: %d classes, %d train / %d eval images (%d unreadable '
       'files skipped).', root, len(class_names), len(train), len(evaluation),
       skipped)
-  return (to_dataset(train, shuffle_seed=seed), to_dataset(evaluation),
+  return (to_dataset(train, shuffle_seed=seed, max_pixels=max_image_pixels),
+          to_dataset(evaluation, max_pixels=max_image_pixels),
           class_names, len(train), len(evaluation))

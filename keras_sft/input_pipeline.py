@@ -119,7 +119,8 @@ def from_config(config):
       eval_split=config.eval_split, data_dir=config.data_dir,
       seed=config.seed, validation_fraction=config.validation_fraction,
       skip_corrupt_images=config.skip_corrupt_images,
-      global_batch_size=config.global_batch_size)
+      global_batch_size=config.global_batch_size,
+      max_image_pixels=config.max_image_pixels)
   augmenter = batch_augment.create_batch_augmenter(
       info.num_classes, seed=config.seed, mixup_alpha=config.mixup_alpha,
       cutmix_alpha=config.cutmix_alpha,
@@ -282,7 +283,8 @@ def create_datasets(dataset='cifar10',
                     validation_fraction=0.0,
                     skip_corrupt_images=False,
                     batch_augmentation=None,
-                    resize_size=None):
+                    resize_size=None,
+                    max_image_pixels=image_folder.DEFAULT_MAX_IMAGE_PIXELS):
   """Builds the training and evaluation datasets.
 
   Args:
@@ -311,6 +313,8 @@ def create_datasets(dataset='cifar10',
       `[batch, num_classes]` float32; eval labels stay class ids.
     resize_size: None, or resize every training image to this side before
       the random crop (see `augment_for_training`).
+    max_image_pixels: Folders only: images with more pixels (from their
+      header) are unreadable files, never decoded.
 
   Returns:
     `(train_dataset, eval_dataset, info)`: an infinite training dataset of
@@ -322,7 +326,7 @@ def create_datasets(dataset='cifar10',
       dataset, train_split=train_split, eval_split=eval_split,
       data_dir=data_dir, seed=seed, validation_fraction=validation_fraction,
       skip_corrupt_images=skip_corrupt_images,
-      global_batch_size=global_batch_size)
+      global_batch_size=global_batch_size, max_image_pixels=max_image_pixels)
   augmenter = batch_augment.create_batch_augmenter(
       info.num_classes, seed=seed, **(batch_augmentation or {}))
   train = make_train_dataset(
@@ -339,7 +343,8 @@ def create_datasets(dataset='cifar10',
 
 def load_examples(dataset, *, train_split='train', eval_split='test',
                   data_dir=None, seed=0, validation_fraction=0.0,
-                  skip_corrupt_images=False, global_batch_size=1):
+                  skip_corrupt_images=False, global_batch_size=1,
+                  max_image_pixels=image_folder.DEFAULT_MAX_IMAGE_PIXELS):
   """Reads a tfds dataset or an image folder as decoded examples.
 
   Args: as `create_datasets`; `global_batch_size` only checks that the train
@@ -354,7 +359,8 @@ def load_examples(dataset, *, train_split='train', eval_split='test',
      num_eval) = image_folder.load(
          dataset, train_split=train_split, eval_split=eval_split,
          validation_fraction=validation_fraction,
-         skip_corrupt_images=skip_corrupt_images, seed=seed)
+         skip_corrupt_images=skip_corrupt_images, seed=seed,
+         max_image_pixels=max_image_pixels)
   else:
     if validation_fraction:
       raise errors.ConfigError(

@@ -16,7 +16,9 @@ preprocessing (`input_pipeline.preprocess_for_eval`). Two signatures:
 - `serve_image_bytes(image_bytes)`: `[N]` encoded JPEG or PNG strings of
   mixed sizes; grayscale and RGBA are converted to RGB. Bytes that are not a
   JPEG or PNG image fail the call with an InvalidArgumentError naming the
-  input (`image_bytes[i] is not a JPEG or PNG image ...`).
+  input (`image_bytes[i] is not a JPEG or PNG image ...`), and so does an
+  image of more than `max_image_pixels` (from its header, before decoding:
+  `image_bytes[i] is WxH pixels ...`).
 
 Both return `logits` `[N, C]`, `probabilities` `[N, C]`, `class_ids` `[N]`,
 `class_names` `[N]`, and the k most probable classes: `top_k_class_ids`,
@@ -48,13 +50,15 @@ from keras_sft import workdir as workdir_lib
 CHECKPOINTS = ('best', 'last')
 # TF Serving's warm-up file, in `<version>/assets.extra/`.
 WARMUP_FILE = 'tf_serving_warmup_requests'
+_DEFAULT_MAX_IMAGE_PIXELS = image_folder.DEFAULT_MAX_IMAGE_PIXELS
 
 
 
 class _ServingModule(tf.Module):
   """Tracks the model's variables once and serves it in `tf.function`s."""
 
-  def __init__(self, model, image_size, class_names, top_k):
+  def __init__(self, model, image_size, class_names, top_k,
+               max_image_pixels):
     super().__init__(name='serving')
     # The raw tf.Variables, tracked once. The Keras model itself must not be
     # an attribute: tracking it would store every weight a second time (and
@@ -63,6 +67,7 @@ class _ServingModule(tf.Module):
     self._class_names = tf.constant(list(class_names), dtype=tf.string)
     self._image_size = image_size
     self._top_k = min(top_k, len(class_names))
+    self._max_image_pixels = max_image_pixels
     self._call = lambda images: model(images, training=False)
 
   def _outputs(self, images):
@@ -102,7 +107,7 @@ class _ServingModule(tf.Module):
     """One encoded image → `[S, S, 3]` float32, as the eval pipeline does."""
     data, index = element
     name = tf.strings.join(['image_bytes[', tf.strings.as_string(index), ']'])
-    image = image_folder.decode_image(data, name)
+    image = image_folder.decode_image(data, name, self._max_image_pixels)
     return input_pipeline.preprocess_for_eval(image, self._image_size)
 
 
@@ -150,14 +155,26 @@ def _write_warmup_requests(export_dir, image_size):
 def check_config(config):
   """Checks the export keys of the config."""
   errors.check_positive('export_top_k', config.export_top_k)
+  _check_max_image_pixels(config.max_image_pixels)
 
 
-def _save(model, export_dir, image_size, class_names, top_k):
+def _check_max_image_pixels(value):
+  if not (isinstance(value, int) and not isinstance(value, bool) and
+          value > 0):
+    raise errors.ConfigError(
+        'max_image_pixels must be a positive integer (width x height of the '
+        f'largest image decoded). Received: max_image_pixels={value!r}')
+
+
+def _save(model, export_dir, image_size, class_names, top_k,
+          max_image_pixels):
   if not class_names:
     raise errors.ConfigError(f'class_names must not be empty. Received: '
                              f'class_names={class_names!r}')
   errors.check_positive('top_k', top_k)
-  module = _ServingModule(model, image_size, class_names, top_k)
+  _check_max_image_pixels(max_image_pixels)
+  module = _ServingModule(model, image_size, class_names, top_k,
+                          max_image_pixels)
   tf.saved_model.save(
       module, export_dir,
       signatures={
@@ -167,7 +184,8 @@ def _save(model, export_dir, image_size, class_names, top_k):
   _write_warmup_requests(export_dir, image_size)
 
 
-def export_saved_model(model, export_dir, image_size, class_names, top_k=5):
+def export_saved_model(model, export_dir, image_size, class_names, top_k=5,
+                       max_image_pixels=_DEFAULT_MAX_IMAGE_PIXELS):
   """Writes a SavedModel of `model` to `export_dir` (no version directory).
 
   Use `export_version` for the layout TF Serving watches.
@@ -187,6 +205,8 @@ def export_saved_model(model, export_dir, image_size, class_names, top_k=5):
     image_size: S, the side the model expects.
     class_names: One name per class id.
     top_k: How many of the most probable classes the signatures return.
+    max_image_pixels: `serve_image_bytes` refuses an image with more pixels
+      (width x height, read from its header) without decoding it.
 
   Returns:
     `export_dir`.
@@ -196,7 +216,8 @@ def export_saved_model(model, export_dir, image_size, class_names, top_k=5):
   os.makedirs(parent, exist_ok=True)
   temporary = tempfile.mkdtemp(prefix=f'.{name}.tmp-', dir=parent)
   try:
-    _save(model, temporary, image_size, class_names, top_k)
+    _save(model, temporary, image_size, class_names, top_k,
+          max_image_pixels)
     aside = None
     if os.path.lexists(export_dir):
       aside = os.path.join(parent, f'.{name}.old-{uuid.uuid4().hex}')
@@ -241,7 +262,8 @@ def resolve_saved_model(path):
   return os.path.join(path, str(versions[-1]))
 
 
-def export_version(model, export_base, image_size, class_names, top_k=5):
+def export_version(model, export_base, image_size, class_names, top_k=5,
+                   max_image_pixels=_DEFAULT_MAX_IMAGE_PIXELS):
   """Writes `<export_base>/<next version>/`, the layout TF Serving loads.
 
   The version is one more than the largest there (1 for the first). The
@@ -256,6 +278,8 @@ def export_version(model, export_base, image_size, class_names, top_k=5):
     image_size: S, the side the model expects.
     class_names: One name per class id.
     top_k: How many of the most probable classes the signatures return.
+    max_image_pixels: `serve_image_bytes` refuses an image with more pixels
+      (width x height, read from its header) without decoding it.
 
   Returns:
     `(version, path)` of the new version.
@@ -263,7 +287,8 @@ def export_version(model, export_base, image_size, class_names, top_k=5):
   os.makedirs(export_base, exist_ok=True)
   temporary = tempfile.mkdtemp(prefix='.tmp-', dir=export_base)
   try:
-    _save(model, temporary, image_size, class_names, top_k)
+    _save(model, temporary, image_size, class_names, top_k,
+          max_image_pixels)
     while True:
       version = (list_versions(export_base) or [0])[-1] + 1
       path = os.path.join(export_base, str(version))
@@ -349,4 +374,7 @@ def export_run(workdir, checkpoint='best', export_base=None, top_k=None):
   return export_version(
       model, export_base or workdir_lib.Workdir(workdir).export,
       config.image_size, class_names,
-      top_k=config.export_top_k if top_k is None else top_k)
+      top_k=config.export_top_k if top_k is None else top_k,
+      # Runs from before the key existed have none in their config.json.
+      max_image_pixels=config.get('max_image_pixels',
+                                  _DEFAULT_MAX_IMAGE_PIXELS))

@@ -251,7 +251,8 @@ def _finish(run, model, export):
   if export and config.export:
     serving.export_version(model, run.workdir.export, config.image_size,
                            run.data.info.class_names,
-                           top_k=config.export_top_k)
+                           top_k=config.export_top_k,
+                           max_image_pixels=config.max_image_pixels)
   return metrics
 
 

@@ -5,9 +5,11 @@ import io
 import json
 import os
 import pickle
+import resource
 import shutil
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
@@ -16,6 +18,7 @@ import tensorflow as tf
 from PIL import Image
 
 import conftest
+import image_fixtures
 from configs import cifar10_resnet50
 from keras_sft import checkpointing
 from keras_sft import input_pipeline
@@ -389,3 +392,50 @@ def test_bytes_that_are_not_utf8_give_a_readable_error(tiny_export):
   assert 'image_bytes[0] is not a JPEG or PNG image' in message, message
   # The bytes, hex-encoded.
   assert '42 4d cf 00 01 02 03 04' in message, message
+
+
+def test_a_decompression_bomb_is_refused_from_its_header(tiny_export):
+  """A 16000x16000 PNG of 249 KB: refused before decoding, by default."""
+  _, signature = tiny_export
+  bomb = image_fixtures.png_bomb(16_000)
+  assert len(bomb) < 300_000
+  peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  start = time.monotonic()
+  error = _serve_error(signature, bomb)
+  seconds = time.monotonic() - start
+  grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before
+  assert isinstance(error, tf.errors.InvalidArgumentError), repr(error)
+  message = str(error)
+  assert 'image_bytes[0] is 16000x16000 pixels' in message, message
+  assert 'max_image_pixels=40000000' in message, message
+  # Decoding it takes seconds and gigabytes (the uint8 RGB image alone is
+  # 768 MB).
+  assert seconds < 3, seconds
+  assert grown < 200 * 1024, f'peak memory grew by {grown} KB'
+
+
+def test_max_image_pixels_is_set_at_export(tmp_path):
+  export_dir = str(tmp_path / 'model')
+  serving.export_saved_model(_tiny_model(), export_dir, 8, ['a', 'b', 'c'],
+                             max_image_pixels=100)
+  signature = tf.saved_model.load(export_dir).signatures['serve_image_bytes']
+  square = np.zeros((10, 10, 3), np.uint8)
+  for image_format in ('PNG', 'JPEG'):
+    # 100 pixels pass; 12 wide by 9 high do not.
+    outputs = signature(image_bytes=tf.constant(
+        [_encode(square, image_format)]))
+    assert outputs['logits'].shape == (1, 3)
+    error = _serve_error(signature,
+                         _encode(np.zeros((9, 12, 3), np.uint8), image_format))
+    assert isinstance(error, tf.errors.InvalidArgumentError), repr(error)
+    assert 'image_bytes[0] is 12x9 pixels' in str(error), str(error)
+    assert 'max_image_pixels=100' in str(error), str(error)
+  with pytest.raises(ValueError, match='max_image_pixels'):
+    serving.export_saved_model(_tiny_model(), export_dir, 8, ['a'],
+                               max_image_pixels=0)
+  config = cifar10_resnet50.get_config('smoke')
+  serving.check_config(config)
+  for value in (0, -1):
+    config.max_image_pixels = value
+    with pytest.raises(ValueError, match=f'max_image_pixels={value}'):
+      serving.check_config(config)

@@ -5,6 +5,7 @@ import io
 import logging
 import os
 import shutil
+import time
 
 import keras
 import numpy as np
@@ -179,6 +180,28 @@ def _tiny_model():
       keras.layers.GlobalAveragePooling2D()(inputs)))
 
 
+def test_images_over_max_image_pixels_are_refused_before_decoding(
+    folder_copy):
+  root, _ = folder_copy
+  bomb = os.path.join(root, 'train', 'cat', 'bomb.png')
+  with open(bomb, 'wb') as file:
+    file.write(image_fixtures.png_bomb(16_000))
+  assert os.path.getsize(bomb) < 300_000
+  start = time.monotonic()
+  with pytest.raises(ValueError) as error:
+    _create(root)
+  assert time.monotonic() - start < 30  # Decoding it alone takes ~10 s.
+  message = str(error.value)
+  assert f'{bomb} is 16000x16000 pixels' in message, message
+  assert 'max_image_pixels=40000000' in message, message
+  os.remove(bomb)
+  # The limit is a setting: the 64x64 dog JPEGs are over 4000 pixels.
+  with pytest.raises(ValueError, match=r'64x64 pixels.*max_image_pixels=4000'):
+    _create(root, max_image_pixels=4000)
+  _, _, info = _create(root, max_image_pixels=4096)
+  assert info.num_train_examples == 12
+
+
 def test_corrupt_files_skipped_and_counted_when_asked(folder_copy, caplog):
   root, written = folder_copy
   corrupt = os.path.join(root, 'train', 'dog', 'broken.jpg')
@@ -322,7 +345,8 @@ def test_files_are_decoded_once_per_process_unless_they_change(folder_copy,
   calls = []
   real = image_folder.find_unreadable
   monkeypatch.setattr(image_folder, 'find_unreadable',
-                      lambda paths: calls.append(len(paths)) or real(paths))
+                      lambda paths, *args: calls.append(len(paths)) or
+                      real(paths, *args))
   _create(root)
   _create(root, start_step=1)  # What a resumed run does.
   assert calls == [18]

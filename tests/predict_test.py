@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import conftest
+import image_fixtures
 from keras_sft import predict
 from keras_sft import serving
 
@@ -93,8 +94,9 @@ def test_bad_files_are_error_records_and_the_good_ones_are_served(
   os.remove(tmp_path / 'whole.png')
   os.symlink(tmp_path / 'deleted.png', tmp_path / 'dangling.png')
   _write_png(tmp_path / 'good2.png', rng.integers(0, 256, (9, 9, 3), np.uint8))
+  (tmp_path / 'bomb.png').write_bytes(image_fixtures.png_bomb(16_000))
   names = ['good1.png', 'bmp.png', 'truncated.png', 'dangling.png',
-           'good2.png']
+           'bomb.png', 'good2.png']
   for batch_size in (1, 8):
     records = list(predict.predict_files(
         tiny_signature, [str(tmp_path / name) for name in names],
@@ -109,6 +111,7 @@ def test_bad_files_are_error_records_and_the_good_ones_are_served(
     assert '42 4d cf' in errors['bmp.png']
     assert 'Invalid PNG data' in errors['truncated.png'], errors
     assert 'No such file' in errors['dangling.png'], errors['dangling.png']
+    assert 'is 16000x16000 pixels' in errors['bomb.png'], errors['bomb.png']
     # Every message is one readable line, valid JSON.
     for message in errors.values():
       json.loads(json.dumps(message))
