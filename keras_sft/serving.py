@@ -182,6 +182,21 @@ def _save(model, export_dir, image_size, class_names, top_k,
           'serve_image_bytes': module.serve_image_bytes,
       })
   _write_warmup_requests(export_dir, image_size)
+  _make_readable(export_dir)
+
+
+def _make_readable(directory):
+  """0755 folders and 0644 files: TF Serving may run as another user.
+
+  The temporary folder starts 0700 (`tempfile.mkdtemp`), and a umask may
+  have hidden the files too.
+  """
+  os.chmod(directory, 0o755)
+  for root, directories, files in os.walk(directory):
+    for name in directories:
+      os.chmod(os.path.join(root, name), 0o755)
+    for name in files:
+      os.chmod(os.path.join(root, name), 0o644)
 
 
 def export_saved_model(model, export_dir, image_size, class_names, top_k=5,

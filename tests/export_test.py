@@ -439,3 +439,24 @@ def test_max_image_pixels_is_set_at_export(tmp_path):
     config.max_image_pixels = value
     with pytest.raises(ValueError, match=f'max_image_pixels={value}'):
       serving.check_config(config)
+
+
+def test_versions_are_readable_by_other_users(tmp_path):
+  """TF Serving may run as another user: 0755 folders, 0644 files."""
+  previous = os.umask(0o022)
+  try:
+    _, path = serving.export_version(_tiny_model(), str(tmp_path / 'export'),
+                                     8, ['a', 'b', 'c'])
+  finally:
+    os.umask(previous)
+  modes = {}
+  for root, directories, files in os.walk(path):
+    for name in [root] + [os.path.join(root, d) for d in directories]:
+      modes[os.path.relpath(name, path) + '/'] = os.stat(name).st_mode & 0o777
+    for name in files:
+      modes[os.path.relpath(os.path.join(root, name), path)] = (
+          os.stat(os.path.join(root, name)).st_mode & 0o777)
+  assert 'saved_model.pb' in modes and './' in modes, modes
+  wrong = {name: oct(mode) for name, mode in modes.items()
+           if mode != (0o755 if name.endswith('/') else 0o644)}
+  assert not wrong, wrong
