@@ -32,8 +32,10 @@ request per signature, which TF Serving replays when it loads the version.
 import errno
 import logging
 import os
+import re
 import shutil
-import tempfile
+import socket
+import time
 import uuid
 
 import ml_collections
@@ -51,6 +53,13 @@ CHECKPOINTS = ('best', 'last')
 # TF Serving's warm-up file, in `<version>/assets.extra/`.
 WARMUP_FILE = 'tf_serving_warmup_requests'
 _DEFAULT_MAX_IMAGE_PIXELS = image_folder.DEFAULT_MAX_IMAGE_PIXELS
+# Temporary export folders are named `<prefix><pid>@<host>.<32 hex digits>`,
+# so a later export can tell whether their writer is gone.
+_OWNER = re.compile(r'(?P<pid>\d+)@(?P<host>.*)\.[0-9a-f]{32}')
+# A temporary folder that no live process on this host owns is removed when
+# nothing in it changed for this long (another host's export may still be
+# writing it to a shared file system).
+_STALE_SECONDS = 3600
 
 
 
@@ -188,8 +197,8 @@ def _save(model, export_dir, image_size, class_names, top_k,
 def _make_readable(directory):
   """0755 folders and 0644 files: TF Serving may run as another user.
 
-  The temporary folder starts 0700 (`tempfile.mkdtemp`), and a umask may
-  have hidden the files too.
+  The temporary folder is created 0700, and a umask may have hidden the
+  files too.
   """
   os.chmod(directory, 0o755)
   for root, directories, files in os.walk(directory):
@@ -210,8 +219,10 @@ def export_saved_model(model, export_dir, image_size, class_names, top_k=5,
   renamed aside (to `.<name>.old-*` beside it), and removed only after the
   new one is in place; if renaming the new one in fails, the old one is
   renamed back. So a failure leaves the previous export at `export_dir`, and
-  a crash (kill -9) between the two renames leaves it at `.<name>.old-*`:
-  a complete SavedModel always exists at one of the two.
+  a crash (kill -9) between the two renames leaves it at `.<name>.old-*`
+  (the next call renames it back before anything else): a complete
+  SavedModel always exists at one of the two. Temporary folders of exports
+  that were killed are removed by the next call (see `_stale`).
 
   Args:
     model: A Keras model mapping float32 `[N, S, S, 3]` images in [0, 255] to
@@ -229,13 +240,20 @@ def export_saved_model(model, export_dir, image_size, class_names, top_k=5,
   export_dir = os.path.abspath(export_dir)
   parent, name = os.path.split(export_dir)
   os.makedirs(parent, exist_ok=True)
-  temporary = tempfile.mkdtemp(prefix=f'.{name}.tmp-', dir=parent)
+  if not os.path.lexists(export_dir):
+    # A crash between the two renames below left the previous export aside.
+    for aside in _stale(parent, f'.{name}.old-')[:1]:
+      os.rename(aside, export_dir)
+  for prefix in (f'.{name}.tmp-', f'.{name}.old-'):
+    _remove_stale(parent, prefix)
+  temporary = _temporary_name(parent, f'.{name}.tmp-')
+  os.mkdir(temporary, 0o700)
   try:
     _save(model, temporary, image_size, class_names, top_k,
           max_image_pixels)
     aside = None
     if os.path.lexists(export_dir):
-      aside = os.path.join(parent, f'.{name}.old-{uuid.uuid4().hex}')
+      aside = _temporary_name(parent, f'.{name}.old-')
       os.rename(export_dir, aside)
     try:
       os.rename(temporary, export_dir)
@@ -250,6 +268,66 @@ def export_saved_model(model, export_dir, image_size, class_names, top_k=5,
     shutil.rmtree(aside, ignore_errors=True)
   logging.info('Exported a SavedModel to %s.', export_dir)
   return export_dir
+
+
+def _temporary_name(directory, prefix):
+  """A new hidden path in `directory` that names this process and host."""
+  return os.path.join(directory, f'{prefix}{os.getpid()}@'
+                      f'{socket.gethostname()}.{uuid.uuid4().hex}')
+
+
+def _is_running(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # Another user's process.
+    return True
+  return True
+
+
+def _last_change(path):
+  """The newest modification time of `path` and everything under it."""
+  newest = os.lstat(path).st_mtime
+  for root, directories, files in os.walk(path):
+    for name in directories + files:
+      try:
+        newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+      except OSError:
+        pass
+  return newest
+
+
+def _stale(directory, prefix):
+  """The `<prefix>*` folders of exports killed mid-way (kill -9, power loss).
+
+  A folder whose owner is a process of this host that no longer runs is
+  stale; one of another host, or of an older naming scheme, once nothing in
+  it changed for `_STALE_SECONDS`. An export running concurrently keeps its
+  folder.
+  """
+  found = []
+  for name in sorted(os.listdir(directory)):
+    path = os.path.join(directory, name)
+    if not name.startswith(prefix) or not os.path.isdir(path):
+      continue
+    owner = _OWNER.fullmatch(name[len(prefix):])
+    try:
+      if owner and owner.group('host') == socket.gethostname():
+        stale = not _is_running(int(owner.group('pid')))
+      else:
+        stale = time.time() - _last_change(path) > _STALE_SECONDS
+    except OSError:  # Removed meanwhile by another export.
+      continue
+    if stale:
+      found.append(path)
+  return found
+
+
+def _remove_stale(directory, prefix):
+  for path in _stale(directory, prefix):
+    logging.info('Removing %s, left by an export that did not finish.', path)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def list_versions(export_base):
@@ -284,7 +362,9 @@ def export_version(model, export_base, image_size, class_names, top_k=5,
   The version is one more than the largest there (1 for the first). The
   SavedModel is written to a hidden temporary directory (TF Serving ignores
   names that are not integers) and renamed into place; an existing version
-  is never replaced.
+  is never replaced. Temporary directories of exports that were killed
+  (`.tmp-<pid>@<host>.*`) are removed first, those of a running export kept
+  (see `_stale`).
 
   Args:
     model: A Keras model mapping float32 `[N, S, S, 3]` images in [0, 255] to
@@ -300,7 +380,9 @@ def export_version(model, export_base, image_size, class_names, top_k=5,
     `(version, path)` of the new version.
   """
   os.makedirs(export_base, exist_ok=True)
-  temporary = tempfile.mkdtemp(prefix='.tmp-', dir=export_base)
+  _remove_stale(export_base, '.tmp-')
+  temporary = _temporary_name(export_base, '.tmp-')
+  os.mkdir(temporary, 0o700)
   try:
     _save(model, temporary, image_size, class_names, top_k,
           max_image_pixels)

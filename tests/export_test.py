@@ -7,6 +7,7 @@ import os
 import pickle
 import resource
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -460,3 +461,65 @@ def test_versions_are_readable_by_other_users(tmp_path):
   wrong = {name: oct(mode) for name, mode in modes.items()
            if mode != (0o755 if name.endswith('/') else 0o644)}
   assert not wrong, wrong
+
+
+def _age(path, seconds):
+  then = time.time() - seconds
+  for root, directories, files in os.walk(path):
+    for name in [root] + [os.path.join(root, n) for n in directories + files]:
+      os.utime(name, (then, then))
+
+
+def test_stale_temporary_exports_are_removed_live_ones_kept(tmp_path):
+  """What kill -9 during an export leaves is removed by the next export."""
+  base = tmp_path / 'export'
+  host = socket.gethostname()
+  dead = subprocess.Popen(['true'])
+  dead.wait()
+  names = {
+      # A process on this host that died while exporting.
+      'dead': f'.tmp-{dead.pid}@{host}.{"a" * 32}',
+      # This very process: an export running concurrently in a thread.
+      'live': f'.tmp-{os.getpid()}@{host}.{"b" * 32}',
+      # Another machine's (shared file system), untouched for 2 hours.
+      'other_old': f'.tmp-1@elsewhere.{"c" * 32}',
+      # Another machine's, written a minute ago: maybe still running.
+      'other_recent': f'.tmp-1@elsewhere.{"d" * 32}',
+      # The name of older keras-sft versions (tempfile.mkdtemp).
+      'legacy_old': '.tmp-x1y2z3ab',
+  }
+  for name in names.values():
+    (base / name / 'variables').mkdir(parents=True)
+    (base / name / 'variables' / 'variables.data-00000-of-00001').write_bytes(
+        b'\0' * 1000)
+  for key in ('dead', 'live', 'other_old', 'legacy_old'):
+    _age(base / names[key], 2 * 3600)
+  _age(base / names['other_recent'], 60)
+  version, _ = serving.export_version(_tiny_model(), str(base), 8,
+                                      ['a', 'b', 'c'])
+  assert version == 1
+  assert sorted(os.listdir(base)) == sorted(
+      ['1', names['live'], names['other_recent']])
+
+
+def test_a_crash_between_the_renames_is_repaired_by_the_next_export(
+    tmp_path, monkeypatch):
+  """kill -9 after the old export was renamed aside, before the new one in."""
+  export_dir = tmp_path / 'model'
+  serving.export_saved_model(_tiny_model(), str(export_dir), 8,
+                             ['a', 'b', 'c'], top_k=1)
+  dead = subprocess.Popen(['true'])
+  dead.wait()
+  aside = tmp_path / f'.model.old-{dead.pid}@{socket.gethostname()}.{"e" * 32}'
+  os.rename(export_dir, aside)
+
+  def fail(*args, **kwargs):
+    raise OSError(28, 'No space left on device (simulated)')
+
+  monkeypatch.setattr(serving, '_save', fail)
+  with pytest.raises(OSError, match='simulated'):
+    serving.export_saved_model(_tiny_model(), str(export_dir), 8,
+                               ['a', 'b', 'c'], top_k=2)
+  # The previous export is back in place; nothing else is left.
+  assert _export_dir_version(str(export_dir)) == 1
+  assert os.listdir(tmp_path) == ['model']
