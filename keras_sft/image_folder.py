@@ -16,6 +16,8 @@ hash of `<class>/<file name>`, so classes are interleaved and the order does
 not depend on the seed: `train[:90%]` and `train[90%:]` never overlap).
 
 Class names are the sorted class folder names; label `i` is the `i`-th name.
+Subfolders of a class folder are read too, symlinked ones included; a
+symlink that leads back to a folder already read (a loop) is an error.
 Images are decoded in a parallel `tf.data` map; grayscale and RGBA become RGB
 (alpha is dropped), 16-bit PNGs become 8-bit, and images of mixed sizes are
 fine (the input pipeline resizes each one).
@@ -175,8 +177,10 @@ def list_split(directory, class_names=None):
   for label, name in enumerate(found):
     class_dir = os.path.join(directory, name)
     files = []
+    visited = {os.path.realpath(class_dir)}
     for root, dirs, file_names in os.walk(class_dir, followlinks=True):
       dirs.sort()
+      _check_not_visited(root, dirs, visited, class_dir)
       for file_name in sorted(file_names):
         if os.path.splitext(file_name)[1].lower() in IMAGE_EXTENSIONS:
           files.append(os.path.relpath(os.path.join(root, file_name),
@@ -198,6 +202,24 @@ def list_split(directory, class_names=None):
       paths=tuple(os.path.join(directory, relative[i]) for i in order),
       labels=tuple(labels[i] for i in order))
   return tuple(found), split
+
+
+def _check_not_visited(root, dirs, visited, class_dir):
+  """Raises on a folder of `dirs` that the walk of `class_dir` already read.
+
+  Symlinks to folders are followed, so a link to a folder above it (a
+  loop) would read the same images again and again.
+  """
+  for name in dirs:
+    path = os.path.join(root, name)
+    real = os.path.realpath(path)
+    if real in visited:
+      raise errors.DataError(
+          f'{path!r} leads to {real!r}, a folder already read for the class '
+          f'folder {class_dir!r}: a symlink loop (or two links to one '
+          'folder) would read its images again and again. Remove or fix the '
+          'symlink.')
+    visited.add(real)
 
 
 def hold_out(split, num_classes, fraction):

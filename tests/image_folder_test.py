@@ -299,6 +299,25 @@ def test_empty_class_folder_is_named(folder_copy):
   assert empty in str(error.value)
 
 
+def test_a_symlink_loop_is_named_not_followed(folder_copy):
+  root, _ = folder_copy
+  cat = os.path.join(root, 'train', 'cat')
+  os.makedirs(os.path.join(cat, 'more'))
+  loop = os.path.join(cat, 'more', 'again')
+  os.symlink(cat, loop)
+  with pytest.raises(ValueError) as error:
+    _create(root)
+  message = str(error.value)
+  assert loop in message and 'symlink loop' in message, message
+  # A symlink to a folder outside the class is followed.
+  os.remove(loop)
+  elsewhere = os.path.join(os.path.dirname(root), 'more_cats')
+  shutil.copytree(os.path.join(root, 'test', 'cat'), elsewhere)
+  os.symlink(elsewhere, loop)
+  _, _, info = _create(root)
+  assert info.num_train_examples == 12 + 2
+
+
 def test_class_sets_that_differ_between_splits_are_named(folder_copy):
   root, _ = folder_copy
   os.rename(os.path.join(root, 'test', 'owl'),
