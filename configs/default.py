@@ -50,7 +50,8 @@ def get_config():
   config.resize_size = ml_collections.FieldReference(None, field_type=int)
   # Elements kept in the shuffle buffer of the training set.
   config.shuffle_buffer_size = 10_000
-  # Keep decoded training and eval images in memory after the first epoch.
+  # Keep decoded training and eval images in memory after the first epoch
+  # (large ones shrunk first to twice the side the pipeline resizes to).
   # Right for CIFAR-sized data; switch off for data larger than host memory.
   config.cache = True
 
