@@ -50,7 +50,8 @@ def get_config():
   config.resize_size = ml_collections.FieldReference(None, field_type=int)
   # Elements kept in the shuffle buffer of the training set.
   config.shuffle_buffer_size = 10_000
-  # Keep decoded training and eval images in memory after the first epoch.
+  # Keep decoded training and eval images in memory after the first epoch
+  # (large ones shrunk first to twice the side the pipeline resizes to).
   # Right for CIFAR-sized data; switch off for data larger than host memory.
   config.cache = True
 
@@ -187,6 +188,12 @@ def get_config():
   # Classes in the export's top-k outputs (top_k_class_ids, ..._names,
   # ..._probabilities); capped at the number of classes.
   config.export_top_k = 5
+  # The most pixels (width x height) an image may have to be decoded, read
+  # from its JPEG/PNG header first: a 250 KB PNG can hold 16000x16000 pixels
+  # (768 MB decoded). Larger images are refused by the export's
+  # serve_image_bytes (the value is fixed when the export is written) and
+  # are unreadable files in a folder dataset.
+  config.max_image_pixels = 40_000_000
 
   config.lock()
   return config

@@ -118,8 +118,10 @@ def plot_confusion_matrix(matrix, class_names, title='Confusion matrix'):
                   label='fraction of the true class')
   if num_classes <= _MAX_LABELLED_CLASSES:
     ticks = np.arange(num_classes)
-    axes.set_xticks(ticks, labels=class_names, rotation=90)
-    axes.set_yticks(ticks, labels=class_names)
+    # parse_math=False: class names are shown as written; a folder named
+    # `$\foo$` is not TeX (matplotlib's mathtext would fail on it).
+    axes.set_xticks(ticks, labels=class_names, rotation=90, parse_math=False)
+    axes.set_yticks(ticks, labels=class_names, parse_math=False)
   if num_classes <= _MAX_ANNOTATED_CLASSES:
     for i in range(num_classes):
       for j in range(num_classes):

@@ -16,6 +16,8 @@ hash of `<class>/<file name>`, so classes are interleaved and the order does
 not depend on the seed: `train[:90%]` and `train[90%:]` never overlap).
 
 Class names are the sorted class folder names; label `i` is the `i`-th name.
+Subfolders of a class folder are read too, symlinked ones included; a
+symlink that leads back to a folder already read (a loop) is an error.
 Images are decoded in a parallel `tf.data` map; grayscale and RGBA become RGB
 (alpha is dropped), 16-bit PNGs become 8-bit, and images of mixed sizes are
 fine (the input pipeline resizes each one).
@@ -39,6 +41,12 @@ from keras_sft import errors
 PREFIX = 'folder:'
 # Lower-case file extensions read as images; other files are ignored.
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+# The default of `config.max_image_pixels`: the most pixels an image may
+# have, read from its header before it is decoded (40 MP: 120 MB as uint8
+# RGB).
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+_JPEG_MAGIC = b'\xff\xd8\xff'
+_PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 # Unreadable files listed in an error message (all of them are counted).
 _MAX_LISTED = 20
 # find_unreadable results by (path, size, mtime) of every file: a resumed run
@@ -169,8 +177,10 @@ def list_split(directory, class_names=None):
   for label, name in enumerate(found):
     class_dir = os.path.join(directory, name)
     files = []
+    visited = {os.path.realpath(class_dir)}
     for root, dirs, file_names in os.walk(class_dir, followlinks=True):
       dirs.sort()
+      _check_not_visited(root, dirs, visited, class_dir)
       for file_name in sorted(file_names):
         if os.path.splitext(file_name)[1].lower() in IMAGE_EXTENSIONS:
           files.append(os.path.relpath(os.path.join(root, file_name),
@@ -192,6 +202,24 @@ def list_split(directory, class_names=None):
       paths=tuple(os.path.join(directory, relative[i]) for i in order),
       labels=tuple(labels[i] for i in order))
   return tuple(found), split
+
+
+def _check_not_visited(root, dirs, visited, class_dir):
+  """Raises on a folder of `dirs` that the walk of `class_dir` already read.
+
+  Symlinks to folders are followed, so a link to a folder above it (a
+  loop) would read the same images again and again.
+  """
+  for name in dirs:
+    path = os.path.join(root, name)
+    real = os.path.realpath(path)
+    if real in visited:
+      raise errors.DataError(
+          f'{path!r} leads to {real!r}, a folder already read for the class '
+          f'folder {class_dir!r}: a symlink loop (or two links to one '
+          'folder) would read its images again and again. Remove or fix the '
+          'symlink.')
+    visited.add(real)
 
 
 def hold_out(split, num_classes, fraction):
@@ -257,8 +285,22 @@ def find_splits(root, train_split='train', eval_split='test',
     train_dir = root  # One folder of class folders.
   class_names, train = list_split(train_dir)
   train = _slice(train, train_start, train_end)
+  empty = _classes_without_images(train, class_names)
+  if empty and len(train):  # pylint: disable=g-explicit-length-test
+    raise errors.DataError(
+        f'The train split {train_split!r} of {root!r} selects {len(train)} '
+        f'images and none of the classes {empty}. Widen the slice, or add '
+        'images of these classes.')
   if validation_fraction > 0:
     train, evaluation = hold_out(train, len(class_names), validation_fraction)
+    empty = _classes_without_images(train, class_names)
+    if empty:
+      raise errors.DataError(
+          f'validation_fraction={validation_fraction} holds out every image '
+          f'of the classes {empty} of {train_split!r} in {train_dir!r} (of a '
+          'class of n images, round(validation_fraction * n) go to '
+          'evaluation), leaving none to train on. Add images to these '
+          'classes, or lower validation_fraction.')
     logging.info('Held out %d of %d images of %s for evaluation '
                  '(validation_fraction=%g).', len(evaluation),
                  len(train) + len(evaluation), train_dir, validation_fraction)
@@ -284,17 +326,140 @@ def find_splits(root, train_split='train', eval_split='test',
   return class_names, train, evaluation
 
 
-def decode_image(contents):
-  """Decodes JPEG or PNG bytes to a uint8 RGB `[H, W, 3]` tensor."""
-  # channels=3 turns grayscale into RGB and drops an alpha channel;
-  # dtype=uint8 scales 16-bit PNGs down.
-  image = tf.io.decode_image(contents, channels=3, dtype=tf.uint8,
-                             expand_animations=False)
+def _classes_without_images(split, class_names):
+  counts = np.bincount(np.asarray(split.labels, dtype=np.int64),
+                       minlength=len(class_names))
+  return [class_names[i] for i in np.flatnonzero(counts == 0)]
+
+
+def _hex(data):
+  """Bytes as space-separated hex, e.g. '42 4d cf': valid UTF-8 always."""
+  digits = tf.constant([f'{byte:02x}' for byte in range(256)])
+  byte_values = tf.io.decode_raw(data, tf.uint8)
+  return tf.strings.reduce_join(
+      tf.gather(digits, tf.cast(byte_values, tf.int32)), separator=' ')
+
+
+def _other_format(head):
+  """' (it is a BMP image: ...)' for formats known by their header, else ''.
+
+  `head(position, length)` returns bytes of the image at that position.
+  """
+  known = (('BMP', tf.equal(head(0, 2), b'BM')),
+           ('GIF', tf.equal(head(0, 4), b'GIF8')),
+           ('WebP', tf.logical_and(tf.equal(head(0, 4), b'RIFF'),
+                                   tf.equal(head(8, 4), b'WEBP'))),
+           ('TIFF', tf.logical_or(tf.equal(head(0, 4), b'II*\0'),
+                                  tf.equal(head(0, 4), b'MM\0*'))))
+  text = tf.constant('')
+  for name, matches in known:
+    text = tf.where(matches, f' (it is a {name} image: convert it to PNG or '
+                    'JPEG)', text)
+  return text
+
+
+def _header_size(contents, is_jpeg, head):
+  """`(width, height)` int64 from a JPEG's or PNG's header, not decoding.
+
+  PNG: the IHDR chunk, which the format puts first (bytes 16-24, big-endian
+  width and height); libpng refuses a file without it there, so these are
+  the dimensions it would decode. JPEG: libjpeg's own header parser (the
+  SOFn marker).
+  """
+  def jpeg():
+    height_width = tf.io.extract_jpeg_shape(contents, output_type=tf.int64)
+    return height_width[1], height_width[0]
+
+  def png():
+    digits = tf.cast(tf.io.decode_raw(head(16, 8), tf.uint8), tf.int64)
+    big_endian = lambda b: ((b[0] * 256 + b[1]) * 256 + b[2]) * 256 + b[3]
+    return big_endian(digits[:4]), big_endian(digits[4:])
+
+  return tf.cond(is_jpeg, jpeg, png)
+
+
+def decode_image(contents, name='image', max_pixels=None):
+  """Decodes JPEG or PNG bytes to a uint8 RGB `[H, W, 3]` tensor.
+
+  Only JPEG and PNG are accepted, whatever the file name says: the training
+  data and the export's `serve_image_bytes` go through this one function,
+  so they accept the same images. Other bytes fail, when run, with an
+  InvalidArgumentError `<name> is not a JPEG or PNG image ...` that names a
+  recognized format (BMP, GIF, WebP, TIFF) and shows the first bytes in hex.
+  With `max_pixels`, the width and height are read from the header first
+  and a larger image fails (`<name> is WxH pixels ...`) without being
+  decoded: a 250 KB PNG can hold 16000x16000 pixels (768 MB decoded).
+
+  Args:
+    contents: A scalar string tensor, the encoded image.
+    name: A scalar string (tensor) naming the image in messages: a path, or
+      `image_bytes[3]`.
+    max_pixels: None, or the most pixels (width x height) decoded.
+  """
+  padded = tf.strings.join([contents, tf.constant(b'\0' * 24)])
+  head = lambda position, length: tf.strings.substr(padded, position, length)
+  is_jpeg = tf.equal(head(0, len(_JPEG_MAGIC)), _JPEG_MAGIC)
+  is_image = tf.logical_or(is_jpeg,
+                           tf.equal(head(0, len(_PNG_MAGIC)), _PNG_MAGIC))
+  length = tf.strings.length(contents)
+  message = tf.strings.join([
+      name, ' is not a JPEG or PNG image', _other_format(head),
+      ': it holds ', tf.strings.as_string(length), ' bytes',
+      tf.where(length > 0, tf.strings.join([
+          ' starting with (hex) ', _hex(tf.strings.substr(contents, 0, 8))]),
+               '')])
+  checks = [tf.debugging.Assert(is_image, [message])]
+  if max_pixels is not None:
+    with tf.control_dependencies(checks):
+      width, height = _header_size(contents, is_jpeg, head)
+    # Each side first: the product of two 32-bit sides can overflow int64.
+    small = tf.logical_and(
+        tf.logical_and(width <= max_pixels, height <= max_pixels),
+        width * height <= max_pixels)
+    megapixels = tf.strings.as_string(
+        tf.cast(width, tf.float64) * tf.cast(height, tf.float64) / 1e6,
+        precision=1)
+    message = tf.strings.join([
+        name, ' is ', tf.strings.as_string(width), 'x',
+        tf.strings.as_string(height), ' pixels (', megapixels,
+        f' megapixels), more than max_image_pixels={max_pixels} '
+        f'({max_pixels / 1e6:.1f} megapixels); it was not decoded. Use a '
+        'smaller image, or a larger --config.max_image_pixels (for an '
+        'export: when it is written).'])
+    checks.append(tf.debugging.Assert(small, [message]))
+  with tf.control_dependencies(checks):
+    # channels=3 turns grayscale into RGB and drops an alpha channel;
+    # dtype=uint8 scales 16-bit PNGs down.
+    image = tf.io.decode_image(contents, channels=3, dtype=tf.uint8,
+                               expand_animations=False)
   image.set_shape([None, None, 3])
   return image
 
 
-def find_unreadable(paths):
+def error_message(error):
+  """The one-line reason in the error of a failed `decode_image`.
+
+  Args:
+    error: A `tf.errors.OpError` (or the UnicodeDecodeError of exports older
+      than the hex message) raised by a graph that ran `decode_image`.
+  """
+  if isinstance(error, UnicodeDecodeError):
+    message = error.object.decode('utf-8', 'backslashreplace')
+  else:
+    message = error.message
+  match = re.search(r'assertion failed: \[(.*?)\]\n', message)
+  if match:
+    return match.group(1).replace('\\"', '"')
+  # A decoder's own error, e.g. "Invalid PNG data, size 160", between
+  # lines naming graph nodes.
+  lines = [line.strip() for line in message.splitlines()]
+  kept = [line for line in lines if line and not line.startswith(
+      ('Graph execution error', 'Detected at node', '<stack traces', '[['))]
+  text = ' '.join(kept) or message
+  return re.sub(r'\s*\[Op:[^\]]*\]$', '', text)
+
+
+def find_unreadable(paths, max_pixels=None):
   """Returns the paths among `paths` that cannot be read or decoded.
 
   Every file is read and fully decoded in a parallel tf.data map that emits
@@ -305,6 +470,8 @@ def find_unreadable(paths):
 
   Args:
     paths: A sequence of file paths.
+    max_pixels: None, or the most pixels an image may have (see
+      `decode_image`); larger ones count as unreadable.
 
   Returns:
     The unreadable paths, in the order of `paths`.
@@ -314,7 +481,7 @@ def find_unreadable(paths):
   dataset = tf.data.Dataset.from_tensor_slices(np.asarray(paths, dtype=object))
 
   def check(path):
-    image = decode_image(tf.io.read_file(path))
+    image = decode_image(tf.io.read_file(path), path, max_pixels)
     # Emit a value computed from the decoded image: a control dependency
     # alone gets pruned by tf.data's graph optimizations (measured).
     return path, tf.shape(image)
@@ -332,8 +499,26 @@ def find_unreadable(paths):
   return [path for path in paths if path not in good]
 
 
-def _describe(bad, total, root):
-  listed = '\n  '.join(bad[:_MAX_LISTED])
+def _reason(path, max_pixels):
+  """Why `path` cannot be decoded, in one line."""
+  try:
+    _decode_file(tf.constant(path), max_pixels)
+  except tf.errors.OpError as error:
+    message = error_message(error)
+    return message if message.startswith(path) else f'{path}: {message}'
+  return f'{path}: not readable when checked, readable now'
+
+
+@tf.function
+def _decode_file(path, max_pixels):
+  # A tf.function, so that a failed check has the message of the graph (as
+  # in training and serving), not eager mode's.
+  return tf.shape(decode_image(tf.io.read_file(path), path, max_pixels))
+
+
+def _describe(bad, total, root, max_pixels):
+  listed = '\n  '.join(_reason(path, max_pixels)
+                       for path in bad[:_MAX_LISTED])
   more = (f'\n  ... and {len(bad) - _MAX_LISTED} more'
           if len(bad) > _MAX_LISTED else '')
   return (f'{len(bad)} of {total} image files in {root!r} cannot be read as '
@@ -348,7 +533,7 @@ def _signature(path):
   return (path, stat.st_size, stat.st_mtime_ns)
 
 
-def check_files(splits, root, skip_corrupt_images=False):
+def check_files(splits, root, skip_corrupt_images=False, max_pixels=None):
   """Decodes every file of `splits` once; fails or skips unreadable ones.
 
   All splits are checked in one pass, so one error lists every bad file.
@@ -358,6 +543,8 @@ def check_files(splits, root, skip_corrupt_images=False):
     root: The dataset folder, for messages.
     skip_corrupt_images: Drop unreadable files (logged and counted) instead of
       failing.
+    max_pixels: None, or the most pixels an image may have; larger ones are
+      unreadable files.
 
   Returns:
     `(splits, num_skipped)`: `splits` without the unreadable files.
@@ -366,14 +553,14 @@ def check_files(splits, root, skip_corrupt_images=False):
     ValueError: unreadable files, listed by path, unless skipped.
   """
   every_path = [path for split in splits for path in split.paths]
-  key = tuple(_signature(path) for path in every_path)
+  key = (max_pixels,) + tuple(_signature(path) for path in every_path)
   if key not in _CHECKED:
     _CHECKED.clear()  # Keep one entry: the dataset of this run.
-    _CHECKED[key] = find_unreadable(every_path)
+    _CHECKED[key] = find_unreadable(every_path, max_pixels)
   bad = _CHECKED[key]
   if not bad:
     return list(splits), 0
-  message = _describe(bad, len(every_path), root)
+  message = _describe(bad, len(every_path), root, max_pixels)
   if not skip_corrupt_images:
     raise errors.DataError(
         message + '\nDelete or replace these files, or set '
@@ -395,15 +582,14 @@ def check_files(splits, root, skip_corrupt_images=False):
 
 def check_every_class_has_images(split, class_names, root, name):
   """Raises if skipping files emptied a class of the train split."""
-  counts = np.bincount(np.asarray(split.labels), minlength=len(class_names))
-  empty = [class_names[i] for i in np.flatnonzero(counts == 0)]
+  empty = _classes_without_images(split, class_names)
   if empty:
     raise errors.DataError(
         f'After skipping unreadable files, the {name} split of {root!r} has '
         f'no images of the classes {empty}. Add readable images.')
 
 
-def to_dataset(split, shuffle_seed=None):
+def to_dataset(split, shuffle_seed=None, max_pixels=None):
   """A dataset of `(image uint8 [H, W, 3], label int64)` examples.
 
   Args:
@@ -411,6 +597,8 @@ def to_dataset(split, shuffle_seed=None):
     shuffle_seed: If not None, the file order is permuted with this seed
       before decoding, so that a shuffle buffer smaller than the dataset
       still mixes classes; None keeps the split's fixed order.
+    max_pixels: None, or the most pixels an image may have (see
+      `decode_image`).
   """
   order = np.arange(len(split))
   if shuffle_seed is not None:
@@ -421,12 +609,14 @@ def to_dataset(split, shuffle_seed=None):
   # Decode in parallel; deterministic=True keeps the file order, which the
   # seeded, resumable training stream and the in-order eval rely on.
   return files.map(
-      lambda path, label: (decode_image(tf.io.read_file(path)), label),
+      lambda path, label: (
+          decode_image(tf.io.read_file(path), path, max_pixels), label),
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def load(dataset, train_split='train', eval_split='test',
-         validation_fraction=0.0, skip_corrupt_images=False, seed=0):
+         validation_fraction=0.0, skip_corrupt_images=False, seed=0,
+         max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
   """Lists, checks and opens a `folder:PATH` dataset.
 
   Args:
@@ -436,6 +626,8 @@ def load(dataset, train_split='train', eval_split='test',
     validation_fraction: See `find_splits`.
     skip_corrupt_images: See `check_files`.
     seed: Seeds the permutation of the training files.
+    max_image_pixels: Images with more pixels (width x height, read from
+      the header) are not decoded: they are unreadable files.
 
   Returns:
     `(train_examples, eval_examples, class_names, num_train, num_eval)`.
@@ -443,12 +635,13 @@ def load(dataset, train_split='train', eval_split='test',
   root = folder_root(dataset)
   class_names, train, evaluation = find_splits(
       root, train_split, eval_split, validation_fraction)
-  (train, evaluation), skipped = check_files([train, evaluation], root,
-                                            skip_corrupt_images)
+  (train, evaluation), skipped = check_files(
+      [train, evaluation], root, skip_corrupt_images, max_image_pixels)
   check_every_class_has_images(train, class_names, root, 'train')
   logging.info(
       'Image folder %s: %d classes, %d train / %d eval images (%d unreadable '
       'files skipped).', root, len(class_names), len(train), len(evaluation),
       skipped)
-  return (to_dataset(train, shuffle_seed=seed), to_dataset(evaluation),
+  return (to_dataset(train, shuffle_seed=seed, max_pixels=max_image_pixels),
+          to_dataset(evaluation, max_pixels=max_image_pixels),
           class_names, len(train), len(evaluation))

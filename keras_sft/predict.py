@@ -10,14 +10,15 @@ Prints one JSON line per image, in input order:
     {"file": "cat.jpg", "top_k": [{"class_id": 3, "class_name": "cat",
      "probability": 0.91}, ...]}
 
-A file that is not a JPEG or PNG image gets `{"file": ..., "error": ...}`
-and the command exits 1 after printing all lines. Only TensorFlow is needed
+A file that cannot be read or served (not a JPEG or PNG image, truncated,
+too large, missing) gets `{"file": ..., "error": ...}` with a one-line
+reason, the other files are still served, and the command exits 1 after
+printing all lines. Only TensorFlow is needed
 to serve the export: the images go through its `serve_image_bytes` signature.
 """
 
 import json
 import os
-import re
 
 from absl import app
 from absl import flags
@@ -72,41 +73,59 @@ def _records(outputs, files):
 
 
 def predict_files(signature, files, batch_size=32):
-  """Yields one result dict per file (see the module docstring).
+  """Yields one result dict per file, in order (see the module docstring).
+
+  A file that cannot be read or served gets an error record; the other
+  files of its batch are still served.
 
   Args:
     signature: The export's `serve_image_bytes` concrete function.
     files: Image file paths.
     batch_size: Images per call.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if batch_size < 1:
     raise ValueError(f'batch_size must be >= 1. Received: '
                      f'batch_size={batch_size!r}')
   for start in range(0, len(files), batch_size):
     batch = files[start:start + batch_size]
-    contents = []
-    for path in batch:
-      with open(path, 'rb') as file:
-        contents.append(file.read())
+    records = [None] * len(batch)
+    read = []  # (position in batch, contents)
+    for i, path in enumerate(batch):
+      try:
+        with open(path, 'rb') as file:
+          read.append((i, file.read()))
+      except OSError as error:
+        records[i] = {'file': path,
+                      'error': f'cannot read the file: {error.strerror}'}
+    if read:
+      served = _serve(signature, [batch[i] for i, _ in read],
+                      [data for _, data in read])
+      for (i, _), record in zip(read, served):
+        records[i] = record
+    yield from records
+
+
+def _serve(signature, paths, contents):
+  """Records of `paths`; one call per file if the batch fails."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from keras_sft import image_folder  # pylint: disable=g-import-not-at-top
+  # UnicodeDecodeError: older exports put the raw bytes of a non-image into
+  # their error message.
+  failures = (tf.errors.OpError, UnicodeDecodeError)
+  try:
+    return list(_records(signature(image_bytes=tf.constant(contents)), paths))
+  except failures:
+    pass
+  # Some file is bad: one call per file to say which.
+  records = []
+  for path, data in zip(paths, contents):
     try:
-      yield from _records(signature(image_bytes=tf.constant(contents)), batch)
-    except tf.errors.InvalidArgumentError:
-      # Some file is not an image: one call per file to say which.
-      for path, data in zip(batch, contents):
-        try:
-          yield from _records(signature(image_bytes=tf.constant([data])),
-                              [path])
-        except tf.errors.InvalidArgumentError as error:
-          yield {'file': path, 'error': _short_message(error.message)}
-
-
-def _short_message(message):
-  """The signature's own message, without TF's graph execution frame."""
-  match = re.search(r'assertion failed: \[(.*?)\]\n', message)
-  if match:
-    return match.group(1).replace('\\"', '"')
-  return message.replace('Graph execution error:', '').strip()
+      records.extend(_records(signature(image_bytes=tf.constant([data])),
+                              [path]))
+    except failures as error:
+      records.append({'file': path,
+                      'error': image_folder.error_message(error)})
+  return records
 
 
 def main(argv):

@@ -16,7 +16,9 @@ preprocessing (`input_pipeline.preprocess_for_eval`). Two signatures:
 - `serve_image_bytes(image_bytes)`: `[N]` encoded JPEG or PNG strings of
   mixed sizes; grayscale and RGBA are converted to RGB. Bytes that are not a
   JPEG or PNG image fail the call with an InvalidArgumentError naming the
-  input (`image_bytes[i] is not a JPEG or PNG image ...`).
+  input (`image_bytes[i] is not a JPEG or PNG image ...`), and so does an
+  image of more than `max_image_pixels` (from its header, before decoding:
+  `image_bytes[i] is WxH pixels ...`).
 
 Both return `logits` `[N, C]`, `probabilities` `[N, C]`, `class_ids` `[N]`,
 `class_names` `[N]`, and the k most probable classes: `top_k_class_ids`,
@@ -30,8 +32,11 @@ request per signature, which TF Serving replays when it loads the version.
 import errno
 import logging
 import os
+import re
 import shutil
-import tempfile
+import socket
+import time
+import uuid
 
 import ml_collections
 import tensorflow as tf
@@ -48,15 +53,22 @@ from keras_sft import workdir as workdir_lib
 CHECKPOINTS = ('best', 'last')
 # TF Serving's warm-up file, in `<version>/assets.extra/`.
 WARMUP_FILE = 'tf_serving_warmup_requests'
+_DEFAULT_MAX_IMAGE_PIXELS = image_folder.DEFAULT_MAX_IMAGE_PIXELS
+# Temporary export folders are named `<prefix><pid>@<host>.<32 hex digits>`,
+# so a later export can tell whether their writer is gone.
+_OWNER = re.compile(r'(?P<pid>\d+)@(?P<host>.*)\.[0-9a-f]{32}')
+# A temporary folder that no live process on this host owns is removed when
+# nothing in it changed for this long (another host's export may still be
+# writing it to a shared file system).
+_STALE_SECONDS = 3600
 
-_JPEG_MAGIC = b'\xff\xd8\xff'
-_PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 
 class _ServingModule(tf.Module):
   """Tracks the model's variables once and serves it in `tf.function`s."""
 
-  def __init__(self, model, image_size, class_names, top_k, resize_size):
+  def __init__(self, model, image_size, class_names, top_k,
+               max_image_pixels, resize_size):
     super().__init__(name='serving')
     # The raw tf.Variables, tracked once. The Keras model itself must not be
     # an attribute: tracking it would store every weight a second time (and
@@ -66,6 +78,7 @@ class _ServingModule(tf.Module):
     self._image_size = image_size
     self._resize_size = resize_size
     self._top_k = min(top_k, len(class_names))
+    self._max_image_pixels = max_image_pixels
     self._call = lambda images: model(images, training=False)
 
   def _outputs(self, images):
@@ -105,16 +118,8 @@ class _ServingModule(tf.Module):
   def _decode(self, element):
     """One encoded image → `[S, S, 3]` float32, as the eval pipeline does."""
     data, index = element
-    is_image = tf.logical_or(
-        tf.equal(tf.strings.substr(data, 0, len(_JPEG_MAGIC)), _JPEG_MAGIC),
-        tf.equal(tf.strings.substr(data, 0, len(_PNG_MAGIC)), _PNG_MAGIC))
-    message = tf.strings.format(
-        'image_bytes[{}] is not a JPEG or PNG image: it holds {} bytes '
-        'starting with {}', [index, tf.strings.length(data),
-                             tf.strings.substr(data, 0, 8)])
-    check = tf.debugging.Assert(is_image, [message])
-    with tf.control_dependencies([check]):
-      image = image_folder.decode_image(data)
+    name = tf.strings.join(['image_bytes[', tf.strings.as_string(index), ']'])
+    image = image_folder.decode_image(data, name, self._max_image_pixels)
     return input_pipeline.preprocess_for_eval(image, self._image_size,
                                               self._resize_size)
 
@@ -163,14 +168,26 @@ def _write_warmup_requests(export_dir, image_size):
 def check_config(config):
   """Checks the export keys of the config."""
   errors.check_positive('export_top_k', config.export_top_k)
+  _check_max_image_pixels(config.max_image_pixels)
 
 
-def _save(model, export_dir, image_size, class_names, top_k, resize_size):
+def _check_max_image_pixels(value):
+  if not (isinstance(value, int) and not isinstance(value, bool) and
+          value > 0):
+    raise errors.ConfigError(
+        'max_image_pixels must be a positive integer (width x height of the '
+        f'largest image decoded). Received: max_image_pixels={value!r}')
+
+
+def _save(model, export_dir, image_size, class_names, top_k,
+          max_image_pixels, resize_size):
   if not class_names:
     raise errors.ConfigError(f'class_names must not be empty. Received: '
                              f'class_names={class_names!r}')
   errors.check_positive('top_k', top_k)
-  module = _ServingModule(model, image_size, class_names, top_k, resize_size)
+  _check_max_image_pixels(max_image_pixels)
+  module = _ServingModule(model, image_size, class_names, top_k,
+                          max_image_pixels, resize_size)
   tf.saved_model.save(
       module, export_dir,
       signatures={
@@ -178,36 +195,146 @@ def _save(model, export_dir, image_size, class_names, top_k, resize_size):
           'serve_image_bytes': module.serve_image_bytes,
       })
   _write_warmup_requests(export_dir, image_size)
+  _make_readable(export_dir)
+
+
+def _make_readable(directory):
+  """0755 folders and 0644 files: TF Serving may run as another user.
+
+  The temporary folder is created 0700, and a umask may have hidden the
+  files too.
+  """
+  os.chmod(directory, 0o755)
+  for root, directories, files in os.walk(directory):
+    for name in directories:
+      os.chmod(os.path.join(root, name), 0o755)
+    for name in files:
+      os.chmod(os.path.join(root, name), 0o644)
 
 
 def export_saved_model(model, export_dir, image_size, class_names, top_k=5,
+                       max_image_pixels=_DEFAULT_MAX_IMAGE_PIXELS,
                        resize_size=None):
   """Writes a SavedModel of `model` to `export_dir` (no version directory).
 
   Use `export_version` for the layout TF Serving watches.
 
+  The SavedModel is written to a hidden temporary directory beside
+  `export_dir` and renamed into place. An existing `export_dir` is first
+  renamed aside (to `.<name>.old-*` beside it), and removed only after the
+  new one is in place; if renaming the new one in fails, the old one is
+  renamed back. So a failure leaves the previous export at `export_dir`, and
+  a crash (kill -9) between the two renames leaves it at `.<name>.old-*`
+  (the next call renames it back before anything else): a complete
+  SavedModel always exists at one of the two. Temporary folders of exports
+  that were killed are removed by the next call (see `_stale`).
+
   Args:
     model: A Keras model mapping float32 `[N, S, S, 3]` images in [0, 255] to
       logits.
-    export_dir: Output directory; replaced atomically if it exists.
+    export_dir: Output directory; replaced if it exists (see above).
     image_size: S, the side the model expects.
     class_names: One name per class id.
     top_k: How many of the most probable classes the signatures return.
+    max_image_pixels: `serve_image_bytes` refuses an image with more pixels
+      (width x height, read from its header) without decoding it.
     resize_size: The run's training `resize_size` (BiT-HyperRule), which
       changes the eval preprocessing; see `input_pipeline.preprocess_for_eval`.
 
   Returns:
     `export_dir`.
   """
-  temporary = export_dir.rstrip('/') + '.tmp'
-  if tf.io.gfile.exists(temporary):
-    tf.io.gfile.rmtree(temporary)
-  _save(model, temporary, image_size, class_names, top_k, resize_size)
-  if tf.io.gfile.exists(export_dir):
-    tf.io.gfile.rmtree(export_dir)
-  os.replace(temporary, export_dir)
+  export_dir = os.path.abspath(export_dir)
+  parent, name = os.path.split(export_dir)
+  os.makedirs(parent, exist_ok=True)
+  if not os.path.lexists(export_dir):
+    # A crash between the two renames below left the previous export aside.
+    for aside in _stale(parent, f'.{name}.old-')[:1]:
+      os.rename(aside, export_dir)
+  for prefix in (f'.{name}.tmp-', f'.{name}.old-'):
+    _remove_stale(parent, prefix)
+  temporary = _temporary_name(parent, f'.{name}.tmp-')
+  os.mkdir(temporary, 0o700)
+  try:
+    _save(model, temporary, image_size, class_names, top_k,
+          max_image_pixels, resize_size)
+    aside = None
+    if os.path.lexists(export_dir):
+      aside = _temporary_name(parent, f'.{name}.old-')
+      os.rename(export_dir, aside)
+    try:
+      os.rename(temporary, export_dir)
+    except BaseException:
+      if aside:
+        os.rename(aside, export_dir)
+      raise
+  except BaseException:
+    shutil.rmtree(temporary, ignore_errors=True)
+    raise
+  if aside:
+    shutil.rmtree(aside, ignore_errors=True)
   logging.info('Exported a SavedModel to %s.', export_dir)
   return export_dir
+
+
+def _temporary_name(directory, prefix):
+  """A new hidden path in `directory` that names this process and host."""
+  return os.path.join(directory, f'{prefix}{os.getpid()}@'
+                      f'{socket.gethostname()}.{uuid.uuid4().hex}')
+
+
+def _is_running(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # Another user's process.
+    return True
+  return True
+
+
+def _last_change(path):
+  """The newest modification time of `path` and everything under it."""
+  newest = os.lstat(path).st_mtime
+  for root, directories, files in os.walk(path):
+    for name in directories + files:
+      try:
+        newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+      except OSError:
+        pass
+  return newest
+
+
+def _stale(directory, prefix):
+  """The `<prefix>*` folders of exports killed mid-way (kill -9, power loss).
+
+  A folder whose owner is a process of this host that no longer runs is
+  stale; one of another host, or of an older naming scheme, once nothing in
+  it changed for `_STALE_SECONDS`. An export running concurrently keeps its
+  folder.
+  """
+  found = []
+  for name in sorted(os.listdir(directory)):
+    path = os.path.join(directory, name)
+    if not name.startswith(prefix) or not os.path.isdir(path):
+      continue
+    owner = _OWNER.fullmatch(name[len(prefix):])
+    try:
+      if owner and owner.group('host') == socket.gethostname():
+        stale = not _is_running(int(owner.group('pid')))
+      else:
+        stale = time.time() - _last_change(path) > _STALE_SECONDS
+    except OSError:  # Removed meanwhile by another export.
+      continue
+    if stale:
+      found.append(path)
+  return found
+
+
+def _remove_stale(directory, prefix):
+  for path in _stale(directory, prefix):
+    logging.info('Removing %s, left by an export that did not finish.', path)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def list_versions(export_base):
@@ -236,13 +363,16 @@ def resolve_saved_model(path):
 
 
 def export_version(model, export_base, image_size, class_names, top_k=5,
+                   max_image_pixels=_DEFAULT_MAX_IMAGE_PIXELS,
                    resize_size=None):
   """Writes `<export_base>/<next version>/`, the layout TF Serving loads.
 
   The version is one more than the largest there (1 for the first). The
   SavedModel is written to a hidden temporary directory (TF Serving ignores
   names that are not integers) and renamed into place; an existing version
-  is never replaced.
+  is never replaced. Temporary directories of exports that were killed
+  (`.tmp-<pid>@<host>.*`) are removed first, those of a running export kept
+  (see `_stale`).
 
   Args:
     model: A Keras model mapping float32 `[N, S, S, 3]` images in [0, 255] to
@@ -251,15 +381,20 @@ def export_version(model, export_base, image_size, class_names, top_k=5,
     image_size: S, the side the model expects.
     class_names: One name per class id.
     top_k: How many of the most probable classes the signatures return.
+    max_image_pixels: `serve_image_bytes` refuses an image with more pixels
+      (width x height, read from its header) without decoding it.
     resize_size: As in `export_saved_model`.
 
   Returns:
     `(version, path)` of the new version.
   """
   os.makedirs(export_base, exist_ok=True)
-  temporary = tempfile.mkdtemp(prefix='.tmp-', dir=export_base)
+  _remove_stale(export_base, '.tmp-')
+  temporary = _temporary_name(export_base, '.tmp-')
+  os.mkdir(temporary, 0o700)
   try:
-    _save(model, temporary, image_size, class_names, top_k, resize_size)
+    _save(model, temporary, image_size, class_names, top_k,
+          max_image_pixels, resize_size)
     while True:
       version = (list_versions(export_base) or [0])[-1] + 1
       path = os.path.join(export_base, str(version))
@@ -359,4 +494,7 @@ def export_run(workdir, checkpoint='best', export_base=None, top_k=None):
       model, export_base or workdir_lib.Workdir(workdir).export,
       config.image_size, class_names,
       top_k=config.export_top_k if top_k is None else top_k,
+      # Runs from before the key existed have none in their config.json.
+      max_image_pixels=config.get('max_image_pixels',
+                                  _DEFAULT_MAX_IMAGE_PIXELS),
       resize_size=config.resize_size)

@@ -305,6 +305,7 @@ def _finish(run, model, export):
     serving.export_version(model, run.workdir.export, config.image_size,
                            run.data.info.class_names,
                            top_k=config.export_top_k,
+                           max_image_pixels=config.max_image_pixels,
                            resize_size=config.resize_size)
   return metrics
 

@@ -134,3 +134,27 @@ def test_evaluate_mode_needs_a_trained_run(tmp_path):
   (tmp_path / 'claimed' / 'config.json').write_text('{}')
   with pytest.raises(FileNotFoundError, match='holds no backup'):
     train.evaluate(config, str(tmp_path / 'claimed'))
+
+
+def test_class_names_with_dollar_signs_are_drawn_verbatim(tmp_path,
+                                                          monkeypatch):
+  """No matplotlib mathtext: `$\\foo$` is a folder name, not TeX."""
+  names = ('$\\foo$', 'price $5', '$x^2$')
+  data = tf.data.Dataset.from_tensor_slices(
+      (np.zeros((3, 8, 8, 3), np.float32), np.array([0, 1, 2]))).batch(2)
+  report = evaluation.write_report(_tiny_model(3), data, names, str(tmp_path))
+  assert report['class_names'] == list(names)
+  assert _png_size(os.path.join(tmp_path, 'confusion_matrix.png'))[0] >= 300
+  drawn = []
+  real_savefig = evaluation.plt.Figure.savefig
+
+  def record(figure, *args, **kwargs):
+    drawn.extend(text for text in figure.findobj(evaluation.plt.Text)
+                 if text.get_text() in names)
+    return real_savefig(figure, *args, **kwargs)
+
+  monkeypatch.setattr(evaluation.plt.Figure, 'savefig', record)
+  evaluation.plot_confusion_matrix(report['confusion_matrix'], names)
+  # Every name is drawn (on both axes), each as plain text.
+  assert sorted({text.get_text() for text in drawn}) == sorted(names)
+  assert not [text for text in drawn if text.get_parse_math()]

@@ -5,9 +5,12 @@ import io
 import json
 import os
 import pickle
+import resource
 import shutil
+import socket
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
@@ -16,6 +19,7 @@ import tensorflow as tf
 from PIL import Image
 
 import conftest
+import image_fixtures
 from configs import cifar10_resnet50
 from keras_sft import checkpointing
 from keras_sft import input_pipeline
@@ -317,3 +321,205 @@ def test_warmup_requests_replay_on_both_signatures(smoke_run):
               for entry in request.inputs}
     outputs = serving.signatures[name](**inputs)
     assert outputs['probabilities'].shape == (1, 10), name
+
+
+def _export_dir_version(export_dir):
+  """The top-k count a SavedModel at `export_dir` serves: tells versions
+  apart."""
+  outputs = tf.saved_model.load(export_dir).signatures['serving_default'](
+      images=tf.zeros([1, 8, 8, 3], tf.uint8))
+  return int(outputs['top_k_class_ids'].shape[-1])
+
+
+def test_export_saved_model_keeps_the_old_export_when_the_rename_fails(
+    tmp_path, monkeypatch):
+  """A failure between removing the old and renaming the new loses nothing."""
+  export_dir = str(tmp_path / 'model')
+  serving.export_saved_model(_tiny_model(), export_dir, 8, ['a', 'b', 'c'],
+                             top_k=1)
+  real_replace, real_rename = os.replace, os.rename
+  failures = []
+
+  def fail_into_target(replace):
+    """The first rename into `export_dir` fails; later ones work."""
+    def wrapped(source, target, *args, **kwargs):
+      if (os.path.abspath(target) == os.path.abspath(export_dir) and
+          not failures):
+        failures.append(source)
+        raise OSError(28, 'No space left on device (simulated)')
+      return replace(source, target, *args, **kwargs)
+    return wrapped
+
+  monkeypatch.setattr(os, 'replace', fail_into_target(real_replace))
+  monkeypatch.setattr(os, 'rename', fail_into_target(real_rename))
+  with pytest.raises(OSError, match='simulated'):
+    serving.export_saved_model(_tiny_model(), export_dir, 8, ['a', 'b', 'c'],
+                               top_k=2)
+  monkeypatch.undo()
+  assert failures, 'the export never renamed into export_dir'
+  # The previous export is still there, complete, and nothing else is left.
+  assert _export_dir_version(export_dir) == 1
+  assert os.listdir(tmp_path) == ['model']
+  # Without the fault, the export is replaced.
+  serving.export_saved_model(_tiny_model(), export_dir, 8, ['a', 'b', 'c'],
+                             top_k=2)
+  assert _export_dir_version(export_dir) == 2
+  assert os.listdir(tmp_path) == ['model']
+
+
+@pytest.fixture(scope='module')
+def tiny_export(tmp_path_factory):
+  """A SavedModel of a tiny 8px model, and its `serve_image_bytes`."""
+  export_dir = str(tmp_path_factory.mktemp('tiny') / 'model')
+  serving.export_saved_model(_tiny_model(), export_dir, 8, ['a', 'b', 'c'])
+  return export_dir, tf.saved_model.load(export_dir).signatures[
+      'serve_image_bytes']
+
+
+def _serve_error(signature, data):
+  """The error `serve_image_bytes` raises for `[data]`, or None."""
+  try:
+    signature(image_bytes=tf.constant([data]))
+  except Exception as error:  # pylint: disable=broad-except
+    return error
+  return None
+
+
+def test_bytes_that_are_not_utf8_give_a_readable_error(tiny_export):
+  _, signature = tiny_export
+  error = _serve_error(signature, b'BM\xcf\x00\x01\x02\x03\x04')
+  assert isinstance(error, tf.errors.InvalidArgumentError), repr(error)
+  message = str(error)
+  assert 'image_bytes[0] is not a JPEG or PNG image' in message, message
+  # The bytes, hex-encoded.
+  assert '42 4d cf 00 01 02 03 04' in message, message
+
+
+def test_a_decompression_bomb_is_refused_from_its_header(tiny_export):
+  """A 16000x16000 PNG of 249 KB: refused before decoding, by default."""
+  _, signature = tiny_export
+  bomb = image_fixtures.png_bomb(16_000)
+  assert len(bomb) < 300_000
+  peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  start = time.monotonic()
+  error = _serve_error(signature, bomb)
+  seconds = time.monotonic() - start
+  grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before
+  assert isinstance(error, tf.errors.InvalidArgumentError), repr(error)
+  message = str(error)
+  assert 'image_bytes[0] is 16000x16000 pixels' in message, message
+  assert 'max_image_pixels=40000000' in message, message
+  # Decoding it takes seconds and gigabytes (the uint8 RGB image alone is
+  # 768 MB).
+  assert seconds < 3, seconds
+  assert grown < 200 * 1024, f'peak memory grew by {grown} KB'
+
+
+def test_max_image_pixels_is_set_at_export(tmp_path):
+  export_dir = str(tmp_path / 'model')
+  serving.export_saved_model(_tiny_model(), export_dir, 8, ['a', 'b', 'c'],
+                             max_image_pixels=100)
+  signature = tf.saved_model.load(export_dir).signatures['serve_image_bytes']
+  square = np.zeros((10, 10, 3), np.uint8)
+  for image_format in ('PNG', 'JPEG'):
+    # 100 pixels pass; 12 wide by 9 high do not.
+    outputs = signature(image_bytes=tf.constant(
+        [_encode(square, image_format)]))
+    assert outputs['logits'].shape == (1, 3)
+    error = _serve_error(signature,
+                         _encode(np.zeros((9, 12, 3), np.uint8), image_format))
+    assert isinstance(error, tf.errors.InvalidArgumentError), repr(error)
+    assert 'image_bytes[0] is 12x9 pixels' in str(error), str(error)
+    assert 'max_image_pixels=100' in str(error), str(error)
+  with pytest.raises(ValueError, match='max_image_pixels'):
+    serving.export_saved_model(_tiny_model(), export_dir, 8, ['a'],
+                               max_image_pixels=0)
+  config = cifar10_resnet50.get_config('smoke')
+  serving.check_config(config)
+  for value in (0, -1):
+    config.max_image_pixels = value
+    with pytest.raises(ValueError, match=f'max_image_pixels={value}'):
+      serving.check_config(config)
+
+
+def test_versions_are_readable_by_other_users(tmp_path):
+  """TF Serving may run as another user: 0755 folders, 0644 files."""
+  previous = os.umask(0o022)
+  try:
+    _, path = serving.export_version(_tiny_model(), str(tmp_path / 'export'),
+                                     8, ['a', 'b', 'c'])
+  finally:
+    os.umask(previous)
+  modes = {}
+  for root, directories, files in os.walk(path):
+    for name in [root] + [os.path.join(root, d) for d in directories]:
+      modes[os.path.relpath(name, path) + '/'] = os.stat(name).st_mode & 0o777
+    for name in files:
+      modes[os.path.relpath(os.path.join(root, name), path)] = (
+          os.stat(os.path.join(root, name)).st_mode & 0o777)
+  assert 'saved_model.pb' in modes and './' in modes, modes
+  wrong = {name: oct(mode) for name, mode in modes.items()
+           if mode != (0o755 if name.endswith('/') else 0o644)}
+  assert not wrong, wrong
+
+
+def _age(path, seconds):
+  then = time.time() - seconds
+  for root, directories, files in os.walk(path):
+    for name in [root] + [os.path.join(root, n) for n in directories + files]:
+      os.utime(name, (then, then))
+
+
+def test_stale_temporary_exports_are_removed_live_ones_kept(tmp_path):
+  """What kill -9 during an export leaves is removed by the next export."""
+  base = tmp_path / 'export'
+  host = socket.gethostname()
+  dead = subprocess.Popen(['true'])
+  dead.wait()
+  names = {
+      # A process on this host that died while exporting.
+      'dead': f'.tmp-{dead.pid}@{host}.{"a" * 32}',
+      # This very process: an export running concurrently in a thread.
+      'live': f'.tmp-{os.getpid()}@{host}.{"b" * 32}',
+      # Another machine's (shared file system), untouched for 2 hours.
+      'other_old': f'.tmp-1@elsewhere.{"c" * 32}',
+      # Another machine's, written a minute ago: maybe still running.
+      'other_recent': f'.tmp-1@elsewhere.{"d" * 32}',
+      # The name of older keras-sft versions (tempfile.mkdtemp).
+      'legacy_old': '.tmp-x1y2z3ab',
+  }
+  for name in names.values():
+    (base / name / 'variables').mkdir(parents=True)
+    (base / name / 'variables' / 'variables.data-00000-of-00001').write_bytes(
+        b'\0' * 1000)
+  for key in ('dead', 'live', 'other_old', 'legacy_old'):
+    _age(base / names[key], 2 * 3600)
+  _age(base / names['other_recent'], 60)
+  version, _ = serving.export_version(_tiny_model(), str(base), 8,
+                                      ['a', 'b', 'c'])
+  assert version == 1
+  assert sorted(os.listdir(base)) == sorted(
+      ['1', names['live'], names['other_recent']])
+
+
+def test_a_crash_between_the_renames_is_repaired_by_the_next_export(
+    tmp_path, monkeypatch):
+  """kill -9 after the old export was renamed aside, before the new one in."""
+  export_dir = tmp_path / 'model'
+  serving.export_saved_model(_tiny_model(), str(export_dir), 8,
+                             ['a', 'b', 'c'], top_k=1)
+  dead = subprocess.Popen(['true'])
+  dead.wait()
+  aside = tmp_path / f'.model.old-{dead.pid}@{socket.gethostname()}.{"e" * 32}'
+  os.rename(export_dir, aside)
+
+  def fail(*args, **kwargs):
+    raise OSError(28, 'No space left on device (simulated)')
+
+  monkeypatch.setattr(serving, '_save', fail)
+  with pytest.raises(OSError, match='simulated'):
+    serving.export_saved_model(_tiny_model(), str(export_dir), 8,
+                               ['a', 'b', 'c'], top_k=2)
+  # The previous export is back in place; nothing else is left.
+  assert _export_dir_version(str(export_dir)) == 1
+  assert os.listdir(tmp_path) == ['model']

@@ -93,3 +93,28 @@ def write_truncated_jpeg(path, seed=1):
     data = file.read()
   with open(path, 'wb') as file:
     file.write(data[:len(data) // 2])
+
+
+def png_bomb(side=16_000):
+  """A valid grayscale PNG of `side` x `side` zeros, ~250 KB at 16000.
+
+  Written chunk by chunk with zlib, so making it never holds the pixels.
+  """
+  import struct  # pylint: disable=g-import-not-at-top
+  import zlib  # pylint: disable=g-import-not-at-top
+
+  def chunk(kind, payload):
+    return (struct.pack('>I', len(payload)) + kind + payload +
+            struct.pack('>I', zlib.crc32(kind + payload)))
+
+  compressor = zlib.compressobj(9)
+  row = bytes(side + 1)  # Filter byte 0, then the row's zero pixels.
+  rows_per_piece = max(1, (1 << 24) // len(row))
+  pieces = []
+  for start in range(0, side, rows_per_piece):
+    pieces.append(compressor.compress(row * min(rows_per_piece,
+                                                side - start)))
+  pieces.append(compressor.flush())
+  header = struct.pack('>IIBBBBB', side, side, 8, 0, 0, 0, 0)
+  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) +
+          chunk(b'IDAT', b''.join(pieces)) + chunk(b'IEND', b''))

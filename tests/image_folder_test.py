@@ -1,18 +1,23 @@
 """Tests of image folders (`folder:PATH`) on folders the tests write."""
 
 import collections
+import io
 import logging
 import os
 import shutil
+import time
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 from configs import cifar10_resnet50
 from keras_sft import image_folder
 from keras_sft import input_pipeline
 from keras_sft import models
+from keras_sft import serving
 from keras_sft import train
 
 import image_fixtures
@@ -140,6 +145,63 @@ def test_corrupt_files_are_named_before_a_model_is_built(folder_copy,
   assert os.path.join(root, 'test', 'cat', '0.png') not in message
 
 
+def _bmp_bytes():
+  buffer = io.BytesIO()
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, 'BMP')
+  return buffer.getvalue()
+
+
+def test_a_bmp_named_jpg_is_refused_as_serving_refuses_it(folder_copy):
+  """Training reads only what `serve_image_bytes` accepts: JPEG and PNG."""
+  root, _ = folder_copy
+  bmp = os.path.join(root, 'train', 'dog', 'bitmap.jpg')
+  with open(bmp, 'wb') as file:
+    file.write(_bmp_bytes())
+  assert tf.io.decode_image(_bmp_bytes()).shape == (8, 8, 3)  # A real BMP.
+  with pytest.raises(ValueError) as error:
+    _create(root)
+  message = str(error.value)
+  assert bmp in message, message
+  reason = f'{bmp} is not a JPEG or PNG image (it is a BMP image'
+  assert reason in message, message
+  # The export's signature says the same of the same bytes.
+  export_dir = os.path.join(os.path.dirname(root), 'export')
+  serving.export_saved_model(_tiny_model(), export_dir, 8, ['a', 'b', 'c'])
+  with pytest.raises(tf.errors.InvalidArgumentError) as served:
+    tf.saved_model.load(export_dir).signatures['serve_image_bytes'](
+        image_bytes=tf.constant([_bmp_bytes()]))
+  assert ('image_bytes[0] is not a JPEG or PNG image (it is a BMP image' in
+          str(served.value)), str(served.value)
+
+
+def _tiny_model():
+  inputs = keras.Input((8, 8, 3))
+  return keras.Model(inputs, keras.layers.Dense(3)(
+      keras.layers.GlobalAveragePooling2D()(inputs)))
+
+
+def test_images_over_max_image_pixels_are_refused_before_decoding(
+    folder_copy):
+  root, _ = folder_copy
+  bomb = os.path.join(root, 'train', 'cat', 'bomb.png')
+  with open(bomb, 'wb') as file:
+    file.write(image_fixtures.png_bomb(16_000))
+  assert os.path.getsize(bomb) < 300_000
+  start = time.monotonic()
+  with pytest.raises(ValueError) as error:
+    _create(root)
+  assert time.monotonic() - start < 30  # Decoding it alone takes ~10 s.
+  message = str(error.value)
+  assert f'{bomb} is 16000x16000 pixels' in message, message
+  assert 'max_image_pixels=40000000' in message, message
+  os.remove(bomb)
+  # The limit is a setting: the 64x64 dog JPEGs are over 4000 pixels.
+  with pytest.raises(ValueError, match=r'64x64 pixels.*max_image_pixels=4000'):
+    _create(root, max_image_pixels=4000)
+  _, _, info = _create(root, max_image_pixels=4096)
+  assert info.num_train_examples == 12
+
+
 def test_corrupt_files_skipped_and_counted_when_asked(folder_copy, caplog):
   root, written = folder_copy
   corrupt = os.path.join(root, 'train', 'dog', 'broken.jpg')
@@ -186,6 +248,39 @@ def test_validation_fraction_on_one_folder_holds_out_each_class(tmp_path):
   assert (info.num_train_examples, info.num_eval_examples) == (9, 3)
 
 
+def test_a_slice_that_leaves_a_class_without_images_says_so(folder):
+  """Not "after skipping unreadable files": nothing was skipped."""
+  root, _ = folder
+  _, split = image_folder.list_split(os.path.join(root, 'train'))
+  # The fixed order's first images: a prefix that misses some class.
+  size = next(size for size in range(1, len(split))
+              if set(split.labels[:size]) != {0, 1, 2})
+  names = [image_fixtures.CLASSES[i]
+           for i in sorted({0, 1, 2} - set(split.labels[:size]))]
+  with pytest.raises(ValueError) as error:
+    _create(root, train_split=f'train[:{size}]', global_batch_size=1)
+  message = str(error.value)
+  assert 'skipping' not in message, message
+  assert f"'train[:{size}]'" in message and str(names) in message, message
+  assert 'Widen the slice' in message, message
+
+
+def test_a_validation_fraction_that_takes_a_whole_class_says_so(tmp_path):
+  root = str(tmp_path / 'images')
+  image_fixtures.write_image_folder(root, counts={'all': 4})
+  flat = os.path.join(root, 'all')
+  for name in os.listdir(os.path.join(flat, 'owl'))[1:]:
+    os.remove(os.path.join(flat, 'owl', name))
+  # round(0.6 * 1) = 1: owl's only image is held out (2 of 4 of the others).
+  with pytest.raises(ValueError) as error:
+    _create(flat, validation_fraction=0.6)
+  message = str(error.value)
+  assert 'skipping' not in message, message
+  assert 'validation_fraction=0.6' in message, message
+  assert "['owl']" in message, message
+  assert 'lower validation_fraction' in message, message
+
+
 def test_validation_fraction_with_tfds_points_to_slices():
   with pytest.raises(ValueError, match=r'train\[:90%\]'):
     input_pipeline.create_datasets('cifar10', image_size=32,
@@ -202,6 +297,25 @@ def test_empty_class_folder_is_named(folder_copy):
   with pytest.raises(ValueError, match='zebra.*holds no images') as error:
     _create(root)
   assert empty in str(error.value)
+
+
+def test_a_symlink_loop_is_named_not_followed(folder_copy):
+  root, _ = folder_copy
+  cat = os.path.join(root, 'train', 'cat')
+  os.makedirs(os.path.join(cat, 'more'))
+  loop = os.path.join(cat, 'more', 'again')
+  os.symlink(cat, loop)
+  with pytest.raises(ValueError) as error:
+    _create(root)
+  message = str(error.value)
+  assert loop in message and 'symlink loop' in message, message
+  # A symlink to a folder outside the class is followed.
+  os.remove(loop)
+  elsewhere = os.path.join(os.path.dirname(root), 'more_cats')
+  shutil.copytree(os.path.join(root, 'test', 'cat'), elsewhere)
+  os.symlink(elsewhere, loop)
+  _, _, info = _create(root)
+  assert info.num_train_examples == 12 + 2
 
 
 def test_class_sets_that_differ_between_splits_are_named(folder_copy):
@@ -250,7 +364,8 @@ def test_files_are_decoded_once_per_process_unless_they_change(folder_copy,
   calls = []
   real = image_folder.find_unreadable
   monkeypatch.setattr(image_folder, 'find_unreadable',
-                      lambda paths: calls.append(len(paths)) or real(paths))
+                      lambda paths, *args: calls.append(len(paths)) or
+                      real(paths, *args))
   _create(root)
   _create(root, start_step=1)  # What a resumed run does.
   assert calls == [18]

@@ -465,3 +465,74 @@ def test_eval_with_resize_size_follows_bit_hyperrule():
   output = input_pipeline.preprocess_for_eval(image, 128, resize_size=160)
   assert output.shape == (128, 128, 3)
   assert _square_side(output.numpy()) == 64
+
+
+# --- What is cached: large images at the size the pipeline needs -------------
+
+
+def _smooth_images(num_examples, height, width, seed=0):
+  """Photo-like uint8 images: smooth gradients and blobs, no pixel noise."""
+  rng = np.random.default_rng(seed)
+  y, x = np.mgrid[0:height, 0:width] / max(height, width)
+  images = []
+  for _ in range(num_examples):
+    channels = [127 + 120 * np.sin(2 * np.pi * (rng.uniform(1, 4) * x +
+                                                rng.uniform(1, 4) * y +
+                                                rng.uniform()))
+                for _ in range(3)]
+    images.append(np.stack(channels, -1).round().astype(np.uint8))
+  return np.stack(images)
+
+
+def _cached_datasets(monkeypatch):
+  """Records every dataset that is cached, as it is before `.cache()`."""
+  cached = []
+  real_cache = tf.data.Dataset.cache
+
+  def cache(dataset, *args, **kwargs):
+    cached.append(dataset)
+    return real_cache(dataset, *args, **kwargs)
+
+  monkeypatch.setattr(tf.data.Dataset, 'cache', cache)
+  return cached
+
+
+@pytest.mark.parametrize('resize_size', [None, 96])
+def test_large_images_are_cached_at_the_size_training_needs(monkeypatch,
+                                                            resize_size):
+  """Eight 8000x8000 PNGs took 4.5 GB: cached at full resolution."""
+  cached = _cached_datasets(monkeypatch)
+  images = _smooth_images(2, 300, 450)
+  labels = np.array([0, 1], np.int64)
+  seed = 7
+  train = input_pipeline.make_train_dataset(
+      _dataset(images, labels), image_size=_SIDE, global_batch_size=2,
+      seed=seed, shuffle_buffer_size=1, resize_size=resize_size)
+  evaluation = input_pipeline.make_eval_dataset(
+      _dataset(images, labels), image_size=_SIDE, global_batch_size=2)
+  (train_images, _), = _take(train, 1)
+  (eval_images, _), = _take(evaluation, 1)
+  # Train resizes to image_size / 0.875 = 37 (or resize_size) before its
+  # crop, eval to at most that; the cache keeps twice that as the short
+  # side, the aspect ratio kept.
+  assert len(cached) == 2
+  for dataset, short_side in zip(cached, (2 * max(37, resize_size or 0),
+                                          2 * 37)):
+    shapes = [image.shape for image, _ in dataset.as_numpy_iterator()]
+    assert shapes == [(short_side, round(short_side * 1.5), 3)] * 2, shapes
+  # What comes out is what full-resolution images give, up to rounding.
+  for i, image in enumerate(images):
+    expected = input_pipeline.augment_for_training(
+        image, _SIDE, tf.constant([seed, i], tf.int64), resize_size).numpy()
+    assert np.abs(train_images[i] - expected).mean() < 1.0
+    expected = input_pipeline.preprocess_for_eval(image, _SIDE).numpy()
+    assert np.abs(eval_images[i] - expected).mean() < 1.0
+
+
+def test_small_images_are_cached_unchanged(monkeypatch):
+  cached = _cached_datasets(monkeypatch)
+  images, labels = _raw_examples(num_examples=2, side=60)
+  input_pipeline.make_eval_dataset(_dataset(images, labels), image_size=_SIDE,
+                                   global_batch_size=2)
+  stored = np.stack([image for image, _ in cached[0].as_numpy_iterator()])
+  np.testing.assert_array_equal(stored, images)

@@ -11,7 +11,9 @@ import pytest
 from PIL import Image
 
 import conftest
+import image_fixtures
 from keras_sft import predict
+from keras_sft import serving
 
 
 def _write_png(path, array):
@@ -66,3 +68,51 @@ def test_predict_prints_top_k_per_file_and_names_bad_files(smoke_run,
     np.testing.assert_allclose(
         [entry['probability'] for entry in record['top_k']], expected[top5],
         atol=1e-5)  # Other batch shapes: oneDNN rounds differently (~1e-6).
+
+
+@pytest.fixture(scope='module')
+def tiny_signature(tmp_path_factory):
+  """`serve_image_bytes` of a tiny 8px, 3-class SavedModel."""
+  import keras  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  inputs = keras.Input((8, 8, 3))
+  model = keras.Model(inputs, keras.layers.Dense(3)(
+      keras.layers.GlobalAveragePooling2D()(inputs)))
+  export_dir = str(tmp_path_factory.mktemp('tiny') / 'model')
+  serving.export_saved_model(model, export_dir, 8, ['a', 'b', 'c'])
+  return tf.saved_model.load(export_dir).signatures['serve_image_bytes']
+
+
+def test_bad_files_are_error_records_and_the_good_ones_are_served(
+    tiny_signature, tmp_path):
+  rng = np.random.default_rng(3)
+  _write_png(tmp_path / 'good1.png', rng.integers(0, 256, (9, 9, 3), np.uint8))
+  (tmp_path / 'bmp.png').write_bytes(b'BM\xcf\x00\x01\x02\x03\x04')
+  _write_png(tmp_path / 'whole.png', rng.integers(0, 256, (9, 9, 3), np.uint8))
+  data = (tmp_path / 'whole.png').read_bytes()
+  (tmp_path / 'truncated.png').write_bytes(data[:len(data) // 2])
+  os.remove(tmp_path / 'whole.png')
+  os.symlink(tmp_path / 'deleted.png', tmp_path / 'dangling.png')
+  _write_png(tmp_path / 'good2.png', rng.integers(0, 256, (9, 9, 3), np.uint8))
+  (tmp_path / 'bomb.png').write_bytes(image_fixtures.png_bomb(16_000))
+  names = ['good1.png', 'bmp.png', 'truncated.png', 'dangling.png',
+           'bomb.png', 'good2.png']
+  for batch_size in (1, 8):
+    records = list(predict.predict_files(
+        tiny_signature, [str(tmp_path / name) for name in names],
+        batch_size=batch_size))
+    assert [os.path.basename(r['file']) for r in records] == names
+    good = [r for r in records if 'top_k' in r]
+    assert [os.path.basename(r['file']) for r in good] == [
+        'good1.png', 'good2.png']
+    errors = {os.path.basename(r['file']): r['error'] for r in records
+              if 'error' in r}
+    assert 'not a JPEG or PNG image' in errors['bmp.png']
+    assert '42 4d cf' in errors['bmp.png']
+    assert 'Invalid PNG data' in errors['truncated.png'], errors
+    assert 'No such file' in errors['dangling.png'], errors['dangling.png']
+    assert 'is 16000x16000 pixels' in errors['bomb.png'], errors['bomb.png']
+    # Every message is one readable line, valid JSON.
+    for message in errors.values():
+      json.loads(json.dumps(message))
+      assert '\n' not in message and 'node' not in message, message
