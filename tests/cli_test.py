@@ -27,7 +27,8 @@ def test_help_loads_no_tensorflow(module):
           f'  runpy.run_module("{module}", run_name="__main__")\n'
           'except SystemExit:\n'
           '  pass\n'
-          'print("LOADED", "tensorflow" in sys.modules, "keras" in sys.modules)')
+          'print("LOADED", "tensorflow" in sys.modules,'
+          ' "keras" in sys.modules)')
   result = subprocess.run([sys.executable, '-c', code], capture_output=True,
                           text=True, timeout=120, cwd=conftest.REPO_ROOT,
                           env=conftest.cli_env())

@@ -12,6 +12,8 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import pytest  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
+from keras_sft import workdir as workdir_lib
+
 # MirroredStrategy tests need two replicas; split the CPU before TF
 # initializes its devices (tests that use no strategy still run on /cpu:0).
 tf.config.set_logical_device_configuration(
@@ -92,19 +94,30 @@ def smoke_run(tmp_path_factory):
 
 def read_metrics(workdir):
   """The run's metrics.json."""
-  with open(os.path.join(workdir, 'metrics.json')) as file:
+  with open(workdir_lib.Workdir(workdir).metrics_file) as file:
     return json.load(file)
 
 
 def history_rows(workdir):
   """The run's history.csv, one dict per epoch."""
-  with open(os.path.join(workdir, 'history.csv')) as file:
+  with open(workdir_lib.Workdir(workdir).history_csv) as file:
     return list(csv.DictReader(file))
+
+
+def version_dir(workdir, version=1):
+  """`<workdir>/export/<version>`: a SavedModel version of the run."""
+  return os.path.join(workdir_lib.Workdir(workdir).export, str(version))
+
+
+def backup_pointer(workdir):
+  """The run's `checkpoint.json`, which names its newest backup."""
+  return os.path.join(workdir_lib.Workdir(workdir).checkpoints,
+                      'checkpoint.json')
 
 
 def latest_backup(workdir):
   """`(path, step)` of the run's newest backup."""
-  directory = os.path.join(workdir, 'checkpoints')
+  directory = workdir_lib.Workdir(workdir).checkpoints
   with open(os.path.join(directory, 'checkpoint.json')) as file:
     state = json.load(file)
   return os.path.join(directory, state['file']), state['step']

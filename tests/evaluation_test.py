@@ -12,6 +12,7 @@ import tensorflow as tf
 from configs import cifar10_resnet50
 from keras_sft import evaluation
 from keras_sft import train
+from keras_sft import workdir as workdir_lib
 
 _CLASSES = ('a', 'b', 'c', 'd', 'e', 'f', 'g')
 
@@ -88,7 +89,7 @@ def _png_size(path):
 def test_write_report_files_and_confusion_matrix_sum(tmp_path, steps,
                                                      expected_count):
   workdir = str(tmp_path)
-  _write_history(os.path.join(workdir, 'history.csv'))
+  _write_history(workdir_lib.Workdir(workdir).history_csv)
   rng = np.random.default_rng(0)
   images = rng.uniform(0, 255, (11, 8, 8, 3)).astype(np.float32)
   labels = rng.integers(0, 7, 11).astype(np.int64)
@@ -107,7 +108,8 @@ def test_write_report_files_and_confusion_matrix_sum(tmp_path, steps,
   for name in ("confusion_matrix.png", "curves.png"):
     height, width, _ = _png_size(os.path.join(workdir, name))
     assert height >= 300 and width >= 400, name
-  events = glob.glob(os.path.join(workdir, 'tensorboard', 'report',
+  events = glob.glob(os.path.join(
+      workdir_lib.Workdir(workdir).tensorboard, 'report',
                                   'events.out.tfevents.*'))
   assert len(events) == 1
   tags = [(value.tag, event.step)
@@ -127,7 +129,8 @@ def test_write_report_without_history_skips_the_curves(tmp_path):
 
 def test_evaluate_mode_needs_a_trained_run(tmp_path):
   config = cifar10_resnet50.get_config('smoke')
-  with pytest.raises(FileNotFoundError, match='holds no keras_sft run.*Train first'):
+  with pytest.raises(FileNotFoundError,
+                     match='holds no keras_sft run.*Train first'):
     train.evaluate(config, str(tmp_path / 'never_trained'))
   assert not os.path.exists(tmp_path / 'never_trained')
   (tmp_path / 'claimed').mkdir()
@@ -144,7 +147,7 @@ def test_class_names_with_dollar_signs_are_drawn_verbatim(tmp_path,
       (np.zeros((3, 8, 8, 3), np.float32), np.array([0, 1, 2]))).batch(2)
   report = evaluation.write_report(_tiny_model(3), data, names, str(tmp_path))
   assert report['class_names'] == list(names)
-  assert _png_size(os.path.join(tmp_path, 'confusion_matrix.png'))[0] >= 300
+  assert _png_size(workdir_lib.Workdir(tmp_path).confusion_matrix_png)[0] >= 300
   drawn = []
   real_savefig = evaluation.plt.Figure.savefig
 

@@ -111,7 +111,7 @@ def served(smoke_run, tmp_path_factory):
     pickle.dump(inputs, file)
   subprocess.run(
       [sys.executable, '-c', _SERVE_WITHOUT_KERAS_SFT,
-       os.path.join(workdir, 'export', '1'), str(directory / 'inputs.pkl'),
+       conftest.version_dir(workdir), str(directory / 'inputs.pkl'),
        str(directory / 'outputs.pkl')],
       check=True, cwd=str(directory), env=conftest.cli_env(), timeout=300)
   with open(directory / 'outputs.pkl', 'rb') as file:
@@ -180,7 +180,7 @@ def test_export_stores_each_weight_once_and_no_optimizer_state(
   workdir, _ = smoke_run
   model, _ = model_of_run
   weight_bytes = sum(4 * int(np.prod(v.shape)) for v in model.weights)
-  variables_dir = os.path.join(workdir, 'export', '1', 'variables')
+  variables_dir = os.path.join(conftest.version_dir(workdir), 'variables')
   stored = sum(os.path.getsize(os.path.join(variables_dir, name))
                for name in os.listdir(variables_dir))
   assert weight_bytes <= stored <= 1.05 * weight_bytes, (stored, weight_bytes)
@@ -229,7 +229,7 @@ def test_second_export_from_the_workdir_makes_version_2(smoke_run, tmp_path):
   """The export command adds version 2; version 1 stays byte for byte."""
   workdir, _ = smoke_run
   base = tmp_path / 'export'
-  shutil.copytree(os.path.join(workdir, 'export', '1'), base / '1')
+  shutil.copytree(conftest.version_dir(workdir), base / '1')
   before = _file_digests(base / '1')
   result = subprocess.run(
       [sys.executable, '-m', 'keras_sft.export', f'--workdir={workdir}',
@@ -307,7 +307,7 @@ def _dependencies(file_descriptor, seen=None):
 def test_warmup_requests_replay_on_both_signatures(smoke_run):
   """assets.extra/tf_serving_warmup_requests: one valid request a signature."""
   workdir, _ = smoke_run
-  version = os.path.join(workdir, 'export', '1')
+  version = conftest.version_dir(workdir)
   prediction_log = _prediction_log_class()
   logs = [prediction_log.FromString(record.numpy()) for record in
           tf.data.TFRecordDataset(os.path.join(

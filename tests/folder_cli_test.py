@@ -9,6 +9,8 @@ import numpy as np
 import conftest
 import image_fixtures
 
+from keras_sft import workdir as workdir_lib
+
 
 def _cli(workdir, root, *flags):
   command = [
@@ -44,11 +46,11 @@ def test_folder_dataset_trains_reports_and_evaluates_again(tmp_path):
   assert set(report['per_class_accuracy']) == set(image_fixtures.CLASSES)
   for name in ('confusion_matrix.png', 'curves.png', 'tensorboard/report'):
     assert os.path.exists(os.path.join(workdir, name)), name
-  with open(os.path.join(workdir, 'train.log')) as file:
+  with open(workdir_lib.Workdir(workdir).log_file) as file:
     assert '12 train / 6 eval examples, 3 classes' in file.read()
   rows_before = conftest.history_rows(workdir)
-  os.remove(os.path.join(workdir, 'metrics.json'))
-  os.remove(os.path.join(workdir, 'confusion_matrix.png'))
+  os.remove(workdir_lib.Workdir(workdir).metrics_file)
+  os.remove(workdir_lib.Workdir(workdir).confusion_matrix_png)
 
   result = _cli(workdir, root, '--mode=evaluate')
 
@@ -56,5 +58,5 @@ def test_folder_dataset_trains_reports_and_evaluates_again(tmp_path):
   again = conftest.read_metrics(workdir)
   assert again['step'] == 4
   assert again['report']['confusion_matrix'] == report['confusion_matrix']
-  assert os.path.exists(os.path.join(workdir, 'confusion_matrix.png'))
+  assert os.path.exists(workdir_lib.Workdir(workdir).confusion_matrix_png)
   assert conftest.history_rows(workdir) == rows_before  # No training happened.

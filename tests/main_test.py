@@ -11,14 +11,21 @@ import pytest
 
 import conftest
 
+from keras_sft import workdir as workdir_lib
+
 
 def test_smoke_run_trains_backs_up_evaluates_and_exports(smoke_run):
   """The smoke command writes every artifact of a run into the workdir."""
   workdir, result = smoke_run
-  for name in ('config.json', 'train.log', 'history.csv', 'metrics.json',
-               'checkpoints/checkpoint.json', 'checkpoints/best.weights.h5',
-               'dataset.json', 'export/1/saved_model.pb', 'tensorboard/train'):
-    assert os.path.exists(os.path.join(workdir, name)), name
+  run = workdir_lib.Workdir(workdir)
+  for path in (run.config_file, run.log_file, run.history_csv,
+               run.metrics_file, run.dataset_file, run.confusion_matrix_png,
+               run.curves_png,
+               os.path.join(run.checkpoints, 'checkpoint.json'),
+               os.path.join(run.checkpoints, 'best.weights.h5'),
+               os.path.join(run.export, '1', 'saved_model.pb'),
+               os.path.join(run.tensorboard, 'train')):
+    assert os.path.exists(path), path
   metrics = conftest.read_metrics(workdir)
   # smoke: 2 epochs x 2 steps.
   assert metrics['step'] == metrics['total_steps'] == 4
@@ -26,19 +33,20 @@ def test_smoke_run_trains_backs_up_evaluates_and_exports(smoke_run):
     assert np.isfinite(metrics['eval'][key]), key
   assert len(conftest.history_rows(workdir)) == 2
   assert conftest.latest_backup(workdir)[1] == 4
-  with open(os.path.join(workdir, 'train.log')) as file:
+  with open(workdir_lib.Workdir(workdir).log_file) as file:
     log = file.read()
   # ResNet50 has 53 convolutions; the head adds one Dense kernel.
   assert 'L2 weight decay' in log and 'on 54 kernels' in log
   assert 'Strategy _DefaultDistributionStrategy (local): 1 replica(s)' in log
-  with open(os.path.join(workdir, 'dataset.json')) as file:
+  with open(workdir_lib.Workdir(workdir).dataset_file) as file:
     assert json.load(file)['class_names'] == [str(i) for i in range(10)]
   del result
 
 
 def test_best_weights_are_those_of_the_best_val_accuracy_epoch(smoke_run):
   workdir, _ = smoke_run
-  with open(os.path.join(workdir, 'checkpoints', 'best.json')) as file:
+  checkpoints = workdir_lib.Workdir(workdir).checkpoints
+  with open(os.path.join(checkpoints, 'best.json')) as file:
     best = json.load(file)
   rows = conftest.history_rows(workdir)
   accuracies = [float(row['val_accuracy']) for row in rows]
@@ -46,7 +54,7 @@ def test_best_weights_are_those_of_the_best_val_accuracy_epoch(smoke_run):
   # The first epoch reaching the best value (ties keep the earlier one);
   # smoke: 2 steps per epoch.
   assert best['step'] == 2 * (accuracies.index(max(accuracies)) + 1)
-  saved = conftest.backup_arrays(os.path.join(workdir, 'checkpoints', 'best.weights.h5'))
+  saved = conftest.backup_arrays(os.path.join(checkpoints, 'best.weights.h5'))
   # The optimizer's first variable is its step counter.
   assert int(saved['optimizer/vars/0']) == best['step']
   last = conftest.backup_arrays(conftest.latest_backup(workdir)[0])
@@ -63,7 +71,7 @@ def test_same_command_again_resumes_instead_of_starting_over(smoke_run,
   assert conftest.read_metrics(workdir)['step'] == 4
   assert len(conftest.history_rows(workdir)) == 2
   # The run had exported already: no second version.
-  assert sorted(os.listdir(os.path.join(workdir, 'export'))) == ['1']
+  assert sorted(os.listdir(workdir_lib.Workdir(workdir).export)) == ['1']
   after = conftest.backup_arrays(conftest.latest_backup(workdir)[0])
   assert before.keys() == after.keys()
   for name in before:
@@ -78,7 +86,7 @@ def test_killed_run_resumes_to_the_same_weights(smoke_run, tmp_path):
       conftest.cli_command(workdir), cwd=conftest.REPO_ROOT,
       env=conftest.cli_env(), stdout=subprocess.DEVNULL,
       stderr=subprocess.DEVNULL)
-  pointer = os.path.join(workdir, 'checkpoints', 'checkpoint.json')
+  pointer = conftest.backup_pointer(workdir)
   deadline = time.time() + 300
   while not os.path.exists(pointer) and time.time() < deadline:
     assert process.poll() is None, 'the run ended before its first backup'
@@ -87,7 +95,7 @@ def test_killed_run_resumes_to_the_same_weights(smoke_run, tmp_path):
   process.wait()
   killed_at = conftest.latest_backup(workdir)[1]
   assert killed_at < 4, 'the run finished before it could be killed'
-  assert not os.path.exists(os.path.join(workdir, 'metrics.json'))
+  assert not os.path.exists(workdir_lib.Workdir(workdir).metrics_file)
 
   result = conftest.run_cli(workdir)
 
@@ -135,7 +143,7 @@ def test_every_recipe_switch_together_trains_evaluates_and_exports(tmp_path):
   metrics = conftest.read_metrics(workdir)
   assert metrics['step'] == 4
   assert np.isfinite(metrics['eval']['loss'])
-  assert os.listdir(os.path.join(workdir, 'export')) == ['1']
+  assert os.listdir(workdir_lib.Workdir(workdir).export) == ['1']
   # Exporting the run later rebuilds the same model (frozen layers, BN, EMA
   # slots) and gives the EMA weights, as the end-of-run export did.
   from keras_sft import serving  # pylint: disable=g-import-not-at-top
@@ -143,7 +151,7 @@ def test_every_recipe_switch_together_trains_evaluates_and_exports(tmp_path):
   model, _, _, _ = serving.restore_run_model(workdir, 'last')
   images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3),
                                              dtype=np.uint8)
-  served = tf.saved_model.load(os.path.join(workdir, 'export', '1'))
+  served = tf.saved_model.load(conftest.version_dir(workdir))
   logits = served.signatures['serving_default'](
       images=tf.constant(images))['logits'].numpy()
   np.testing.assert_allclose(model.predict(images, verbose=0), logits,

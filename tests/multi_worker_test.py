@@ -13,6 +13,7 @@ import pytest
 
 import conftest
 from keras_sft import multi_worker
+from keras_sft import workdir as workdir_lib
 
 _WORKER = os.path.join(conftest.REPO_ROOT, 'tests', 'multi_worker_worker.py')
 
@@ -85,6 +86,15 @@ def test_two_workers_match_one_process(tmp_path):
   for key in ('loss', 'ce', 'l2'):
     assert logs0[key] == logs1[key]
     np.testing.assert_allclose(logs0[key], alone_logs[key], rtol=1e-5)
+  # Precise BN sets the same statistics on both workers, those of one
+  # process over the same batches.
+  statistics = [np.load(str(tmp_path / f'{name}.npz.bn.npz'))
+                for name in ('worker0', 'worker1', 'alone')]
+  for key in ('mean', 'variance'):
+    np.testing.assert_array_equal(statistics[0][key], statistics[1][key])
+    np.testing.assert_allclose(statistics[0][key], statistics[2][key],
+                               rtol=1e-5, atol=1e-6)
+    assert not np.allclose(statistics[2][key], 0.0 if key == 'mean' else 1.0)
 
 
 @pytest.mark.skipif(not multi_worker.keras_version_is_affected(),
@@ -132,7 +142,7 @@ def test_cli_workers_survive_a_dead_worker_and_match_one_process(tmp_path):
   workdir = str(tmp_path / 'run')
   first, second = str(tmp_path / 'first'), str(tmp_path / 'second')
   chief, worker = _start_cli_workers(workdir, first)
-  pointer = os.path.join(workdir, 'checkpoints', 'checkpoint.json')
+  pointer = conftest.backup_pointer(workdir)
   deadline = time.time() + 300
   try:
     while not os.path.exists(pointer) and time.time() < deadline:
@@ -163,10 +173,10 @@ def test_cli_workers_survive_a_dead_worker_and_match_one_process(tmp_path):
   assert checksums[0][0][2] == checksums[1][0][2]
   assert conftest.read_metrics(workdir)['step'] == 4
   # Only the chief wrote: one line per start in train.log, all its own.
-  with open(os.path.join(workdir, 'train.log')) as file:
+  with open(workdir_lib.Workdir(workdir).log_file) as file:
     starts = [line for line in file if 'Strategy ' in line]
   assert len(starts) == 2 and all('(worker 0)' in line for line in starts)
-  assert sorted(os.listdir(os.path.join(workdir, 'export'))) == ['1']
+  assert sorted(os.listdir(workdir_lib.Workdir(workdir).export)) == ['1']
   resumed = conftest.backup_arrays(conftest.latest_backup(workdir)[0])
   expected = conftest.backup_arrays(conftest.latest_backup(reference)[0])
   assert resumed.keys() == expected.keys()

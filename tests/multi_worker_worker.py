@@ -1,4 +1,5 @@
-"""One worker of tests/multi_worker_test.py: 3 steps of a tiny Classifier.
+"""One worker of tests/multi_worker_test.py: 3 steps of a tiny Classifier,
+then precise BN of a small BN model on the same batches.
 
 Usage: multi_worker_worker.py OUT.npz [--patch]   (TF_CONFIG from the
 environment; without TF_CONFIG it trains alone, on the same global batches).
@@ -14,8 +15,10 @@ import keras  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
+from keras_sft import batch_norm  # pylint: disable=g-import-not-at-top
 from keras_sft import classifier  # pylint: disable=g-import-not-at-top
 from keras_sft import multi_worker  # pylint: disable=g-import-not-at-top
+from keras_sft import precise_bn  # pylint: disable=g-import-not-at-top
 
 
 def main(out, patch):
@@ -43,6 +46,17 @@ def main(out, patch):
   np.savez(out, *model.get_weights())
   with open(out + '.json', 'w') as file:
     json.dump({key: values[-1] for key, values in history.items()}, file)
+  # Precise BN: each worker sees its part of every global batch; the
+  # statistics are gathered, so all set those of the whole batches.
+  with strategy.scope():
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3)(inputs)
+    probe = keras.Model(inputs, batch_norm.BatchNormalization(name='bn')(x))
+  precise_bn.reestimate(probe, dataset, strategy)
+  layer = probe.get_layer('bn')
+  np.savez(out + '.bn.npz', mean=np.asarray(layer.moving_mean),
+           variance=np.asarray(layer.moving_variance))
 
 
 if __name__ == '__main__':

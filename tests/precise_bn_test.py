@@ -59,7 +59,11 @@ def _layer_inputs(model, name, images, replicas):
 @pytest.mark.parametrize('replicas', [1, 2])
 def test_moving_statistics_become_the_population_statistics(replicas):
   images, batches = _batches()
-  strategy = (tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
+  # Reduction by copying, not collectives: collective keys of several
+  # MirroredStrategy objects in one process collide.
+  strategy = (tf.distribute.MirroredStrategy(
+      ['/cpu:0', '/cpu:1'],
+      cross_device_ops=tf.distribute.ReductionToOneDevice())
               if replicas == 2 else tf.distribute.get_strategy())
   with strategy.scope():
     model = _model()

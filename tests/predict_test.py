@@ -14,6 +14,7 @@ import conftest
 import image_fixtures
 from keras_sft import predict
 from keras_sft import serving
+from keras_sft import workdir as workdir_lib
 
 
 def _write_png(path, array):
@@ -57,7 +58,7 @@ def test_predict_prints_top_k_per_file_and_names_bad_files(smoke_run,
 
   # The same images through the export's uint8 signature, in this process.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  serving = tf.saved_model.load(os.path.join(workdir, 'export', '1'))
+  serving = tf.saved_model.load(conftest.version_dir(workdir))
   probabilities = serving.signatures['serving_default'](
       images=tf.constant(images))['probabilities'].numpy()
   for record, expected in zip((records[0], records[2]), probabilities):

@@ -53,9 +53,9 @@ def test_same_config_again_passes_and_keeps_the_file(tmp_path):
 def test_same_config_with_tuples_passes(tmp_path):
   """Values that JSON turns into lists still compare equal on a rerun."""
   config = ml_collections.ConfigDict({'crop': (224, 224), 'name': 'x'})
-  workdir_lib.Workdir(str(tmp_path)).claim(config)
-  workdir_lib.Workdir(str(tmp_path)).claim(ml_collections.ConfigDict({'crop': (224, 224),
-                                                'name': 'x'}))
+  run = workdir_lib.Workdir(str(tmp_path))
+  run.claim(config)
+  run.claim(ml_collections.ConfigDict({'crop': (224, 224), 'name': 'x'}))
   assert _read_config(str(tmp_path))['crop'] == [224, 224]
 
 
@@ -117,9 +117,10 @@ def test_nested_keys_are_named_with_dots(tmp_path):
 def test_added_and_removed_keys_are_named(tmp_path):
   """A key only in one of the configs is named and marked absent."""
   workdir = str(tmp_path)
-  workdir_lib.Workdir(workdir).claim(ml_collections.ConfigDict({'a': 1, 'b': 2}))
+  run = workdir_lib.Workdir(workdir)
+  run.claim(ml_collections.ConfigDict({'a': 1, 'b': 2}))
   with pytest.raises(ValueError) as error:
-    workdir_lib.Workdir(workdir).claim(ml_collections.ConfigDict({'a': 1, 'c': 3}))
+    run.claim(ml_collections.ConfigDict({'a': 1, 'c': 3}))
   message = str(error.value)
   assert 'b: 2 in the workdir' in message
   assert "'<absent>' now" in message
