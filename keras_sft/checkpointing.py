@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import re
+import warnings
 
 import keras
 
@@ -42,8 +43,44 @@ def _fsync_path(path):
 
 
 def trained_steps(model):
-  """Training steps taken so far: the position of the input stream."""
-  return int(model.optimizer.iterations.numpy())
+  """Training steps taken so far: the position of the input stream.
+
+  The `Classifier`'s `step_counter`, which every train step advances, also
+  one the optimizer skipped (a loss-scale overflow), and which every backup
+  holds. For other Keras models, the optimizer's step.
+  """
+  counter = getattr(model, 'step_counter', None)
+  if counter is None:
+    counter = model.optimizer.iterations
+  return int(keras.ops.convert_to_numpy(counter))
+
+
+def _load_weights(model, path):
+  """`model.load_weights(path)`, refusing a backup of another layout.
+
+  Keras only warns when a saved optimizer's variables do not match; a
+  resumed run must not go on silently without its optimizer state.
+
+  Raises:
+    WorkdirError: the file does not load into `model`.
+  """
+  try:
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter('always')
+      model.load_weights(path)
+  except (ValueError, KeyError) as error:
+    raise errors.WorkdirError(
+        f'{path} does not load into this run\'s model: {error}. A backup '
+        'written by a keras-sft version without the step counter, or for '
+        'another model, cannot be resumed: finish that run with the version '
+        'that wrote it, or start over in a new --workdir.') from error
+  for warning in caught:
+    if 'Skipping variable loading' in str(warning.message):
+      raise errors.WorkdirError(
+          f'{path} does not load into this run\'s model: '
+          f'{warning.message}. Start over in a new --workdir.')
+    warnings.warn_explicit(warning.message, warning.category,
+                           warning.filename, warning.lineno)
 
 
 class Checkpointer:
@@ -114,18 +151,18 @@ class Checkpointer:
     # The optimizer's slots must exist before its state can be loaded.
     if not model.optimizer.built:
       model.optimizer.build(model.trainable_variables)
-    model.load_weights(path)
+    _load_weights(model, path)
     restored = trained_steps(model)
     if restored != step:
       raise ValueError(
-          f'{path} holds optimizer step {restored}, but {_POINTER} says '
+          f'{path} holds step {restored}, but {_POINTER} says '
           f'{step}: the backup does not match its pointer.')
     logging.info('Resumed from %s at step %d.', path, step)
     return step
 
 
 class BackupCallback(keras.callbacks.Callback):
-  """Backs the run up every `every_steps` optimizer steps and at epoch ends.
+  """Backs the run up every `every_steps` training steps and at epoch ends.
 
   Args:
     checkpointer: A `Checkpointer`.

@@ -117,6 +117,13 @@ class Classifier(keras.Model):
     self.head_layer = head_layer
     self.ce_tracker = keras.metrics.Mean(name='ce')
     self.l2_tracker = keras.metrics.Mean(name='l2')
+    # Training batches taken, skipped optimizer steps included (a loss-scaled
+    # step skipped on an overflow still consumed its batch): the run's
+    # position, saved with the weights. Advanced once per global step, as
+    # Keras' own `optimizer.iterations`.
+    self.step_counter = self.add_weight(
+        shape=(), initializer='zeros', dtype='int64', trainable=False,
+        aggregation='only_first_replica', name='step_counter')
 
   def call(self, inputs, training=None):
     return self.network(inputs, training=training)
@@ -157,6 +164,7 @@ class Classifier(keras.Model):
     gradients = self._scale_backbone_gradients(gradients, variables)
     # Unscales (and skips non-finite steps) under loss scaling.
     self.optimizer.apply(gradients, variables)
+    self.step_counter.assign_add(1)
     self._update_trackers(x, ce, l2)
     # Accuracy metrics need class ids; MixUp/CutMix labels are soft.
     return self.compute_metrics(x, losses.hard_labels(y, y_pred.shape.rank),

@@ -16,18 +16,20 @@ _SHAPE = (6, 6, 3)
 _NUM_CLASSES = 3
 
 
-def _model(seed=0):
+def _model(seed=0, batch_norm=True, optimizer=None):
   """A tiny Conv/BN/Dense Classifier, compiled with SGD + momentum, built."""
   keras.utils.set_random_seed(seed)
   inputs = keras.Input(_SHAPE)
   x = keras.layers.Conv2D(4, 3)(inputs)
-  x = keras.layers.BatchNormalization()(x)
+  if batch_norm:
+    x = keras.layers.BatchNormalization()(x)
   x = keras.layers.GlobalAveragePooling2D()(x)
   outputs = keras.layers.Dense(_NUM_CLASSES)(x)
   model = classifier.Classifier(keras.Model(inputs, outputs),
                                 weight_decay=1e-3)
   model.compile(
-      optimizer=keras.optimizers.SGD(learning_rate=0.1, momentum=0.9),
+      optimizer=optimizer or keras.optimizers.SGD(learning_rate=0.1,
+                                                  momentum=0.9),
       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
   model(np.zeros((1,) + _SHAPE, np.float32))
   return model
@@ -93,6 +95,7 @@ def test_save_then_restore_gives_same_weights_and_optimizer_state(tmp_path):
   model = _model(seed=0)
   _train(model, steps)
   assert int(model.optimizer.iterations.numpy()) == steps
+  assert checkpointing.trained_steps(model) == steps
   saved_weights = _weights(model)
   saved_state = _optimizer_state(model)
   momenta = [value for name, value in saved_state if 'momentum' in name]
@@ -114,6 +117,7 @@ def test_save_then_restore_gives_same_weights_and_optimizer_state(tmp_path):
   for (name, want), (_, got) in zip(saved_state, restored_state):
     np.testing.assert_array_equal(got, want, err_msg=name)
   assert int(fresh.optimizer.iterations.numpy()) == steps
+  assert checkpointing.trained_steps(fresh) == steps
 
 
 def test_restored_model_trains_like_the_original(tmp_path):
@@ -176,11 +180,11 @@ def test_pointer_to_missing_file_raises(tmp_path):
 
 
 def test_restore_refuses_backup_whose_step_disagrees_with_pointer(tmp_path):
-  """A backup holding another optimizer step than its pointer: ValueError."""
+  """A backup holding another step than its pointer: ValueError."""
   directory = str(tmp_path / 'ckpt')
   model = _model()
   _train(model, 2)
-  iterations = int(model.optimizer.iterations.numpy())
+  iterations = checkpointing.trained_steps(model)
   claimed = iterations + 3
   checkpointing.Checkpointer(directory).save(model, claimed)
   with pytest.raises(ValueError) as error:
@@ -281,7 +285,7 @@ def test_backup_callback_skips_nan_logs_then_saves_finite_ones(tmp_path):
   callback = checkpointing.BackupCallback(checkpointer, every_steps=2)
   callback.set_model(model)
   callback.on_train_begin()
-  model.optimizer.iterations.assign(2)
+  model.step_counter.assign(2)
   callback.on_train_batch_end(1, {'loss': float('nan')})
   callback.on_train_batch_end(1, {'loss': np.float32('inf')})
   callback.on_epoch_end(0, {'loss': float('nan')})
@@ -291,3 +295,57 @@ def test_backup_callback_skips_nan_logs_then_saves_finite_ones(tmp_path):
   # The same step is not written twice, even at the epoch end.
   callback.on_epoch_end(0, {'loss': 0.5})
   assert _backups(directory) == ['ckpt-2.weights.h5']
+
+
+def _loss_scaled_model(seed=0):
+  """No BatchNorm: an inf batch would make its moving statistics NaN."""
+  return _model(seed, batch_norm=False,
+                optimizer=keras.optimizers.LossScaleOptimizer(
+                    keras.optimizers.SGD(learning_rate=0.1)))
+
+
+def test_trained_steps_counts_the_batches_of_skipped_steps(tmp_path):
+  """A loss-scaled step skipped on an overflow still consumed its batch.
+
+  The optimizer's step stays behind; the run's position (and its backup's
+  step) must not, or a resumed run would train on that batch again.
+  """
+  images, labels = _data(num_examples=12)
+  images[4:8] = np.inf  # The second of three batches overflows.
+  dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(4)
+  model = _loss_scaled_model()
+  model.fit(dataset, epochs=1, shuffle=False, verbose=0)
+  assert int(model.optimizer.iterations.numpy()) == 2  # One step skipped.
+  assert checkpointing.trained_steps(model) == 3
+  directory = str(tmp_path / 'ckpt')
+  checkpointing.Checkpointer(directory).save(model, 3)
+  fresh = _loss_scaled_model(seed=1)
+  assert checkpointing.Checkpointer(directory).restore(fresh) == 3
+  # The resumed input stream starts after the three batches taken.
+  assert checkpointing.trained_steps(fresh) == 3
+
+
+def test_step_counter_advances_once_per_global_step_across_replicas():
+  """Two replicas: the counter moves by 1 per step, not by 2."""
+  strategy = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
+  with strategy.scope():
+    model = _model()
+  _train(model, 3)
+  assert checkpointing.trained_steps(model) == 3
+  assert int(model.optimizer.iterations.numpy()) == 3
+
+
+def test_backup_without_step_counter_is_refused_clearly(tmp_path):
+  """A backup of an older layout (no step counter) names file and way out."""
+  import h5py  # pylint: disable=g-import-not-at-top
+  directory = str(tmp_path / 'ckpt')
+  model = _model()
+  model.optimizer.build(model.trainable_variables)
+  path = checkpointing.Checkpointer(directory).save(model, 0)
+  with h5py.File(path, 'a') as file:
+    del file['vars/0']  # What a backup of the previous version lacks.
+  with pytest.raises(ValueError) as error:
+    checkpointing.Checkpointer(directory).restore(_model(seed=1))
+  message = str(error.value)
+  assert os.path.basename(path) in message
+  assert 'step counter' in message and 'new --workdir' in message
