@@ -51,6 +51,29 @@ def _check_loop_config(config):
   errors.check_positive('eval_steps', config.eval_steps, optional=True)
   errors.check_positive('steps_per_execution', config.steps_per_execution)
   errors.check_positive('log_every_steps', config.log_every_steps)
+  if config.steps_per_epoch is not None:
+    _check_execution_divides('steps_per_epoch', config.steps_per_epoch,
+                             config.steps_per_execution)
+  if config.eval_steps is not None:
+    _check_execution_divides('eval_steps', config.eval_steps,
+                             config.steps_per_execution)
+
+
+def _check_execution_divides(name, steps, steps_per_execution):
+  """Keras runs whole executions of `steps_per_execution` steps.
+
+  On an endless training stream the last execution of an epoch would run
+  past its end (k=3 on 4 steps per epoch runs 6), so k must divide the
+  steps of every `fit` and `evaluate`.
+  """
+  if steps % steps_per_execution:
+    raise errors.ConfigError(
+        f'steps_per_execution must divide {name}: Keras runs whole '
+        f'executions, so {name}={steps} would run '
+        f'{-(-steps // steps_per_execution) * steps_per_execution} steps. '
+        f'Received: {name}={steps}, '
+        f'steps_per_execution={steps_per_execution}. Use a divisor of '
+        f'{steps}.')
 
 
 # Each module checks the keys whose values it owns.
@@ -121,6 +144,10 @@ def _start(config, workdir):
   chief = distribution.is_chief(strategy)
   keras.utils.set_random_seed(config.seed)
   data = input_pipeline.from_config(config)
+  _check_execution_divides(
+      'steps_per_epoch',
+      recipe.steps_per_epoch(config, data.info.num_train_examples),
+      config.steps_per_execution)
   # Claimed only now: a start that fails on its config, data or weights
   # leaves the workdir free for the corrected command.
   workdir.claim(config, write=chief)
@@ -204,6 +231,16 @@ def _fit_to_end(run, model):
                  run.workdir.path, total_steps)
     return False
   done_in_epoch = step % steps_per_epoch
+  if done_in_epoch % run.config.steps_per_execution:
+    # Backups are written between executions, so only a backup from
+    # elsewhere is off the grid; its remainder would be over-stepped.
+    raise errors.WorkdirError(
+        f'The backup in {run.workdir.checkpoints} is at step {step}, '
+        f'{done_in_epoch} steps into an epoch: not a multiple of '
+        f'steps_per_execution={run.config.steps_per_execution}, so the rest '
+        'of the epoch cannot be run exactly. Resume it with the '
+        'steps_per_execution that wrote it, or start over in a new '
+        '--workdir.')
   if done_in_epoch:
     # Finish the interrupted epoch on its remaining batches first.
     logging.info('Finishing epoch %d: %d of %d steps left.',

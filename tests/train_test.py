@@ -2,14 +2,21 @@
 
 import os
 import time
+import types
 
 import keras
+import numpy as np
 import pytest
+import tensorflow as tf
 
 from configs import cifar10_resnet50
+from keras_sft import checkpointing
+from keras_sft import classifier
 from keras_sft import input_pipeline
 from keras_sft import models
+from keras_sft import recipe
 from keras_sft import train
+from keras_sft import workdir as workdir_lib
 
 
 def _smoke_config(**overrides):
@@ -145,3 +152,93 @@ def test_wait_for_backup_returns_once_the_step_is_saved_or_times_out(
   start = time.time()
   train._wait_for_backup(checkpointer, 3, timeout_seconds=30)  # pylint: disable=protected-access
   assert time.time() - start < 1
+
+
+@pytest.mark.parametrize('overrides, message', [
+    # smoke: 2 steps per epoch, 2 eval steps.
+    ({'steps_per_execution': 3}, 'steps_per_epoch=2.*steps_per_execution=3'),
+    ({'steps_per_execution': 2, 'eval_steps': 3},
+     'eval_steps=3.*steps_per_execution=2'),
+    # 64 mock examples // 8 = 8 derived steps per epoch.
+    ({'steps_per_execution': 3, 'steps_per_epoch': None, 'eval_steps': None},
+     'steps_per_epoch=8.*steps_per_execution=3'),
+])
+def test_steps_per_execution_must_divide_the_steps(tmp_path, no_model_built,
+                                                   mock_cifar10, overrides,
+                                                   message):
+  """Keras runs whole executions: k=3 on 2 steps/epoch would run 3 a epoch."""
+  workdir = tmp_path / 'run'
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(_smoke_config(**overrides), str(workdir))
+  assert not workdir.exists()
+
+
+_TINY_SHAPE = (6, 6, 3)
+
+
+def _tiny_run(workdir, steps_per_epoch=4, num_epochs=2, steps_per_execution=1,
+              learning_rate=0.1, dropout_rate=0.0):
+  """A `train._Run` of a tiny Classifier on 8 random batches of 4, cycled.
+
+  Returns `(run, build)`: `build()` makes the run's compiled model and
+  restores its newest backup, as `train._build` does for ResNet50.
+  """
+  config = _smoke_config(steps_per_epoch=steps_per_epoch,
+                         num_epochs=num_epochs, eval_steps=None,
+                         steps_per_execution=steps_per_execution)
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(32,) + _TINY_SHAPE).astype(np.float32)
+  labels = rng.integers(0, 3, 32).astype(np.int64)
+  examples = tf.data.Dataset.from_tensor_slices((images, labels))
+  data = types.SimpleNamespace(
+      train=lambda start_step: examples.batch(4).repeat().skip(start_step),
+      eval=examples.batch(8))
+  run = train._Run(  # pylint: disable=protected-access
+      config=config, workdir=workdir_lib.Workdir(str(workdir)),
+      strategy=tf.distribute.get_strategy(), chief=True, data=data,
+      plan=recipe.Plan(steps_per_epoch=steps_per_epoch,
+                       total_steps=steps_per_epoch * num_epochs,
+                       warmup_steps=0, peak_learning_rate=learning_rate,
+                       head_only_steps=0),
+      checkpointer=checkpointing.Checkpointer(
+          os.path.join(str(workdir), 'checkpoints')))
+  os.makedirs(str(workdir), exist_ok=True)
+
+  def build():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input(_TINY_SHAPE)
+    x = keras.layers.Flatten()(inputs)
+    if dropout_rate:
+      x = keras.layers.Dropout(dropout_rate, seed=0)(x)
+    outputs = keras.layers.Dense(3, name='head')(x)
+    model = classifier.Classifier(keras.Model(inputs, outputs))
+    recipe.compile_model(model, keras.optimizers.SGD(learning_rate),
+                         steps_per_execution=steps_per_execution)
+    model(np.zeros((1,) + _TINY_SHAPE, np.float32))
+    model.optimizer.build(model.trainable_variables)
+    run.checkpointer.restore(model)
+    return model
+
+  return run, build
+
+
+def test_resumed_epoch_off_the_execution_grid_is_refused(tmp_path):
+  """A resume whose remainder k does not divide would run extra steps."""
+  run, build = _tiny_run(tmp_path / 'run', steps_per_epoch=4,
+                         steps_per_execution=2)
+  model = build()
+  model.step_counter.assign(1)  # 3 steps left in the epoch, k=2.
+  with pytest.raises(ValueError, match='step 1.*steps_per_execution=2'):
+    train._fit_to_end(run, model)  # pylint: disable=protected-access
+  assert checkpointing.trained_steps(model) == 1
+
+
+def test_resumed_run_with_steps_per_execution_takes_exactly_its_steps(
+    tmp_path):
+  run, build = _tiny_run(tmp_path / 'run', steps_per_epoch=4,
+                         steps_per_execution=2)
+  model = build()
+  model.step_counter.assign(2)  # Resumed mid-epoch, on the grid.
+  assert train._fit_to_end(run, model)  # pylint: disable=protected-access
+  assert checkpointing.trained_steps(model) == 8
+  assert int(model.optimizer.iterations.numpy()) == 6
