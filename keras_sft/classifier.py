@@ -151,9 +151,23 @@ class Classifier(keras.Model):
     self.ce_tracker.update_state(ce, sample_weight=batch)
     self.l2_tracker.update_state(l2, sample_weight=batch)
 
+  def _seed_random_layers(self):
+    """Seeds the random layers (Dropout) by (their seed, step counter).
+
+    A `keras.random.SeedGenerator` state is `[seed, draws]` and is not in
+    the backup; setting the draws to the step counter before each step gives
+    step n the masks of step n of an uninterrupted run, resumed or not.
+    """
+    for layer in self.network._flatten_layers(include_self=False):  # pylint: disable=protected-access
+      for generator in getattr(layer, '_seed_generators', ()):
+        state = generator.state
+        state.assign(tf.stack(
+            [state.value[0], tf.cast(self.step_counter.value, state.dtype)]))
+
   def train_step(self, data):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     variables = self.trainable_variables
+    self._seed_random_layers()
     with tf.GradientTape() as tape:
       y_pred = self(x, training=True)
       total, ce, l2 = self._split_loss(x, y, y_pred, sample_weight,

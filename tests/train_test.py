@@ -242,3 +242,22 @@ def test_resumed_run_with_steps_per_execution_takes_exactly_its_steps(
   assert train._fit_to_end(run, model)  # pylint: disable=protected-access
   assert checkpointing.trained_steps(model) == 8
   assert int(model.optimizer.iterations.numpy()) == 6
+
+
+def test_resumed_run_with_dropout_equals_an_uninterrupted_one(tmp_path):
+  """Backup at step 3, a fresh process's model restores it and goes on."""
+  run, build = _tiny_run(tmp_path / 'whole', dropout_rate=0.5)
+  uninterrupted = build()
+  train._fit_to_end(run, uninterrupted)  # pylint: disable=protected-access
+
+  run, build = _tiny_run(tmp_path / 'resumed', dropout_rate=0.5)
+  first = build()
+  train._fit(run, first, end_epoch=1, steps=3)  # pylint: disable=protected-access
+  assert run.checkpointer.latest()[1] == 3
+  resumed = build()  # Restores step 3; its dropout state is new.
+  assert checkpointing.trained_steps(resumed) == 3
+  train._fit_to_end(run, resumed)  # pylint: disable=protected-access
+
+  assert checkpointing.trained_steps(resumed) == 8
+  for want, got in zip(uninterrupted.get_weights(), resumed.get_weights()):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
