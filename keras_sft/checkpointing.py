@@ -120,9 +120,10 @@ class Checkpointer:
     model.save_weights(temporary, overwrite=True)
     _fsync_path(temporary)
     os.replace(temporary, path)
+    # The rename must be on disk before the pointer names the file.
+    _fsync_path(self.directory)
     workdir_lib.atomic_write(os.path.join(self.directory, _POINTER),
                              json.dumps({'file': name, 'step': step}))
-    _fsync_path(self.directory)
     self._prune(keep_name=name)
     return path
 

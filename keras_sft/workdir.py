@@ -152,7 +152,8 @@ def atomic_write(path, data):
   """Writes `data` (str or bytes) to `path` via a flushed temporary file.
 
   A process killed at any moment leaves the old file or the new one, never
-  a torn one.
+  a torn one; the directory is synced after the rename, so the new file is
+  on disk when this returns.
   """
   temporary = path + '.tmp'
   with open(temporary, 'wb' if isinstance(data, bytes) else 'w') as file:
@@ -160,6 +161,16 @@ def atomic_write(path, data):
     file.flush()
     os.fsync(file.fileno())
   os.replace(temporary, path)
+  fsync_directory(os.path.dirname(os.path.abspath(path)))
+
+
+def fsync_directory(path):
+  """Flushes the entries of directory `path` (renames, new files) to disk."""
+  descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+  try:
+    os.fsync(descriptor)
+  finally:
+    os.close(descriptor)
 
 
 def write_json(path, value):

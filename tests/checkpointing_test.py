@@ -349,3 +349,32 @@ def test_backup_without_step_counter_is_refused_clearly(tmp_path):
   message = str(error.value)
   assert os.path.basename(path) in message
   assert 'step counter' in message and 'new --workdir' in message
+
+
+def test_backup_is_durable_in_its_directory_before_the_pointer_names_it(
+    tmp_path, monkeypatch):
+  """fsync(dir) between the backup's rename and the pointer's rename.
+
+  Without it a power loss can keep the pointer's rename and lose the
+  backup's: a pointer to a missing file.
+  """
+  directory = str(tmp_path / 'ckpt')
+  os.makedirs(directory)
+  events = []
+  real_replace, real_fsync = os.replace, os.fsync
+
+  def replace(source, target, **kwargs):
+    events.append(('replace', os.path.basename(target)))
+    return real_replace(source, target, **kwargs)
+
+  def fsync(descriptor):
+    events.append(('fsync', os.readlink(f'/proc/self/fd/{descriptor}')))
+    return real_fsync(descriptor)
+
+  monkeypatch.setattr(os, 'replace', replace)
+  monkeypatch.setattr(os, 'fsync', fsync)
+  checkpointing.Checkpointer(directory).save(_model(), 1)
+  backup = events.index(('replace', 'ckpt-1.weights.h5'))
+  pointer = events.index(('replace', 'checkpoint.json'))
+  assert ('fsync', directory) in events[backup:pointer]
+  assert ('fsync', directory) in events[pointer:]
