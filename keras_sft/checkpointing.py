@@ -17,6 +17,7 @@ import os
 import re
 import warnings
 
+import h5py
 import keras
 
 from keras_sft import errors
@@ -25,6 +26,8 @@ from keras_sft import workdir as workdir_lib
 _POINTER = 'checkpoint.json'
 BEST_WEIGHTS = 'best.weights.h5'
 _BEST_POINTER = 'best.json'
+# HDF5 attributes of best.weights.h5 start with this.
+_ATTRIBUTE_PREFIX = 'keras_sft_'
 _PATTERN = re.compile(r'^ckpt-(\d+)\.weights\.h5$')
 
 
@@ -53,6 +56,32 @@ def trained_steps(model):
   if counter is None:
     counter = model.optimizer.iterations
   return int(keras.ops.convert_to_numpy(counter))
+
+
+def _write_weights(model, directory, name, attributes=None):
+  """Writes `model.save_weights` to `directory/name` atomically and durably.
+
+  Args:
+    model: The model to save.
+    directory: An existing directory.
+    name: The file name, ending in `.weights.h5`.
+    attributes: Optional dict stored as HDF5 attributes of the file's root,
+      written before the rename, so they describe exactly these weights.
+
+  Returns:
+    The path of the file.
+  """
+  path = os.path.join(directory, name)
+  temporary = os.path.join(directory, f'tmp-{name}')
+  model.save_weights(temporary, overwrite=True)
+  if attributes:
+    with h5py.File(temporary, 'a') as file:
+      file.attrs.update(attributes)
+  _fsync_path(temporary)
+  os.replace(temporary, path)
+  # On disk before anything (a pointer, a record) names the file.
+  workdir_lib.fsync_directory(directory)
+  return path
 
 
 def _load_weights(model, path):
@@ -115,13 +144,7 @@ class Checkpointer:
     """Writes a backup of `model` (and its optimizer) at `step`."""
     os.makedirs(self.directory, exist_ok=True)
     name = f'ckpt-{step}.weights.h5'
-    path = os.path.join(self.directory, name)
-    temporary = os.path.join(self.directory, f'tmp-{name}')
-    model.save_weights(temporary, overwrite=True)
-    _fsync_path(temporary)
-    os.replace(temporary, path)
-    # The rename must be on disk before the pointer names the file.
-    _fsync_path(self.directory)
+    path = _write_weights(model, self.directory, name)
     workdir_lib.atomic_write(os.path.join(self.directory, _POINTER),
                              json.dumps({'file': name, 'step': step}))
     self._prune(keep_name=name)
@@ -205,9 +228,11 @@ class BackupCallback(keras.callbacks.Callback):
 class BestWeightsCallback(keras.callbacks.Callback):
   """Keeps `best.weights.h5`: the weights of the epoch with the best metric.
 
-  Written like a backup (temporary name, fsync, rename); `best.json` records
-  its step and metric value, so a resumed run only replaces it with a better
-  epoch. Epochs without the metric (no evaluation) are skipped.
+  The metric's value and the step are stored inside the file (HDF5
+  attributes) before its atomic rename, so a run killed at any moment
+  still knows what the kept weights scored and only replaces them with a
+  better epoch. `best.json` repeats them for people and tools. Epochs
+  without the metric (no evaluation) are skipped.
 
   Args:
     directory: Where `best.weights.h5` and `best.json` go.
@@ -221,10 +246,13 @@ class BestWeightsCallback(keras.callbacks.Callback):
     self._best = None
 
   def on_train_begin(self, logs=None):
-    path = os.path.join(self.directory, _BEST_POINTER)
-    if os.path.exists(path):
-      with open(path) as file:
-        self._best = json.load(file)['value']
+    record = best_record(self.directory)
+    self._best = None if record is None else record['value']
+    pointer = os.path.join(self.directory, _BEST_POINTER)
+    if record is not None and (not os.path.exists(pointer) or
+                               _read_json_or_none(pointer) != record):
+      # Killed between the weights and their record: repair the record.
+      workdir_lib.atomic_write(pointer, json.dumps(record))
 
   def on_epoch_end(self, epoch, logs=None):
     value = (logs or {}).get(self.monitor)
@@ -233,15 +261,40 @@ class BestWeightsCallback(keras.callbacks.Callback):
     if self._best is not None and float(value) <= self._best:
       return
     os.makedirs(self.directory, exist_ok=True)
-    path = os.path.join(self.directory, BEST_WEIGHTS)
-    temporary = os.path.join(self.directory, f'tmp-{BEST_WEIGHTS}')
-    self.model.save_weights(temporary, overwrite=True)
-    _fsync_path(temporary)
-    os.replace(temporary, path)
+    record = {'file': BEST_WEIGHTS, 'monitor': self.monitor,
+              'value': float(value), 'step': trained_steps(self.model)}
+    _write_weights(self.model, self.directory, BEST_WEIGHTS,
+                   attributes={f'{_ATTRIBUTE_PREFIX}{key}': item
+                               for key, item in record.items()})
     self._best = float(value)
-    workdir_lib.atomic_write(
-        os.path.join(self.directory, _BEST_POINTER),
-        json.dumps({'file': BEST_WEIGHTS, 'monitor': self.monitor,
-                    'value': self._best,
-                    'step': trained_steps(self.model)}))
-    _fsync_path(self.directory)
+    workdir_lib.atomic_write(os.path.join(self.directory, _BEST_POINTER),
+                             json.dumps(record))
+
+
+def _read_json_or_none(path):
+  try:
+    with open(path) as file:
+      return json.load(file)
+  except (OSError, ValueError):
+    return None
+
+
+def best_record(directory):
+  """What `directory/best.weights.h5` scored, or None if there is none.
+
+  Returns:
+    None, or a dict with `file`, `monitor`, `value` and `step`, read from
+    the file itself (from `best.json` for files written before the record
+    was stored inside).
+  """
+  path = os.path.join(directory, BEST_WEIGHTS)
+  if not os.path.exists(path):
+    return None
+  with h5py.File(path, 'r') as file:
+    record = {key[len(_ATTRIBUTE_PREFIX):]: value
+              for key, value in file.attrs.items()
+              if key.startswith(_ATTRIBUTE_PREFIX)}
+  if not record:
+    return _read_json_or_none(os.path.join(directory, _BEST_POINTER))
+  return {'file': str(record['file']), 'monitor': str(record['monitor']),
+          'value': float(record['value']), 'step': int(record['step'])}

@@ -378,3 +378,43 @@ def test_backup_is_durable_in_its_directory_before_the_pointer_names_it(
   pointer = events.index(('replace', 'checkpoint.json'))
   assert ('fsync', directory) in events[backup:pointer]
   assert ('fsync', directory) in events[pointer:]
+
+
+class _Crash(Exception):
+  """Stands for the process dying at that moment."""
+
+
+def test_crash_after_best_weights_keeps_them_from_a_worse_epoch(tmp_path,
+                                                                monkeypatch):
+  """Killed between best.weights.h5 and its record: the rerun still knows
+  the value of the weights in best.weights.h5, so a worse epoch keeps off."""
+  directory = str(tmp_path / 'ckpt')
+  model = _model()
+  _train(model, 1)
+  callback = checkpointing.BestWeightsCallback(directory)
+  callback.set_model(model)
+  callback.on_train_begin()
+  callback.on_epoch_end(0, {'val_accuracy': 0.4})
+  _train(model, 1)
+  better = _weights(model)
+
+  def crash(*args, **kwargs):
+    raise _Crash()
+
+  monkeypatch.setattr(checkpointing.workdir_lib, 'atomic_write', crash)
+  with pytest.raises(_Crash):
+    callback.on_epoch_end(1, {'val_accuracy': 0.6})
+  monkeypatch.undo()
+
+  _train(model, 1)  # The rerun's next epoch is worse.
+  rerun = checkpointing.BestWeightsCallback(directory)
+  rerun.set_model(model)
+  rerun.on_train_begin()
+  rerun.on_epoch_end(2, {'val_accuracy': 0.5})
+  fresh = _model(seed=1)
+  fresh.optimizer.build(fresh.trainable_variables)
+  fresh.load_weights(os.path.join(directory, checkpointing.BEST_WEIGHTS))
+  for want, got in zip(better, fresh.get_weights()):
+    np.testing.assert_array_equal(got, want)
+  with open(os.path.join(directory, 'best.json')) as file:
+    assert json.load(file)['value'] == pytest.approx(0.6)
