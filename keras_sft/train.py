@@ -241,6 +241,8 @@ def _fit_to_end(run, model):
         'of the epoch cannot be run exactly. Resume it with the '
         'steps_per_execution that wrote it, or start over in a new '
         '--workdir.')
+  if run.chief:
+    run.workdir.truncate_history(epochs=step // steps_per_epoch)
   if done_in_epoch:
     # Finish the interrupted epoch on its remaining batches first.
     logging.info('Finishing epoch %d: %d of %d steps left.',

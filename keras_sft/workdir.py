@@ -13,6 +13,7 @@
   export/<n>/      SavedModels for TF Serving, versions 1, 2, ...
 """
 
+import csv
 import json
 import os
 
@@ -80,6 +81,28 @@ class Workdir:
   def export(self):
     return self._join('export')
 
+  def truncate_history(self, epochs):
+    """Keeps only the rows of epochs before `epochs` in history.csv.
+
+    A resumed run trains those epochs again (the rest of an interrupted
+    one, or more after falling back to an older backup), and Keras'
+    CSVLogger appends their rows anew.
+    """
+    if not os.path.exists(self.history_csv):
+      return
+    with open(self.history_csv, newline='') as file:
+      lines = file.read().splitlines(keepends=True)
+    if not lines:
+      return
+    header = next(csv.reader(lines[:1]))
+    column = header.index('epoch') if 'epoch' in header else 0
+    kept = lines[:1] + [
+        line for line in lines[1:]
+        if _epoch_of(line, column) is not None and
+        _epoch_of(line, column) < epochs]
+    if kept != lines:
+      atomic_write(self.history_csv, ''.join(kept))
+
   def has_run(self):
     """Whether a run has claimed this directory (its config is written)."""
     return os.path.exists(self.config_file)
@@ -121,6 +144,13 @@ class Workdir:
     if write:
       os.makedirs(self.path, exist_ok=True)
       write_json(self.config_file, current)
+
+
+def _epoch_of(line, column):
+  try:
+    return int(next(csv.reader([line]))[column])
+  except (ValueError, IndexError, StopIteration):
+    return None  # A torn last line.
 
 
 def _flatten(tree, prefix=''):

@@ -261,3 +261,24 @@ def test_resumed_run_with_dropout_equals_an_uninterrupted_one(tmp_path):
   assert checkpointing.trained_steps(resumed) == 8
   for want, got in zip(uninterrupted.get_weights(), resumed.get_weights()):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def _history_epochs(workdir):
+  import csv  # pylint: disable=g-import-not-at-top
+  with open(workdir_lib.Workdir(str(workdir)).history_csv) as file:
+    return [row['epoch'] for row in csv.DictReader(file)]
+
+
+def test_resume_does_not_repeat_rows_of_history_csv(tmp_path):
+  """Rows of epochs the resumed run trains again are replaced, not added."""
+  run, build = _tiny_run(tmp_path / 'run', steps_per_epoch=4)
+  model = build()
+  train._fit(run, model, end_epoch=1, steps=4)  # pylint: disable=protected-access
+  # Epoch 1 stops after 2 of its 4 steps (as a preempted or NaN-stopped fit
+  # does), and its partial row is written.
+  train._fit(run, model, end_epoch=2, steps=2)  # pylint: disable=protected-access
+  assert _history_epochs(tmp_path / 'run') == ['0', '1']
+  resumed = build()
+  assert checkpointing.trained_steps(resumed) == 6
+  train._fit_to_end(run, resumed)  # pylint: disable=protected-access
+  assert _history_epochs(tmp_path / 'run') == ['0', '1']

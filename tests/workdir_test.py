@@ -139,3 +139,14 @@ def test_new_key_set_to_none_is_named(tmp_path):
   with pytest.raises(ValueError) as error:
     workdir_lib.Workdir(workdir).claim(newer)
   assert 'eval_steps' in str(error.value)
+
+
+def test_truncate_history_keeps_earlier_epochs_and_drops_a_torn_line(
+    tmp_path):
+  run = workdir_lib.Workdir(str(tmp_path))
+  run.truncate_history(epochs=1)  # No history yet: nothing to do.
+  with open(run.history_csv, 'w') as file:
+    file.write('epoch,loss\n0,1.5\n1,1.2\n2,1.1\n3,')
+  run.truncate_history(epochs=2)
+  with open(run.history_csv) as file:
+    assert file.read() == 'epoch,loss\n0,1.5\n1,1.2\n'
