@@ -19,6 +19,7 @@ import warnings
 
 import h5py
 import keras
+import numpy as np
 
 from keras_sft import errors
 from keras_sft import workdir as workdir_lib
@@ -56,6 +57,28 @@ def trained_steps(model):
   if counter is None:
     counter = model.optimizer.iterations
   return int(keras.ops.convert_to_numpy(counter))
+
+
+def non_finite_variables(model):
+  """Paths of the model's and its optimizer's float variables that hold NaN
+  or ±inf (empty when every value is finite)."""
+  variables = list(model.weights)
+  if getattr(model, 'optimizer', None) is not None:
+    variables += list(model.optimizer.variables)
+  bad, seen = [], set()
+  for variable in variables:
+    if id(variable) in seen or 'float' not in str(variable.dtype):
+      continue
+    seen.add(id(variable))
+    if not np.isfinite(keras.ops.convert_to_numpy(variable)).all():
+      bad.append(variable.path)
+  return bad
+
+
+def _describe_non_finite(bad):
+  shown = ', '.join(bad[:3]) + (f' and {len(bad) - 3} more' if len(bad) > 3
+                               else '')
+  return f'{len(bad)} variable(s) not finite (NaN or inf): {shown}'
 
 
 def _write_weights(model, directory, name, attributes=None):
@@ -141,7 +164,15 @@ class Checkpointer:
     return path, int(state['step'])
 
   def save(self, model, step):
-    """Writes a backup of `model` (and its optimizer) at `step`."""
+    """Writes a backup of `model` (and its optimizer) at `step`.
+
+    Raises:
+      DivergedError: a variable is not finite; nothing is written.
+    """
+    bad = non_finite_variables(model)
+    if bad:
+      raise errors.DivergedError(
+          f'Not backing up step {step}: {_describe_non_finite(bad)}.')
     os.makedirs(self.directory, exist_ok=True)
     name = f'ckpt-{step}.weights.h5'
     path = _write_weights(model, self.directory, name)
@@ -203,14 +234,22 @@ class BackupCallback(keras.callbacks.Callback):
     return trained_steps(self.model)
 
   def _save(self, logs):
-    # Never replace a good backup with weights that went NaN.
+    # Never replace a good backup with weights that went NaN, nor back up a
+    # run that `StopOnDivergence` is stopping.
     loss = (logs or {}).get('loss')
-    if loss is not None and not math.isfinite(float(loss)):
+    if self.model.stop_training or (
+        loss is not None and not math.isfinite(float(loss))):
       return
     step = self._step()
-    if step != self._last_saved:
-      self.checkpointer.save(self.model, step)
-      self._last_saved = step
+    if step == self._last_saved:
+      return
+    bad = non_finite_variables(self.model)
+    if bad:
+      logging.warning('No backup at step %d: %s.', step,
+                      _describe_non_finite(bad))
+      return
+    self.checkpointer.save(self.model, step)
+    self._last_saved = step
 
   def on_train_begin(self, logs=None):
     self._last_saved = self._step()
@@ -223,6 +262,44 @@ class BackupCallback(keras.callbacks.Callback):
 
   def on_epoch_end(self, epoch, logs=None):
     self._save(logs)
+
+
+class StopOnDivergence(keras.callbacks.Callback):
+  """Stops `fit` once the loss, the validation loss or a weight is not finite.
+
+  Put it first among the callbacks: those after it see `stop_training` at
+  the same step (`BackupCallback` then writes nothing). A diverged model can
+  keep finite weights and a finite training loss while its evaluation is
+  NaN (BatchNorm statistics overflow), hence the validation loss.
+
+  Attributes:
+    reason: None, or what was found not finite, once stopped.
+  """
+
+  def __init__(self):
+    super().__init__()
+    self.reason = None
+
+  def _stop(self, reason):
+    self.reason = f'{reason} at step {trained_steps(self.model)}'
+    self.model.stop_training = True
+
+  def on_train_batch_end(self, batch, logs=None):
+    loss = (logs or {}).get('loss')
+    if loss is not None and not math.isfinite(float(loss)):
+      self._stop(f'the training loss is {float(loss)}')
+
+  def on_epoch_end(self, epoch, logs=None):
+    if self.reason:
+      return
+    for key in ('loss', 'val_loss'):
+      value = (logs or {}).get(key)
+      if value is not None and not math.isfinite(float(value)):
+        self._stop(f'{key} is {float(value)} after epoch {epoch + 1}')
+        return
+    bad = non_finite_variables(self.model)
+    if bad:
+      self._stop(_describe_non_finite(bad))
 
 
 class BestWeightsCallback(keras.callbacks.Callback):
@@ -259,6 +336,11 @@ class BestWeightsCallback(keras.callbacks.Callback):
     if value is None or not math.isfinite(float(value)):
       return
     if self._best is not None and float(value) <= self._best:
+      return
+    bad = non_finite_variables(self.model)
+    if bad:
+      logging.warning('%s not replaced: %s.', BEST_WEIGHTS,
+                      _describe_non_finite(bad))
       return
     os.makedirs(self.directory, exist_ok=True)
     record = {'file': BEST_WEIGHTS, 'monitor': self.monitor,

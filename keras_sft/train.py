@@ -8,7 +8,7 @@ A run is four steps, each a function below:
 2. `_build`: the model, optimizer and compiled state (`recipe.build_model`)
    inside the strategy scope, then the newest backup, if any.
 3. `_fit_to_end`: `fit` from the restored step to the last one, with
-   backups, TensorBoard, CSV log, progress lines and stop-on-NaN; an
+   backups, TensorBoard, CSV log, progress lines and a stop on divergence; an
    interrupted epoch is finished first, on its remaining batches.
 4. `_finish`: evaluate, write the report and `metrics.json`, export the next
    SavedModel version to `<workdir>/export/`.
@@ -187,7 +187,7 @@ def _build(run):
 
 
 def _callbacks(run):
-  callbacks = [keras.callbacks.TerminateOnNaN()]
+  callbacks = []
   if run.chief:  # The other workers of a multi-worker run write nothing.
     callbacks += [
         checkpointing.BackupCallback(run.checkpointer,
@@ -205,20 +205,26 @@ def _callbacks(run):
 def _fit(run, model, end_epoch, steps):
   """`fit` from the model's step to the end of epoch `end_epoch`."""
   step = checkpointing.trained_steps(model)
+  divergence = checkpointing.StopOnDivergence()  # First: see its doc.
   model.fit(run.data.train(start_step=step),
             initial_epoch=step // run.plan.steps_per_epoch, epochs=end_epoch,
             steps_per_epoch=steps, validation_data=run.data.eval,
             validation_steps=run.config.eval_steps,
             validation_freq=run.config.eval_every_epochs,
-            callbacks=_callbacks(run), shuffle=False,
+            callbacks=[divergence] + _callbacks(run), shuffle=False,
             verbose=progress.fit_verbosity())
-  if model.stop_training:
-    raise errors.DivergedError(
-        'The loss became NaN or infinite at step '
-        f'{checkpointing.trained_steps(model)}; training stopped. The last '
-        f'finite backup is in {run.workdir.checkpoints}. Lower '
-        '--config.learning_rate or raise --config.warmup_epochs, in a new '
-        'workdir.')
+  if divergence.reason:
+    raise errors.DivergedError(_diverged(run, divergence.reason))
+
+
+def _diverged(run, reason):
+  """The message of a run that diverged: what, where to look, what to do."""
+  latest = run.checkpointer.latest()
+  backup = (f'The last backup, {latest[0]} (step {latest[1]}), holds finite '
+            'weights' if latest else 'No backup was written')
+  return (f'Training diverged: {reason}; training stopped. {backup}. Lower '
+          '--config.learning_rate or raise --config.warmup_epochs, in a new '
+          'workdir.')
 
 
 def _fit_to_end(run, model):
@@ -269,12 +275,22 @@ def _finish(run, model, export):
     # training; a restored backup holds the raw ones (idempotent otherwise).
     model.optimizer.finalize_variable_values(model.trainable_weights)
   step = checkpointing.trained_steps(model)
+  bad = checkpointing.non_finite_variables(model)
+  if bad:
+    raise errors.DivergedError(_diverged(
+        run, f'{len(bad)} variable(s) not finite at step {step}: {bad[:3]}'))
   # Every worker logs it: equal sums show the replicas stayed in sync.
   logging.info('Weights checksum (%s) at step %d: %.12e',
                distribution.task_name(run.strategy), step,
                weights_checksum(model))
   results = model.evaluate(run.data.eval, steps=config.eval_steps,
                            return_dict=True, verbose=progress.fit_verbosity())
+  non_finite = {key: float(value) for key, value in results.items()
+                if not np.isfinite(float(value))}
+  if non_finite:
+    # Finite weights can still give NaN outputs: never report or export it.
+    raise errors.DivergedError(_diverged(
+        run, f'the evaluation at step {step} gives {non_finite}'))
   metrics = {
       'step': step,
       'total_steps': run.plan.total_steps,

@@ -15,6 +15,8 @@
 
 import csv
 import json
+import logging
+import math
 import os
 
 from keras_sft import errors
@@ -204,8 +206,32 @@ def fsync_directory(path):
 
 
 def write_json(path, value):
-  """Atomically writes `value` as indented JSON with sorted keys."""
-  atomic_write(path, json.dumps(value, indent=2, sort_keys=True))
+  """Atomically writes `value` as indented JSON with sorted keys.
+
+  NaN and ±inf, which JSON does not have, are written as null, with a
+  warning that names them.
+  """
+  non_finite = []
+  value = _finite_or_none(value, '', non_finite)
+  if non_finite:
+    logging.warning('%s: non-finite numbers written as null: %s', path,
+                    ', '.join(non_finite))
+  atomic_write(path, json.dumps(value, indent=2, sort_keys=True,
+                                allow_nan=False))
+
+
+def _finite_or_none(value, name, non_finite):
+  if isinstance(value, float) and not math.isfinite(value):
+    non_finite.append(f'{name}={value}')
+    return None
+  if isinstance(value, dict):
+    return {key: _finite_or_none(item, f'{name}.{key}' if name else str(key),
+                                 non_finite)
+            for key, item in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_finite_or_none(item, f'{name}[{index}]', non_finite)
+            for index, item in enumerate(value)]
+  return value
 
 
 def read_json(path):

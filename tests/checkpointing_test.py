@@ -418,3 +418,32 @@ def test_crash_after_best_weights_keeps_them_from_a_worse_epoch(tmp_path,
     np.testing.assert_array_equal(got, want)
   with open(os.path.join(directory, 'best.json')) as file:
     assert json.load(file)['value'] == pytest.approx(0.6)
+
+
+def _poison(model):
+  """Makes one kernel non-finite, as a diverged step does."""
+  kernel = model.network.layers[-1].kernel
+  kernel.assign(np.full(kernel.shape, np.nan, np.float32))
+
+
+def test_non_finite_weights_are_never_backed_up_even_with_finite_logs(
+    tmp_path):
+  """The variables are checked, not just the loss in the logs."""
+  directory = str(tmp_path / 'ckpt')
+  checkpointer = checkpointing.Checkpointer(directory)
+  model = _model()
+  _poison(model)
+  backup = checkpointing.BackupCallback(checkpointer, every_steps=1)
+  best = checkpointing.BestWeightsCallback(directory)
+  for callback in (backup, best):
+    callback.set_model(model)
+    callback.on_train_begin()
+  model.step_counter.assign(1)
+  backup.on_train_batch_end(0, {'loss': 0.5})
+  backup.on_epoch_end(0, {'loss': 0.5})
+  best.on_epoch_end(0, {'loss': 0.5, 'val_accuracy': 0.9})
+  assert checkpointer.latest() is None
+  assert not os.path.exists(os.path.join(directory,
+                                         checkpointing.BEST_WEIGHTS))
+  with pytest.raises(FloatingPointError, match='not finite'):
+    checkpointer.save(model, 1)

@@ -192,7 +192,8 @@ def _tiny_run(workdir, steps_per_epoch=4, num_epochs=2, steps_per_execution=1,
   examples = tf.data.Dataset.from_tensor_slices((images, labels))
   data = types.SimpleNamespace(
       train=lambda start_step: examples.batch(4).repeat().skip(start_step),
-      eval=examples.batch(8))
+      eval=examples.batch(8),
+      info=types.SimpleNamespace(num_classes=3, class_names=('a', 'b', 'c')))
   run = train._Run(  # pylint: disable=protected-access
       config=config, workdir=workdir_lib.Workdir(str(workdir)),
       strategy=tf.distribute.get_strategy(), chief=True, data=data,
@@ -282,3 +283,60 @@ def test_resume_does_not_repeat_rows_of_history_csv(tmp_path):
   assert checkpointing.trained_steps(resumed) == 6
   train._fit_to_end(run, resumed)  # pylint: disable=protected-access
   assert _history_epochs(tmp_path / 'run') == ['0', '1']
+
+
+def _float_keys():
+  """Every key of the default config that holds a float (or float list)."""
+  from configs import default as default_lib  # pylint: disable=g-import-not-at-top
+  config = default_lib.get_config()
+  keys = []
+  for key in config.keys():
+    reference = config.get_ref(key)
+    value = config[key]
+    if (reference.get_type() is float or isinstance(value, float) or
+        (isinstance(value, (tuple, list)) and value and
+         all(isinstance(item, float) for item in value))):
+      keys.append(key)
+  return keys
+
+
+@pytest.mark.parametrize('key', _float_keys())
+@pytest.mark.parametrize('bad', [float('nan'), float('inf'), -float('inf')])
+def test_non_finite_float_values_are_refused(tmp_path, no_model_built, key,
+                                             bad):
+  """No float key takes NaN or ±inf (--config.learning_rate=nan passed)."""
+  config = _smoke_config()
+  config[key] = (bad,) if isinstance(config[key], (tuple, list)) else bad
+  with pytest.raises(ValueError, match=key):
+    train.check_config(config)
+
+
+def test_finish_refuses_non_finite_weights_and_writes_nothing(tmp_path):
+  run, build = _tiny_run(tmp_path / 'run')
+  model = build()
+  kernel = model.network.get_layer('head').kernel
+  kernel.assign(np.full(kernel.shape, np.inf, np.float32))
+  with pytest.raises(FloatingPointError, match='not finite'):
+    train._finish(run, model, export=True)  # pylint: disable=protected-access
+  assert not os.path.exists(run.workdir.metrics_file)
+  assert not os.path.exists(run.workdir.export)
+
+
+def test_diverging_run_stops_and_names_a_finite_backup(tmp_path, mock_cifar10):
+  """learning_rate=1e5: the weights stay finite, the outputs do not."""
+  from keras_sft import errors  # pylint: disable=g-import-not-at-top
+  import conftest  # pylint: disable=g-import-not-at-top
+  workdir = workdir_lib.Workdir(str(tmp_path / 'run'))
+  with pytest.raises(errors.DivergedError) as error:
+    train.train_and_evaluate(_smoke_config(learning_rate=1e5), workdir.path)
+  path, step = conftest.latest_backup(workdir.path)
+  assert path in str(error.value) and f'step {step}' in str(error.value)
+  assert not os.path.exists(workdir.export)
+  assert not os.path.exists(workdir.metrics_file)
+  backups = [name for name in os.listdir(workdir.checkpoints)
+             if name.endswith('.weights.h5')]
+  assert backups
+  for name in backups:
+    for array_name, array in conftest.backup_arrays(
+        os.path.join(workdir.checkpoints, name)).items():
+      assert np.isfinite(array).all(), (name, array_name)

@@ -150,3 +150,15 @@ def test_truncate_history_keeps_earlier_epochs_and_drops_a_torn_line(
   run.truncate_history(epochs=2)
   with open(run.history_csv) as file:
     assert file.read() == 'epoch,loss\n0,1.5\n1,1.2\n'
+
+
+def test_write_json_writes_null_for_non_finite_numbers(tmp_path, caplog):
+  """metrics.json stays valid JSON: no bare NaN or Infinity."""
+  path = str(tmp_path / 'metrics.json')
+  workdir_lib.write_json(path, {'eval': {'loss': float('nan'), 'top5': 1.0},
+                                'values': [float('inf'), 2.0]})
+  with open(path) as file:
+    text = file.read()
+  assert json.loads(text, parse_constant=lambda name: pytest.fail(name)) == {
+      'eval': {'loss': None, 'top5': 1.0}, 'values': [None, 2.0]}
+  assert 'eval.loss' in caplog.text
