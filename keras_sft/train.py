@@ -20,6 +20,7 @@ same step. `evaluate(config, workdir)` runs steps 1, 2 and 4.
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 
 import keras
@@ -32,6 +33,7 @@ from keras_sft import classifier
 from keras_sft import distribution
 from keras_sft import errors
 from keras_sft import evaluation
+from keras_sft import image_folder
 from keras_sft import input_pipeline
 from keras_sft import losses
 from keras_sft import models
@@ -112,6 +114,8 @@ class _Run:
   data: input_pipeline.Data
   plan: recipe.Plan
   checkpointer: checkpointing.Checkpointer
+  # Held for the run's life on the chief (workdir_lib.Lock).
+  lock: object = dataclasses.field(default_factory=contextlib.nullcontext)
 
 
 @contextlib.contextmanager
@@ -149,17 +153,35 @@ def _start(config, workdir):
       recipe.steps_per_epoch(config, data.info.num_train_examples),
       config.steps_per_execution)
   # Claimed only now: a start that fails on its config, data or weights
-  # leaves the workdir free for the corrected command.
-  workdir.claim(config, write=chief)
+  # leaves the workdir free for the corrected command. The chief holds the
+  # workdir's lock for the run's life; the other workers write nothing.
+  lock = contextlib.nullcontext()
   if chief:
-    # The export reads the class names here, so it needs no dataset.
-    workdir_lib.write_json(workdir.dataset_file, {
-        'dataset': config.dataset, 'num_classes': data.info.num_classes,
-        'class_names': list(data.info.class_names)})
+    os.makedirs(workdir.path, exist_ok=True)
+    lock = workdir.lock()
+  try:
+    # The export reads the class names from dataset.json, so it needs no
+    # dataset; a rerun on other data is refused.
+    workdir.claim(config, write=chief,
+                  dataset=_dataset_identity(config, data.info))
+  except BaseException:
+    lock.__exit__(None, None, None)
+    raise
   return _Run(config=config, workdir=workdir, strategy=strategy, chief=chief,
               data=data, plan=None,
               checkpointer=checkpointing.Checkpointer(
-                  workdir.checkpoints, keep=config.keep_checkpoints))
+                  workdir.checkpoints, keep=config.keep_checkpoints),
+              lock=lock)
+
+
+def _dataset_identity(config, info):
+  """What must not change between the starts of a run: see Workdir.claim."""
+  identity = {'dataset': config.dataset, 'num_classes': info.num_classes,
+              'class_names': list(info.class_names)}
+  if image_folder.is_folder_dataset(config.dataset):
+    identity['files'] = workdir_lib.fingerprint_files(
+        image_folder.folder_root(config.dataset))
+  return identity
 
 
 def _build(run):
@@ -324,7 +346,7 @@ def train_and_evaluate(config, workdir):
     The dict written to `<workdir>/metrics.json`.
   """
   run = _start(config, workdir)
-  with _log_to(run):
+  with run.lock, _log_to(run):
     model = _build(run)
     trained = _fit_to_end(run, model)
     # A rerun of a finished run exports only if no version was written yet.
@@ -355,7 +377,7 @@ def evaluate(config, workdir):
         f'workdir={workdir!r} holds no backup in {existing.checkpoints} to '
         'evaluate. Train first with --mode=train.')
   run = _start(config, workdir)
-  with _log_to(run):
+  with run.lock, _log_to(run):
     model = _build(run)
     logging.info('Evaluating the backup at step %d of %d.',
                  checkpointing.trained_steps(model), run.plan.total_steps)

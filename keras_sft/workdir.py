@@ -7,17 +7,24 @@
   train.log        log lines of every start of the run
   checkpoints/     atomic backups, resumed from on a rerun
   history.csv      per-epoch metrics; tensorboard/ the same for TensorBoard
-  dataset.json     dataset name and class names (read by the export)
+  dataset.json     dataset name, class names and, for folders, a
+                   fingerprint of the files (read by the export, checked
+                   on every start)
+  run.lock         locked by the process that runs the run (its PID, host)
   metrics.json     final evaluation, with the report of keras_sft.evaluation
   confusion_matrix.png, curves.png   the report's pictures
   export/<n>/      SavedModels for TF Serving, versions 1, 2, ...
 """
 
 import csv
+import fcntl
+import hashlib
 import json
 import logging
 import math
 import os
+import socket
+import time
 
 from keras_sft import errors
 
@@ -66,6 +73,10 @@ class Workdir:
   @property
   def dataset_file(self):
     return self._join('dataset.json')
+
+  @property
+  def lock_file(self):
+    return self._join('run.lock')
 
   @property
   def metrics_file(self):
@@ -122,7 +133,22 @@ class Workdir:
           f'--config=CONFIG --workdir={self.path}')
     return read_json(self.config_file)
 
-  def claim(self, config, write=True):
+  def lock(self):
+    """Takes the run's exclusive lock; use as a context manager to release.
+
+    One process runs a workdir at a time: the lock (`flock` on `run.lock`)
+    is held until released or until the process ends, however it ends. The
+    file names the holder for the error of the next process.
+
+    Returns:
+      A `Lock`, already held.
+
+    Raises:
+      WorkdirError: another process holds it.
+    """
+    return Lock(self.lock_file)
+
+  def claim(self, config, write=True, dataset=None):
     """Creates the directory for `config`, or checks it holds this run.
 
     Args:
@@ -130,9 +156,13 @@ class Workdir:
       write: False on the workers of a multi-worker run other than the
         chief: they check the config the chief wrote, if any, and write
         nothing.
+      dataset: None, or the dataset's identity, a JSON-safe dict with
+        `class_names` (and, for folders, `files`: `fingerprint_files`),
+        recorded in dataset.json on the first claim and compared after.
 
     Raises:
-      WorkdirError: the directory holds a run with a different config.
+      WorkdirError: the directory holds a run with a different config, or
+        of a dataset with other class names or files.
     """
     current = config_to_dict(config)
     if self.has_run():
@@ -142,10 +172,93 @@ class Workdir:
             f'workdir={self.path!r} holds another run; its config differs '
             f'in: {_differences(previous, current)}. Use a new --workdir, or '
             'rerun with the same config to resume.')
-      return
+      if dataset is not None and os.path.exists(self.dataset_file):
+        self._check_dataset(read_json(self.dataset_file), dataset)
     if write:
       os.makedirs(self.path, exist_ok=True)
-      write_json(self.config_file, current)
+      if not self.has_run():
+        write_json(self.config_file, current)
+      if dataset is not None:
+        write_json(self.dataset_file, dataset)
+
+  def _check_dataset(self, recorded, current):
+    changed = [key for key in ('class_names', 'files')
+               if key in recorded and key in current and
+               recorded[key] != current[key]]
+    if changed:
+      raise errors.WorkdirError(
+          f'workdir={self.path!r} holds a run of other data: '
+          f'{_differences({k: recorded[k] for k in changed}, {k: current[k] for k in changed})}'
+          f' (from {self.dataset_file}). A renamed class folder would shift '
+          'the labels, and changed files change the batches. Restore the '
+          'data the run started with, or use a new --workdir.')
+
+
+class Lock:
+  """An exclusive `flock` on a file that names its holder.
+
+  Args:
+    path: The lock file; created if missing, never followed if a symlink.
+
+  Raises:
+    WorkdirError: another process holds it.
+  """
+
+  def __init__(self, path):
+    self.path = path
+    self._descriptor = os.open(
+        path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+      fcntl.flock(self._descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.read(self._descriptor, 4096).decode('utf-8', 'replace')
+      os.close(self._descriptor)
+      raise errors.WorkdirError(
+          f'{os.path.dirname(path)!r} is in use by another process '
+          f'({holder.strip() or "its PID is not written yet"}): one run per '
+          'workdir. Wait for it to end, or stop it; or use another '
+          '--workdir.') from None
+    os.ftruncate(self._descriptor, 0)
+    os.pwrite(self._descriptor,
+              f'PID {os.getpid()} on host {socket.gethostname()}, since '
+              f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n'.encode(), 0)
+
+  def release(self):
+    """Releases the lock (also done by the OS when the process ends)."""
+    if self._descriptor is not None:
+      fcntl.flock(self._descriptor, fcntl.LOCK_UN)
+      os.close(self._descriptor)
+      self._descriptor = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self.release()
+
+
+def fingerprint_files(root):
+  """The identity of the files under `root`: their paths and sizes.
+
+  Symbolic links to folders are not followed (no loops); linked files count
+  with the size of their target.
+
+  Returns:
+    `{'count': number of files, 'sha256': hex digest of the sorted
+    (relative path, size) list}`.
+  """
+  entries = []
+  for directory, folders, files in os.walk(root):
+    folders.sort()
+    for name in files:
+      path = os.path.join(directory, name)
+      try:
+        size = os.stat(path).st_size
+      except OSError:
+        size = -1  # A broken link.
+      entries.append(f'{os.path.relpath(path, root)}\0{size}\n')
+  digest = hashlib.sha256(''.join(sorted(entries)).encode('utf-8', 'replace'))
+  return {'count': len(entries), 'sha256': digest.hexdigest()}
 
 
 def _epoch_of(line, column):

@@ -340,3 +340,32 @@ def test_diverging_run_stops_and_names_a_finite_backup(tmp_path, mock_cifar10):
     for array_name, array in conftest.backup_arrays(
         os.path.join(workdir.checkpoints, name)).items():
       assert np.isfinite(array).all(), (name, array_name)
+
+
+def test_a_workdir_in_use_is_refused_before_any_model_is_built(
+    tmp_path, no_model_built, mock_cifar10):
+  from keras_sft import errors  # pylint: disable=g-import-not-at-top
+  workdir = workdir_lib.Workdir(str(tmp_path / 'run'))
+  os.makedirs(workdir.path)
+  with workdir.lock():
+    with pytest.raises(errors.WorkdirError, match=f'PID {os.getpid()}'):
+      train.train_and_evaluate(_smoke_config(), workdir.path)
+  assert not workdir.has_run()
+
+
+def test_renamed_class_folder_is_refused_on_resume(tmp_path, no_model_built):
+  """The same command after a class folder was renamed: not new labels."""
+  import image_fixtures  # pylint: disable=g-import-not-at-top
+  from keras_sft import errors  # pylint: disable=g-import-not-at-top
+  root = tmp_path / 'data'
+  image_fixtures.write_image_folder(str(root))
+  config = _smoke_config(dataset=f'folder:{root}', global_batch_size=4,
+                         eval_steps=None)
+  workdir = str(tmp_path / 'run')
+  # Claims the workdir, then stops where the model would be built.
+  with pytest.raises(AssertionError, match='A model was built'):
+    train.train_and_evaluate(config, workdir)
+  for split in ('train', 'test'):
+    os.rename(root / split / 'dog', root / split / 'wolf')
+  with pytest.raises(errors.WorkdirError, match='class_names'):
+    train.train_and_evaluate(config, workdir)

@@ -162,3 +162,79 @@ def test_write_json_writes_null_for_non_finite_numbers(tmp_path, caplog):
   assert json.loads(text, parse_constant=lambda name: pytest.fail(name)) == {
       'eval': {'loss': None, 'top5': 1.0}, 'values': [None, 2.0]}
   assert 'eval.loss' in caplog.text
+
+
+def test_lock_is_exclusive_and_names_the_holder(tmp_path):
+  import socket  # pylint: disable=g-import-not-at-top
+  from keras_sft import errors  # pylint: disable=g-import-not-at-top
+  run = workdir_lib.Workdir(str(tmp_path))
+  with run.lock():
+    with pytest.raises(errors.WorkdirError) as error:
+      workdir_lib.Workdir(str(tmp_path)).lock()
+    assert f'PID {os.getpid()}' in str(error.value)
+    assert socket.gethostname() in str(error.value)
+    assert str(tmp_path) in str(error.value)
+  with workdir_lib.Workdir(str(tmp_path)).lock():  # Released on exit.
+    pass
+
+
+def test_lock_of_a_killed_process_is_released(tmp_path):
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from keras_sft import errors  # pylint: disable=g-import-not-at-top
+  holder = subprocess.Popen(
+      [sys.executable, '-c',
+       'import sys, time\n'
+       'from keras_sft import workdir\n'
+       f'lock = workdir.Workdir({str(tmp_path)!r}).lock()\n'
+       'print("locked", flush=True)\n'
+       'time.sleep(60)\n'],
+      stdout=subprocess.PIPE, text=True,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert holder.stdout.readline().strip() == 'locked'
+  with pytest.raises(errors.WorkdirError, match=f'PID {holder.pid}'):
+    workdir_lib.Workdir(str(tmp_path)).lock()
+  holder.send_signal(signal.SIGKILL)
+  holder.wait()
+  with workdir_lib.Workdir(str(tmp_path)).lock():
+    pass
+
+
+def _identity(class_names, files=None):
+  identity = {'dataset': 'folder:/data', 'num_classes': len(class_names),
+              'class_names': list(class_names)}
+  if files:
+    identity['files'] = files
+  return identity
+
+
+def test_claim_refuses_another_dataset(tmp_path):
+  """Renamed classes or changed files: refused, not shifted labels."""
+  from keras_sft import errors  # pylint: disable=g-import-not-at-top
+  config = default_lib.get_config()
+  run = workdir_lib.Workdir(str(tmp_path))
+  files = {'count': 2, 'sha256': 'a' * 64}
+  run.claim(config, dataset=_identity(['cat', 'dog'], files))
+  run.claim(config, dataset=_identity(['cat', 'dog'], files))  # The same.
+  with pytest.raises(errors.WorkdirError, match="class_names.*'dog'.*'dug'"):
+    run.claim(config, dataset=_identity(['cat', 'dug'], files))
+  with pytest.raises(errors.WorkdirError, match='files'):
+    run.claim(config, dataset=_identity(['cat', 'dog'],
+                                        {'count': 3, 'sha256': 'b' * 64}))
+  with open(run.dataset_file) as file:
+    assert json.load(file)['class_names'] == ['cat', 'dog']
+
+
+def test_fingerprint_follows_file_names_and_sizes(tmp_path):
+  root = tmp_path / 'data'
+  (root / 'train' / 'cat').mkdir(parents=True)
+  (root / 'train' / 'cat' / 'a.png').write_bytes(b'12345')
+  first = workdir_lib.fingerprint_files(str(root))
+  assert first['count'] == 1
+  assert workdir_lib.fingerprint_files(str(root)) == first
+  (root / 'train' / 'cat' / 'a.png').write_bytes(b'123456')
+  resized = workdir_lib.fingerprint_files(str(root))
+  assert resized != first
+  os.rename(root / 'train' / 'cat', root / 'train' / 'kitten')
+  assert workdir_lib.fingerprint_files(str(root)) not in (first, resized)
