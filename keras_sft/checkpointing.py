@@ -2,19 +2,25 @@
 
 A backup is `ckpt-<step>.weights.h5` (model and optimizer state, as Keras'
 `save_weights` writes them for a compiled model) plus `checkpoint.json`, which
-names the newest complete backup. Both are written to a temporary name,
-flushed to disk and renamed, so a process killed at any moment leaves either
-the previous backup or the new one, never a torn file.
+lists the kept backups, newest first, with a checksum of each. Both are
+written to a temporary name in a private directory, flushed to disk and
+renamed, so a process killed at any moment leaves either the previous backup
+or the new one, never a torn file. Only finite weights are backed up; a
+resumed run takes the newest backup that verifies and names any it skips.
 
 `BestWeightsCallback` keeps one more file the same way, `best.weights.h5`,
 the weights of the epoch with the highest val_accuracy, for export.
 """
 
+import errno
+import hashlib
 import json
 import logging
 import math
 import os
 import re
+import shutil
+import tempfile
 import warnings
 
 import h5py
@@ -36,14 +42,6 @@ def check_config(config):
   """Checks the backup keys of the config."""
   errors.check_positive('checkpoint_every_steps', config.checkpoint_every_steps)
   errors.check_positive('keep_checkpoints', config.keep_checkpoints)
-
-
-def _fsync_path(path):
-  descriptor = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(descriptor)
-  finally:
-    os.close(descriptor)
 
 
 def trained_steps(model):
@@ -81,8 +79,30 @@ def _describe_non_finite(bad):
   return f'{len(bad)} variable(s) not finite (NaN or inf): {shown}'
 
 
+def _estimated_size(model):
+  """Bytes of the model's and its optimizer's variables: a backup's size."""
+  variables = list(model.weights)
+  if getattr(model, 'optimizer', None) is not None:
+    variables += list(model.optimizer.variables)
+  return sum(int(np.prod(variable.shape)) *
+             np.dtype(keras.backend.standardize_dtype(variable.dtype)).itemsize
+             for variable in variables)
+
+
+def _disk_full(directory, free, needed):
+  return errors.WorkdirError(
+      f'Not enough free space in {directory} to write a backup: '
+      f'{free / 2**20:.0f} MiB free, {needed / 2**20:.0f} MiB needed (twice '
+      'the size of a backup). Free some space, or move the workdir to a '
+      'larger disk, then rerun the same command to resume.')
+
+
 def _write_weights(model, directory, name, attributes=None):
   """Writes `model.save_weights` to `directory/name` atomically and durably.
+
+  The file is written in a fresh private directory (`mkdtemp`, mode 0700)
+  inside `directory`, so no link planted at a temporary name can redirect
+  the write, then renamed into place; free space is checked first.
 
   Args:
     model: The model to save.
@@ -93,18 +113,52 @@ def _write_weights(model, directory, name, attributes=None):
 
   Returns:
     The path of the file.
+
+  Raises:
+    WorkdirError: the disk is (nearly) full; nothing is left behind.
   """
+  needed = 2 * _estimated_size(model)
+  free = shutil.disk_usage(directory).free
+  if free < needed:
+    raise _disk_full(directory, free, needed)
   path = os.path.join(directory, name)
-  temporary = os.path.join(directory, f'tmp-{name}')
-  model.save_weights(temporary, overwrite=True)
-  if attributes:
-    with h5py.File(temporary, 'a') as file:
-      file.attrs.update(attributes)
-  _fsync_path(temporary)
-  os.replace(temporary, path)
+  private = tempfile.mkdtemp(prefix=workdir_lib.TEMPORARY_PREFIX,
+                             dir=directory)
+  try:
+    temporary = os.path.join(private, name)
+    model.save_weights(temporary, overwrite=True)
+    if attributes:
+      with h5py.File(temporary, 'a') as file:
+        file.attrs.update(attributes)
+    _fsync_file(temporary)
+    os.replace(temporary, path)
+  except OSError as error:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT) or (
+        'No space left' in str(error)):
+      raise _disk_full(directory, shutil.disk_usage(directory).free,
+                       needed) from error
+    raise
+  finally:
+    shutil.rmtree(private, ignore_errors=True)
   # On disk before anything (a pointer, a record) names the file.
   workdir_lib.fsync_directory(directory)
   return path
+
+
+def _fsync_file(path):
+  descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+  try:
+    os.fsync(descriptor)
+  finally:
+    os.close(descriptor)
+
+
+def _sha256(path):
+  digest = hashlib.sha256()
+  with open(path, 'rb') as file:
+    for block in iter(lambda: file.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
 
 
 def _load_weights(model, path):
@@ -138,9 +192,15 @@ def _load_weights(model, path):
 class Checkpointer:
   """Saves and restores backups in one directory.
 
+  `checkpoint.json` lists the kept backups, newest first, each with its step
+  and the sha256 of its file. `restore` takes the newest one that verifies
+  (checksum, loads, step, finite values) and names each one it skips, as
+  Keras' `BackupAndRestore(double_checkpoint=True)` falls back; a pointer
+  that is not valid JSON is replaced by the backups found on disk.
+
   Args:
     directory: Where the backups live; created on the first save.
-    keep: How many of the newest backups to keep.
+    keep: How many of the newest backups to keep (>= 2 to fall back).
   """
 
   def __init__(self, directory, keep=2):
@@ -149,25 +209,60 @@ class Checkpointer:
     self.directory = directory
     self.keep = keep
 
+  @property
+  def _pointer(self):
+    return os.path.join(self.directory, _POINTER)
+
+  def _listed(self):
+    """The backups, newest first: dicts with `file`, `step`, `sha256`."""
+    if not os.path.exists(self._pointer):
+      return []
+    try:
+      with open(self._pointer) as file:
+        state = json.load(file)
+      backups = state.get('backups') or [
+          {'file': state['file'], 'step': state['step']}]  # Older pointers.
+      for backup in backups:
+        if (not _PATTERN.match(backup['file']) or
+            not isinstance(backup['step'], int)):
+          raise ValueError(f'not a backup: {backup!r}')
+      return backups
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+      logging.warning('%s is unreadable (%s); using the backups found in %s.',
+                      self._pointer, error, self.directory)
+      return self._scan()
+
+  def _scan(self):
+    found = [(int(match.group(1)), name)
+             for name in os.listdir(self.directory)
+             for match in [_PATTERN.match(name)] if match]
+    return [{'file': name, 'step': step}
+            for step, name in sorted(found, reverse=True)]
+
   def latest(self):
-    """Returns `(path, step)` of the newest complete backup, or None."""
-    pointer = os.path.join(self.directory, _POINTER)
-    if not os.path.exists(pointer):
+    """Returns `(path, step)` of the newest backup (unverified), or None.
+
+    Raises:
+      PathNotFoundError: the pointer lists backups, but none exists.
+    """
+    backups = self._listed()
+    if not backups:
       return None
-    with open(pointer) as file:
-      state = json.load(file)
-    path = os.path.join(self.directory, state['file'])
-    if not os.path.exists(path):
-      raise FileNotFoundError(
-          f'{pointer} names {state["file"]}, which is missing. Restore it or '
-          f'delete {self.directory} to start the run over.')
-    return path, int(state['step'])
+    for backup in backups:
+      path = os.path.join(self.directory, backup['file'])
+      if os.path.exists(path):
+        return path, backup['step']
+    raise errors.PathNotFoundError(
+        f'{self._pointer} names {", ".join(b["file"] for b in backups)}, '
+        f'which are missing. Restore them, or delete {self.directory} to '
+        'start the run over.')
 
   def save(self, model, step):
     """Writes a backup of `model` (and its optimizer) at `step`.
 
     Raises:
       DivergedError: a variable is not finite; nothing is written.
+      WorkdirError: the disk is (nearly) full; nothing is written.
     """
     bad = non_finite_variables(model)
     if bad:
@@ -176,44 +271,80 @@ class Checkpointer:
     os.makedirs(self.directory, exist_ok=True)
     name = f'ckpt-{step}.weights.h5'
     path = _write_weights(model, self.directory, name)
-    workdir_lib.atomic_write(os.path.join(self.directory, _POINTER),
-                             json.dumps({'file': name, 'step': step}))
-    self._prune(keep_name=name)
+    backup = {'file': name, 'step': step, 'sha256': _sha256(path)}
+    # Older backups, but not those of steps beyond this one: a run that fell
+    # back to an older backup abandons them.
+    kept = [backup] + [
+        older for older in self._listed()
+        if older['step'] < step and
+        os.path.exists(os.path.join(self.directory, older['file']))
+    ][:self.keep - 1]
+    workdir_lib.atomic_write(self._pointer,
+                             json.dumps(dict(backup, backups=kept)))
+    self._prune({older['file'] for older in kept})
     return path
 
-  def _prune(self, keep_name):
-    backups = []
+  def _prune(self, kept):
+    workdir_lib.remove_temporary_files(self.directory)
     for name in os.listdir(self.directory):
-      match = _PATTERN.match(name)
-      if match:
-        backups.append((int(match.group(1)), name))
-      elif name.startswith('tmp-'):  # Left by a killed writer.
-        os.remove(os.path.join(self.directory, name))
-    backups.sort()
-    for _, name in backups[:-self.keep]:
-      if name != keep_name:
+      if _PATTERN.match(name) and name not in kept:
         os.remove(os.path.join(self.directory, name))
 
   def restore(self, model):
-    """Loads the newest backup into `model`; returns its step, or 0."""
-    latest = self.latest()
-    if latest is None:
+    """Loads the newest usable backup into `model`; returns its step, or 0.
+
+    Raises:
+      WorkdirError: backups exist, but none can be resumed (each named).
+    """
+    backups = self._listed()
+    if not backups:
       return 0
-    path, step = latest
     if getattr(model, 'optimizer', None) is None:
       raise ValueError('Compile the model before restoring a backup: the '
                        'backup holds optimizer state too.')
     # The optimizer's slots must exist before its state can be loaded.
     if not model.optimizer.built:
       model.optimizer.build(model.trainable_variables)
-    _load_weights(model, path)
+    skipped = []
+    for backup in backups:
+      path = os.path.join(self.directory, backup['file'])
+      problem = self._load_verified(model, path, backup)
+      if problem is None:
+        if skipped:
+          logging.warning('Resumed from the older backup %s (step %d) '
+                          'instead.', path, backup['step'])
+        logging.info('Resumed from %s at step %d.', path, backup['step'])
+        return backup['step']
+      logging.warning('Backup %s cannot be resumed: %s. Trying the one '
+                      'before it.', path, problem)
+      skipped.append(f'{backup["file"]}: {problem}')
+    raise errors.WorkdirError(
+        f'No backup in {self.directory} can be resumed: '
+        f'{"; ".join(skipped)}. Restore one, or delete {self.directory} (or '
+        'use a new --workdir) to start over.')
+
+  @staticmethod
+  def _load_verified(model, path, backup):
+    """Loads `path` into `model`; returns None, or what is wrong with it."""
+    if not os.path.exists(path):
+      return 'the file is missing'
+    if backup.get('sha256') and _sha256(path) != backup['sha256']:
+      return ('its sha256 differs from the one recorded when it was written '
+              '(the file was damaged or changed since)')
+    try:
+      _load_weights(model, path)
+    except errors.WorkdirError as error:
+      return str(error)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+      return f'it cannot be read ({type(error).__name__}: {error})'
     restored = trained_steps(model)
-    if restored != step:
-      raise ValueError(
-          f'{path} holds step {restored}, but {_POINTER} says '
-          f'{step}: the backup does not match its pointer.')
-    logging.info('Resumed from %s at step %d.', path, step)
-    return step
+    if restored != backup['step']:
+      return (f'{path} holds step {restored}, but {_POINTER} says '
+              f'{backup["step"]}: the backup does not match its pointer')
+    bad = non_finite_variables(model)
+    if bad:
+      return _describe_non_finite(bad)
+    return None
 
 
 class BackupCallback(keras.callbacks.Callback):

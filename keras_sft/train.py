@@ -164,6 +164,9 @@ def _start(config, workdir):
     # dataset; a rerun on other data is refused.
     workdir.claim(config, write=chief,
                   dataset=_dataset_identity(config, data.info))
+    if chief:
+      for path in workdir.remove_temporary_files():
+        logging.info('Removed %s, left by a killed writer.', path)
   except BaseException:
     lock.__exit__(None, None, None)
     raise

@@ -23,12 +23,16 @@ import json
 import logging
 import math
 import os
+import shutil
 import socket
+import tempfile
 import time
 
 from keras_sft import errors
 
 _ABSENT = '<absent>'
+# Names of temporary files and folders start with this.
+TEMPORARY_PREFIX = '.tmp-'
 
 
 class Workdir:
@@ -115,6 +119,18 @@ class Workdir:
         _epoch_of(line, column) < epochs]
     if kept != lines:
       atomic_write(self.history_csv, ''.join(kept))
+
+  def remove_temporary_files(self):
+    """Removes the temporary files and folders of killed writers.
+
+    Only the run's own processes write here, so call it holding the lock:
+    the run directory, `checkpoints/` and `export/` (an interrupted export).
+
+    Returns:
+      The removed paths.
+    """
+    return [path for directory in (self.path, self.checkpoints, self.export)
+            for path in remove_temporary_files(directory)]
 
   def has_run(self):
     """Whether a run has claimed this directory (its config is written)."""
@@ -298,15 +314,60 @@ def atomic_write(path, data):
 
   A process killed at any moment leaves the old file or the new one, never
   a torn one; the directory is synced after the rename, so the new file is
-  on disk when this returns.
+  on disk when this returns. The temporary file is created with `O_EXCL`
+  and `O_NOFOLLOW` under a random name (`mkstemp`), so a link planted in
+  the directory cannot redirect the write.
   """
-  temporary = path + '.tmp'
-  with open(temporary, 'wb' if isinstance(data, bytes) else 'w') as file:
-    file.write(data)
-    file.flush()
-    os.fsync(file.fileno())
-  os.replace(temporary, path)
-  fsync_directory(os.path.dirname(os.path.abspath(path)))
+  directory = os.path.dirname(os.path.abspath(path))
+  descriptor, temporary = tempfile.mkstemp(
+      prefix=f'{TEMPORARY_PREFIX}{os.path.basename(path)}.', dir=directory)
+  try:
+    os.fchmod(descriptor, 0o666 & ~_umask())  # Not mkstemp's private 0600.
+    with os.fdopen(descriptor, 'wb') as file:
+      file.write(data.encode() if isinstance(data, str) else data)
+      file.flush()
+      os.fsync(file.fileno())
+    os.replace(temporary, path)
+  except BaseException:
+    if os.path.lexists(temporary):
+      os.remove(temporary)
+    raise
+  fsync_directory(directory)
+
+
+def _umask():
+  try:
+    with open('/proc/self/status') as status:
+      for line in status:
+        if line.startswith('Umask:'):
+          return int(line.split()[1], 8)
+  except OSError:
+    pass
+  return 0o022
+
+
+def _is_temporary(name):
+  return (name.startswith(TEMPORARY_PREFIX) or name.endswith('.tmp') or
+          name.startswith('tmp-'))  # The last two: older versions' names.
+
+
+def remove_temporary_files(directory):
+  """Removes what killed writers left in `directory`; returns the paths."""
+  removed = []
+  try:
+    names = os.listdir(directory)
+  except FileNotFoundError:
+    return removed
+  for name in names:
+    if not _is_temporary(name):
+      continue
+    path = os.path.join(directory, name)
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path, ignore_errors=True)
+    else:
+      os.remove(path)
+    removed.append(path)
+  return removed
 
 
 def fsync_directory(path):

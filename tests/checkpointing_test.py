@@ -149,8 +149,10 @@ def test_keep_prunes_older_backups(tmp_path):
   assert step == steps[-1]
   assert os.path.basename(path) == f'ckpt-{steps[-1]}.weights.h5'
   with open(os.path.join(directory, 'checkpoint.json')) as file:
-    assert json.load(file) == {'file': f'ckpt-{steps[-1]}.weights.h5',
-                               'step': steps[-1]}
+    state = json.load(file)
+  assert (state['file'], state['step']) == (f'ckpt-{steps[-1]}.weights.h5',
+                                            steps[-1])
+  assert [backup['step'] for backup in state['backups']] == steps[:-3:-1]
 
 
 def test_leftover_temporary_file_is_removed_on_next_save(tmp_path):
@@ -166,7 +168,8 @@ def test_leftover_temporary_file_is_removed_on_next_save(tmp_path):
 
 
 def test_pointer_to_missing_file_raises(tmp_path):
-  """A pointer naming a deleted backup: FileNotFoundError naming the dir."""
+  """A pointer naming only a deleted backup: errors naming file and dir."""
+  from keras_sft import errors  # pylint: disable=g-import-not-at-top
   directory = str(tmp_path / 'ckpt')
   checkpointer = checkpointing.Checkpointer(directory)
   path = checkpointer.save(_model(), 5)
@@ -175,8 +178,10 @@ def test_pointer_to_missing_file_raises(tmp_path):
     checkpointer.latest()
   assert directory in str(error.value)
   assert os.path.basename(path) in str(error.value)
-  with pytest.raises(FileNotFoundError):
+  with pytest.raises(errors.WorkdirError) as error:
     checkpointer.restore(_model())
+  assert os.path.basename(path) in str(error.value)
+  assert 'missing' in str(error.value)
 
 
 def test_restore_refuses_backup_whose_step_disagrees_with_pointer(tmp_path):
@@ -344,6 +349,8 @@ def test_backup_without_step_counter_is_refused_clearly(tmp_path):
   path = checkpointing.Checkpointer(directory).save(model, 0)
   with h5py.File(path, 'a') as file:
     del file['vars/0']  # What a backup of the previous version lacks.
+  with open(os.path.join(directory, 'checkpoint.json'), 'w') as file:
+    json.dump({'file': os.path.basename(path), 'step': 0}, file)  # Its pointer.
   with pytest.raises(ValueError) as error:
     checkpointing.Checkpointer(directory).restore(_model(seed=1))
   message = str(error.value)
@@ -447,3 +454,160 @@ def test_non_finite_weights_are_never_backed_up_even_with_finite_logs(
                                          checkpointing.BEST_WEIGHTS))
   with pytest.raises(FloatingPointError, match='not finite'):
     checkpointer.save(model, 1)
+
+
+def _two_backups(directory):
+  """Backups at steps 1 and 2 of one model; returns (paths, weights)."""
+  checkpointer = checkpointing.Checkpointer(directory, keep=2)
+  model = _model()
+  _train(model, 1)
+  first = checkpointer.save(model, 1)
+  first_weights = _weights(model)
+  _train(model, 1)
+  second = checkpointer.save(model, 2)
+  return (first, second), (first_weights, _weights(model))
+
+
+def _zero_half_of_a_kernel(path):
+  import h5py  # pylint: disable=g-import-not-at-top
+  with h5py.File(path, 'a') as file:
+    names = []
+    file.visititems(lambda name, item: names.append(name)
+                    if isinstance(item, h5py.Dataset) and item.ndim == 4
+                    else None)
+    kernel = file[names[0]]
+    values = kernel[()]
+    values.reshape(-1)[:values.size // 2] = 0
+    kernel[...] = values
+
+
+def _truncate(path):
+  with open(path, 'r+b') as file:
+    file.truncate(os.path.getsize(path) // 2)
+
+
+def _overwrite_with_garbage(path):
+  with open(path, 'wb') as file:
+    file.write(b'\x00garbage' * 100)
+
+
+@pytest.mark.parametrize('damage', [_truncate, _overwrite_with_garbage,
+                                    _zero_half_of_a_kernel, os.remove])
+def test_damaged_newest_backup_is_named_and_the_previous_one_used(
+    tmp_path, caplog, damage):
+  directory = str(tmp_path / 'ckpt')
+  (_, newest), (first_weights, _) = _two_backups(directory)
+  damage(newest)
+  fresh = _model(seed=1)
+  fresh.optimizer.build(fresh.trainable_variables)
+  assert checkpointing.Checkpointer(directory).restore(fresh) == 1
+  assert os.path.basename(newest) in caplog.text
+  for want, got in zip(first_weights, fresh.get_weights()):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_non_finite_backup_is_not_resumed(tmp_path, caplog):
+  """A backup whose values are NaN (written elsewhere) is skipped too."""
+  import h5py  # pylint: disable=g-import-not-at-top
+  directory = str(tmp_path / 'ckpt')
+  (_, newest), _ = _two_backups(directory)
+  with h5py.File(newest, 'a') as file:
+    file['layers/functional/layers/dense/vars/0'][...] = np.nan
+  pointer = os.path.join(directory, 'checkpoint.json')
+  with open(pointer) as file:
+    state = json.load(file)
+  for backup in state['backups']:  # Make the checksums agree again.
+    backup.pop('sha256')
+  state.pop('sha256')
+  with open(pointer, 'w') as file:
+    json.dump(state, file)
+  assert checkpointing.Checkpointer(directory).restore(_model(seed=1)) == 1
+  assert 'not finite' in caplog.text
+
+
+def test_truncated_pointer_falls_back_to_the_backups_on_disk(tmp_path,
+                                                            caplog):
+  directory = str(tmp_path / 'ckpt')
+  _, (_, second_weights) = _two_backups(directory)
+  pointer = os.path.join(directory, 'checkpoint.json')
+  with open(pointer) as file:
+    text = file.read()
+  with open(pointer, 'w') as file:
+    file.write(text[:len(text) // 2])
+  assert checkpointing.Checkpointer(directory).latest()[1] == 2
+  fresh = _model(seed=1)
+  assert checkpointing.Checkpointer(directory).restore(fresh) == 2
+  assert 'checkpoint.json' in caplog.text
+  for want, got in zip(second_weights, fresh.get_weights()):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_no_usable_backup_is_an_error_naming_each(tmp_path):
+  from keras_sft import errors  # pylint: disable=g-import-not-at-top
+  directory = str(tmp_path / 'ckpt')
+  paths, _ = _two_backups(directory)
+  for path in paths:
+    _overwrite_with_garbage(path)
+  with pytest.raises(errors.WorkdirError) as error:
+    checkpointing.Checkpointer(directory).restore(_model(seed=1))
+  for path in paths:
+    assert os.path.basename(path) in str(error.value)
+
+
+def test_pointer_records_a_checksum_of_each_kept_backup(tmp_path):
+  import hashlib  # pylint: disable=g-import-not-at-top
+  directory = str(tmp_path / 'ckpt')
+  paths, _ = _two_backups(directory)
+  with open(os.path.join(directory, 'checkpoint.json')) as file:
+    state = json.load(file)
+  assert [backup['step'] for backup in state['backups']] == [2, 1]
+  for backup, path in zip(state['backups'], reversed(paths)):
+    with open(path, 'rb') as file:
+      assert backup['sha256'] == hashlib.sha256(file.read()).hexdigest()
+
+
+def test_a_full_disk_is_a_clear_error_and_leaves_no_temporary_file(
+    tmp_path, monkeypatch):
+  from keras_sft import errors  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  directory = str(tmp_path / 'ckpt')
+  _two_backups(directory)
+  before = sorted(os.listdir(directory))
+  usage = shutil.disk_usage(directory)
+  monkeypatch.setattr(shutil, 'disk_usage',
+                      lambda path: usage._replace(free=1000))
+  model = _model()
+  with pytest.raises(errors.WorkdirError, match='free') as error:
+    checkpointing.Checkpointer(directory).save(model, 3)
+  assert directory in str(error.value)
+  assert sorted(os.listdir(directory)) == before
+  # The space ran out while writing, although the check passed.
+  monkeypatch.undo()
+  import errno  # pylint: disable=g-import-not-at-top
+
+  def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+  monkeypatch.setattr(model, 'save_weights', no_space)
+  with pytest.raises(errors.WorkdirError, match='space'):
+    checkpointing.Checkpointer(directory).save(model, 3)
+  assert sorted(os.listdir(directory)) == before
+
+
+def test_symlinks_planted_at_temporary_names_are_not_followed(tmp_path):
+  """Nothing outside the directory is written through a planted link."""
+  directory = tmp_path / 'ckpt'
+  directory.mkdir()
+  outside = tmp_path / 'outside'
+  outside.write_text('precious')
+  for name in ('tmp-ckpt-1.weights.h5', 'checkpoint.json.tmp',
+               '.tmp-ckpt-1.weights.h5', 'tmp-best.weights.h5',
+               'best.json.tmp'):
+    os.symlink(outside, directory / name)
+  model = _model()
+  checkpointing.Checkpointer(str(directory)).save(model, 1)
+  callback = checkpointing.BestWeightsCallback(str(directory))
+  callback.set_model(model)
+  callback.on_train_begin()
+  callback.on_epoch_end(0, {'val_accuracy': 0.5})
+  assert outside.read_text() == 'precious'

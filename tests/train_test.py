@@ -369,3 +369,17 @@ def test_renamed_class_folder_is_refused_on_resume(tmp_path, no_model_built):
     os.rename(root / split / 'dog', root / split / 'wolf')
   with pytest.raises(errors.WorkdirError, match='class_names'):
     train.train_and_evaluate(config, workdir)
+
+
+def test_start_removes_temporary_files_of_killed_writers(
+    tmp_path, no_model_built, mock_cifar10):
+  workdir = workdir_lib.Workdir(str(tmp_path / 'run'))
+  os.makedirs(workdir.checkpoints)
+  leftovers = [os.path.join(workdir.checkpoints, '.tmp-k2j'),
+               workdir.metrics_file + '.tmp']
+  os.makedirs(leftovers[0])
+  open(leftovers[1], 'w').close()
+  with pytest.raises(AssertionError, match='A model was built'):
+    train.train_and_evaluate(_smoke_config(), workdir.path)
+  for path in leftovers:
+    assert not os.path.exists(path)

@@ -238,3 +238,48 @@ def test_fingerprint_follows_file_names_and_sizes(tmp_path):
   assert resized != first
   os.rename(root / 'train' / 'cat', root / 'train' / 'kitten')
   assert workdir_lib.fingerprint_files(str(root)) not in (first, resized)
+
+
+def test_atomic_write_does_not_follow_a_planted_symlink(tmp_path):
+  outside = tmp_path / 'outside'
+  outside.write_text('precious')
+  run = workdir_lib.Workdir(str(tmp_path / 'run'))
+  os.makedirs(run.path)
+  os.symlink(outside, run.metrics_file + '.tmp')
+  workdir_lib.write_json(run.metrics_file, {'step': 1})
+  assert outside.read_text() == 'precious'
+  with open(run.metrics_file) as file:
+    assert json.load(file) == {'step': 1}
+  # Written with the usual permissions, not mkstemp's private 0600.
+  assert os.stat(run.metrics_file).st_mode & 0o044 == 0o044 & ~_umask()
+
+
+def _umask():
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def test_temporary_files_of_killed_writers_are_removed(tmp_path):
+  run = workdir_lib.Workdir(str(tmp_path))
+  os.makedirs(run.checkpoints)
+  os.makedirs(os.path.join(run.export, '.tmp-abc', 'variables'))
+  os.makedirs(os.path.join(run.checkpoints, '.tmp-xyz'))
+  leftovers = [run.metrics_file + '.tmp', '.metrics.json.k2j.tmp',
+               os.path.join(run.checkpoints, 'tmp-ckpt-3.weights.h5'),
+               os.path.join(run.checkpoints, '.tmp-xyz', 'ckpt-3.weights.h5')]
+  for path in leftovers:
+    with open(os.path.join(run.path, path), 'w') as file:
+      file.write('torn')
+  kept = [run.config_file, os.path.join(run.checkpoints, 'ckpt-2.weights.h5')]
+  for path in kept:
+    with open(path, 'w') as file:
+      file.write('{}')
+  removed = run.remove_temporary_files()
+  assert len(removed) == 5
+  for path in kept:
+    assert os.path.exists(path)
+  assert sorted(os.listdir(run.path)) == ['checkpoints', 'config.json',
+                                          'export']
+  assert os.listdir(run.export) == []
+  assert os.listdir(run.checkpoints) == ['ckpt-2.weights.h5']
