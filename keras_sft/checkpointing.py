@@ -20,7 +20,9 @@ import math
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 import warnings
 
 import h5py
@@ -431,6 +433,70 @@ class StopOnDivergence(keras.callbacks.Callback):
     bad = non_finite_variables(self.model)
     if bad:
       self._stop(_describe_non_finite(bad))
+
+
+class PreemptionCallback(keras.callbacks.Callback):
+  """On SIGTERM: a backup at the next step boundary, then `PreemptedError`.
+
+  Clusters send SIGTERM before they take a machine away. During `fit` the
+  signal only sets a flag; at the end of the current step (or evaluation
+  batch) the model is backed up and `errors.PreemptedError` ends `fit`, so
+  a rerun resumes from this step. Put it last among the callbacks, and
+  call `uninstall()` after `fit` (also when `fit` raised). Outside `fit`
+  SIGTERM keeps its default action.
+
+  Args:
+    checkpointer: A `Checkpointer`; None on the workers of a multi-worker
+      run that write nothing (they stop without a backup).
+  """
+
+  def __init__(self, checkpointer):
+    super().__init__()
+    self.checkpointer = checkpointer
+    self._previous = None
+    self._signaled = False
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self._signaled = True
+
+  def on_train_begin(self, logs=None):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def uninstall(self):
+    """Gives SIGTERM back its previous handler."""
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+  def _stop_if_signaled(self):
+    if not self._signaled:
+      return
+    self.uninstall()
+    step = trained_steps(self.model)
+    where = 'no backup (this worker writes none)'
+    if self.checkpointer is not None:
+      latest = self.checkpointer.latest()
+      if latest is not None and latest[1] == step:
+        where = f'its backup {latest[0]}'
+      elif non_finite_variables(self.model):
+        where = 'no backup: the weights are not finite'
+      else:
+        where = f'a backup, {self.checkpointer.save(self.model, step)}'
+    logging.warning('SIGTERM: stopped at step %d after %s.', step, where)
+    raise errors.PreemptedError(
+        f'stopped on SIGTERM at step {step}, after {where}. Rerun the same '
+        'command to resume.')
+
+  def on_train_batch_end(self, batch, logs=None):
+    self._stop_if_signaled()
+
+  def on_test_batch_end(self, batch, logs=None):
+    self._stop_if_signaled()  # Validation at an epoch end can be long.
+
+  def on_train_end(self, logs=None):
+    self.uninstall()
 
 
 class BestWeightsCallback(keras.callbacks.Callback):

@@ -230,14 +230,21 @@ def _callbacks(run):
 def _fit(run, model, end_epoch, steps):
   """`fit` from the model's step to the end of epoch `end_epoch`."""
   step = checkpointing.trained_steps(model)
-  divergence = checkpointing.StopOnDivergence()  # First: see its doc.
-  model.fit(run.data.train(start_step=step),
-            initial_epoch=step // run.plan.steps_per_epoch, epochs=end_epoch,
-            steps_per_epoch=steps, validation_data=run.data.eval,
-            validation_steps=run.config.eval_steps,
-            validation_freq=run.config.eval_every_epochs,
-            callbacks=[divergence] + _callbacks(run), shuffle=False,
-            verbose=progress.fit_verbosity())
+  # First and last: see their docs.
+  divergence = checkpointing.StopOnDivergence()
+  preemption = checkpointing.PreemptionCallback(
+      run.checkpointer if run.chief else None)
+  try:
+    model.fit(run.data.train(start_step=step),
+              initial_epoch=step // run.plan.steps_per_epoch,
+              epochs=end_epoch, steps_per_epoch=steps,
+              validation_data=run.data.eval,
+              validation_steps=run.config.eval_steps,
+              validation_freq=run.config.eval_every_epochs,
+              callbacks=[divergence] + _callbacks(run) + [preemption],
+              shuffle=False, verbose=progress.fit_verbosity())
+  finally:
+    preemption.uninstall()
   if divergence.reason:
     raise errors.DivergedError(_diverged(run, divergence.reason))
 

@@ -177,7 +177,7 @@ _TINY_SHAPE = (6, 6, 3)
 
 
 def _tiny_run(workdir, steps_per_epoch=4, num_epochs=2, steps_per_execution=1,
-              learning_rate=0.1, dropout_rate=0.0):
+              learning_rate=0.1, dropout_rate=0.0, checkpoint_every_steps=1):
   """A `train._Run` of a tiny Classifier on 8 random batches of 4, cycled.
 
   Returns `(run, build)`: `build()` makes the run's compiled model and
@@ -185,7 +185,8 @@ def _tiny_run(workdir, steps_per_epoch=4, num_epochs=2, steps_per_execution=1,
   """
   config = _smoke_config(steps_per_epoch=steps_per_epoch,
                          num_epochs=num_epochs, eval_steps=None,
-                         steps_per_execution=steps_per_execution)
+                         steps_per_execution=steps_per_execution,
+                         checkpoint_every_steps=checkpoint_every_steps)
   rng = np.random.default_rng(0)
   images = rng.normal(size=(32,) + _TINY_SHAPE).astype(np.float32)
   labels = rng.integers(0, 3, 32).astype(np.int64)
@@ -383,3 +384,39 @@ def test_start_removes_temporary_files_of_killed_writers(
     train.train_and_evaluate(_smoke_config(), workdir.path)
   for path in leftovers:
     assert not os.path.exists(path)
+
+
+class _SendSigterm(keras.callbacks.Callback):
+  """Sends this process SIGTERM at the end of step `at_step`."""
+
+  def __init__(self, at_step):
+    super().__init__()
+    self.at_step = at_step
+
+  def on_train_batch_end(self, batch, logs=None):
+    if checkpointing.trained_steps(self.model) == self.at_step:
+      import signal  # pylint: disable=g-import-not-at-top
+      os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_backs_up_at_the_next_step_and_stops(tmp_path, monkeypatch):
+  """Preemption: a backup of step 3 (not an epoch end, no N-step backup)."""
+  import signal  # pylint: disable=g-import-not-at-top
+  from keras_sft import errors  # pylint: disable=g-import-not-at-top
+  run, build = _tiny_run(tmp_path / 'whole', checkpoint_every_steps=1000)
+  uninterrupted = build()
+  train._fit_to_end(run, uninterrupted)  # pylint: disable=protected-access
+
+  run, build = _tiny_run(tmp_path / 'run', checkpoint_every_steps=1000)
+  real_callbacks = train._callbacks  # pylint: disable=protected-access
+  monkeypatch.setattr(train, '_callbacks',
+                      lambda run: real_callbacks(run) + [_SendSigterm(3)])
+  with pytest.raises(errors.PreemptedError, match='step 3'):
+    train._fit_to_end(run, build())  # pylint: disable=protected-access
+  assert run.checkpointer.latest()[1] == 3
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+  monkeypatch.undo()
+  resumed = build()
+  train._fit_to_end(run, resumed)  # pylint: disable=protected-access
+  for want, got in zip(uninterrupted.get_weights(), resumed.get_weights()):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
