@@ -349,12 +349,24 @@ class Checkpointer:
     return None
 
 
+def _is_last_batch(callback, batch):
+  """Whether `batch` (the last of an execution) ends the epoch of `fit`."""
+  steps = (callback.params or {}).get('steps')
+  return steps is not None and batch + 1 >= steps
+
+
 class BackupCallback(keras.callbacks.Callback):
   """Backs the run up every `every_steps` training steps and at epoch ends.
 
+  The backup of an epoch's last step is written at the epoch end, so put
+  this callback after those that act there (history, best weights): a
+  backup at an epoch end then means the epoch's evaluation and history row
+  are written, and a run killed before resumes before the epoch's last step
+  and does them again.
+
   Args:
     checkpointer: A `Checkpointer`.
-    every_steps: Optimizer steps between backups.
+    every_steps: Training steps between backups.
   """
 
   def __init__(self, checkpointer, every_steps):
@@ -388,6 +400,8 @@ class BackupCallback(keras.callbacks.Callback):
     self._last_saved = self._step()
 
   def on_train_batch_end(self, batch, logs=None):
+    if _is_last_batch(self, batch):
+      return  # Backed up at the epoch end, after its evaluation.
     # A difference, not a modulo: with steps_per_execution > 1 the step
     # counter jumps by more than one between calls.
     if self._step() - self._last_saved >= self.every_steps:
@@ -439,11 +453,12 @@ class PreemptionCallback(keras.callbacks.Callback):
   """On SIGTERM: a backup at the next step boundary, then `PreemptedError`.
 
   Clusters send SIGTERM before they take a machine away. During `fit` the
-  signal only sets a flag; at the end of the current step (or evaluation
-  batch) the model is backed up and `errors.PreemptedError` ends `fit`, so
-  a rerun resumes from this step. Put it last among the callbacks, and
-  call `uninstall()` after `fit` (also when `fit` raised). Outside `fit`
-  SIGTERM keeps its default action.
+  signal only sets a flag; at the end of the current step the model is
+  backed up and `errors.PreemptedError` ends `fit`, so a rerun resumes from
+  this step. At the last step of an epoch it waits for the epoch end (the
+  evaluation, the history row and the backup of `BackupCallback`). Put it
+  last among the callbacks, and call `uninstall()` after `fit` (also when
+  `fit` raised). Outside `fit` SIGTERM keeps its default action.
 
   Args:
     checkpointer: A `Checkpointer`; None on the workers of a multi-worker
@@ -490,10 +505,11 @@ class PreemptionCallback(keras.callbacks.Callback):
         'command to resume.')
 
   def on_train_batch_end(self, batch, logs=None):
-    self._stop_if_signaled()
+    if not _is_last_batch(self, batch):
+      self._stop_if_signaled()
 
-  def on_test_batch_end(self, batch, logs=None):
-    self._stop_if_signaled()  # Validation at an epoch end can be long.
+  def on_epoch_end(self, epoch, logs=None):
+    self._stop_if_signaled()
 
   def on_train_end(self, logs=None):
     self.uninstall()

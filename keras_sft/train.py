@@ -215,14 +215,15 @@ def _callbacks(run):
   callbacks = []
   if run.chief:  # The other workers of a multi-worker run write nothing.
     callbacks += [
-        checkpointing.BackupCallback(run.checkpointer,
-                                     run.config.checkpoint_every_steps),
         checkpointing.BestWeightsCallback(run.checkpointer.directory),
         progress.LearningRateLogger(),
         progress.StepLogger(run.config.log_every_steps, run.plan.total_steps,
                             run.config.global_batch_size),
         keras.callbacks.CSVLogger(run.workdir.history_csv, append=True),
         keras.callbacks.TensorBoard(run.workdir.tensorboard),
+        # After those that act at an epoch end: see its doc.
+        checkpointing.BackupCallback(run.checkpointer,
+                                     run.config.checkpoint_every_steps),
     ]
   return callbacks
 

@@ -420,3 +420,46 @@ def test_sigterm_backs_up_at_the_next_step_and_stops(tmp_path, monkeypatch):
   train._fit_to_end(run, resumed)  # pylint: disable=protected-access
   for want, got in zip(uninterrupted.get_weights(), resumed.get_weights()):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_sigterm_at_an_epoch_end_keeps_the_epochs_history_row(tmp_path,
+                                                              monkeypatch):
+  """Stopped at the last step of epoch 1: its evaluation and row still come
+  before the backup of that step, so no epoch goes missing from history."""
+  from keras_sft import errors  # pylint: disable=g-import-not-at-top
+  run, build = _tiny_run(tmp_path / 'run', steps_per_epoch=4)
+  real_callbacks = train._callbacks  # pylint: disable=protected-access
+  monkeypatch.setattr(train, '_callbacks',
+                      lambda run: real_callbacks(run) + [_SendSigterm(4)])
+  with pytest.raises(errors.PreemptedError, match='step 4'):
+    train._fit_to_end(run, build())  # pylint: disable=protected-access
+  assert _history_epochs(tmp_path / 'run') == ['0']
+  monkeypatch.undo()
+  train._fit_to_end(run, build())  # pylint: disable=protected-access
+  assert _history_epochs(tmp_path / 'run') == ['0', '1']
+
+
+class _RecordBackupAtValidation(keras.callbacks.Callback):
+
+  def __init__(self, checkpointer):
+    super().__init__()
+    self.checkpointer = checkpointer
+    self.steps = []
+
+  def on_test_begin(self, logs=None):
+    self.steps.append(self.checkpointer.latest()[1])
+
+
+def test_epoch_end_backup_comes_after_the_epochs_evaluation(tmp_path,
+                                                            monkeypatch):
+  """A kill during an epoch's evaluation resumes before its last step, so
+  the rerun evaluates the epoch and writes its row (backups every step)."""
+  run, build = _tiny_run(tmp_path / 'run', steps_per_epoch=4)
+  recorder = _RecordBackupAtValidation(run.checkpointer)
+  real_callbacks = train._callbacks  # pylint: disable=protected-access
+  monkeypatch.setattr(train, '_callbacks',
+                      lambda run: real_callbacks(run) + [recorder])
+  train._fit_to_end(run, build())  # pylint: disable=protected-access
+  assert recorder.steps == [3, 7]
+  assert run.checkpointer.latest()[1] == 8
+
