@@ -15,8 +15,7 @@ It reruns the same command until the run finishes, then checks the episode:
 the final backup equals an uninterrupted run's (atol 1e-5, as
 tests/main_test.py does after kill -9), one export version, two history
 rows, a valid metrics.json, and no temporary file left. A fault counts as
-survived when it hit (the run had not finished; a disk fault made the run
-fail) and its episode passes; any failing check or unexpected exit status is
+survived when it hit (it made the attempt fail) and its episode passes; any failing check or unexpected exit status is
 printed and makes the exit status 1.
 
     python benchmarks/soak.py --minutes=10
@@ -181,7 +180,8 @@ def _fault(kind, workdir, rng, log_path, tmpfs, longest_seconds):
     status = process.wait(timeout=900)
     expected = ((-signal.SIGKILL, 0) if kind == 'kill9' else
                 (143, -signal.SIGTERM, 0))
-    return status, status in expected, f'after {delay:.1f} s', True
+    # Exit 0: the signal came as the process was ending anyway.
+    return status, status in expected, f'after {delay:.1f} s', status != 0
 
 
 def main():

@@ -12,7 +12,6 @@ resumed run takes the newest backup that verifies and names any it skips.
 the weights of the epoch with the highest val_accuracy, for export.
 """
 
-import errno
 import hashlib
 import json
 import logging
@@ -81,22 +80,14 @@ def _describe_non_finite(bad):
   return f'{len(bad)} variable(s) not finite (NaN or inf): {shown}'
 
 
-def _estimated_size(model):
-  """Bytes of the model's and its optimizer's variables: a backup's size."""
+def weights_size(model, optimizer=False):
+  """Bytes of the model's weights (and its optimizer's variables)."""
   variables = list(model.weights)
-  if getattr(model, 'optimizer', None) is not None:
+  if optimizer and getattr(model, 'optimizer', None) is not None:
     variables += list(model.optimizer.variables)
   return sum(int(np.prod(variable.shape)) *
              np.dtype(keras.backend.standardize_dtype(variable.dtype)).itemsize
              for variable in variables)
-
-
-def _disk_full(directory, free, needed):
-  return errors.WorkdirError(
-      f'Not enough free space in {directory} to write a backup: '
-      f'{free / 2**20:.0f} MiB free, {needed / 2**20:.0f} MiB needed (twice '
-      'the size of a backup). Free some space, or move the workdir to a '
-      'larger disk, then rerun the same command to resume.')
 
 
 def _write_weights(model, directory, name, attributes=None):
@@ -119,10 +110,9 @@ def _write_weights(model, directory, name, attributes=None):
   Raises:
     WorkdirError: the disk is (nearly) full; nothing is left behind.
   """
-  needed = 2 * _estimated_size(model)
-  free = shutil.disk_usage(directory).free
-  if free < needed:
-    raise _disk_full(directory, free, needed)
+  what = f'{name} (twice its size is kept free)'
+  needed = 2 * weights_size(model, optimizer=True)
+  workdir_lib.check_free_space(directory, needed, what)
   path = os.path.join(directory, name)
   private = tempfile.mkdtemp(prefix=workdir_lib.TEMPORARY_PREFIX,
                              dir=directory)
@@ -135,10 +125,8 @@ def _write_weights(model, directory, name, attributes=None):
     _fsync_file(temporary)
     os.replace(temporary, path)
   except OSError as error:
-    if error.errno in (errno.ENOSPC, errno.EDQUOT) or (
-        'No space left' in str(error)):
-      raise _disk_full(directory, shutil.disk_usage(directory).free,
-                       needed) from error
+    if workdir_lib.is_disk_full(error):
+      raise workdir_lib.disk_full_error(directory, what) from error
     raise
   finally:
     shutil.rmtree(private, ignore_errors=True)

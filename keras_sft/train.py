@@ -337,10 +337,24 @@ def _finish(run, model, export):
   workdir_lib.write_json(run.workdir.metrics_file, metrics)
   logging.info('Eval at step %d: %s', step, metrics['eval'])
   if export and config.export:
-    serving.export_version(model, run.workdir.export, config.image_size,
-                           run.data.info.class_names,
-                           top_k=config.export_top_k)
+    _export(run, model)
   return metrics
+
+
+def _export(run, model):
+  """The next SavedModel version; a full disk is a `WorkdirError`."""
+  what = 'the export (twice its size is kept free)'
+  # The SavedModel holds each weight once.
+  workdir_lib.check_free_space(run.workdir.path,
+                               2 * checkpointing.weights_size(model), what)
+  try:
+    serving.export_version(model, run.workdir.export, run.config.image_size,
+                           run.data.info.class_names,
+                           top_k=run.config.export_top_k)
+  except (OSError, tf.errors.OpError) as error:
+    if not workdir_lib.is_disk_full(error):
+      raise
+    raise workdir_lib.disk_full_error(run.workdir.export, what) from error
 
 
 def train_and_evaluate(config, workdir):

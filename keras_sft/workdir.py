@@ -17,6 +17,7 @@
 """
 
 import csv
+import errno
 import fcntl
 import hashlib
 import json
@@ -368,6 +369,38 @@ def remove_temporary_files(directory):
       os.remove(path)
     removed.append(path)
   return removed
+
+
+def check_free_space(directory, needed_bytes, what):
+  """Raises `WorkdirError` unless `directory`'s disk has `needed_bytes` free.
+
+  Args:
+    directory: An existing directory.
+    needed_bytes: The free space required.
+    what: What is about to be written, for the message ('a backup').
+  """
+  free = shutil.disk_usage(directory).free
+  if free < needed_bytes:
+    raise disk_full_error(directory, what, free, needed_bytes)
+
+
+def disk_full_error(directory, what, free=None, needed_bytes=None):
+  """The `WorkdirError` of a disk too full to write `what` in `directory`."""
+  amounts = ''
+  if free is not None:
+    amounts = (f': {free / 2**20:.0f} MiB free, '
+               f'{needed_bytes / 2**20:.0f} MiB needed')
+  return errors.WorkdirError(
+      f'Not enough free space in {directory} to write {what}{amounts}. Free '
+      'some space, or move the workdir to a larger disk, then rerun the '
+      'same command to resume.')
+
+
+def is_disk_full(error):
+  """Whether `error` (an OSError, or TF's on a failed write) is ENOSPC."""
+  return (getattr(error, 'errno', None) in (errno.ENOSPC, errno.EDQUOT) or
+          'No space left on device' in str(error) or
+          'Disk quota exceeded' in str(error))
 
 
 def fsync_directory(path):

@@ -463,3 +463,24 @@ def test_epoch_end_backup_comes_after_the_epochs_evaluation(tmp_path,
   assert recorder.steps == [3, 7]
   assert run.checkpointer.latest()[1] == 8
 
+
+def test_export_on_a_full_disk_is_a_clear_error(tmp_path, monkeypatch):
+  """Found by benchmarks/soak.py: TF's SaveV2 traceback on ENOSPC."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from keras_sft import errors  # pylint: disable=g-import-not-at-top
+  from keras_sft import serving  # pylint: disable=g-import-not-at-top
+  run, build = _tiny_run(tmp_path / 'run')
+  model = build()
+
+  def no_space(*args, **kwargs):
+    raise tf.errors.ResourceExhaustedError(
+        None, None, '/x/variables/part-0; No space left on device')
+
+  monkeypatch.setattr(serving, 'export_version', no_space)
+  with pytest.raises(errors.WorkdirError, match='space.*rerun'):
+    train._finish(run, model, export=True)  # pylint: disable=protected-access
+  usage = shutil.disk_usage(run.workdir.path)
+  monkeypatch.setattr(shutil, 'disk_usage',
+                      lambda path: usage._replace(free=1000))
+  with pytest.raises(errors.WorkdirError, match='free space'):
+    train._finish(run, model, export=True)  # pylint: disable=protected-access
