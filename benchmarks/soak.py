@@ -15,8 +15,9 @@ It reruns the same command until the run finishes, then checks the episode:
 the final backup equals an uninterrupted run's (atol 1e-5, as
 tests/main_test.py does after kill -9), one export version, two history
 rows, a valid metrics.json, and no temporary file left. A fault counts as
-survived when it hit (it made the attempt fail) and its episode passes; any failing check or unexpected exit status is
-printed and makes the exit status 1.
+survived when it hit (it made the attempt fail) and its episode passes; any
+failing check or unexpected exit status is printed and makes the exit status
+1.
 
     python benchmarks/soak.py --minutes=10
 
