@@ -48,9 +48,9 @@ def check_config(config):
 def trained_steps(model):
   """Training steps taken so far: the position of the input stream.
 
-  The `Classifier`'s `step_counter`, which every train step advances, also
-  one the optimizer skipped (a loss-scale overflow), and which every backup
-  holds. For other Keras models, the optimizer's step.
+  The `Classifier`'s `step_counter`: every train step advances it, also one
+  whose update the optimizer skipped (a loss-scale overflow), and every
+  backup holds it. For other Keras models, the optimizer's step.
   """
   counter = getattr(model, 'step_counter', None)
   if counter is None:
@@ -59,8 +59,10 @@ def trained_steps(model):
 
 
 def non_finite_variables(model):
-  """Paths of the model's and its optimizer's float variables that hold NaN
-  or ±inf (empty when every value is finite)."""
+  """Paths of the float variables (model and optimizer) holding NaN or ±inf.
+
+  Empty when every value is finite.
+  """
   variables = list(model.weights)
   if getattr(model, 'optimizer', None) is not None:
     variables += list(model.optimizer.variables)
@@ -534,7 +536,10 @@ class BestWeightsCallback(keras.callbacks.Callback):
 
   def on_epoch_end(self, epoch, logs=None):
     value = (logs or {}).get(self.monitor)
-    if value is None or not math.isfinite(float(value)):
+    # A stopped run diverged (`StopOnDivergence`): its accuracy can be
+    # finite while its loss and outputs are NaN.
+    if (value is None or not math.isfinite(float(value)) or
+        self.model.stop_training):
       return
     if self._best is not None and float(value) <= self._best:
       return

@@ -334,6 +334,9 @@ def test_diverging_run_stops_and_names_a_finite_backup(tmp_path, mock_cifar10):
   assert path in str(error.value) and f'step {step}' in str(error.value)
   assert not os.path.exists(workdir.export)
   assert not os.path.exists(workdir.metrics_file)
+  # Its val_accuracy was finite, its val_loss not: no best weights either.
+  assert not os.path.exists(os.path.join(workdir.checkpoints,
+                                         checkpointing.BEST_WEIGHTS))
   backups = [name for name in os.listdir(workdir.checkpoints)
              if name.endswith('.weights.h5')]
   assert backups
