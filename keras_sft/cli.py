@@ -5,8 +5,8 @@ value, a missing path, bad data, a workdir holding another run, a run that
 diverged) prints one `error: ...` line, whose message names the fix, and
 exits with status 2 (1 for a diverged run: the input was valid); any other
 exception is a bug and keeps its traceback. A run stopped by SIGTERM after
-its backup exits with 143 (`PREEMPTED_STATUS`): rerun it to resume. `--verbose` or
-KERAS_SFT_TRACEBACK=1 shows the traceback of user errors too.
+its backup exits with 143 (`PREEMPTED_STATUS`): rerun it to resume.
+`--verbose` or KERAS_SFT_TRACEBACK=1 shows the traceback of user errors too.
 
 Imports no TensorFlow, so `--help` and flag errors are immediate.
 """

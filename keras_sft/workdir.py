@@ -203,10 +203,11 @@ class Workdir:
                if key in recorded and key in current and
                recorded[key] != current[key]]
     if changed:
+      differences = _differences({key: recorded[key] for key in changed},
+                                 {key: current[key] for key in changed})
       raise errors.WorkdirError(
-          f'workdir={self.path!r} holds a run of other data: '
-          f'{_differences({k: recorded[k] for k in changed}, {k: current[k] for k in changed})}'
-          f' (from {self.dataset_file}). A renamed class folder would shift '
+          f'workdir={self.path!r} holds a run of other data: {differences} '
+          f'(from {self.dataset_file}). A renamed class folder would shift '
           'the labels, and changed files change the batches. Restore the '
           'data the run started with, or use a new --workdir.')
 
