@@ -164,6 +164,7 @@ def get_config():
   # it stays on under tf.distribute strategies.
   config.jit_compile = 'auto'
   # Train steps run inside one tf.function call (fewer host round trips).
+  # Must divide the steps per epoch and eval_steps (Keras runs whole calls).
   config.steps_per_execution = 1
 
   # --- Progress ---------------------------------------------------------------

@@ -136,6 +136,13 @@ class Classifier(keras.Model):
     self.head_layer = head_layer
     self.ce_tracker = keras.metrics.Mean(name='ce')
     self.l2_tracker = keras.metrics.Mean(name='l2')
+    # Training batches taken, skipped optimizer steps included (a loss-scaled
+    # step skipped on an overflow still consumed its batch): the run's
+    # position, saved with the weights. Advanced once per global step, as
+    # Keras' own `optimizer.iterations`.
+    self.step_counter = self.add_weight(
+        shape=(), initializer='zeros', dtype='int64', trainable=False,
+        aggregation='only_first_replica', name='step_counter')
 
   def call(self, inputs, training=None):
     return self.network(inputs, training=training)
@@ -163,9 +170,23 @@ class Classifier(keras.Model):
     self.ce_tracker.update_state(ce, sample_weight=batch)
     self.l2_tracker.update_state(l2, sample_weight=batch)
 
+  def _seed_random_layers(self):
+    """Seeds the random layers (Dropout) by (their seed, step counter).
+
+    A `keras.random.SeedGenerator` state is `[seed, draws]` and is not in
+    the backup; setting the draws to the step counter before each step gives
+    step n the masks of step n of an uninterrupted run, resumed or not.
+    """
+    for layer in self.network._flatten_layers(include_self=False):  # pylint: disable=protected-access
+      for generator in getattr(layer, '_seed_generators', ()):
+        state = generator.state
+        state.assign(tf.stack(
+            [state.value[0], tf.cast(self.step_counter.value, state.dtype)]))
+
   def train_step(self, data):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     variables = self.trainable_variables
+    self._seed_random_layers()
     with tf.GradientTape() as tape:
       y_pred = self(x, training=True)
       total, ce, l2 = self._split_loss(x, y, y_pred, sample_weight,
@@ -177,6 +198,7 @@ class Classifier(keras.Model):
     gradients = self._skip_together(gradients)
     # Unscales (and skips non-finite steps) under loss scaling.
     self.optimizer.apply(gradients, variables)
+    self.step_counter.assign_add(1)
     self._update_trackers(x, ce, l2)
     # Accuracy metrics need class ids; MixUp/CutMix labels are soft.
     return self.compute_metrics(x, losses.hard_labels(y, y_pred.shape.rank),

@@ -4,8 +4,9 @@
 value, a missing path, bad data, a workdir holding another run, a run that
 diverged) prints one `error: ...` line, whose message names the fix, and
 exits with status 2 (1 for a diverged run: the input was valid); any other
-exception is a bug and keeps its traceback. `--verbose` or
-KERAS_SFT_TRACEBACK=1 shows the traceback of user errors too.
+exception is a bug and keeps its traceback. A run stopped by SIGTERM after
+its backup exits with 143 (`PREEMPTED_STATUS`): rerun it to resume.
+`--verbose` or KERAS_SFT_TRACEBACK=1 shows the traceback of user errors too.
 
 Imports no TensorFlow, so `--help` and flag errors are immediate.
 """
@@ -26,6 +27,11 @@ _VERBOSE = flags.DEFINE_bool(
 # Exit status of a user error, and of a run that diverged.
 USER_ERROR_STATUS = 2
 DIVERGED_STATUS = 1
+# Exit status of a run stopped by SIGTERM after writing a backup: 128 + 15,
+# what a shell reports for a process SIGTERM ended, and what schedulers read
+# as "retry" (Kubeflow's restartPolicy: ExitCode retries 130, 137 and 143
+# and treats 1 and 2 as permanent).
+PREEMPTED_STATUS = 143
 
 
 def _show_tracebacks():
@@ -46,6 +52,9 @@ def _call(main, started, argv):
       raise
     _fail(error, DIVERGED_STATUS if isinstance(error, errors.DivergedError)
           else USER_ERROR_STATUS)
+  except errors.PreemptedError as error:
+    print(f'preempted: {error}', file=sys.stderr, flush=True)
+    sys.exit(PREEMPTED_STATUS)
 
 
 def _innermost_message(error):

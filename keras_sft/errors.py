@@ -44,6 +44,14 @@ class DivergedError(UserError, FloatingPointError):
   """Training produced non-finite values; the message names what to change."""
 
 
+class PreemptedError(Exception):
+  """The run stopped on SIGTERM after a backup: rerun it to resume.
+
+  Not a mistake: the command lines exit with `cli.PREEMPTED_STATUS` (143),
+  which schedulers read as "retry".
+  """
+
+
 def is_number(value):
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 

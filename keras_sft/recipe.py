@@ -41,6 +41,12 @@ class Plan:
   head_only_steps: int
 
 
+def steps_per_epoch(config, num_train_examples):
+  """`config.steps_per_epoch`, or the full global batches of the split."""
+  return (config.steps_per_epoch or
+          num_train_examples // config.global_batch_size)
+
+
 def make_plan(config, num_train_examples):
   """Derives the run's step counts and learning rate; logs how.
 
@@ -51,18 +57,17 @@ def make_plan(config, num_train_examples):
   Returns:
     A `Plan`.
   """
-  steps_per_epoch = (config.steps_per_epoch or
-                     num_train_examples // config.global_batch_size)
-  total_steps = config.num_epochs * steps_per_epoch
+  epoch_steps = steps_per_epoch(config, num_train_examples)
+  total_steps = config.num_epochs * epoch_steps
   plan = Plan(
-      steps_per_epoch=steps_per_epoch,
+      steps_per_epoch=epoch_steps,
       total_steps=total_steps,
-      warmup_steps=min(int(round(config.warmup_epochs * steps_per_epoch)),
+      warmup_steps=min(int(round(config.warmup_epochs * epoch_steps)),
                        total_steps - 1),
       peak_learning_rate=optimizers.scaled_learning_rate(
           config.learning_rate, config.global_batch_size,
           config.learning_rate_batch_size),
-      head_only_steps=int(round(config.head_only_epochs * steps_per_epoch)))
+      head_only_steps=int(round(config.head_only_epochs * epoch_steps)))
   logging.info(
       'Derived: %d steps/epoch x %d epochs = %d steps; warmup %d steps; peak '
       'learning rate %g (= %g x %d / %d).', plan.steps_per_epoch,

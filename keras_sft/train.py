@@ -8,7 +8,7 @@ A run is four steps, each a function below:
 2. `_build`: the model, optimizer and compiled state (`recipe.build_model`)
    inside the strategy scope, then the newest backup, if any.
 3. `_fit_to_end`: `fit` from the restored step to the last one, with
-   backups, TensorBoard, CSV log, progress lines and stop-on-NaN; an
+   backups, TensorBoard, CSV log, progress lines and a stop on divergence; an
    interrupted epoch is finished first, on its remaining batches.
 4. `_finish`: evaluate, write the report and `metrics.json`, export the next
    SavedModel version to `<workdir>/export/`.
@@ -20,6 +20,7 @@ same step. `evaluate(config, workdir)` runs steps 1, 2 and 4.
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 
 import keras
@@ -33,6 +34,7 @@ from keras_sft import distribution
 from keras_sft import errors
 from keras_sft import evaluation
 from keras_sft import evaluation_weights
+from keras_sft import image_folder
 from keras_sft import input_pipeline
 from keras_sft import losses
 from keras_sft import models
@@ -53,6 +55,29 @@ def _check_loop_config(config):
   errors.check_positive('eval_steps', config.eval_steps, optional=True)
   errors.check_positive('steps_per_execution', config.steps_per_execution)
   errors.check_positive('log_every_steps', config.log_every_steps)
+  if config.steps_per_epoch is not None:
+    _check_execution_divides('steps_per_epoch', config.steps_per_epoch,
+                             config.steps_per_execution)
+  if config.eval_steps is not None:
+    _check_execution_divides('eval_steps', config.eval_steps,
+                             config.steps_per_execution)
+
+
+def _check_execution_divides(name, steps, steps_per_execution):
+  """Keras runs whole executions of `steps_per_execution` steps.
+
+  On an endless training stream the last execution of an epoch would run
+  past its end (k=3 on 4 steps per epoch runs 6), so k must divide the
+  steps of every `fit` and `evaluate`.
+  """
+  if steps % steps_per_execution:
+    raise errors.ConfigError(
+        f'steps_per_execution must divide {name}: Keras runs whole '
+        f'executions, so {name}={steps} would run '
+        f'{-(-steps // steps_per_execution) * steps_per_execution} steps. '
+        f'Received: {name}={steps}, '
+        f'steps_per_execution={steps_per_execution}. Use a divisor of '
+        f'{steps}.')
 
 
 # Each module checks the keys whose values it owns.
@@ -92,6 +117,8 @@ class _Run:
   data: input_pipeline.Data
   plan: recipe.Plan
   checkpointer: checkpointing.Checkpointer
+  # Held for the run's life on the chief (workdir_lib.Lock).
+  lock: object = dataclasses.field(default_factory=contextlib.nullcontext)
 
 
 @contextlib.contextmanager
@@ -124,18 +151,43 @@ def _start(config, workdir):
   chief = distribution.is_chief(strategy)
   keras.utils.set_random_seed(config.seed)
   data = input_pipeline.from_config(config)
+  _check_execution_divides(
+      'steps_per_epoch',
+      recipe.steps_per_epoch(config, data.info.num_train_examples),
+      config.steps_per_execution)
   # Claimed only now: a start that fails on its config, data or weights
-  # leaves the workdir free for the corrected command.
-  workdir.claim(config, write=chief)
+  # leaves the workdir free for the corrected command. The chief holds the
+  # workdir's lock for the run's life; the other workers write nothing.
+  lock = contextlib.nullcontext()
   if chief:
-    # The export reads the class names here, so it needs no dataset.
-    workdir_lib.write_json(workdir.dataset_file, {
-        'dataset': config.dataset, 'num_classes': data.info.num_classes,
-        'class_names': list(data.info.class_names)})
+    os.makedirs(workdir.path, exist_ok=True)
+    lock = workdir.lock()
+  try:
+    # The export reads the class names from dataset.json, so it needs no
+    # dataset; a rerun on other data is refused.
+    workdir.claim(config, write=chief,
+                  dataset=_dataset_identity(config, data.info))
+    if chief:
+      for path in workdir.remove_temporary_files():
+        logging.info('Removed %s, left by a killed writer.', path)
+  except BaseException:
+    lock.__exit__(None, None, None)
+    raise
   return _Run(config=config, workdir=workdir, strategy=strategy, chief=chief,
               data=data, plan=None,
               checkpointer=checkpointing.Checkpointer(
-                  workdir.checkpoints, keep=config.keep_checkpoints))
+                  workdir.checkpoints, keep=config.keep_checkpoints),
+              lock=lock)
+
+
+def _dataset_identity(config, info):
+  """What must not change between the starts of a run: see Workdir.claim."""
+  identity = {'dataset': config.dataset, 'num_classes': info.num_classes,
+              'class_names': list(info.class_names)}
+  if image_folder.is_folder_dataset(config.dataset):
+    identity['files'] = workdir_lib.fingerprint_files(
+        image_folder.folder_root(config.dataset))
+  return identity
 
 
 def _build(run):
@@ -173,9 +225,10 @@ def _statistics_batches(run):
 
 def _callbacks(run):
   # The other workers of a multi-worker run write nothing, but take part in
-  # the collectives of precise BN. The order of the next three matters: see
+  # the collectives of precise BN. BestWeightsCallback must come before
+  # EvaluationWeights, BackupCallback after it: see
   # keras_sft.evaluation_weights.
-  callbacks = [keras.callbacks.TerminateOnNaN()]
+  callbacks = []
   if run.chief:
     callbacks.append(
         checkpointing.BestWeightsCallback(run.checkpointer.directory))
@@ -187,13 +240,14 @@ def _callbacks(run):
       strategy=run.strategy))
   if run.chief:
     callbacks += [
-        checkpointing.BackupCallback(run.checkpointer,
-                                     run.config.checkpoint_every_steps),
         progress.LearningRateLogger(),
         progress.StepLogger(run.config.log_every_steps, run.plan.total_steps,
                             run.config.global_batch_size),
         keras.callbacks.CSVLogger(run.workdir.history_csv, append=True),
         keras.callbacks.TensorBoard(run.workdir.tensorboard),
+        # After those that act at an epoch end: see its doc.
+        checkpointing.BackupCallback(run.checkpointer,
+                                     run.config.checkpoint_every_steps),
     ]
   return callbacks
 
@@ -201,20 +255,33 @@ def _callbacks(run):
 def _fit(run, model, end_epoch, steps):
   """`fit` from the model's step to the end of epoch `end_epoch`."""
   step = checkpointing.trained_steps(model)
-  model.fit(run.data.train(start_step=step),
-            initial_epoch=step // run.plan.steps_per_epoch, epochs=end_epoch,
-            steps_per_epoch=steps, validation_data=run.data.eval,
-            validation_steps=run.config.eval_steps,
-            validation_freq=run.config.eval_every_epochs,
-            callbacks=_callbacks(run), shuffle=False,
-            verbose=progress.fit_verbosity())
-  if model.stop_training:
-    raise errors.DivergedError(
-        'The loss became NaN or infinite at step '
-        f'{checkpointing.trained_steps(model)}; training stopped. The last '
-        f'finite backup is in {run.workdir.checkpoints}. Lower '
-        '--config.learning_rate or raise --config.warmup_epochs, in a new '
-        'workdir.')
+  # First and last: see their docs.
+  divergence = checkpointing.StopOnDivergence()
+  preemption = checkpointing.PreemptionCallback(
+      run.checkpointer if run.chief else None)
+  try:
+    model.fit(run.data.train(start_step=step),
+              initial_epoch=step // run.plan.steps_per_epoch,
+              epochs=end_epoch, steps_per_epoch=steps,
+              validation_data=run.data.eval,
+              validation_steps=run.config.eval_steps,
+              validation_freq=run.config.eval_every_epochs,
+              callbacks=[divergence] + _callbacks(run) + [preemption],
+              shuffle=False, verbose=progress.fit_verbosity())
+  finally:
+    preemption.uninstall()
+  if divergence.reason:
+    raise errors.DivergedError(_diverged(run, divergence.reason))
+
+
+def _diverged(run, reason):
+  """The message of a run that diverged: what, where to look, what to do."""
+  latest = run.checkpointer.latest()
+  backup = (f'The last backup, {latest[0]} (step {latest[1]}), holds finite '
+            'weights' if latest else 'No backup was written')
+  return (f'Training diverged: {reason}; training stopped. {backup}. Lower '
+          '--config.learning_rate or raise --config.warmup_epochs, in a new '
+          'workdir.')
 
 
 def _fit_to_end(run, model):
@@ -227,6 +294,18 @@ def _fit_to_end(run, model):
                  run.workdir.path, total_steps)
     return False
   done_in_epoch = step % steps_per_epoch
+  if done_in_epoch % run.config.steps_per_execution:
+    # Backups are written between executions, so only a backup from
+    # elsewhere is off the grid; its remainder would be over-stepped.
+    raise errors.WorkdirError(
+        f'The backup in {run.workdir.checkpoints} is at step {step}, '
+        f'{done_in_epoch} steps into an epoch: not a multiple of '
+        f'steps_per_execution={run.config.steps_per_execution}, so the rest '
+        'of the epoch cannot be run exactly. Resume it with the '
+        'steps_per_execution that wrote it, or start over in a new '
+        '--workdir.')
+  if run.chief:
+    run.workdir.truncate_history(epochs=step // steps_per_epoch)
   if done_in_epoch:
     # Finish the interrupted epoch on its remaining batches first.
     logging.info('Finishing epoch %d: %d of %d steps left.',
@@ -254,9 +333,24 @@ def _evaluate(run, model, ema):
                      run.config.collective_timeout_seconds)
     run.checkpointer.restore(model)
   evaluation_weights.use(model, ema, _statistics_batches(run), run.strategy)
+  step = checkpointing.trained_steps(model)
+  weights = 'EMA' if ema else 'raw'
+  bad = checkpointing.non_finite_variables(model)
+  if bad:
+    raise errors.DivergedError(_diverged(
+        run, f'{len(bad)} {weights} variable(s) not finite at step {step}: '
+        f'{bad[:3]}'))
   results = model.evaluate(run.data.eval, steps=run.config.eval_steps,
                            return_dict=True, verbose=progress.fit_verbosity())
-  return {key: float(value) for key, value in results.items()}
+  results = {key: float(value) for key, value in results.items()}
+  non_finite = {key: value for key, value in results.items()
+                if not np.isfinite(value)}
+  if non_finite:
+    # Finite weights can still give NaN outputs: never report or export it.
+    raise errors.DivergedError(_diverged(
+        run, f'the evaluation of the {weights} weights at step {step} gives '
+        f'{non_finite}'))
+  return results
 
 
 def _evaluate_and_choose(run, model):
@@ -302,12 +396,26 @@ def _finish(run, model, export):
   workdir_lib.write_json(run.workdir.metrics_file, metrics)
   logging.info('Eval at step %d: %s', step, metrics['eval'])
   if export and config.export:
-    serving.export_version(model, run.workdir.export, config.image_size,
-                           run.data.info.class_names,
-                           top_k=config.export_top_k,
-                           max_image_pixels=config.max_image_pixels,
-                           resize_size=config.resize_size)
+    _export(run, model)
   return metrics
+
+
+def _export(run, model):
+  """The next SavedModel version; a full disk is a `WorkdirError`."""
+  what = 'the export (twice its size is kept free)'
+  # The SavedModel holds each weight once.
+  workdir_lib.check_free_space(run.workdir.path,
+                               2 * checkpointing.weights_size(model), what)
+  try:
+    serving.export_version(model, run.workdir.export, run.config.image_size,
+                           run.data.info.class_names,
+                           top_k=run.config.export_top_k,
+                           max_image_pixels=run.config.max_image_pixels,
+                           resize_size=run.config.resize_size)
+  except (OSError, tf.errors.OpError) as error:
+    if not workdir_lib.is_disk_full(error):
+      raise
+    raise workdir_lib.disk_full_error(run.workdir.export, what) from error
 
 
 def train_and_evaluate(config, workdir):
@@ -324,7 +432,7 @@ def train_and_evaluate(config, workdir):
     The dict written to `<workdir>/metrics.json`.
   """
   run = _start(config, workdir)
-  with _log_to(run):
+  with run.lock, _log_to(run):
     model = _build(run)
     trained = _fit_to_end(run, model)
     # A rerun of a finished run exports only if no version was written yet.
@@ -355,7 +463,7 @@ def evaluate(config, workdir):
         f'workdir={workdir!r} holds no backup in {existing.checkpoints} to '
         'evaluate. Train first with --mode=train.')
   run = _start(config, workdir)
-  with _log_to(run):
+  with run.lock, _log_to(run):
     model = _build(run)
     logging.info('Evaluating the backup at step %d of %d.',
                  checkpointing.trained_steps(model), run.plan.total_steps)

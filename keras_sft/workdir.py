@@ -7,18 +7,33 @@
   train.log        log lines of every start of the run
   checkpoints/     atomic backups, resumed from on a rerun
   history.csv      per-epoch metrics; tensorboard/ the same for TensorBoard
-  dataset.json     dataset name and class names (read by the export)
+  dataset.json     dataset name, class names and, for folders, a
+                   fingerprint of the files (read by the export, checked
+                   on every start)
+  run.lock         locked by the process that runs the run (its PID, host)
   metrics.json     final evaluation, with the report of keras_sft.evaluation
   confusion_matrix.png, curves.png   the report's pictures
   export/<n>/      SavedModels for TF Serving, versions 1, 2, ...
 """
 
+import csv
+import errno
+import fcntl
+import hashlib
 import json
+import logging
+import math
 import os
+import shutil
+import socket
+import tempfile
+import time
 
 from keras_sft import errors
 
 _ABSENT = '<absent>'
+# Names of temporary files and folders start with this.
+TEMPORARY_PREFIX = '.tmp-'
 
 
 class Workdir:
@@ -65,6 +80,10 @@ class Workdir:
     return self._join('dataset.json')
 
   @property
+  def lock_file(self):
+    return self._join('run.lock')
+
+  @property
   def metrics_file(self):
     return self._join('metrics.json')
 
@@ -79,6 +98,40 @@ class Workdir:
   @property
   def export(self):
     return self._join('export')
+
+  def truncate_history(self, epochs):
+    """Keeps only the rows of epochs before `epochs` in history.csv.
+
+    A resumed run trains those epochs again (the rest of an interrupted
+    one, or more after falling back to an older backup), and Keras'
+    CSVLogger appends their rows anew.
+    """
+    if not os.path.exists(self.history_csv):
+      return
+    with open(self.history_csv, newline='') as file:
+      lines = file.read().splitlines(keepends=True)
+    if not lines:
+      return
+    header = next(csv.reader(lines[:1]))
+    column = header.index('epoch') if 'epoch' in header else 0
+    kept = lines[:1] + [
+        line for line in lines[1:]
+        if _epoch_of(line, column) is not None and
+        _epoch_of(line, column) < epochs]
+    if kept != lines:
+      atomic_write(self.history_csv, ''.join(kept))
+
+  def remove_temporary_files(self):
+    """Removes the temporary files and folders of killed writers.
+
+    Only the run's own processes write here, so call it holding the lock:
+    the run directory, `checkpoints/` and `export/` (an interrupted export).
+
+    Returns:
+      The removed paths.
+    """
+    return [path for directory in (self.path, self.checkpoints, self.export)
+            for path in remove_temporary_files(directory)]
 
   def has_run(self):
     """Whether a run has claimed this directory (its config is written)."""
@@ -97,7 +150,22 @@ class Workdir:
           f'--config=CONFIG --workdir={self.path}')
     return read_json(self.config_file)
 
-  def claim(self, config, write=True):
+  def lock(self):
+    """Takes the run's exclusive lock; use as a context manager to release.
+
+    One process runs a workdir at a time: the lock (`flock` on `run.lock`)
+    is held until released or until the process ends, however it ends. The
+    file names the holder for the error of the next process.
+
+    Returns:
+      A `Lock`, already held.
+
+    Raises:
+      WorkdirError: another process holds it.
+    """
+    return Lock(self.lock_file)
+
+  def claim(self, config, write=True, dataset=None):
     """Creates the directory for `config`, or checks it holds this run.
 
     Args:
@@ -105,9 +173,13 @@ class Workdir:
       write: False on the workers of a multi-worker run other than the
         chief: they check the config the chief wrote, if any, and write
         nothing.
+      dataset: None, or the dataset's identity, a JSON-safe dict with
+        `class_names` (and, for folders, `files`: `fingerprint_files`),
+        recorded in dataset.json on the first claim and compared after.
 
     Raises:
-      WorkdirError: the directory holds a run with a different config.
+      WorkdirError: the directory holds a run with a different config, or
+        of a dataset with other class names or files.
     """
     current = config_to_dict(config)
     if self.has_run():
@@ -117,10 +189,101 @@ class Workdir:
             f'workdir={self.path!r} holds another run; its config differs '
             f'in: {_differences(previous, current)}. Use a new --workdir, or '
             'rerun with the same config to resume.')
-      return
+      if dataset is not None and os.path.exists(self.dataset_file):
+        self._check_dataset(read_json(self.dataset_file), dataset)
     if write:
       os.makedirs(self.path, exist_ok=True)
-      write_json(self.config_file, current)
+      if not self.has_run():
+        write_json(self.config_file, current)
+      if dataset is not None:
+        write_json(self.dataset_file, dataset)
+
+  def _check_dataset(self, recorded, current):
+    changed = [key for key in ('class_names', 'files')
+               if key in recorded and key in current and
+               recorded[key] != current[key]]
+    if changed:
+      differences = _differences({key: recorded[key] for key in changed},
+                                 {key: current[key] for key in changed})
+      raise errors.WorkdirError(
+          f'workdir={self.path!r} holds a run of other data: {differences} '
+          f'(from {self.dataset_file}). A renamed class folder would shift '
+          'the labels, and changed files change the batches. Restore the '
+          'data the run started with, or use a new --workdir.')
+
+
+class Lock:
+  """An exclusive `flock` on a file that names its holder.
+
+  Args:
+    path: The lock file; created if missing, never followed if a symlink.
+
+  Raises:
+    WorkdirError: another process holds it.
+  """
+
+  def __init__(self, path):
+    self.path = path
+    self._descriptor = os.open(
+        path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+      fcntl.flock(self._descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.read(self._descriptor, 4096).decode('utf-8', 'replace')
+      os.close(self._descriptor)
+      raise errors.WorkdirError(
+          f'{os.path.dirname(path)!r} is in use by another process '
+          f'({holder.strip() or "its PID is not written yet"}): one run per '
+          'workdir. Wait for it to end, or stop it; or use another '
+          '--workdir.') from None
+    os.ftruncate(self._descriptor, 0)
+    os.pwrite(self._descriptor,
+              f'PID {os.getpid()} on host {socket.gethostname()}, since '
+              f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n'.encode(), 0)
+
+  def release(self):
+    """Releases the lock (also done by the OS when the process ends)."""
+    if self._descriptor is not None:
+      fcntl.flock(self._descriptor, fcntl.LOCK_UN)
+      os.close(self._descriptor)
+      self._descriptor = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self.release()
+
+
+def fingerprint_files(root):
+  """The identity of the files under `root`: their paths and sizes.
+
+  Symbolic links to folders are not followed (no loops); linked files count
+  with the size of their target.
+
+  Returns:
+    `{'count': number of files, 'sha256': hex digest of the sorted
+    (relative path, size) list}`.
+  """
+  entries = []
+  for directory, folders, files in os.walk(root):
+    folders.sort()
+    for name in files:
+      path = os.path.join(directory, name)
+      try:
+        size = os.stat(path).st_size
+      except OSError:
+        size = -1  # A broken link.
+      entries.append(f'{os.path.relpath(path, root)}\0{size}\n')
+  digest = hashlib.sha256(''.join(sorted(entries)).encode('utf-8', 'replace'))
+  return {'count': len(entries), 'sha256': digest.hexdigest()}
+
+
+def _epoch_of(line, column):
+  try:
+    return int(next(csv.reader([line]))[column])
+  except (ValueError, IndexError, StopIteration):
+    return None  # A torn last line.
 
 
 def _flatten(tree, prefix=''):
@@ -152,19 +315,131 @@ def atomic_write(path, data):
   """Writes `data` (str or bytes) to `path` via a flushed temporary file.
 
   A process killed at any moment leaves the old file or the new one, never
-  a torn one.
+  a torn one; the directory is synced after the rename, so the new file is
+  on disk when this returns. The temporary file is created with `O_EXCL`
+  and `O_NOFOLLOW` under a random name (`mkstemp`), so a link planted in
+  the directory cannot redirect the write.
   """
-  temporary = path + '.tmp'
-  with open(temporary, 'wb' if isinstance(data, bytes) else 'w') as file:
-    file.write(data)
-    file.flush()
-    os.fsync(file.fileno())
-  os.replace(temporary, path)
+  directory = os.path.dirname(os.path.abspath(path))
+  descriptor, temporary = tempfile.mkstemp(
+      prefix=f'{TEMPORARY_PREFIX}{os.path.basename(path)}.', dir=directory)
+  try:
+    os.fchmod(descriptor, 0o666 & ~_umask())  # Not mkstemp's private 0600.
+    with os.fdopen(descriptor, 'wb') as file:
+      file.write(data.encode() if isinstance(data, str) else data)
+      file.flush()
+      os.fsync(file.fileno())
+    os.replace(temporary, path)
+  except BaseException:
+    if os.path.lexists(temporary):
+      os.remove(temporary)
+    raise
+  fsync_directory(directory)
+
+
+def _umask():
+  try:
+    with open('/proc/self/status') as status:
+      for line in status:
+        if line.startswith('Umask:'):
+          return int(line.split()[1], 8)
+  except OSError:
+    pass
+  return 0o022
+
+
+def _is_temporary(name):
+  return (name.startswith(TEMPORARY_PREFIX) or name.endswith('.tmp') or
+          name.startswith('tmp-'))  # The last two: older versions' names.
+
+
+def remove_temporary_files(directory):
+  """Removes what killed writers left in `directory`; returns the paths."""
+  removed = []
+  try:
+    names = os.listdir(directory)
+  except FileNotFoundError:
+    return removed
+  for name in names:
+    if not _is_temporary(name):
+      continue
+    path = os.path.join(directory, name)
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path, ignore_errors=True)
+    else:
+      os.remove(path)
+    removed.append(path)
+  return removed
+
+
+def check_free_space(directory, needed_bytes, what):
+  """Raises `WorkdirError` unless `directory`'s disk has `needed_bytes` free.
+
+  Args:
+    directory: An existing directory.
+    needed_bytes: The free space required.
+    what: What is about to be written, for the message ('a backup').
+  """
+  free = shutil.disk_usage(directory).free
+  if free < needed_bytes:
+    raise disk_full_error(directory, what, free, needed_bytes)
+
+
+def disk_full_error(directory, what, free=None, needed_bytes=None):
+  """The `WorkdirError` of a disk too full to write `what` in `directory`."""
+  amounts = ''
+  if free is not None:
+    amounts = (f': {free / 2**20:.0f} MiB free, '
+               f'{needed_bytes / 2**20:.0f} MiB needed')
+  return errors.WorkdirError(
+      f'Not enough free space in {directory} to write {what}{amounts}. Free '
+      'some space, or move the workdir to a larger disk, then rerun the '
+      'same command to resume.')
+
+
+def is_disk_full(error):
+  """Whether `error` (an OSError, or TF's on a failed write) is ENOSPC."""
+  return (getattr(error, 'errno', None) in (errno.ENOSPC, errno.EDQUOT) or
+          'No space left on device' in str(error) or
+          'Disk quota exceeded' in str(error))
+
+
+def fsync_directory(path):
+  """Flushes the entries of directory `path` (renames, new files) to disk."""
+  descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+  try:
+    os.fsync(descriptor)
+  finally:
+    os.close(descriptor)
 
 
 def write_json(path, value):
-  """Atomically writes `value` as indented JSON with sorted keys."""
-  atomic_write(path, json.dumps(value, indent=2, sort_keys=True))
+  """Atomically writes `value` as indented JSON with sorted keys.
+
+  NaN and ±inf, which JSON does not have, are written as null, with a
+  warning that names them.
+  """
+  non_finite = []
+  value = _finite_or_none(value, '', non_finite)
+  if non_finite:
+    logging.warning('%s: non-finite numbers written as null: %s', path,
+                    ', '.join(non_finite))
+  atomic_write(path, json.dumps(value, indent=2, sort_keys=True,
+                                allow_nan=False))
+
+
+def _finite_or_none(value, name, non_finite):
+  if isinstance(value, float) and not math.isfinite(value):
+    non_finite.append(f'{name}={value}')
+    return None
+  if isinstance(value, dict):
+    return {key: _finite_or_none(item, f'{name}.{key}' if name else str(key),
+                                 non_finite)
+            for key, item in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_finite_or_none(item, f'{name}[{index}]', non_finite)
+            for index, item in enumerate(value)]
+  return value
 
 
 def read_json(path):

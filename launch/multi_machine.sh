@@ -11,6 +11,10 @@
 # and must divide by their number. Restarting every machine with the same
 # command resumes from the last backup (preemption, a dead worker, ...).
 # DRY_RUN=1 prints TF_CONFIG and the command instead of running it.
+#
+# Exit status: 0 done; 2 a bad config, path or workdir (fix and rerun); 1 the
+# run diverged; 143 stopped by SIGTERM (preemption) after writing a backup:
+# rerun the same command to resume.
 set -euo pipefail
 if [ $# -lt 2 ] || [ -z "${HOSTS:-}" ] || [ -z "${INDEX:-}" ]; then
   echo "usage: HOSTS=host:port,host:port INDEX=i $0 CONFIG WORKDIR [--config.KEY=VALUE ...]" >&2

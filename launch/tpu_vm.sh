@@ -6,5 +6,9 @@
 #   launch/tpu_vm.sh configs/cifar10_resnet50.py gs://bucket/runs/c10
 #
 # TPUs read and write through GCS: put data_dir and the workdir in a bucket.
+#
+# Exit status: 0 done; 2 a bad config, path or workdir (fix and rerun); 1 the
+# run diverged; 143 stopped by SIGTERM (preemption) after writing a backup:
+# rerun the same command to resume.
 export TPU_NAME=${TPU_NAME:-local}
 exec "$(dirname "$0")/local.sh" "$@" --config.distribution=tpu

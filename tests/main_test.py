@@ -165,3 +165,35 @@ def test_every_recipe_switch_together_trains_evaluates_and_exports(tmp_path):
   for key in ('loss', 'accuracy'):
     assert again['eval'][key] == pytest.approx(trained['eval'][key],
                                                rel=1e-4), key
+
+
+def test_sigterm_writes_a_backup_and_exits_with_the_retry_status(tmp_path):
+  """What a cluster sends before preemption: backup, then exit 143."""
+  workdir = str(tmp_path / 'run')
+  # One epoch of 8 steps, backups only at its end, a line per step.
+  process = subprocess.Popen(
+      conftest.cli_command(workdir, '--config.num_epochs=1',
+                           '--config.steps_per_epoch=8',
+                           '--config.checkpoint_every_steps=1000',
+                           '--config.log_every_steps=1'),
+      cwd=conftest.REPO_ROOT, env=conftest.cli_env(),
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  lines = []
+  for line in process.stderr:
+    lines.append(line)
+    if 'Step 1/8' in line:
+      process.send_signal(signal.SIGTERM)
+      break
+  lines += process.stderr.readlines()
+  assert process.wait(timeout=300) == 143, ''.join(lines[-30:])
+  stderr = ''.join(lines)
+  path, step = conftest.latest_backup(workdir)
+  assert 1 <= step < 8  # No other backup before the epoch end (8).
+  assert f'preempted: stopped on SIGTERM at step {step}' in stderr
+  # The backup holds that step (the model's step counter).
+  assert int(conftest.backup_arrays(path)['vars/0']) == step
+  assert not os.path.exists(os.path.join(workdir, 'metrics.json'))
+  assert not os.path.exists(os.path.join(workdir, 'export'))
+  assert not [name for directory, _, names in os.walk(workdir)
+              for name in names + [directory]
+              if '.tmp' in os.path.basename(name)]

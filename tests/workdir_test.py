@@ -140,3 +140,147 @@ def test_new_key_set_to_none_is_named(tmp_path):
   with pytest.raises(ValueError) as error:
     workdir_lib.Workdir(workdir).claim(newer)
   assert 'eval_steps' in str(error.value)
+
+
+def test_truncate_history_keeps_earlier_epochs_and_drops_a_torn_line(
+    tmp_path):
+  run = workdir_lib.Workdir(str(tmp_path))
+  run.truncate_history(epochs=1)  # No history yet: nothing to do.
+  with open(run.history_csv, 'w') as file:
+    file.write('epoch,loss\n0,1.5\n1,1.2\n2,1.1\n3,')
+  run.truncate_history(epochs=2)
+  with open(run.history_csv) as file:
+    assert file.read() == 'epoch,loss\n0,1.5\n1,1.2\n'
+
+
+def test_write_json_writes_null_for_non_finite_numbers(tmp_path, caplog):
+  """metrics.json stays valid JSON: no bare NaN or Infinity."""
+  path = str(tmp_path / 'metrics.json')
+  workdir_lib.write_json(path, {'eval': {'loss': float('nan'), 'top5': 1.0},
+                                'values': [float('inf'), 2.0]})
+  with open(path) as file:
+    text = file.read()
+  assert json.loads(text, parse_constant=lambda name: pytest.fail(name)) == {
+      'eval': {'loss': None, 'top5': 1.0}, 'values': [None, 2.0]}
+  assert 'eval.loss' in caplog.text
+
+
+def test_lock_is_exclusive_and_names_the_holder(tmp_path):
+  import socket  # pylint: disable=g-import-not-at-top
+  from keras_sft import errors  # pylint: disable=g-import-not-at-top
+  run = workdir_lib.Workdir(str(tmp_path))
+  with run.lock():
+    with pytest.raises(errors.WorkdirError) as error:
+      workdir_lib.Workdir(str(tmp_path)).lock()
+    assert f'PID {os.getpid()}' in str(error.value)
+    assert socket.gethostname() in str(error.value)
+    assert str(tmp_path) in str(error.value)
+  with workdir_lib.Workdir(str(tmp_path)).lock():  # Released on exit.
+    pass
+
+
+def test_lock_of_a_killed_process_is_released(tmp_path):
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from keras_sft import errors  # pylint: disable=g-import-not-at-top
+  holder = subprocess.Popen(
+      [sys.executable, '-c',
+       'import sys, time\n'
+       'from keras_sft import workdir\n'
+       f'lock = workdir.Workdir({str(tmp_path)!r}).lock()\n'
+       'print("locked", flush=True)\n'
+       'time.sleep(60)\n'],
+      stdout=subprocess.PIPE, text=True,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert holder.stdout.readline().strip() == 'locked'
+  with pytest.raises(errors.WorkdirError, match=f'PID {holder.pid}'):
+    workdir_lib.Workdir(str(tmp_path)).lock()
+  holder.send_signal(signal.SIGKILL)
+  holder.wait()
+  with workdir_lib.Workdir(str(tmp_path)).lock():
+    pass
+
+
+def _identity(class_names, files=None):
+  identity = {'dataset': 'folder:/data', 'num_classes': len(class_names),
+              'class_names': list(class_names)}
+  if files:
+    identity['files'] = files
+  return identity
+
+
+def test_claim_refuses_another_dataset(tmp_path):
+  """Renamed classes or changed files: refused, not shifted labels."""
+  from keras_sft import errors  # pylint: disable=g-import-not-at-top
+  config = default_lib.get_config()
+  run = workdir_lib.Workdir(str(tmp_path))
+  files = {'count': 2, 'sha256': 'a' * 64}
+  run.claim(config, dataset=_identity(['cat', 'dog'], files))
+  run.claim(config, dataset=_identity(['cat', 'dog'], files))  # The same.
+  with pytest.raises(errors.WorkdirError, match="class_names.*'dog'.*'dug'"):
+    run.claim(config, dataset=_identity(['cat', 'dug'], files))
+  with pytest.raises(errors.WorkdirError, match='files'):
+    run.claim(config, dataset=_identity(['cat', 'dog'],
+                                        {'count': 3, 'sha256': 'b' * 64}))
+  with open(run.dataset_file) as file:
+    assert json.load(file)['class_names'] == ['cat', 'dog']
+
+
+def test_fingerprint_follows_file_names_and_sizes(tmp_path):
+  root = tmp_path / 'data'
+  (root / 'train' / 'cat').mkdir(parents=True)
+  (root / 'train' / 'cat' / 'a.png').write_bytes(b'12345')
+  first = workdir_lib.fingerprint_files(str(root))
+  assert first['count'] == 1
+  assert workdir_lib.fingerprint_files(str(root)) == first
+  (root / 'train' / 'cat' / 'a.png').write_bytes(b'123456')
+  resized = workdir_lib.fingerprint_files(str(root))
+  assert resized != first
+  os.rename(root / 'train' / 'cat', root / 'train' / 'kitten')
+  assert workdir_lib.fingerprint_files(str(root)) not in (first, resized)
+
+
+def test_atomic_write_does_not_follow_a_planted_symlink(tmp_path):
+  outside = tmp_path / 'outside'
+  outside.write_text('precious')
+  run = workdir_lib.Workdir(str(tmp_path / 'run'))
+  os.makedirs(run.path)
+  os.symlink(outside, run.metrics_file + '.tmp')
+  workdir_lib.write_json(run.metrics_file, {'step': 1})
+  assert outside.read_text() == 'precious'
+  with open(run.metrics_file) as file:
+    assert json.load(file) == {'step': 1}
+  # Written with the usual permissions, not mkstemp's private 0600.
+  assert os.stat(run.metrics_file).st_mode & 0o044 == 0o044 & ~_umask()
+
+
+def _umask():
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def test_temporary_files_of_killed_writers_are_removed(tmp_path):
+  run = workdir_lib.Workdir(str(tmp_path))
+  os.makedirs(run.checkpoints)
+  os.makedirs(os.path.join(run.export, '.tmp-abc', 'variables'))
+  os.makedirs(os.path.join(run.checkpoints, '.tmp-xyz'))
+  leftovers = [run.metrics_file + '.tmp', '.metrics.json.k2j.tmp',
+               os.path.join(run.checkpoints, 'tmp-ckpt-3.weights.h5'),
+               os.path.join(run.checkpoints, '.tmp-xyz', 'ckpt-3.weights.h5')]
+  for path in leftovers:
+    with open(os.path.join(run.path, path), 'w') as file:
+      file.write('torn')
+  kept = [run.config_file, os.path.join(run.checkpoints, 'ckpt-2.weights.h5')]
+  for path in kept:
+    with open(path, 'w') as file:
+      file.write('{}')
+  removed = run.remove_temporary_files()
+  assert len(removed) == 5
+  for path in kept:
+    assert os.path.exists(path)
+  assert sorted(os.listdir(run.path)) == ['checkpoints', 'config.json',
+                                          'export']
+  assert os.listdir(run.export) == []
+  assert os.listdir(run.checkpoints) == ['ckpt-2.weights.h5']
