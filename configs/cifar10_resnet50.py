@@ -53,6 +53,8 @@ def get_config(variant=None):
     # beyond crop and flip (the resume tests compare exact weights).
     config.image_size = 32
     config.global_batch_size = 8
+    # Exercised, cheaply.
+    config.precise_bn_batches = 2
     config.num_epochs = 2
     config.steps_per_epoch = 2
     config.eval_steps = 2

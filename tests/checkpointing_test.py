@@ -332,7 +332,11 @@ def test_trained_steps_counts_the_batches_of_skipped_steps(tmp_path):
 
 def test_step_counter_advances_once_per_global_step_across_replicas():
   """Two replicas: the counter moves by 1 per step, not by 2."""
-  strategy = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
+  # Reduction by copying, not collectives: collective keys of several
+  # MirroredStrategy objects in one process collide.
+  strategy = tf.distribute.MirroredStrategy(
+      ['/cpu:0', '/cpu:1'],
+      cross_device_ops=tf.distribute.ReductionToOneDevice())
   with strategy.scope():
     model = _model()
   _train(model, 3)

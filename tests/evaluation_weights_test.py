@@ -14,7 +14,6 @@ from keras_sft import checkpointing
 from keras_sft import classifier
 from keras_sft import evaluation_weights
 from keras_sft import optimizers
-from keras_sft import progress
 from keras_sft import serving
 from keras_sft import train
 from keras_sft import workdir as workdir_lib
@@ -142,12 +141,15 @@ def test_resumed_mid_epoch_ends_equal_with_ema_and_precise_bn(
   reference, _ = ema_run
   workdir = str(tmp_path / 'run')
 
+  back_up = checkpointing.BackupCallback.on_train_batch_end
+
   def stop_at_step_three(self, batch, logs=None):
+    back_up(self, batch, logs)
     if checkpointing.trained_steps(self.model) == 3:
       raise KeyboardInterrupt('simulated kill after the backup of step 3')
 
   with monkeypatch.context() as patch:
-    patch.setattr(progress.StepLogger, 'on_train_batch_end',
+    patch.setattr(checkpointing.BackupCallback, 'on_train_batch_end',
                   stop_at_step_three)
     with pytest.raises(KeyboardInterrupt):
       train.train_and_evaluate(_config(), workdir)
