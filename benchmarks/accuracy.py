@@ -227,25 +227,63 @@ def _cpu_seconds():
   return usage.ru_utime + usage.ru_stime
 
 
+def _machine_busy_seconds():
+  """CPU seconds all processes of this machine spent busy (/proc/stat)."""
+  try:
+    with open('/proc/stat') as file:
+      fields = [int(v) for v in file.readline().split()[1:]]
+  except (OSError, ValueError):
+    return float('nan')
+  # user nice system idle iowait irq softirq steal ...: all but idle, iowait.
+  busy = sum(fields[:8]) - fields[3] - fields[4]
+  return busy / os.sysconf('SC_CLK_TCK')
+
+
+# Before each timed process: wait up to this many seconds for the machine to
+# be idle (set by --wait_idle_seconds).
+WAIT_IDLE_SECONDS = 0.0
+
+
+def wait_for_idle(max_seconds, window=10.0, threshold=0.1):
+  """Waits until other processes use < threshold of the CPUs over `window` s.
+
+  Returns the seconds waited (at most about `max_seconds`).
+  """
+  start = time.perf_counter()
+  while time.perf_counter() - start < max_seconds:
+    busy = _machine_busy_seconds()
+    time.sleep(window)
+    if (_machine_busy_seconds() - busy) / (window * os.cpu_count()) < threshold:
+      break
+  return time.perf_counter() - start
+
+
 def _run(command, log_path):
   """Runs `command`; returns (timing dict, stdout). Fails with the log tail.
 
   Timing: the process's wall seconds, its CPU seconds (user + system, all
-  threads) and the 1-minute load average before and after: other work on a
-  shared machine slows the wall time and shows in the load.
+  threads), and `other_cpu_fraction`: the CPU time other processes of this
+  machine took while it ran, as a fraction of all cores' time (0: it had the
+  machine to itself; on 2 cores, 0.5 is one core taken). Wall times under
+  other work are not comparable.
   """
-  load_before = os.getloadavg()[0]
-  if load_before > 0.5:
-    print(f'  note: load average {load_before:.1f} before this run: other work '
-          'on this machine slows it', flush=True)
+  waited = wait_for_idle(WAIT_IDLE_SECONDS) if WAIT_IDLE_SECONDS else 0.0
   cpu = _cpu_seconds()
+  busy = _machine_busy_seconds()
   start = time.perf_counter()
   with open(log_path, 'w') as log:
     result = subprocess.run(command, cwd=REPO_ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=log, text=True)
   wall = time.perf_counter() - start
-  timing = dict(wall_seconds=wall, cpu_seconds=_cpu_seconds() - cpu,
-                load_before=load_before, load_after=os.getloadavg()[0])
+  cpu = _cpu_seconds() - cpu
+  other = max(0.0, _machine_busy_seconds() - busy - cpu)
+  timing = dict(wall_seconds=wall, cpu_seconds=cpu,
+                other_cpu_fraction=other / (wall * os.cpu_count()),
+                waited_for_idle_seconds=waited)
+  if timing['other_cpu_fraction'] > 0.05:
+    print(f'  note: other processes took {timing["other_cpu_fraction"]:.0%} of '
+          'the CPU during this run: its wall time is not comparable',
+          flush=True)
   if result.returncode:
     with open(log_path) as log:
       tail = log.read()[-4000:]
@@ -346,7 +384,8 @@ def _ratio(a, b):
 def _table(title, rows, reference, reference_name):
   lines = [title,
            f'| row | top-1 | top-1 error | error ratio vs {reference_name} '
-           f'| wall s | wall ratio | CPU s |', '|---|---|---|---|---|---|---|']
+           f'| wall s | wall ratio | CPU s | other load |',
+           '|---|---|---|---|---|---|---|---|']
   for name, row in rows:
     error = 1.0 - row['top1']
     ref_error = 1.0 - reference['top1'] if reference else None
@@ -357,7 +396,8 @@ def _table(title, rows, reference, reference_name):
       ratios = ('n/a', 'n/a')
     lines.append(f'| {name} | {row["top1"]:.4f} | {error:.4f} | {ratios[0]} '
                  f'| {row["wall_seconds"]:.0f} | {ratios[1]} '
-                 f'| {row["cpu_seconds"]:.0f} |')
+                 f'| {row["cpu_seconds"]:.0f} '
+                 f'| {row["other_cpu_fraction"]:.0%} |')
   return '\n'.join(lines)
 
 
@@ -561,6 +601,10 @@ def parse_args(argv=None):
   parser.add_argument('--skip_seed_loop', action='store_true')
   parser.add_argument('--keep_checkpoints', action='store_true',
                       help='keep the runs\' checkpoints (~0.6 GB each)')
+  parser.add_argument('--wait_idle_seconds', type=float, default=0,
+                      help='before each timed process, wait up to this long '
+                      'for other processes to leave the CPUs idle (shared '
+                      'machines)')
   parser.add_argument('--clear_margin', type=float, default=0.05,
                       help='top-1 gain of fine-tuned over from scratch that '
                       'counts as clear')
@@ -586,6 +630,8 @@ def main(argv=None):
                    check=True)
     return
   args.rows = tuple(args.rows.split(','))
+  global WAIT_IDLE_SECONDS
+  WAIT_IDLE_SECONDS = args.wait_idle_seconds
   benchmark(args)
 
 
