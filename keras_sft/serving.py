@@ -38,6 +38,7 @@ import socket
 import time
 import uuid
 
+import keras
 import ml_collections
 import tensorflow as tf
 
@@ -472,6 +473,9 @@ def restore_run_model(workdir, checkpoint='best'):
   if path != best:
     statistics_batches = None
     if config.precise_bn_batches:
+      # The batches training re-estimated on: tf.data's seeded shuffle
+      # also depends on the global seed, which train._start sets.
+      keras.utils.set_random_seed(config.seed)
       statistics_batches = input_pipeline.from_config(config).train(
           start_step=0).take(config.precise_bn_batches)
     ema = config.ema_momentum is not None
