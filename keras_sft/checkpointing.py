@@ -153,19 +153,23 @@ def _sha256(path):
   return digest.hexdigest()
 
 
-def _load_weights(model, path):
+def load_weights(model, path):
   """`model.load_weights(path)`, refusing a backup of another layout.
 
   Keras only warns when a saved optimizer's variables do not match; a
   resumed run must not go on silently without its optimizer state.
 
   Raises:
-    WorkdirError: the file does not load into `model`.
+    WorkdirError: the file does not load into `model` (another layout, or
+      not a readable weights file).
   """
   try:
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter('always')
       model.load_weights(path)
+  except OSError as error:  # h5py: truncated, or not HDF5 at all.
+    raise errors.WorkdirError(
+        f'{path} cannot be read ({error}): the file is damaged.') from error
   except (ValueError, KeyError) as error:
     raise errors.WorkdirError(
         f'{path} does not load into this run\'s model: {error}. A backup '
@@ -249,6 +253,10 @@ class Checkpointer:
         f'which are missing. Restore them, or delete {self.directory} to '
         'start the run over.')
 
+  def backup_path(self, step):
+    """The path of the backup of `step` (which may not exist)."""
+    return os.path.join(self.directory, f'ckpt-{step}.weights.h5')
+
   def save(self, model, step):
     """Writes a backup of `model` (and its optimizer) at `step`.
 
@@ -261,7 +269,7 @@ class Checkpointer:
       raise errors.DivergedError(
           f'Not backing up step {step}: {_describe_non_finite(bad)}.')
     os.makedirs(self.directory, exist_ok=True)
-    name = f'ckpt-{step}.weights.h5'
+    name = os.path.basename(self.backup_path(step))
     path = _write_weights(model, self.directory, name)
     backup = {'file': name, 'step': step, 'sha256': _sha256(path)}
     # Older backups, but not those of steps beyond this one: a run that fell
@@ -324,7 +332,7 @@ class Checkpointer:
       return ('its sha256 differs from the one recorded when it was written '
               '(the file was damaged or changed since)')
     try:
-      _load_weights(model, path)
+      load_weights(model, path)
     except errors.WorkdirError as error:
       return str(error)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:

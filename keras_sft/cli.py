@@ -64,11 +64,27 @@ def _innermost_message(error):
   return str(error.args[0]) if error.args else str(error)
 
 
+def _parse_flags(argv):
+  """absl's flag parsing, with a bad flag as one `error:` line, status 2.
+
+  absl's own parser prints `FATAL Flags parsing error` and exits 1, the
+  status of a run that diverged.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as error:
+    if os.environ.get('KERAS_SFT_TRACEBACK'):
+      raise
+    _fail(f'bad command line flag: {error}. Pass --helpfull to see the '
+          'flags.')
+
+
 def run(main):
   """`absl.app.run(main)`, with user errors as one line (see module doc)."""
   started = []
   try:
-    app.run(functools.partial(_call, main, started))
+    app.run(functools.partial(_call, main, started),
+            flags_parser=_parse_flags)
   except (KeyError, AttributeError, TypeError, ValueError) as error:
     # absl reports most flag errors itself; ml_collections raises these for
     # a `--config.KEY` override that names no key or has the wrong type.

@@ -20,7 +20,6 @@ to serve the export: the images go through its `serve_image_bytes` signature.
 import json
 import os
 
-from absl import app
 from absl import flags
 
 from keras_sft import cli
@@ -133,13 +132,19 @@ def main(argv):
   from keras_sft import serving as serving_lib  # pylint: disable=g-import-not-at-top
   files = image_paths(argv[1:])
   if not files:
-    raise app.UsageError('Give image files or folders holding .jpg/.jpeg/.png '
-                         f'files. Received: {argv[1:]}')
-  serving = tf.saved_model.load(
-      serving_lib.resolve_saved_model(_EXPORT.value))
+    raise errors.PathNotFoundError(
+        'Give image files or folders holding .jpg/.jpeg/.png files. '
+        f'Received: {argv[1:]}')
+  export_dir = serving_lib.resolve_saved_model(_EXPORT.value)
+  try:
+    signature = tf.saved_model.load(export_dir).signatures['serve_image_bytes']
+  except (OSError, ValueError, KeyError, tf.errors.OpError) as error:
+    raise errors.DataError(
+        f'{export_dir} is not a keras_sft export: its saved_model.pb does not '
+        f'load or has no serve_image_bytes signature ({error}). Export the '
+        'run again: python -m keras_sft.export --workdir=WORKDIR') from error
   failed = False
-  for record in predict_files(serving.signatures['serve_image_bytes'], files,
-                              _BATCH_SIZE.value):
+  for record in predict_files(signature, files, _BATCH_SIZE.value):
     failed = failed or 'error' in record
     print(json.dumps(record), flush=True)
   return 1 if failed else 0

@@ -38,6 +38,7 @@ import socket
 import time
 import uuid
 
+import keras
 import ml_collections
 import tensorflow as tf
 
@@ -436,7 +437,8 @@ def restore_run_model(workdir, checkpoint='best'):
     workdir: A run directory (`config.json`, `checkpoints/`).
     checkpoint: 'best' (`checkpoints/best.weights.h5`: the weights whose
       val_accuracy was the highest, EMA and BN statistics as evaluated; the
-      last backup when the run has none) or 'last' (the newest backup, with
+      last backup when the run has none) or 'last' (the newest backup that
+      verifies, as a resumed run takes it, with
       the weights the run evaluates put in: the EMA if on, unless the run's
       final evaluation chose the raw weights (`exported_weights` in
       metrics.json), and BN statistics re-estimated on the run's training
@@ -450,21 +452,30 @@ def restore_run_model(workdir, checkpoint='best'):
   config = ml_collections.ConfigDict(run.read_config())
   class_names = class_names_of_run(run)
   best = os.path.join(run.checkpoints, checkpointing.BEST_WEIGHTS)
+  model = recipe.build_model(config, len(class_names), pretrained=False)
   if checkpoint == 'best' and os.path.exists(best):
     path = best
+    try:
+      checkpointing.load_weights(model, path)
+    except errors.WorkdirError as error:
+      raise errors.WorkdirError(
+          f'{error} Export the newest backup instead with --checkpoint=last.'
+      ) from error
   else:
-    latest = checkpointing.Checkpointer(run.checkpoints).latest()
-    if latest is None:
+    checkpointer = checkpointing.Checkpointer(run.checkpoints)
+    if checkpointer.latest() is None:
       raise errors.PathNotFoundError(
           f'No backup in {run.checkpoints} to export: the run has not '
           'written one yet.')
-    path = latest[0]
-  model = recipe.build_model(config, len(class_names), pretrained=False)
-  model.load_weights(path)
+    # The newest backup that verifies, as a resumed run takes.
+    path = checkpointer.backup_path(checkpointer.restore(model))
   logging.info('Restored %s.', path)
   if path != best:
     statistics_batches = None
     if config.precise_bn_batches:
+      # The batches training re-estimated on: tf.data's seeded shuffle
+      # also depends on the global seed, which train._start sets.
+      keras.utils.set_random_seed(config.seed)
       statistics_batches = input_pipeline.from_config(config).train(
           start_step=0).take(config.precise_bn_batches)
     ema = config.ema_momentum is not None

@@ -148,7 +148,7 @@ class Workdir:
           f'{self.config_file} does not exist: workdir={self.path!r} holds no '
           'keras_sft run. Train first: python -m keras_sft.main '
           f'--config=CONFIG --workdir={self.path}')
-    return read_json(self.config_file)
+    return read_json_object(self.config_file)
 
   def lock(self):
     """Takes the run's exclusive lock; use as a context manager to release.
@@ -183,14 +183,14 @@ class Workdir:
     """
     current = config_to_dict(config)
     if self.has_run():
-      previous = read_json(self.config_file)
+      previous = read_json_object(self.config_file)
       if previous != current:
         raise errors.WorkdirError(
             f'workdir={self.path!r} holds another run; its config differs '
             f'in: {_differences(previous, current)}. Use a new --workdir, or '
             'rerun with the same config to resume.')
       if dataset is not None and os.path.exists(self.dataset_file):
-        self._check_dataset(read_json(self.dataset_file), dataset)
+        self._check_dataset(read_json_object(self.dataset_file), dataset)
     if write:
       os.makedirs(self.path, exist_ok=True)
       if not self.has_run():
@@ -452,3 +452,13 @@ def read_json(path):
     raise errors.DataError(
         f'{path} is not valid JSON ({error}); it may have been truncated. '
         'Restore it or delete it.') from error
+
+
+def read_json_object(path):
+  """`read_json` of a file that must hold a JSON object (a dict)."""
+  value = read_json(path)
+  if not isinstance(value, dict):
+    raise errors.DataError(
+        f'{path} holds {type(value).__name__} {str(value)[:40]!r}, not a JSON '
+        'object: it was damaged. Restore it or delete it.')
+  return value

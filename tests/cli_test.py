@@ -90,3 +90,23 @@ def test_verbose_shows_the_traceback_of_a_user_error(tmp_path):
                             '--verbose', check=False, timeout=300)
   assert result.returncode != 0
   assert 'Traceback' in result.stderr and 'image_size=0' in result.stderr
+
+
+@pytest.mark.parametrize('module, flags, expected', [
+    ('keras_sft.main', ['--config.precise_bn_batches=1.5'], '1.5'),
+    ('keras_sft.main', ['--config.max_image_pixels=nan'], 'nan'),
+    ('keras_sft.main', ['--no_such_flag=1'], 'no_such_flag'),
+    ('keras_sft.export', ['--checkpoint=newest'], 'newest'),
+])
+def test_flag_parsing_errors_are_one_line_with_status_2(tmp_path, module,
+                                                        flags, expected):
+  workdir = tmp_path / 'run'
+  result = _command(module, '--config=configs/cifar10_resnet50.py:smoke'
+                    if module == 'keras_sft.main' else '--top_k=1',
+                    f'--workdir={workdir}', *flags)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  [line] = _error_lines(result.stderr)
+  assert expected in line, result.stderr
+  assert 'FATAL' not in result.stderr
+  assert not os.path.exists(workdir)

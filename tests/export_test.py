@@ -22,8 +22,10 @@ import conftest
 import image_fixtures
 from configs import cifar10_resnet50
 from keras_sft import checkpointing
+from keras_sft import errors
 from keras_sft import input_pipeline
 from keras_sft import models
+from keras_sft import precise_bn
 from keras_sft import recipe
 from keras_sft import serving
 from keras_sft import workdir as workdir_lib
@@ -523,3 +525,52 @@ def test_a_crash_between_the_renames_is_repaired_by_the_next_export(
   # The previous export is back in place; nothing else is left.
   assert _export_dir_version(str(export_dir)) == 1
   assert os.listdir(tmp_path) == ['model']
+
+
+def _copy_of_run(workdir, tmp_path):
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy,
+                  ignore=shutil.ignore_patterns('export', 'tensorboard'))
+  return copy
+
+
+def test_last_falls_back_past_a_damaged_newest_backup(smoke_run, tmp_path):
+  """As a resumed run does: the export takes the newest backup that loads."""
+  workdir = _copy_of_run(smoke_run[0], tmp_path)
+  newest, step = conftest.latest_backup(workdir)
+  with open(newest, 'r+b') as file:
+    file.truncate(1000)
+  _, _, _, path = serving.restore_run_model(workdir, checkpoint='last')
+  assert path != newest
+  assert os.path.basename(path) == f'ckpt-{step - 1}.weights.h5'
+
+
+def test_damaged_best_weights_are_a_user_error(smoke_run, tmp_path):
+  workdir = _copy_of_run(smoke_run[0], tmp_path)
+  best = os.path.join(workdir_lib.Workdir(workdir).checkpoints,
+                      checkpointing.BEST_WEIGHTS)
+  with open(best, 'wb') as file:
+    file.write(b'not HDF5 at all')
+  with pytest.raises(errors.WorkdirError, match='--checkpoint=last'):
+    serving.restore_run_model(workdir, checkpoint='best')
+
+
+def test_last_re_estimates_bn_on_the_batches_training_used(
+    smoke_run, tmp_path, mock_cifar10):
+  """Whatever the process' random seed: the export's BN statistics are
+  those the run computed (its train stream under `config.seed`)."""
+  workdir = _copy_of_run(smoke_run[0], tmp_path)
+  run = workdir_lib.Workdir(workdir)
+  config = run.read_config()
+  config['precise_bn_batches'] = 2
+  workdir_lib.write_json(run.config_file, config)
+  keras.utils.set_random_seed(config['seed'] + 1234)
+  model, config, _, path = serving.restore_run_model(workdir, 'last')
+  exported = [np.array(v) for v in model.non_trainable_weights]
+  keras.utils.set_random_seed(config.seed)  # As train._start does.
+  batches = input_pipeline.from_config(config).train(start_step=0).take(2)
+  checkpointing.load_weights(model, path)
+  precise_bn.reestimate(model, batches)
+  for value, variable in zip(exported, model.non_trainable_weights):
+    np.testing.assert_allclose(value, np.array(variable), rtol=1e-5,
+                               atol=1e-6, err_msg=variable.path)

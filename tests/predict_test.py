@@ -117,3 +117,32 @@ def test_bad_files_are_error_records_and_the_good_ones_are_served(
     for message in errors.values():
       json.loads(json.dumps(message))
       assert '\n' not in message and 'node' not in message, message
+
+
+def _predict(*arguments):
+  return subprocess.run(
+      [sys.executable, '-m', 'keras_sft.predict', *arguments],
+      capture_output=True, text=True, cwd=conftest.REPO_ROOT,
+      env=conftest.cli_env(), timeout=300)
+
+
+def test_no_images_and_a_damaged_export_are_one_error_line(tmp_path):
+  image = tmp_path / 'a.png'
+  _write_png(image, np.zeros((4, 4, 3), np.uint8))
+  damaged = tmp_path / 'export' / '1'
+  damaged.mkdir(parents=True)
+  (damaged / 'saved_model.pb').write_bytes(b'not a SavedModel')
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  for arguments, expected in [
+      ([f'--export={damaged}', str(empty)], 'Give image files'),
+      ([f'--export={damaged}', str(image)], 'saved_model.pb'),
+      ([f'--export={tmp_path / "export"}', str(image)], 'saved_model.pb'),
+  ]:
+    result = _predict(*arguments)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines()
+             if line.startswith('error: ')]
+    assert len(lines) == 1 and expected in lines[0], result.stderr[-3000:]
+    assert 'flags:' not in result.stderr  # No usage text.

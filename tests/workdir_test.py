@@ -7,6 +7,7 @@ import ml_collections
 import pytest
 
 from configs import default as default_lib
+from keras_sft import errors
 from keras_sft import workdir as workdir_lib
 
 
@@ -284,3 +285,14 @@ def test_temporary_files_of_killed_writers_are_removed(tmp_path):
                                           'export']
   assert os.listdir(run.export) == []
   assert os.listdir(run.checkpoints) == ['ckpt-2.weights.h5']
+
+
+@pytest.mark.parametrize('text', ['[]', 'null', '"a string"', '3'])
+def test_a_config_json_that_is_not_an_object_is_a_data_error(tmp_path, text):
+  run = workdir_lib.Workdir(str(tmp_path))
+  with open(run.config_file, 'w') as file:
+    file.write(text)
+  with pytest.raises(errors.DataError, match='config.json'):
+    run.claim({'learning_rate': 0.1})
+  with pytest.raises(errors.DataError, match='config.json'):
+    run.read_config()
