@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import conftest
 from configs import cifar10_resnet50
 from keras_sft import batch_norm
 from keras_sft import checkpointing
@@ -156,16 +157,8 @@ def test_resumed_mid_epoch_ends_equal_with_ema_and_precise_bn(
   assert checkpointing.Checkpointer(
       workdir_lib.Workdir(workdir).checkpoints).latest()[1] == 3
   train.train_and_evaluate(_config(), workdir)
-  latest = [checkpointing.Checkpointer(workdir_lib.Workdir(w).checkpoints)
-            .latest()[0] for w in (workdir, reference)]
-  import h5py  # pylint: disable=g-import-not-at-top
-  arrays = []
-  for path in latest:
-    found = {}
-    with h5py.File(path, 'r') as file:
-      file.visititems(lambda name, item: found.__setitem__(name, item[()])
-                      if isinstance(item, h5py.Dataset) else None)
-    arrays.append(found)
+  arrays = [conftest.backup_arrays(conftest.latest_backup(w)[0])
+            for w in (workdir, reference)]
   assert arrays[0].keys() == arrays[1].keys()
   for name in arrays[1]:
     np.testing.assert_allclose(arrays[0][name], arrays[1][name], atol=1e-5,
