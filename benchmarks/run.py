@@ -166,7 +166,7 @@ def _ours(args, weight_decay):
   config.global_batch_size = args.batch_size
   config.weight_decay = weight_decay
   config.precision = args.precision
-  config.jit_compile = args.jit_compile
+  config.jit_compile = str(args.jit_compile)  # 'True' or 'False'
   # A constant learning rate of 0.01, as the plain-Keras baseline's.
   plan = recipe.Plan(steps_per_epoch=1, total_steps=10**9, warmup_steps=0,
                      peak_learning_rate=0.01, head_only_steps=0)
@@ -247,7 +247,7 @@ def run(args):
     export_dir = os.path.join(directory, 'export')
     serving.export_saved_model(ours, export_dir, size,
                               [str(i) for i in range(_NUM_CLASSES)])
-    serving = tf.saved_model.load(export_dir).signatures['serving_default']
+    signature = tf.saved_model.load(export_dir).signatures['serving_default']
     uint8_batch = tf.constant(images[:batch_size])
     inference = interleaved({
         'predict': call_seconds(
@@ -257,7 +257,7 @@ def run(args):
             lambda x: ours.evaluate(x, batch[1], batch_size=batch_size,
                                     verbose=0),
             batch[0], args.steps),
-        'serving': call_seconds(lambda x: serving(images=x), uint8_batch,
+        'serving': call_seconds(lambda x: signature(images=x), uint8_batch,
                                 args.steps),
     }, args.repeats)
   predict_rate = rate(images_per_repeat, inference['predict'])
