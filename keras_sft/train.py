@@ -324,8 +324,8 @@ def _fit_to_end(run, model):
   return True
 
 
-def _evaluate(run, model, ema):
-  """Evaluates the raw (`ema=False`) or EMA weights, BN re-estimated."""
+def _use_weights(run, model, ema):
+  """Puts the raw (`ema=False`) or EMA weights in, BN re-estimated."""
   if run.config.ema_momentum is not None:
     # Start from the raw weights of the newest backup (fit leaves the EMA
     # in the model); the other workers wait for the chief's backup.
@@ -333,6 +333,11 @@ def _evaluate(run, model, ema):
                      run.config.collective_timeout_seconds)
     run.checkpointer.restore(model)
   evaluation_weights.use(model, ema, _statistics_batches(run), run.strategy)
+
+
+def _evaluate(run, model, ema):
+  """Evaluates the raw (`ema=False`) or EMA weights, BN re-estimated."""
+  _use_weights(run, model, ema)
   step = checkpointing.trained_steps(model)
   weights = 'EMA' if ema else 'raw'
   bad = checkpointing.non_finite_variables(model)
@@ -372,7 +377,7 @@ def _evaluate_and_choose(run, model):
         '--config.ema_momentum for a run this short.',
         metrics['eval_ema']['accuracy'], metrics['eval_raw']['accuracy'])
     chosen = 'raw'
-    _evaluate(run, model, ema=False)
+    _use_weights(run, model, ema=False)
   metrics['exported_weights'] = chosen
   metrics['eval'] = metrics[f'eval_{chosen}']
   return metrics
