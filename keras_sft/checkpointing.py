@@ -124,7 +124,7 @@ def _write_weights(model, directory, name, attributes=None):
     if attributes:
       with h5py.File(temporary, 'a') as file:
         file.attrs.update(attributes)
-    _fsync_file(temporary)
+    workdir_lib.fsync_path(temporary)
     os.replace(temporary, path)
   except OSError as error:
     if workdir_lib.is_disk_full(error):
@@ -135,14 +135,6 @@ def _write_weights(model, directory, name, attributes=None):
   # On disk before anything (a pointer, a record) names the file.
   workdir_lib.fsync_directory(directory)
   return path
-
-
-def _fsync_file(path):
-  descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-  try:
-    os.fsync(descriptor)
-  finally:
-    os.close(descriptor)
 
 
 def _sha256(path):

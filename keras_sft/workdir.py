@@ -404,13 +404,18 @@ def is_disk_full(error):
           'Disk quota exceeded' in str(error))
 
 
-def fsync_directory(path):
-  """Flushes the entries of directory `path` (renames, new files) to disk."""
-  descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_path(path, flags=os.O_NOFOLLOW):
+  """Flushes file `path` (or, with `os.O_DIRECTORY`, a directory's entries)."""
+  descriptor = os.open(path, os.O_RDONLY | flags)
   try:
     os.fsync(descriptor)
   finally:
     os.close(descriptor)
+
+
+def fsync_directory(path):
+  """Flushes the entries of directory `path` (renames, new files) to disk."""
+  fsync_path(path, os.O_DIRECTORY)
 
 
 def write_json(path, value):
