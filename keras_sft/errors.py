@@ -66,6 +66,16 @@ def check_positive(name, value, optional=False):
                       f'{name}={value!r}')
 
 
+def check_integer(name, value, minimum, meaning=''):
+  """`value` is an int (not a bool) >= `minimum`; `meaning` explains it."""
+  if not (isinstance(value, int) and not isinstance(value, bool) and
+          value >= minimum):
+    kind = ('a positive integer' if minimum == 1 else
+            f'an integer >= {minimum}')
+    raise ConfigError(f'{name} must be {kind}{meaning}. Received: '
+                      f'{name}={value!r}')
+
+
 def check_non_negative(name, value):
   """`value` is a finite number >= 0."""
   if not (is_number(value) and math.isfinite(value) and value >= 0):

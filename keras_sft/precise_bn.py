@@ -31,12 +31,8 @@ from keras_sft import errors
 
 def check_config(config):
   """Checks `config.precise_bn_batches`."""
-  value = config.precise_bn_batches
-  if not (isinstance(value, int) and not isinstance(value, bool) and
-          value >= 0):
-    raise errors.ConfigError('precise_bn_batches must be an integer >= 0 '
-                             f'(0: off). Received: precise_bn_batches='
-                             f'{value!r}')
+  errors.check_integer('precise_bn_batches', config.precise_bn_batches, 0,
+                       ' (0: off)')
 
 
 def trainable_batch_norm_layers(model):

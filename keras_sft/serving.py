@@ -173,11 +173,8 @@ def check_config(config):
 
 
 def _check_max_image_pixels(value):
-  if not (isinstance(value, int) and not isinstance(value, bool) and
-          value > 0):
-    raise errors.ConfigError(
-        'max_image_pixels must be a positive integer (width x height of the '
-        f'largest image decoded). Received: max_image_pixels={value!r}')
+  errors.check_integer('max_image_pixels', value, 1,
+                       ' (width x height of the largest image decoded)')
 
 
 def _save(model, export_dir, image_size, class_names, top_k,
