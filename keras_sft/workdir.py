@@ -183,7 +183,8 @@ class Workdir:
     """
     current = config_to_dict(config)
     if self.has_run():
-      previous = read_json_object(self.config_file)
+      previous = with_keys_added_later(read_json_object(self.config_file),
+                                       current)
       if previous != current:
         raise errors.WorkdirError(
             f'workdir={self.path!r} holds another run; its config differs '
@@ -294,6 +295,35 @@ def _flatten(tree, prefix=''):
     else:
       flat[f'{prefix}{key}'] = value
   return flat
+
+
+# Config keys added after runs were started without them: the value that
+# gives such a run's behaviour. A run started before a key existed resumes
+# under a newer keras-sft when the key has this value now; otherwise the
+# difference is named like any other.
+KEYS_ADDED_LATER = {
+    # Added together (one release): step logs and the image pixel limit
+    # change no trained weight; BN momentum None was the layers' own; the
+    # runs before precise BN had none.
+    'log_every_steps': 100,
+    'max_image_pixels': 40_000_000,
+    'batch_norm_momentum': None,
+    'precise_bn_batches': 0,
+    # Training images were always randomly cropped and flipped.
+    'random_crop': True,
+    'random_flip': True,
+}
+
+
+def with_keys_added_later(previous, current):
+  """`previous` (a stored config) with the keys it predates filled in.
+
+  Only keys of `KEYS_ADDED_LATER` that `current` has and `previous` lacks
+  are added, with the value that reproduces the older behaviour.
+  """
+  missing = {key: value for key, value in KEYS_ADDED_LATER.items()
+             if key in current and key not in previous}
+  return {**previous, **missing}
 
 
 def _differences(previous, current):
