@@ -140,6 +140,9 @@ class Workdir:
   def read_config(self):
     """The run's config as a dict (from config.json).
 
+    Keys of `KEYS_ADDED_LATER` that the run predates are filled in with the
+    value that reproduces its behaviour.
+
     Raises:
       PathNotFoundError: no run has claimed this directory.
     """
@@ -148,7 +151,7 @@ class Workdir:
           f'{self.config_file} does not exist: workdir={self.path!r} holds no '
           'keras_sft run. Train first: python -m keras_sft.main '
           f'--config=CONFIG --workdir={self.path}')
-    return read_json_object(self.config_file)
+    return with_keys_added_later(read_json_object(self.config_file))
 
   def lock(self):
     """Takes the run's exclusive lock; use as a context manager to release.
@@ -315,14 +318,15 @@ KEYS_ADDED_LATER = {
 }
 
 
-def with_keys_added_later(previous, current):
+def with_keys_added_later(previous, current=None):
   """`previous` (a stored config) with the keys it predates filled in.
 
-  Only keys of `KEYS_ADDED_LATER` that `current` has and `previous` lacks
-  are added, with the value that reproduces the older behaviour.
+  The keys of `KEYS_ADDED_LATER` that `previous` lacks (and `current`, a
+  config to compare with, has) are added, with the value that reproduces
+  the older behaviour.
   """
   missing = {key: value for key, value in KEYS_ADDED_LATER.items()
-             if key in current and key not in previous}
+             if key not in previous and (current is None or key in current)}
   return {**previous, **missing}
 
 
