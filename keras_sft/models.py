@@ -345,10 +345,6 @@ class Preprocessing(keras.layers.Layer):
     return {**super().get_config(), 'mode': self.mode}
 
 
-# The ResNet50-era name of the layer ('caffe' mode by default).
-ResNetPreprocessing = Preprocessing
-
-
 def _imagenet_weights_help(model):
   keras_home = os.environ.get('KERAS_HOME',
                               os.path.join(os.path.expanduser('~'), '.keras'))

@@ -148,7 +148,8 @@ def build_model(config, num_classes, plan=None, pretrained=True):
         batch_norm_momentum=config.batch_norm_momentum,
         backbone_multiplier=config.backbone_learning_rate_multiplier,
         head_only_steps=plan.head_only_steps if plan else 0,
-        model=config.model)
+        # Runs from before the key existed have none in their config.json.
+        model=config.get('model', models.DEFAULT_MODEL))
     if plan is None:
       # A schedule, as in training, so the optimizer has no learning-rate
       # variable and a backup's optimizer state loads into it.

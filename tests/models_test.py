@@ -349,6 +349,32 @@ def test_freeze_until_freezes_exactly_the_named_stages(name):
   assert seen == set(stages)  # every stage name matches layers
 
 
+@pytest.mark.parametrize('name', _MATRIX)
+def test_family_under_mixed_bfloat16_and_every_batch_norm_policy(name):
+  """bf16 backbone, float32 preprocessing and logits; BN frozen, then
+  synchronized (families with BN; ConvNeXt refuses both, tested below)."""
+  has_batch_norm = models.family_of(name).has_batch_norm
+  with precision.global_policy('mixed_bfloat16'):
+    network = models.create_network(
+        _CLASSES, _SIZE, weights=None, model=name,
+        batch_norm='frozen' if has_batch_norm else 'trained')
+  layers = _leaf_layers(network)
+  assert network.get_layer('preprocessing').compute_dtype == 'float32'
+  convolutions = [layer for layer in layers
+                  if isinstance(layer, keras.layers.Conv2D)]
+  assert {layer.compute_dtype for layer in convolutions} == {'bfloat16'}
+  images = np.random.default_rng(2).integers(
+      0, 256, (2, _SIZE, _SIZE, 3)).astype(np.uint8)
+  logits = keras.ops.convert_to_numpy(network(images, training=True))
+  assert logits.dtype == np.float32 and np.isfinite(logits).all()
+  batch_norms = [layer for layer in layers
+                 if isinstance(layer, keras.layers.BatchNormalization)]
+  assert not any(layer.trainable for layer in batch_norms)
+  assert models.set_batch_norm_policy(network, 'synchronized') == len(
+      batch_norms)
+  assert all(layer.synchronized for layer in batch_norms)
+
+
 def _config(**overrides):
   config = default_lib.get_config()
   config.weights = None

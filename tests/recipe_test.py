@@ -1,5 +1,6 @@
 """Tests of keras_sft.recipe: derived numbers, schedule choice, the builder."""
 
+import ml_collections
 import pytest
 import tensorflow as tf
 
@@ -54,6 +55,12 @@ def test_build_model_applies_the_recipe_keys():
   config.batch_norm = 'frozen'
   config.ema_momentum = 0.9
   config.precision = 'mixed_bfloat16'
+  # As `serving.restore_run_model` reads the config.json of a run from
+  # before `model` existed: no such key, so ResNet50.
+  config = ml_collections.ConfigDict(
+      {key: value for key, value in config.to_dict().items()
+       if key != 'model'})
+  assert 'model' not in config
   model = recipe.build_model(config, num_classes=3)
   assert model.optimizer.built and model.optimizer.use_ema
   backbone = model.network.get_layer('resnet50')
