@@ -29,6 +29,7 @@ import keras
 
 from keras_sft import batch_norm as batch_norm_module
 from keras_sft import classifier
+from keras_sft import depthwise
 from keras_sft import errors
 
 # config.batch_norm: how the backbone's BatchNormalization layers train.
@@ -593,6 +594,9 @@ def create_network(num_classes, image_size, weights='imagenet',
     # Same weights and arithmetic, one kernel per BatchNormalization layer
     # (keras_sft.batch_norm).
     backbone = batch_norm_module.fuse(backbone)
+  # ConvNeXt's depthwise Conv2D layers on the depthwise kernel instead of
+  # one XLA function each (keras_sft.depthwise); same weights.
+  backbone = depthwise.replace(backbone)
   set_batch_norm_policy(backbone, batch_norm, batch_norm_momentum)
   frozen = freeze_until(backbone, freeze_until_stage, model)
   if frozen:

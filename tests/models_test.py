@@ -17,6 +17,7 @@ import conftest
 from configs import default as default_lib
 from keras_sft import batch_norm
 from keras_sft import classifier
+from keras_sft import depthwise
 from keras_sft import errors
 from keras_sft import input_pipeline
 from keras_sft import models
@@ -266,6 +267,9 @@ def test_family_trains_and_its_export_agrees_without_keras_sft(
   # Every BatchNormalization is the fused one.
   assert all(type(layer) is batch_norm.BatchNormalization  # pylint: disable=unidiomatic-typecheck
              for layer in batch_norms)
+  # Every depthwise Conv2D (ConvNeXt's) runs on the depthwise kernel.
+  assert all(type(layer) is depthwise.Conv2D  # pylint: disable=unidiomatic-typecheck
+             for layer in _leaf_layers(network) if depthwise.is_depthwise(layer))
   # Random weights give logits up to ~1e7 (ResNet50V2): relative agreement.
   np.testing.assert_allclose(result['served'], result['logits'], rtol=1e-4,
                              atol=1e-4)
