@@ -119,9 +119,9 @@ def get_config():
   config.nesterov = False
   # AdamW's decoupled weight decay (not the L2 term below). Only for 'adamw'.
   config.adamw_weight_decay = 0.0
-  # λ in loss = cross-entropy + λ·Σ‖w‖², summed over the kernels of Conv
-  # (depthwise too) and Dense layers (no ½; biases, BatchNorm, LayerNorm and
-  # ConvNeXt's LayerScale excluded). The gradient of the
+  # λ in loss = cross-entropy + λ·Σ‖w‖², summed over the kernels of
+  # Conv (depthwise too) and Dense layers (no ½; biases, BatchNorm,
+  # LayerNorm and ConvNeXt's LayerScale excluded). The gradient of the
   # term is 2λw, so λ = wd / 2 for an SGD "weight_decay" of wd.
   config.weight_decay = 5e-5
 

@@ -97,7 +97,8 @@ def _mobilenet_v3_stage(layer_name, backbone_name):
   if not match:
     return None
   block = int(match.group(1) or 0)
-  return f'stage{1 + sum(block >= start for start in _MOBILENET_V3_LARGE_STAGE_STARTS)}'
+  stage = 1 + sum(block >= start for start in _MOBILENET_V3_LARGE_STAGE_STARTS)
+  return f'stage{stage}'
 
 
 _RESNET_STAGES = ('conv1', 'conv2', 'conv3', 'conv4', 'conv5')

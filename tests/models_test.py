@@ -160,7 +160,7 @@ def test_preprocessing_is_exact_float32_under_mixed_bfloat16():
     np.testing.assert_array_equal(actual, expected)
 
 
-# --- Backbone families ---------------------------------------------------------
+# --- Backbone families -------------------------------------------------------
 # By default the cheapest member of each family; KERAS_SFT_ALL_BACKBONES=1
 # runs every `models.BACKBONES` entry (README "Backbones").
 _MATRIX = [name for name, spec in models.BACKBONES.items()
@@ -269,7 +269,8 @@ def test_family_trains_and_its_export_agrees_without_keras_sft(
              for layer in batch_norms)
   # Every depthwise Conv2D (ConvNeXt's) runs on the depthwise kernel.
   assert all(type(layer) is depthwise.Conv2D  # pylint: disable=unidiomatic-typecheck
-             for layer in _leaf_layers(network) if depthwise.is_depthwise(layer))
+             for layer in _leaf_layers(network)
+             if depthwise.is_depthwise(layer))
   # Random weights give logits up to ~1e7 (ResNet50V2): relative agreement.
   np.testing.assert_allclose(result['served'], result['logits'], rtol=1e-4,
                              atol=1e-4)
