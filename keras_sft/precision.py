@@ -10,7 +10,7 @@ it and restores the previous one after, so library callers are not left with
 a changed global. Layers keep the policy they were built with.
 
 What stays float32 under a mixed policy: every variable (Keras' mixed
-policies keep float32 variables), the ImageNet-mean subtraction
+policies keep float32 variables), the backbone's input preprocessing
 (`models.Preprocessing`) and the classification head (both built with
 `dtype='float32'`), the loss and λ·R(θ) (`keras_sft.classifier`). Under
 'mixed_float16' `Model.compile` wraps the optimizer in a
