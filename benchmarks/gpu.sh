@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # ResNet50 training throughput on GPUs at 224px, bf16: one GPU without and
-# with XLA, then every GPU under MirroredStrategy. Under 8 minutes on one
-# H200-class GPU; writes benchmarks/gpu-*.json and prints a table per run.
+# with XLA, then every GPU under MirroredStrategy; then the train step and
+# the export of one backbone per family, as ratios to ResNet50 (README
+# "Backbones"). Writes benchmarks/gpu-*.json and prints a table per run.
 #
 #   bash benchmarks/gpu.sh
 set -euo pipefail
@@ -15,3 +16,6 @@ python benchmarks/run.py "${common[@]}" --jit_compile=true \
   --out=benchmarks/gpu-1gpu-xla.json
 python benchmarks/run.py "${common[@]}" --distribution=mirrored \
   --out=benchmarks/gpu-mirrored.json
+python benchmarks/run.py "${common[@]}" --jit_compile=false \
+  --model=resnet50,resnet50v2,efficientnetv2_b0,convnext_tiny,mobilenetv3_large \
+  --out=benchmarks/gpu-backbones.json

@@ -2,6 +2,8 @@ r"""Throughput of keras-sft beside plain-Keras baselines, measured in one run.
 
     python benchmarks/run.py --out=benchmarks/results.json
     python benchmarks/run.py --quick      # seconds-sized, to keep it working
+    python benchmarks/run.py --model=convnext_tiny   # the rows for one backbone
+    python benchmarks/run.py --model=resnet50,efficientnetv2_b0,convnext_tiny
 
 Each row gives images/s (the median repeat) next to a baseline measured in the
 same process on the same shapes, and their speed ratio (> 1: faster than the
@@ -15,6 +17,12 @@ Rows:
   our train step                          vs our step with λ = 0 (no L2 term)
   our `evaluate`                          vs `model.predict`
   the exported SavedModel                 vs `model.predict`
+
+`--model=NAME` (a `config.model` value, default resnet50) measures these rows
+for that backbone (the plain-Keras baseline is the same keras.applications
+constructor). With several comma-separated names it measures, per backbone,
+the training step and the exported SavedModel, interleaved, each as images/s
+and as a speed ratio to the first name (README "Backbones").
 
 Data are random uint8 images held in memory, so no download is needed and the
 step timings exclude any disk reads.
@@ -40,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import default as default_lib  # pylint: disable=g-import-not-at-top
 from keras_sft import distribution  # pylint: disable=g-import-not-at-top
 from keras_sft import input_pipeline  # pylint: disable=g-import-not-at-top
+from keras_sft import models  # pylint: disable=g-import-not-at-top
 from keras_sft import recipe  # pylint: disable=g-import-not-at-top
 from keras_sft import serving  # pylint: disable=g-import-not-at-top
 
@@ -157,10 +166,11 @@ def call_seconds(function, images, steps):
   return timer
 
 
-def _ours(args, weight_decay):
+def _ours(args, weight_decay, model=None):
   """Our model as a run builds it (`recipe.build_model`), random weights."""
   keras.utils.set_random_seed(0)
   config = default_lib.get_config()
+  config.model = model or args.models[0]
   config.weights = None
   config.image_size = args.image_size
   config.global_batch_size = args.batch_size
@@ -178,8 +188,10 @@ def _ours(args, weight_decay):
 
 def _plain_keras(args):
   keras.utils.set_random_seed(0)
+  constructor = getattr(keras.applications,
+                        models.backbone_spec(args.models[0]).constructor)
   with args.strategy.scope():
-    backbone = keras.applications.ResNet50(
+    backbone = constructor(
         include_top=False, weights=None, pooling='avg',
         input_shape=(args.image_size, args.image_size, 3))
     outputs = keras.layers.Dense(_NUM_CLASSES, dtype='float32')(
@@ -190,6 +202,33 @@ def _plain_keras(args):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=['accuracy'], jit_compile=args.jit_compile)
   return model
+
+
+def _backbone_rows(args, batch, uint8_batch, add):
+  """Train step and export of each of `args.models`, against the first."""
+  timers = {}
+  with tempfile.TemporaryDirectory() as directory:
+    for model in args.models:
+      ours = _ours(args, weight_decay=5e-5, model=model)
+      timers[f'train {model}'] = fit_seconds(ours, batch, args.steps)
+      export_dir = os.path.join(directory, model)
+      serving.export_saved_model(ours, export_dir, args.image_size,
+                                 [str(i) for i in range(_NUM_CLASSES)])
+      signature = tf.saved_model.load(
+          export_dir).signatures['serving_default']
+      timers[f'serving {model}'] = call_seconds(
+          lambda x, signature=signature: signature(images=x), uint8_batch,
+          args.steps)
+    seconds = interleaved(timers, args.repeats)
+  images_per_repeat = args.steps * args.batch_size
+  first = args.models[0]
+  for kind in ('train', 'serving'):
+    base = seconds[f'{kind} {first}']
+    for model in args.models:
+      own = seconds[f'{kind} {model}']
+      add(f'{kind}, {model}', rate(images_per_repeat, own),
+          f'{kind}, {first}', rate(images_per_repeat, base),
+          paired_ratio(own, base))
 
 
 def run(args):
@@ -208,6 +247,10 @@ def run(args):
                  'baseline': baseline,
                  'baseline_images_per_second': baseline_images_per_second,
                  'ratio': ratio, 'target': target})
+
+  if len(args.models) > 1:
+    _backbone_rows(args, batch, tf.constant(images[:batch_size]), add)
+    return _results(args, rows)
 
   # Training: ours, ours without the λ·R(θ) term, plain Keras, interleaved.
   ours = _ours(args, weight_decay=5e-5)
@@ -269,6 +312,10 @@ def run(args):
       predict_rate, paired_ratio(inference['serving'], inference['predict']),
       target='>= 1.0')
 
+  return _results(args, rows)
+
+
+def _results(args, rows):
   settings = {key: value for key, value in vars(args).items()
               if key != 'strategy'}
   settings['replicas'] = args.strategy.num_replicas_in_sync
@@ -287,11 +334,11 @@ def run(args):
 
 
 def format_table(results):
-  lines = [f'{"what":42} {"images/s":>10}  {"baseline":24} {"images/s":>10} '
+  lines = [f'{"what":52} {"images/s":>10}  {"baseline":24} {"images/s":>10} '
            f'{"ratio":>7}  target']
   for row in results['rows']:
     lines.append(
-        f'{row["name"]:42} {row["images_per_second"]:10.1f}  '
+        f'{row["name"]:52} {row["images_per_second"]:10.1f}  '
         f'{row["baseline"]:24} {row["baseline_images_per_second"]:10.1f} '
         f'{row["ratio"]:7.2f}  {row["target"] or ""}')
   return '\n'.join(lines)
@@ -315,10 +362,17 @@ def parse_args(argv=None):
   parser.add_argument('--repeats', type=int, default=15,
                       help='Interleaved rounds.')
   parser.add_argument('--num_examples', type=int, default=4096)
+  parser.add_argument(
+      '--model', default=models.DEFAULT_MODEL,
+      help='A config.model value, or several comma-separated: then the '
+      'train step and the export of each, as ratios to the first.')
   parser.add_argument('--quick', action='store_true',
                       help='Tiny sizes: checks the script works, not speed.')
   parser.add_argument('--out', default=None, help='Write JSON results here.')
   args = parser.parse_args(argv)
+  args.models = args.model.split(',')
+  for model in args.models:
+    models.backbone_spec(model)  # Unknown names fail here, listing them.
   if args.quick:
     args.batch_size, args.steps, args.pipeline_steps = 8, 2, 5
     args.repeats, args.num_examples = 2, 64

@@ -63,14 +63,21 @@ def get_config():
   config.cache = True
 
   # --- Model ----------------------------------------------------------------
+  # The backbone, from keras.applications (README "Backbones"): 'resnet50',
+  # 'resnet101', 'resnet152', 'resnet50v2', 'efficientnetv2_b0' ... '_b3',
+  # 'efficientnetv2_s', 'convnext_tiny', 'convnext_small' or
+  # 'mobilenetv3_large'. Each gets its own preprocessing inside the network.
+  config.model = 'resnet50'
   # 'imagenet', None (random initialization) or a path to a local
-  # `.weights.h5`/`.h5` file of ResNet50 without its top, for offline runs.
+  # `.weights.h5`/`.h5` file of the model without its top, for offline runs
+  # (README "Backbones" names each model's file).
   config.weights = ml_collections.FieldReference('imagenet', field_type=str)
   # Dropout before the new classification head; 0 disables it.
   config.dropout_rate = 0.0
   # The backbone's BatchNormalization layers: 'trained' (Keras' default),
   # 'frozen' (non-trainable: inference mode, moving statistics and γ/β kept)
-  # or 'synchronized' (batch statistics all-reduced across replicas).
+  # or 'synchronized' (batch statistics all-reduced across replicas). ConvNeXt
+  # has no BatchNormalization: only 'trained' (and momentum None) there.
   config.batch_norm = 'trained'
   # Momentum m of the BN moving statistics, moving = m·moving + (1 - m)·batch;
   # None: the layers' own (0.99 in Keras' ResNet50; PyTorch's momentum=0.1 is
@@ -88,8 +95,9 @@ def get_config():
   # fine-tuning proxy (100 images/class) 77.1% -> 88.1%, above
   # batch_norm='frozen' (86.1%). Costs 20 forward passes per evaluation.
   config.precise_bn_batches = 20
-  # None, or 'conv1'..'conv5': freeze ResNet50 up to and including that
-  # stage for the whole run (non-trainable, not decayed, BN in inference).
+  # None, or a stage of the model (ResNets: 'conv1'..'conv5'; others in
+  # README "Backbones"): freeze the backbone up to and including that stage
+  # for the whole run (non-trainable, not decayed, BN in inference).
   config.freeze_until = ml_collections.FieldReference(None, field_type=str)
 
   # --- Optimization ---------------------------------------------------------
@@ -118,8 +126,9 @@ def get_config():
   config.nesterov = False
   # AdamW's decoupled weight decay (not the L2 term below). Only for 'adamw'.
   config.adamw_weight_decay = 0.0
-  # λ in loss = cross-entropy + λ·Σ‖w‖², summed over the kernels of Conv and
-  # Dense layers (no ½; biases and BatchNorm excluded). The gradient of the
+  # λ in loss = cross-entropy + λ·Σ‖w‖², summed over the kernels of
+  # Conv (depthwise too) and Dense layers (no ½; biases, BatchNorm,
+  # LayerNorm and ConvNeXt's LayerScale excluded). The gradient of the
   # term is 2λw, so λ = wd / 2 for an SGD "weight_decay" of wd.
   config.weight_decay = 5e-5
 

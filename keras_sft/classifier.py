@@ -1,7 +1,9 @@
 """A `keras.Model` that trains on cross-entropy + λ·R(θ).
 
-R(θ) = Σ‖w‖² summed over the kernels of the Conv and Dense layers that are
-trainable; biases, BatchNorm scales and offsets are not decayed. No ½ is
+R(θ) = Σ‖w‖² summed over the kernels of the Conv (depthwise included) and
+Dense layers that are trainable; biases, BatchNorm and LayerNorm scales and
+offsets and ConvNeXt's LayerScale are not decayed (`models.FAMILIES` lists
+the decayed layer types of each backbone family). No ½ is
 included, as in `keras.regularizers.L2`: the gradient of λ·R is 2λw.
 
 Under a `tf.distribute` strategy, Keras 3 divides the compiled loss by the
@@ -45,11 +47,15 @@ _DECAYED_LAYER_TYPES = (
     keras.layers.Conv1DTranspose,
     keras.layers.Conv2DTranspose,
     keras.layers.Conv3DTranspose,
+    # Not Conv subclasses in Keras 3; EfficientNetV2 and MobileNetV3 have
+    # them (ConvNeXt's depthwise convolutions are grouped Conv2D layers).
+    keras.layers.DepthwiseConv1D,
+    keras.layers.DepthwiseConv2D,
 )
 
 
 def decayed_variables(model):
-  """Returns the trainable kernels of Conv and Dense layers in `model`."""
+  """Returns the trainable kernels of Conv, DepthwiseConv and Dense layers."""
   kernels = []
   for layer in model._flatten_layers(include_self=False):  # pylint: disable=protected-access
     if isinstance(layer, _DECAYED_LAYER_TYPES) and layer.kernel.trainable:

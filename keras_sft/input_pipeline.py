@@ -7,7 +7,8 @@
 
 Images leave the pipeline as float32 RGB in [0, 255], shape
 `[batch, image_size, image_size, 3]`; labels as int64 `[batch]`. The model
-applies ResNet50's own preprocessing, so the pipeline never normalizes.
+applies its backbone's own preprocessing (`models.Preprocessing`), so the
+pipeline never normalizes.
 
 The training stream is deterministic for a given seed: the shuffle order is
 seeded and every random augmentation is a stateless op seeded by

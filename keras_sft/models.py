@@ -1,31 +1,246 @@
-"""The fine-tuning network: ResNet50 backbone and a new classification head.
+"""The fine-tuning network: a keras.applications backbone and a new head.
+
+`config.model` names the backbone (`BACKBONES`, README "Backbones"):
+ResNet50 (the default), ResNet101/152, ResNet50V2, EfficientNetV2 B0-B3 and
+S, ConvNeXt Tiny/Small, MobileNetV3 Large, all built by `keras.applications`
+without their top. One `Family` row per family says what differs: the input
+preprocessing, the stage names of `freeze_until`, which layer types the
+λ·R(θ) term decays, and whether it has BatchNormalization layers.
 
 The network takes RGB images with values in [0, 255] (uint8 or float) and
-applies ResNet50's own preprocessing inside the graph, so training, evaluation
-and the serving export all feed the backbone what its weights expect. Its
-BatchNormalization layers run TensorFlow's fused kernel
-(`keras_sft.batch_norm`), with Keras' weights and arithmetic, except under
-`batch_norm='synchronized'`, where Keras' own cross-replica computation runs.
+applies the backbone's own preprocessing inside the graph, in float32, so
+training, evaluation and the serving export all feed the backbone what its
+weights expect. Families whose Keras constructor preprocesses inside the
+model (EfficientNetV2, ConvNeXt, MobileNetV3) are built with
+`include_preprocessing=False` and get the same Keras layers, in float32, in
+the network's 'preprocessing' layer instead. BatchNormalization layers run
+TensorFlow's fused kernel (`keras_sft.batch_norm`), with Keras' weights and
+arithmetic, except under `batch_norm='synchronized'`, where Keras' own
+cross-replica computation runs.
 """
 
+import dataclasses
 import logging
 import os
+import re
 
+import h5py
 import keras
 
 from keras_sft import batch_norm as batch_norm_module
 from keras_sft import classifier
+from keras_sft import depthwise
 from keras_sft import errors
-
-# The file Keras downloads for `ResNet50(include_top=False, weights=
-# 'imagenet')` and looks for first in $KERAS_HOME/models/.
-IMAGENET_NOTOP_WEIGHTS = 'resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5'
-
 
 # config.batch_norm: how the backbone's BatchNormalization layers train.
 BATCH_NORM_POLICIES = ('trained', 'frozen', 'synchronized')
-# ResNet50's stages, by the prefix of their layer names ('pool1_*' is conv1's).
-STAGES = ('conv1', 'conv2', 'conv3', 'conv4', 'conv5')
+
+# The ImageNet mean and standard deviation of the 'torch' preprocessing.
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+# Preprocessing modes of `Preprocessing`, from images in [0, 255]:
+#   'caffe': RGB to BGR, minus the ImageNet mean (resnet.preprocess_input).
+#   'tf': to [-1, 1] as x / 127.5 - 1 (resnet_v2.preprocess_input).
+#   'torch_in_model': x / 255, minus the mean, over the std, as the Rescaling
+#     and Normalization layers of EfficientNetV2 B0-B3.
+#   'half_128': x / 128 - 1, the Rescaling layer of EfficientNetV2 S.
+#   'half_127.5': x / 127.5 - 1, the Rescaling layer of MobileNetV3.
+#   'imagenet_255': minus 255·mean, over 255·std, ConvNeXt's PreStem.
+PREPROCESSING_MODES = ('caffe', 'tf', 'torch_in_model', 'half_128',
+                       'half_127.5', 'imagenet_255')
+
+
+def _resnet_stage(layer_name, backbone_name):
+  del backbone_name  # ResNet layer names carry no model prefix.
+  prefix = layer_name.split('_', 1)[0]
+  if prefix == 'pool1':
+    return 'conv1'
+  if prefix == 'post':  # ResNet50V2's post_bn and post_relu, after conv5.
+    return 'conv5'
+  return prefix if prefix in _RESNET_STAGES else None
+
+
+def _efficientnet_v2_stage(layer_name, backbone_name):
+  del backbone_name
+  match = re.match(r'(stem|top)_|(block\d+)[a-z]+_', layer_name)
+  if not match:
+    return None
+  return match.group(1) or match.group(2)
+
+
+def _convnext_stage(layer_name, backbone_name):
+  name = layer_name[len(backbone_name) + 1:] if layer_name.startswith(
+      backbone_name + '_') else layer_name
+  if name.startswith('stem'):
+    return 'stem'
+  match = re.match(r'(?:stage|downsampling_block)_(\d+)', name)
+  if match:  # Downsampling block i opens stage i.
+    return f'stage_{match.group(1)}'
+  if re.fullmatch(r'layer_normalization(_\d+)?', name):
+    # The unnamed LayerNormalization after the last stage (no-top models).
+    return 'stage_3'
+  return None
+
+
+# MobileNetV3Large: the first inverted-residual block of stages 2-5 (each
+# halves the resolution); block 0 is stage 1, 'conv_1' (last 1x1) stage 5.
+_MOBILENET_V3_LARGE_STAGE_STARTS = (1, 3, 6, 12)
+
+
+def _mobilenet_v3_stage(layer_name, backbone_name):
+  del backbone_name
+  if layer_name in ('conv', 'conv_bn'):
+    return 'stem'
+  if layer_name.startswith('conv_1'):
+    return 'stage5'
+  match = re.match(r'expanded_conv_(?:(\d+)_)?', layer_name)
+  if not match:
+    return None
+  block = int(match.group(1) or 0)
+  stage = 1 + sum(block >= start for start in _MOBILENET_V3_LARGE_STAGE_STARTS)
+  return f'stage{stage}'
+
+
+_RESNET_STAGES = ('conv1', 'conv2', 'conv3', 'conv4', 'conv5')
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """What keras-sft needs to know about one keras.applications family.
+
+  Attributes:
+    name: The family, e.g. 'resnet'.
+    module: `keras.applications.<module>`, whose `preprocess_input` the
+      network's preprocessing equals (for families that preprocess inside
+      the model, that function is the identity and the model's own layers
+      are the reference).
+    stages: `freeze_until`'s stage names, in order.
+    stage_of: `(layer_name, backbone_name)` -> stage or None (layers without
+      weights of no stage: inputs, activations, additions).
+    decayed_layer_types: Class names of the layers whose `kernel` λ·R(θ)
+      decays (`classifier.decayed_variables`); everything else (biases,
+      BatchNorm, LayerNorm, ConvNeXt's LayerScale) is not.
+    has_batch_norm: False when the family has no BatchNormalization layer:
+      `batch_norm` other than 'trained' and `batch_norm_momentum` are refused
+      (precise BN then has nothing to re-estimate and costs nothing).
+    include_preprocessing: The constructor takes `include_preprocessing`
+      (passed False: the network's own float32 layer preprocesses).
+  """
+  name: str
+  module: str
+  stages: tuple
+  stage_of: object
+  decayed_layer_types: tuple
+  has_batch_norm: bool = True
+  include_preprocessing: bool = False
+
+
+FAMILIES = {
+    'resnet': Family(
+        'resnet', 'resnet', _RESNET_STAGES, _resnet_stage, ('Conv2D',)),
+    'resnet_v2': Family(
+        'resnet_v2', 'resnet_v2', _RESNET_STAGES, _resnet_stage,
+        ('Conv2D',)),
+    'efficientnet_v2': Family(
+        'efficientnet_v2', 'efficientnet_v2',
+        ('stem', 'block1', 'block2', 'block3', 'block4', 'block5', 'block6',
+         'top'), _efficientnet_v2_stage, ('Conv2D', 'DepthwiseConv2D'),
+        include_preprocessing=True),
+    'convnext': Family(
+        'convnext', 'convnext',
+        ('stem', 'stage_0', 'stage_1', 'stage_2', 'stage_3'),
+        # Depthwise convolutions are grouped Conv2D layers, pointwise ones
+        # Dense layers; LayerNormalization and LayerScale are not decayed.
+        _convnext_stage, ('Conv2D', 'Dense'), has_batch_norm=False,
+        include_preprocessing=True),
+    'mobilenet_v3': Family(
+        'mobilenet_v3', 'mobilenet_v3',
+        ('stem', 'stage1', 'stage2', 'stage3', 'stage4', 'stage5'),
+        _mobilenet_v3_stage, ('Conv2D', 'DepthwiseConv2D'),
+        include_preprocessing=True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+  """One `config.model` value.
+
+  Attributes:
+    name: The `config.model` value.
+    family: A `FAMILIES` key.
+    constructor: The `keras.applications` function.
+    preprocessing: A `PREPROCESSING_MODES` value.
+    weights_file: The no-top ImageNet weights file Keras downloads (and looks
+      for first in $KERAS_HOME/models/): the offline route's file name.
+    cheapest: The member of its family the default tests run.
+  """
+  name: str
+  family: str
+  constructor: str
+  preprocessing: str
+  weights_file: str
+  cheapest: bool = False
+
+
+def _resnet(name, constructor, family='resnet', preprocessing='caffe',
+            cheapest=False):
+  return Backbone(name, family, constructor, preprocessing,
+                  f'{name}_weights_tf_dim_ordering_tf_kernels_notop.h5',
+                  cheapest)
+
+
+def _efficientnet_v2(variant, cheapest=False):
+  return Backbone(
+      f'efficientnetv2_{variant}', 'efficientnet_v2',
+      f'EfficientNetV2{variant.upper()}',
+      'half_128' if variant == 's' else 'torch_in_model',
+      f'efficientnetv2-{variant}_notop.h5', cheapest)
+
+
+BACKBONES = {backbone.name: backbone for backbone in (
+    _resnet('resnet50', 'ResNet50', cheapest=True),
+    _resnet('resnet101', 'ResNet101'),
+    _resnet('resnet152', 'ResNet152'),
+    _resnet('resnet50v2', 'ResNet50V2', family='resnet_v2',
+            preprocessing='tf', cheapest=True),
+    _efficientnet_v2('b0', cheapest=True),
+    _efficientnet_v2('b1'),
+    _efficientnet_v2('b2'),
+    _efficientnet_v2('b3'),
+    _efficientnet_v2('s'),
+    Backbone('convnext_tiny', 'convnext', 'ConvNeXtTiny', 'imagenet_255',
+             'convnext_tiny_notop.h5', cheapest=True),
+    Backbone('convnext_small', 'convnext', 'ConvNeXtSmall', 'imagenet_255',
+             'convnext_small_notop.h5'),
+    Backbone('mobilenetv3_large', 'mobilenet_v3', 'MobileNetV3Large',
+             'half_127.5',
+             'weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5',
+             cheapest=True),
+)}
+DEFAULT_MODEL = 'resnet50'
+
+# ResNet50's stages (the default model's), kept for callers of the ResNet50
+# era; `stages(model)` gives any model's.
+STAGES = _RESNET_STAGES
+# The file Keras downloads for `ResNet50(include_top=False, weights=
+# 'imagenet')` and looks for first in $KERAS_HOME/models/.
+IMAGENET_NOTOP_WEIGHTS = BACKBONES[DEFAULT_MODEL].weights_file
+
+
+def backbone_spec(model):
+  """The `Backbone` row of `config.model` value `model`."""
+  errors.check_choice('model', model, tuple(BACKBONES))
+  return BACKBONES[model]
+
+
+def family_of(model):
+  """The `Family` row of `config.model` value `model`."""
+  return FAMILIES[backbone_spec(model).family]
+
+
+def stages(model):
+  """`freeze_until`'s stage names for `model`, in order."""
+  return family_of(model).stages
 
 
 # The first bytes of every HDF5 file (Keras' .h5 and .weights.h5 formats).
@@ -37,53 +252,119 @@ class WeightsUnavailableError(errors.UnavailableError):
 
 
 def check_config(config):
-  """Checks the model keys of the config; reads the weights file's header."""
-  resolve_weights(config.weights)
+  """Checks the model keys of the config; reads the weights file's header.
+
+  Builds nothing (a strategy may not exist yet): whether a weights file fits
+  the model is checked by `create_network`, before its weights are loaded.
+  """
+  resolve_weights(config.weights, config.model)
   errors.check_fraction('dropout_rate', config.dropout_rate)
   errors.check_choice('batch_norm', config.batch_norm, BATCH_NORM_POLICIES)
   errors.check_fraction('batch_norm_momentum', config.batch_norm_momentum,
                         optional=True)
-  errors.check_choice('freeze_until', config.freeze_until, STAGES,
-                      optional=True)
+  check_freeze_until(config.model, config.freeze_until)
+  check_batch_norm_support(config.model, config.batch_norm,
+                           config.batch_norm_momentum)
+
+
+def check_freeze_until(model, stage):
+  """`stage` is None or one of `model`'s stage names."""
+  if stage is not None and stage not in stages(model):
+    raise errors.ConfigError(
+        f'Unknown freeze_until for model={model!r}: freeze_until={stage!r}. '
+        f'Expected None or one of {stages(model)}.')
+
+
+def check_batch_norm_support(model, policy, momentum):
+  """Refuses BN settings for a family without BatchNormalization layers."""
+  if family_of(model).has_batch_norm:
+    return
+  if policy != 'trained' or momentum is not None:
+    raise errors.ConfigError(
+        f'model={model!r} has no BatchNormalization layers (its family '
+        f'{family_of(model).name!r} normalizes with LayerNormalization), so '
+        f'batch_norm={policy!r} and batch_norm_momentum={momentum!r} would '
+        "do nothing. Use batch_norm='trained' and batch_norm_momentum=None.")
 
 
 @keras.saving.register_keras_serializable(package='keras_sft')
-class ResNetPreprocessing(keras.layers.Layer):
-  """ResNet50's 'caffe' preprocessing: RGB to BGR, minus the ImageNet mean.
+class Preprocessing(keras.layers.Layer):
+  """A backbone's input preprocessing, from [0, 255], in float32.
 
-  Same arithmetic as `keras.applications.resnet50.preprocess_input`, as a
-  named, serializable layer. It computes in float32 unless given another
-  `dtype`, also under a mixed policy: bfloat16 has a spacing of 0.5 to 1
-  between 64 and 255, so subtracting the mean there rounded the input and
-  the mean (104 - 103.939 gave 0, not 0.061). The next layer casts the
-  exact result to its compute dtype.
+  Same arithmetic as the backbone's Keras code (its `preprocess_input`, or
+  the Rescaling/Normalization layers its constructor puts inside the model),
+  as one named, serializable layer; `mode` is one of `PREPROCESSING_MODES`.
+  It computes in float32 unless given another `dtype`, also under a mixed
+  policy: bfloat16 has a spacing of 0.5 to 1 between 64 and 255, so
+  subtracting the mean there rounded the input and the mean (104 - 103.939
+  gave 0, not 0.061). The next layer casts the exact result to its compute
+  dtype. In a SavedModel it is plain TensorFlow ops (no Python object).
   """
 
-  def __init__(self, **kwargs):
+  def __init__(self, mode='caffe', **kwargs):
     kwargs.setdefault('dtype', 'float32')
     super().__init__(**kwargs)
+    errors.check_choice('preprocessing mode', mode, PREPROCESSING_MODES)
+    self.mode = mode
+    # Keras' own layers, as the constructors build them, in our dtype.
+    dtype = self.dtype_policy
+    self._keras_layers = {
+        'caffe': [],
+        'tf': [],
+        'torch_in_model': [
+            keras.layers.Rescaling(1.0 / 255, dtype=dtype),
+            keras.layers.Normalization(
+                mean=list(_IMAGENET_MEAN),
+                variance=[std**2 for std in _IMAGENET_STD], dtype=dtype)],
+        'half_128': [keras.layers.Rescaling(1.0 / 128.0, offset=-1,
+                                            dtype=dtype)],
+        'half_127.5': [keras.layers.Rescaling(1.0 / 127.5, offset=-1.0,
+                                              dtype=dtype)],
+        'imagenet_255': [keras.layers.Normalization(
+            mean=[mean * 255 for mean in _IMAGENET_MEAN],
+            variance=[(std * 255)**2 for std in _IMAGENET_STD],
+            dtype=dtype)],
+    }[mode]
+
+  def build(self, input_shape):
+    for layer in self._keras_layers:
+      layer.build(input_shape)
 
   def call(self, inputs):
     images = keras.ops.cast(inputs, self.compute_dtype)
-    return keras.applications.resnet50.preprocess_input(images)
+    if self.mode == 'caffe':
+      return keras.applications.resnet.preprocess_input(images)
+    if self.mode == 'tf':
+      return keras.applications.resnet_v2.preprocess_input(images)
+    for layer in self._keras_layers:
+      images = layer(images)
+    return images
+
+  def compute_output_shape(self, input_shape):
+    return input_shape
+
+  def get_config(self):
+    return {**super().get_config(), 'mode': self.mode}
 
 
-def _imagenet_weights_help():
+def _imagenet_weights_help(model):
   keras_home = os.environ.get('KERAS_HOME',
                               os.path.join(os.path.expanduser('~'), '.keras'))
+  file_name = backbone_spec(model).weights_file
   return (
-      'Could not download the ImageNet weights of ResNet50. Routes that need '
+      f'Could not download the ImageNet weights of {model}. Routes that need '
       'no network: (1) pass a local file with --config.weights=/path/to/'
-      f'{IMAGENET_NOTOP_WEIGHTS}; (2) put that file in '
+      f'{file_name}; (2) put that file in '
       f'{os.path.join(keras_home, "models")}/ where Keras looks before '
       'downloading; (3) --config.weights=None to start from random weights.')
 
 
-def resolve_weights(weights):
-  """Checks a `weights` setting and returns what `ResNet50` should get.
+def resolve_weights(weights, model=DEFAULT_MODEL):
+  """Checks a `weights` setting and returns what the constructor should get.
 
   Args:
     weights: 'imagenet', None (or 'none'/'') or a path to a local file.
+    model: The `config.model` the file is for (named in errors).
 
   Raises:
     PathNotFoundError: a path that does not exist.
@@ -93,18 +374,104 @@ def resolve_weights(weights):
     return None
   if weights == 'imagenet':
     return 'imagenet'
+  expected = backbone_spec(model).weights_file
   if not os.path.isfile(weights):
     raise errors.PathNotFoundError(
         f'weights={weights!r} is neither "imagenet", None, nor an existing '
-        f'file. Expected a local ResNet50 no-top weights file such as '
-        f'{IMAGENET_NOTOP_WEIGHTS}.')
+        f'file. Expected a local {model} no-top weights file such as '
+        f'{expected}.')
   with open(weights, 'rb') as file:
     if file.read(len(_HDF5_SIGNATURE)) != _HDF5_SIGNATURE:
       raise errors.ConfigError(
           f'weights={weights!r} is not an HDF5 weights file (.h5 or '
-          f'.weights.h5, as Keras saves them). Expected a ResNet50 no-top '
-          f'weights file such as {IMAGENET_NOTOP_WEIGHTS}.')
+          f'.weights.h5, as Keras saves them). Expected a {model} no-top '
+          f'weights file such as {expected}.')
   return weights
+
+
+def _file_layers(path):
+  """`[(name, [shape, ...])]` of the weighted layers a weights file holds.
+
+  Keras' legacy `.h5` files (the downloaded ImageNet ones) list their layers
+  in order, and Keras loads them by that order; Keras 3 `.weights.h5` files
+  hold one group per layer (`layers/<name>/vars/<i>`), which are visited in
+  the file's order (names are Keras' per-class counters, not layer names).
+  """
+  with h5py.File(path, 'r') as file:
+    root = file['model_weights'] if 'model_weights' in file else file
+    if 'layer_names' in root.attrs:
+      layers = []
+      for name in root.attrs['layer_names']:
+        name = name.decode() if isinstance(name, bytes) else name
+        weight_names = root[name].attrs['weight_names']
+        if len(weight_names):
+          layers.append((name, [tuple(root[name][weight].shape)
+                                for weight in weight_names]))
+      return layers
+    layers = []
+
+    def visit(name, item):
+      if isinstance(item, h5py.Group) and name.endswith('vars') and len(item):
+        layers.append((name[:-len('/vars')], [
+            tuple(item[str(index)].shape) for index in range(len(item))]))
+
+    file.visititems(visit)
+    return layers
+
+
+def _model_layers(backbone):
+  return [(layer.name, [tuple(weight.shape) for weight in layer.weights])
+          for layer in backbone.layers if layer.weights]
+
+
+def check_weights_file(backbone, path, model):
+  """Fails unless the weights file at `path` fits `backbone`, layer by layer.
+
+  A legacy `.h5` file must hold as many weighted layers as `backbone`, with
+  the same weight shapes in the same order (what Keras' loader needs); a
+  `.weights.h5` file the same multiset of weight shapes.
+
+  Raises:
+    ConfigError: naming the file's layers and the ones `model` expects.
+  """
+  expected = _model_layers(backbone)
+  found = _file_layers(path)
+  legacy = found and not found[0][0].startswith('layers/')
+  if legacy:
+    fits = [shapes for _, shapes in found] == [s for _, s in expected]
+  else:
+    fits = sorted(s for _, shapes in found for s in shapes) == sorted(
+        s for _, shapes in expected for s in shapes)
+  if fits:
+    return
+
+  def listing(layers):
+    names = [name for name, _ in layers]
+    shown = names[:4] + (['...'] if len(names) > 6 else []) + (
+        names[-2:] if len(names) > 4 else [])
+    return f'{len(names)} weighted layers ({", ".join(shown)})'
+
+  raise errors.ConfigError(
+      f'weights={path!r} does not fit model={model!r}: the file holds '
+      f'{listing(found)}, {model} expects {listing(expected)} with other '
+      f'weight shapes. Is it the weights file of another model? Expected '
+      f'the {model} no-top weights file {backbone_spec(model).weights_file}'
+      ' (or one saved from a keras-sft run of the same model).')
+
+
+def build_backbone(model, image_size, weights=None):
+  """`keras.applications.<constructor>(include_top=False, ...)` of `model`.
+
+  With `include_preprocessing=False` where the constructor has it (the
+  network preprocesses). `weights` as the constructor's.
+  """
+  spec = backbone_spec(model)
+  kwargs = {}
+  if family_of(model).include_preprocessing:
+    kwargs['include_preprocessing'] = False
+  constructor = getattr(keras.applications, spec.constructor)
+  return constructor(include_top=False, weights=weights,
+                     input_shape=(image_size, image_size, 3), **kwargs)
 
 
 def set_batch_norm_policy(model, policy, momentum=None):
@@ -141,58 +508,62 @@ def set_batch_norm_policy(model, policy, momentum=None):
   return count
 
 
-def _stage_of(layer_name):
-  prefix = layer_name.split('_', 1)[0]
-  if prefix == 'pool1':
-    return 'conv1'
-  return prefix if prefix in STAGES else None
 
 
-def freeze_until(backbone, stage):
-  """Makes the layers of ResNet50's stages up to `stage` non-trainable.
+def stage_of(layer_name, backbone_name, model=DEFAULT_MODEL):
+  """The stage of `model` a layer belongs to, or None."""
+  return family_of(model).stage_of(layer_name, backbone_name)
+
+
+def freeze_until(backbone, stage, model=DEFAULT_MODEL):
+  """Makes the layers of `model`'s stages up to `stage` non-trainable.
 
   Args:
-    backbone: Keras' ResNet50 model (layers named conv1_*, pool1_*,
-      conv2_block1_*, ..., conv5_block3_*).
-    stage: None (nothing frozen) or one of `STAGES`, inclusive.
+    backbone: The Keras model `build_backbone(model, ...)` returns.
+    stage: None (nothing frozen) or one of `stages(model)`, inclusive.
+    model: A `BACKBONES` name.
 
   Returns:
     The names of the layers frozen.
   """
   if stage is None:
     return []
-  errors.check_choice('freeze_until', stage, STAGES)
-  last = STAGES.index(stage)
+  check_freeze_until(model, stage)
+  names = stages(model)
+  last = names.index(stage)
   frozen = []
   for layer in backbone.layers:
-    layer_stage = _stage_of(layer.name)
-    if layer_stage is not None and STAGES.index(layer_stage) <= last:
+    layer_stage = stage_of(layer.name, backbone.name, model)
+    if layer_stage is not None and names.index(layer_stage) <= last:
       layer.trainable = False
       frozen.append(layer.name)
   if not frozen:
     raise errors.ConfigError(
         f'freeze_until={stage!r} matched no layer of '
-        f'{backbone.name!r}: not a Keras ResNet50?')
+        f'{backbone.name!r}: not a Keras {model}?')
   return frozen
 
 
 def create_network(num_classes, image_size, weights='imagenet',
                    dropout_rate=0.0, seed=None, batch_norm='trained',
-                   freeze_until_stage=None, batch_norm_momentum=None):
-  """Builds ResNet50 (no top) + global average pooling + Dense head.
+                   freeze_until_stage=None, batch_norm_momentum=None,
+                   model=DEFAULT_MODEL):
+  """Builds a backbone (no top) + global average pooling + Dense head.
 
   Args:
     num_classes: Number of output logits.
     image_size: Side of the square input images.
-    weights: 'imagenet', None or a path to a local ResNet50 no-top weights
-      file.
+    weights: 'imagenet', None or a path to a local no-top weights file of
+      `model`.
     dropout_rate: Dropout before the head; 0 disables it.
     seed: Seeds the head's initializer and dropout.
     batch_norm: One of `BATCH_NORM_POLICIES`, for the backbone's BN layers.
-    freeze_until_stage: None or one of `STAGES`: freeze the backbone up to
-      and including that stage (its BN layers then run in inference mode).
+    freeze_until_stage: None or one of `stages(model)`: freeze the backbone
+      up to and including that stage (its BN layers then run in inference
+      mode).
     batch_norm_momentum: None or the BN layers' momentum (see
       `set_batch_norm_policy`).
+    model: One of `BACKBONES` (config.model).
 
   Returns:
     A functional `keras.Model` named 'network' mapping `[N, S, S, 3]` images
@@ -203,22 +574,32 @@ def create_network(num_classes, image_size, weights='imagenet',
         'num_classes and image_size must be positive. Received: '
         f'num_classes={num_classes}, image_size={image_size}')
   errors.check_fraction('dropout_rate', dropout_rate)
-  weights = resolve_weights(weights)
+  spec = backbone_spec(model)
+  check_freeze_until(model, freeze_until_stage)
+  check_batch_norm_support(model, batch_norm, batch_norm_momentum)
+  weights = resolve_weights(weights, model)
   inputs = keras.Input(shape=(image_size, image_size, 3), name='images')
-  x = ResNetPreprocessing(name='preprocessing')(inputs)
+  x = Preprocessing(spec.preprocessing, name='preprocessing')(inputs)
   try:
-    backbone = keras.applications.ResNet50(
-        include_top=False, weights=weights, input_shape=(image_size,
-                                                         image_size, 3))
+    backbone = build_backbone(
+        model, image_size, 'imagenet' if weights == 'imagenet' else None)
   except Exception as error:  # urllib raises several types when offline.
     if weights == 'imagenet':
-      raise WeightsUnavailableError(_imagenet_weights_help()) from error
+      raise WeightsUnavailableError(_imagenet_weights_help(model)) from error
     raise
-  # Same weights and arithmetic, one kernel per BatchNormalization layer
-  # (keras_sft.batch_norm).
-  backbone = batch_norm_module.fuse(backbone)
+  if weights not in (None, 'imagenet'):
+    # What the constructors do with a path, after our check of the file.
+    check_weights_file(backbone, weights, model)
+    backbone.load_weights(weights)
+  if family_of(model).has_batch_norm:
+    # Same weights and arithmetic, one kernel per BatchNormalization layer
+    # (keras_sft.batch_norm).
+    backbone = batch_norm_module.fuse(backbone)
+  # ConvNeXt's depthwise Conv2D layers on the depthwise kernel instead of
+  # one XLA function each (keras_sft.depthwise); same weights.
+  backbone = depthwise.replace(backbone)
   set_batch_norm_policy(backbone, batch_norm, batch_norm_momentum)
-  frozen = freeze_until(backbone, freeze_until_stage)
+  frozen = freeze_until(backbone, freeze_until_stage, model)
   if frozen:
     logging.info('Froze %d backbone layers up to stage %s.', len(frozen),
                  freeze_until_stage)
@@ -233,7 +614,7 @@ def create_network(num_classes, image_size, weights='imagenet',
       dtype='float32',
       name='head')(x)
   network = keras.Model(inputs, outputs, name='network')
-  logging.info('Built ResNet50 (weights=%s) + Dense(%d): %d parameters.',
+  logging.info('Built %s (weights=%s) + Dense(%d): %d parameters.', model,
                weights, num_classes, network.count_params())
   return network
 
@@ -242,7 +623,7 @@ def create_model(num_classes, image_size, weights='imagenet',
                  dropout_rate=0.0, weight_decay=0.0, seed=None,
                  batch_norm='trained', freeze_until_stage=None,
                  backbone_multiplier=1.0, head_only_steps=0,
-                 batch_norm_momentum=None):
+                 batch_norm_momentum=None, model=DEFAULT_MODEL):
   """Returns a `classifier.Classifier` around `create_network(...)`.
 
   Compile it as any Keras model, with a from-logits cross-entropy loss.
@@ -253,7 +634,8 @@ def create_model(num_classes, image_size, weights='imagenet',
                            dropout_rate=dropout_rate, seed=seed,
                            batch_norm=batch_norm,
                            freeze_until_stage=freeze_until_stage,
-                           batch_norm_momentum=batch_norm_momentum)
+                           batch_norm_momentum=batch_norm_momentum,
+                           model=model)
   return classifier.Classifier(network, weight_decay=weight_decay,
                                backbone_multiplier=backbone_multiplier,
                                head_only_steps=head_only_steps,

@@ -10,8 +10,8 @@ it and restores the previous one after, so library callers are not left with
 a changed global. Layers keep the policy they were built with.
 
 What stays float32 under a mixed policy: every variable (Keras' mixed
-policies keep float32 variables), the ImageNet-mean subtraction
-(`models.ResNetPreprocessing`) and the classification head (both built with
+policies keep float32 variables), the backbone's input preprocessing
+(`models.Preprocessing`) and the classification head (both built with
 `dtype='float32'`), the loss and λ·R(θ) (`keras_sft.classifier`). Under
 'mixed_float16' `Model.compile` wraps the optimizer in a
 `keras.optimizers.LossScaleOptimizer`, whose `scale_loss`/`apply` the

@@ -147,7 +147,8 @@ def build_model(config, num_classes, plan=None, pretrained=True):
         freeze_until_stage=config.freeze_until,
         batch_norm_momentum=config.batch_norm_momentum,
         backbone_multiplier=config.backbone_learning_rate_multiplier,
-        head_only_steps=plan.head_only_steps if plan else 0)
+        head_only_steps=plan.head_only_steps if plan else 0,
+        model=config.model)
     if plan is None:
       # A schedule, as in training, so the optimizer has no learning-rate
       # variable and a backup's optimizer state loads into it.

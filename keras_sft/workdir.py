@@ -315,6 +315,8 @@ KEYS_ADDED_LATER = {
     # Training images were always randomly cropped and flipped.
     'random_crop': True,
     'random_flip': True,
+    # Runs were all ResNet50 before other backbones.
+    'model': 'resnet50',
 }
 
 
