@@ -193,7 +193,6 @@ def _save(model, export_dir, image_size, class_names, top_k,
           'serve_image_bytes': module.serve_image_bytes,
       })
   _write_warmup_requests(export_dir, image_size)
-  _make_readable(export_dir)
 
 
 def _make_readable(directory):
@@ -256,6 +255,7 @@ def export_saved_model(model, export_dir, image_size, class_names, top_k=5,
   try:
     _save(model, temporary, image_size, class_names, top_k,
           max_image_pixels, resize_size)
+    _make_readable(temporary)
     aside = None
     if os.path.lexists(export_dir):
       aside = _temporary_name(parent, f'.{name}.old-')
@@ -386,13 +386,40 @@ def export_version(model, export_base, image_size, class_names, top_k=5,
   Returns:
     `(version, path)` of the new version.
   """
+  version, path = write_version(
+      export_base, lambda directory: _save(
+          model, directory, image_size, class_names, top_k, max_image_pixels,
+          resize_size))
+  logging.info('Exported SavedModel version %d to %s.', version, path)
+  return version, path
+
+
+def write_version(export_base, save):
+  """Writes `<export_base>/<next version>/` with `save(directory)`.
+
+  The version is one more than the largest there (1 for the first).
+  `save` writes into a hidden temporary directory (serving systems ignore
+  names that are not integers), which is made readable to all (0755/0644)
+  and renamed into place; an existing version is never replaced, also when
+  another writer takes the same version meanwhile. Temporary directories of
+  writers that were killed (`.tmp-<pid>@<host>.*`) are removed first, those
+  of a running one kept (see `_stale`). Every export format
+  (`keras_sft.formats`) is versioned this way.
+
+  Args:
+    export_base: The directory of the versions.
+    save: Called with the (empty, existing) directory to write.
+
+  Returns:
+    `(version, path)` of the new version.
+  """
   os.makedirs(export_base, exist_ok=True)
   _remove_stale(export_base, '.tmp-')
   temporary = _temporary_name(export_base, '.tmp-')
   os.mkdir(temporary, 0o700)
   try:
-    _save(model, temporary, image_size, class_names, top_k,
-          max_image_pixels, resize_size)
+    save(temporary)
+    _make_readable(temporary)
     while True:
       version = (list_versions(export_base) or [0])[-1] + 1
       path = os.path.join(export_base, str(version))
@@ -406,7 +433,6 @@ def export_version(model, export_base, image_size, class_names, top_k=5,
   except BaseException:
     shutil.rmtree(temporary, ignore_errors=True)
     raise
-  logging.info('Exported SavedModel version %d to %s.', version, path)
   return version, path
 
 
