@@ -178,15 +178,25 @@ def _metadata(format_name, config, class_names, source):
   }
 
 
-def _write_onnx(module, directory, metadata):
-  packages = require('onnx')
-  tf2onnx, onnx = packages['tf2onnx'], packages['onnx']
+def logits_module(model, image_size):
+  """The graph every format but the SavedModel converts: a `tf.Module`.
+
+  Its `logits` function takes uint8 `[N, S, S, 3]` and returns
+  `{'logits': float32 [N, C]}`; `model` maps float32 images in [0, 255] to
+  logits (preprocessing inside, as the run's model does).
+  """
+  return _LogitsModule(model, image_size)
+
+
+def onnx_model(module, metadata=None):
+  """The ONNX `ModelProto` of a `logits_module`, `metadata` in its props."""
+  tf2onnx = require('onnx')['tf2onnx']
   proto, _ = tf2onnx.convert.from_function(
       module.logits, input_signature=module.logits.input_signature,
       opset=ONNX_OPSET)
-  for key, value in metadata.items():
+  for key, value in (metadata or {}).items():
     proto.metadata_props.add(key=key, value=json.dumps(value))
-  onnx.save(proto, os.path.join(directory, MODEL_FILES['onnx']))
+  return proto
 
 
 def _converter(module):
@@ -194,10 +204,21 @@ def _converter(module):
   return tf.lite.TFLiteConverter.from_concrete_functions([function], module)
 
 
+def litert_model(module):
+  """The float32 LiteRT flatbuffer (bytes) of a `logits_module`."""
+  return _converter(module).convert()
+
+
+def _write_onnx(module, directory, metadata):
+  onnx = require('onnx')['onnx']
+  onnx.save(onnx_model(module, metadata),
+            os.path.join(directory, MODEL_FILES['onnx']))
+
+
 def _write_litert(module, directory, metadata, contents=None):
   require('litert')
   if contents is None:
-    contents = _converter(module).convert()
+    contents = litert_model(module)
   with open(os.path.join(directory, MODEL_FILES['litert']), 'wb') as file:
     file.write(contents)
   with open(os.path.join(directory, METADATA_FILE), 'w') as file:
@@ -223,7 +244,7 @@ def quantize_int8(module, images):
   """A full-integer LiteRT model; uint8 input, float32 logits output.
 
   Args:
-    module: A `_LogitsModule`.
+    module: A `logits_module`.
     images: Representative uint8 `[1, S, S, 3]` inputs (calibration).
   """
   converter = _converter(module)
@@ -305,7 +326,7 @@ def export_format(format_name, model, config, class_names, export_base,
         resize_size=config.resize_size)
     return version, path, None
   require(format_name)  # Before any conversion work.
-  module = _LogitsModule(model, config.image_size)
+  module = logits_module(model, config.image_size)
   metadata = _metadata(format_name, config, class_names, source)
   if format_name == 'onnx':
     save = lambda directory: _write_onnx(module, directory, metadata)
@@ -434,15 +455,18 @@ class OnnxModel:
 
 
 class LiteRTModel:
-  """A `.tflite` export (path or contents) in LiteRT: `logits(images)`."""
+  """A `.tflite` export (path or contents) in LiteRT: `logits(images)`.
 
-  def __init__(self, model):
+  It runs on `num_threads` CPU threads (default: all, as TensorFlow does).
+  """
+
+  def __init__(self, model, num_threads=None):
     interpreter = require('litert', runtime_only=True)[
         'ai_edge_litert.interpreter']
-    if isinstance(model, bytes):
-      self._interpreter = interpreter.Interpreter(model_content=model)
-    else:
-      self._interpreter = interpreter.Interpreter(model_path=model)
+    source = ({'model_content': model} if isinstance(model, bytes) else
+              {'model_path': model})
+    self._interpreter = interpreter.Interpreter(
+        num_threads=num_threads or os.cpu_count(), **source)
     self._input = self._interpreter.get_input_details()[0]['index']
     self._output = self._interpreter.get_output_details()[0]['index']
     self._batch = None
