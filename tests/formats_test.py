@@ -89,6 +89,7 @@ for name, path in paths.items():
     model.invoke()
     logits = model.get_tensor(model.get_output_details()[0]['index'])
     metadata['input_dtype'] = np.dtype(model_input['dtype']).name
+    metadata['input_quantization'] = tuple(model_input['quantization'])
   results[name] = {'logits': np.array(logits), 'metadata': metadata}
 try:
   import tensorflow  # pylint: disable=unused-import
@@ -241,6 +242,8 @@ def test_int8_agrees_with_the_saved_model_on_the_eval_split(
   assert agreement >= _INT8_MIN_AGREEMENT, agreement
   # uint8 pixels in, float32 logits out, as the float formats.
   assert outputs['litert_int8']['metadata']['input_dtype'] == 'uint8'
+  # Raw pixels: no quantization parameters for the client to apply.
+  assert outputs['litert_int8']['metadata']['input_quantization'] == (0.0, 0)
   assert outputs['litert_int8']['logits'].dtype == np.float32
   # The metadata reports what the export measured on the same split.
   quantization = exported['metadata']['litert_int8']['quantization']
