@@ -27,6 +27,9 @@ k = min(top_k, C).
 
 Each version also holds `assets.extra/tf_serving_warmup_requests`, one
 request per signature, which TF Serving replays when it loads the version.
+
+ONNX and LiteRT exports (`keras_sft.formats`) go beside the versions, in
+`<export_base>/<format>/<version>/`, written by the same `write_version`.
 """
 
 import errno

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -38,11 +39,8 @@ _INT8_MIN_AGREEMENT = 0.95
 
 # Runs each format in its runtime where TensorFlow, Keras and keras_sft
 # cannot be imported; writes logits and metadata per format.
-_RUN_WITHOUT_TENSORFLOW = r'''
+_BLOCK_TENSORFLOW = r'''
 import importlib.abc
-import json
-import os
-import pickle
 import sys
 
 _BLOCKED = ('tensorflow', 'keras', 'keras_sft', 'tf_keras', 'tf2onnx')
@@ -60,6 +58,12 @@ sys.meta_path.insert(0, _Blocker())
 for name in list(sys.modules):
   if name.split('.')[0] in _BLOCKED:
     del sys.modules[name]
+'''
+
+_RUN_WITHOUT_TENSORFLOW = _BLOCK_TENSORFLOW + r'''
+import json
+import os
+import pickle
 
 import numpy as np
 import onnxruntime
@@ -378,6 +382,36 @@ def test_the_commands_name_the_missing_extra_in_one_line(exported, tmp_path):
              if line.startswith('error: ')]
     assert len(lines) == 1, result.stderr[-3000:]
     assert lines[0].endswith(f'pip install keras-sft[{extra}]'), lines
+
+
+def _readme_client_code():
+  with open(os.path.join(conftest.REPO_ROOT, 'README.md')) as file:
+    readme = file.read()
+  section = readme[readme.index("A client's resize"):
+                   readme.index('### LiteRT int8')]
+  return re.findall(r'```python\n(.*?)```', section, re.DOTALL)
+
+
+@pytest.mark.parametrize('size', [_SIDE, 45])
+def test_readme_client_snippets_run_without_tensorflow(exported, tmp_path,
+                                                       size):
+  """The README's ONNX and LiteRT clients print the SavedModel's class."""
+  resize, onnx_client, litert_client = _readme_client_code()
+  image = np.asarray(Image.fromarray(exported['images'][0]).resize(
+      (size, size), Image.BILINEAR))
+  Image.fromarray(image).save(tmp_path / 'cat.jpg', 'PNG')
+  serving = tf.saved_model.load(exported['paths']['saved_model'])
+  expected = serving.signatures['serve_image_bytes'](image_bytes=tf.constant(
+      [(tmp_path / 'cat.jpg').read_bytes()]))['class_names'][0].numpy()
+  for client, name in ((onnx_client, 'onnx'), (litert_client, 'litert')):
+    code = '\n'.join([_BLOCK_TENSORFLOW, resize, client]).replace(
+        f'DIR/export/{name}', os.path.join(exported['base'], name))
+    result = subprocess.run([sys.executable, '-c', code],
+                            capture_output=True, text=True,
+                            cwd=str(tmp_path), env=conftest.cli_env(),
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-1] == expected.decode(), name
 
 
 def test_parse_formats():
