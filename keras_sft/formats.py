@@ -58,17 +58,14 @@ METADATA_FILE = 'metadata.json'
 ONNX_OPSET = 17
 # configs/default.py's export_representative_images, for runs from before it.
 DEFAULT_REPRESENTATIVE_IMAGES = 200
-# Packages each format needs to be written or run, and the extra that
-# installs them: (module, extra).
-_PACKAGES = {
-    'onnx': (('tf2onnx', 'onnx'), ('onnx', 'onnx'),
-             ('onnxruntime', 'onnx')),
-    'litert': (('ai_edge_litert.interpreter', 'litert'),),
-    'litert_int8': (('ai_edge_litert.interpreter', 'litert'),),
-}
+# Packages each format needs to be written (and measured), and to be run.
+_PACKAGES = {'onnx': ('tf2onnx', 'onnx', 'onnxruntime'),
+             'litert': ('ai_edge_litert.interpreter',),
+             'litert_int8': ('ai_edge_litert.interpreter',)}
 _RUNTIME_PACKAGES = {'onnx': ('onnxruntime',),
                      'litert': ('ai_edge_litert.interpreter',),
                      'litert_int8': ('ai_edge_litert.interpreter',)}
+# The extra of setup.cfg that installs them.
 _EXTRAS = {'onnx': 'onnx', 'litert': 'litert', 'litert_int8': 'litert'}
 
 
@@ -105,9 +102,8 @@ def require(format_name, runtime_only=False):
   Raises:
     MissingDependencyError: One is not installed; names the extra.
   """
-  names = (_RUNTIME_PACKAGES if runtime_only else
-           {key: [module for module, _ in value]
-            for key, value in _PACKAGES.items()}).get(format_name, ())
+  names = (_RUNTIME_PACKAGES if runtime_only else _PACKAGES).get(
+      format_name, ())
   modules = {}
   for name in names:
     try:
@@ -155,6 +151,20 @@ def prepare_images(images, image_size, resize_size=None):
   return tf.cast(tf.clip_by_value(tf.round(prepared), 0, 255), tf.uint8)
 
 
+def _resize_rule(size, resize_size):
+  """The client's resize, in words (see `prepare_images`)."""
+  if resize_size:
+    rule = f'resize to {size}x{size}'
+  else:
+    enlarged = int(round(size / input_pipeline._CROP_FRACTION))  # pylint: disable=protected-access
+    rule = (f'resize to {enlarged}x{enlarged} and centre-crop '
+            f'{size}x{size}')
+  return (f'Images not {size}x{size}: {rule} (bilinear, antialiased), '
+          'outside the model (keras_sft.formats.prepare_images; python -m '
+          'keras_sft.predict does it), then round to uint8. The cast and '
+          'normalization are inside the graph.')
+
+
 def _metadata(format_name, config, class_names, source):
   size = config.image_size
   return {
@@ -164,10 +174,7 @@ def _metadata(format_name, config, class_names, source):
       'input': {
           'name': 'images', 'dtype': 'uint8', 'shape': [None, size, size, 3],
           'layout': 'NHWC', 'channels': 'RGB', 'range': [0, 255],
-          'preprocessing': (
-              f'Resize outside the model to {size}x{size} '
-              '(keras_sft.formats.prepare_images; python -m keras_sft.predict '
-              'does it); the rest is inside the graph.'),
+          'preprocessing': _resize_rule(size, config.resize_size),
       },
       'output': {'name': 'logits', 'dtype': 'float32',
                  'shape': [None, len(class_names)]},

@@ -274,6 +274,9 @@ def test_metadata_names_the_classes_and_the_input(without_tensorflow, name):
   assert metadata['input']['dtype'] == 'uint8'
   assert metadata['input']['shape'] == [None, _SIDE, _SIDE, 3]
   assert metadata['output']['shape'] == [None, len(_CLASSES)]
+  # The client's resize rule: 32 / 0.875 = 36.6 -> 37, crop 32.
+  assert 'resize to 37x37 and centre-crop 32x32' in metadata['input'][
+      'preprocessing']
 
 
 def _digests(directory):
