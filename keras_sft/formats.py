@@ -46,7 +46,9 @@ import tensorflow as tf
 
 from keras_sft import errors
 from keras_sft import input_pipeline
+from keras_sft import precision
 from keras_sft import serving
+from keras_sft import workdir as workdir_lib
 
 # What `python -m keras_sft.export --format` accepts.
 FORMATS = ('saved_model', 'onnx', 'litert', 'litert_int8')
@@ -359,7 +361,9 @@ def export_run(workdir, formats=('saved_model',), checkpoint='best',
                export_base=None, top_k=None):
   """Exports the next version of each format of the run in `workdir`.
 
-  The model is restored once (`serving.restore_run_model`).
+  The model is restored once (`serving.restore_run_model`); twice for a
+  run in mixed precision that exports a SavedModel (computing as the run
+  did) and another format (computing in float32).
 
   Args:
     workdir: A run directory.
@@ -373,24 +377,35 @@ def export_run(workdir, formats=('saved_model',), checkpoint='best',
   Returns:
     A list of `(format, version, path, metadata)`, in the order given.
   """
-  from keras_sft import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   formats = parse_formats(formats)
   for name in formats:
     require(name)  # A missing extra fails before the model is restored.
-  model, config, class_names, weights = serving.restore_run_model(
-      workdir, checkpoint)
-  with config.unlocked():
-    if 'export_representative_images' not in config:
-      # Runs from before the key existed have none in their config.json.
-      config.export_representative_images = DEFAULT_REPRESENTATIVE_IMAGES
-    if top_k is not None:
-      config.export_top_k = top_k
   base = export_base or workdir_lib.Workdir(workdir).export
-  source = {'workdir': os.path.abspath(workdir), 'checkpoint': checkpoint,
-            'weights': os.path.basename(weights)}
-  return [(name,) + export_format(name, model, config, class_names, base,
-                                  source)
-          for name in formats]
+  # The SavedModel computes in the run's precision, as its evaluation did;
+  # the other formats in float32 (what converters and runtimes expect, and
+  # int8 is calibrated from float32). The run's weights are float32 anyway.
+  run_precision = workdir_lib.Workdir(workdir).read_config().get(
+      'precision', 'float32')
+  mixed = precision.resolve_policy(run_precision) != 'float32'
+  restored = {}
+  exported = []
+  for name in formats:
+    override = 'float32' if mixed and name != 'saved_model' else None
+    if override not in restored:
+      restored[override] = serving.restore_run_model(workdir, checkpoint,
+                                                     precision=override)
+    model, config, class_names, weights = restored[override]
+    with config.unlocked():
+      if 'export_representative_images' not in config:
+        # Runs from before the key existed have none in their config.json.
+        config.export_representative_images = DEFAULT_REPRESENTATIVE_IMAGES
+      if top_k is not None:
+        config.export_top_k = top_k
+    source = {'workdir': os.path.abspath(workdir), 'checkpoint': checkpoint,
+              'weights': os.path.basename(weights)}
+    exported.append((name,) + export_format(name, model, config, class_names,
+                                            base, source))
+  return exported
 
 
 def resolve_model(path):

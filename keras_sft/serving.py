@@ -453,7 +453,7 @@ def class_names_of_run(run):
   return list(input_pipeline.class_names(builder))
 
 
-def restore_run_model(workdir, checkpoint='best'):
+def restore_run_model(workdir, checkpoint='best', precision=None):
   """Rebuilds the model of the run in `workdir` with its trained weights.
 
   The model is built by `recipe.build_model` from the run's `config.json`,
@@ -469,6 +469,9 @@ def restore_run_model(workdir, checkpoint='best'):
       final evaluation chose the raw weights (`exported_weights` in
       metrics.json), and BN statistics re-estimated on the run's training
       data if `precise_bn_batches`).
+    precision: None (the run's `config.precision`), or another
+      `config.precision` to build the model with, e.g. 'float32' for a
+      run trained in mixed precision (its weights are float32 either way).
 
   Returns:
     `(model, config, class_names, weights_path)`; `config` is a ConfigDict.
@@ -476,6 +479,8 @@ def restore_run_model(workdir, checkpoint='best'):
   errors.check_choice('checkpoint', checkpoint, CHECKPOINTS)
   run = workdir_lib.Workdir(workdir)
   config = ml_collections.ConfigDict(run.read_config())
+  if precision is not None:
+    config.precision = precision
   class_names = class_names_of_run(run)
   best = os.path.join(run.checkpoints, checkpointing.BEST_WEIGHTS)
   model = recipe.build_model(config, len(class_names), pretrained=False)

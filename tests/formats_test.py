@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 
@@ -428,10 +429,18 @@ def test_parse_formats():
     formats.parse_formats('')
 
 
-def test_the_export_command_converts_a_run_s_resnet50(smoke_run, tmp_path):
+def test_the_export_command_converts_a_run_s_resnet50_in_float32(
+    smoke_run, tmp_path):
   """The real model, through `restore_run_model`: ONNX and LiteRT give the
-  logits of the SavedModel the run exported."""
-  workdir, _ = smoke_run
+  logits of the SavedModel the run exported, computing in float32 also for
+  a run in mixed precision (bfloat16 would be off by ~1e-2)."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(smoke_run[0], workdir,
+                  ignore=shutil.ignore_patterns('export', 'tensorboard'))
+  run = workdir_lib.Workdir(workdir)
+  config = run.read_config()
+  config['precision'] = 'mixed_bfloat16'
+  workdir_lib.write_json(run.config_file, config)
   base = tmp_path / 'export'
   result = subprocess.run(
       [sys.executable, '-m', 'keras_sft.export', f'--workdir={workdir}',
@@ -443,9 +452,8 @@ def test_the_export_command_converts_a_run_s_resnet50(smoke_run, tmp_path):
                                    str(base / 'litert' / '1')]
   images = np.random.default_rng(5).integers(
       0, 256, (3, 32, 32, 3)).astype(np.uint8)
-  reference = _saved_model_logits(conftest.version_dir(workdir), images)
-  class_names = workdir_lib.read_json(
-      workdir_lib.Workdir(workdir).dataset_file)['class_names']
+  reference = _saved_model_logits(conftest.version_dir(smoke_run[0]), images)
+  class_names = workdir_lib.read_json(run.dataset_file)['class_names']
   for name in ('onnx', 'litert'):
     format_name, path = formats.resolve_model(str(base / name))
     assert format_name == name
