@@ -13,7 +13,9 @@ first k images of each class, in file order. They are cached under
 Rows:
   1. From scratch on the same images, epochs and batch size: keras-sft with
      its defaults (`configs/default.py`, weights=None, 32px) through its
-     command line, vs the seed's PyTorch loop (`seed_loop` below: torchvision
+     command line, with the seed loop's augmentation (none:
+     random_crop=False, random_flip=False), and with that and a higher
+     learning rate (SCRATCH_ROWS), vs the seed's PyTorch loop (`seed_loop` below: torchvision
      ResNet50, SGD lr 1e-3 momentum 0.9, CE, ToTensor + ImageNet Normalize,
      evaluated in eval mode). Each in its own process; wall time is the whole
      process, start to exit (imports, data loading, training, evaluation).
@@ -22,15 +24,26 @@ Rows:
      5-9 (--finetune_per_class train images each, all their test images) are
      learned from scratch, fine-tuned (defaults), head-only
      (`freeze_until=conv5`: the whole backbone frozen, its BatchNorm in
-     inference mode, only the Dense head trains) and with
-     `batch_norm=frozen`.
+     inference mode, only the Dense head trains), with
+     `batch_norm=frozen` and without augmentation (PROXY_ROWS).
+
+Timing on a shared machine: every timed process records the share of the
+CPUs other processes took while it ran (`other load`); --wait_idle_seconds
+waits for an idle machine before each. Other work slows the seed loop far
+more than keras-sft (benchmarks/ACCURACY.md); a likely cause is that
+PyTorch's OpenMP threads meet at a barrier after every op, so one
+descheduled thread stalls all of them, where TensorFlow's thread pool lets a
+free core take the work.
 
 Two settings differ from configs/default.py in every keras-sft run, neither
 of which changes the trained weights: `export=False` (no SavedModel at the
 end; the seed loop writes none) and `eval_every_epochs=E` (evaluate after
-the last epoch only, as the seed loop does).
+the last epoch only, as the seed loop does; keras-sft then passes over the
+test images three times: that validation, `evaluate` and the report).
 
-Setup (once): `bash benchmarks/setup_accuracy.sh PYTHON` or `--setup`.
+Setup (once): `bash benchmarks/setup_accuracy.sh PYTHON` or `--setup`
+(installs torch into that Python's environment; to keep it out of
+keras-sft's, install it in another venv and pass --torch_python=ITS_PYTHON).
 Usage:
   PYTHONPATH=. python benchmarks/accuracy.py [--quick] [--out=FILE.json]
 `--quick` proves the plumbing on a few hundred images in one epoch (its
@@ -38,6 +51,7 @@ numbers mean nothing); without torch it skips the seed loop's row.
 """
 
 import argparse
+import csv
 import datetime
 import gzip
 import importlib.metadata
@@ -78,12 +92,28 @@ QUICK = dict(train_images=200, test_images=100, epochs=1, batch_size=64,
              pretrain_epochs=1, finetune_per_class=20,
              finetune_test_per_class=20, finetune_epochs=1,
              finetune_batch_size=32)
+# The augmentation the seed loop uses: none.
+NO_AUGMENTATION = ['--config.random_crop=False', '--config.random_flip=False']
+SCRATCH_ROWS = {
+    # name: (workdir, extra keras-sft flags)
+    'keras-sft (defaults)': ('scratch_keras_sft', []),
+    'keras-sft, no augmentation (as the seed loop)': (
+        'scratch_no_augmentation', NO_AUGMENTATION),
+    'keras-sft, no augmentation, learning_rate=0.03': (
+        'scratch_no_augmentation_lr0.03',
+        [*NO_AUGMENTATION, '--config.learning_rate=0.03']),
+}
+QUICK_SCRATCH_ROWS = ('keras-sft (defaults)',)
 PROXY_ROWS = {
-    # name: (uses the pretrained backbone, extra keras-sft flags)
-    'from scratch': (False, []),
-    'fine-tuned': (True, []),
-    'head-only (freeze_until=conv5)': (True, ['--config.freeze_until=conv5']),
-    'batch_norm=frozen': (True, ['--config.batch_norm=frozen']),
+    # name: (workdir, uses the pretrained backbone, extra keras-sft flags)
+    'from scratch': ('finetune_scratch', False, []),
+    'fine-tuned': ('finetune_defaults', True, []),
+    'head-only (freeze_until=conv5)': ('finetune_head_only', True,
+                                       ['--config.freeze_until=conv5']),
+    'batch_norm=frozen': ('finetune_bn_frozen', True,
+                          ['--config.batch_norm=frozen']),
+    'fine-tuned, no augmentation': ('finetune_no_augmentation', True,
+                                    NO_AUGMENTATION),
 }
 QUICK_PROXY_ROWS = ('fine-tuned',)
 TARGET_ERROR_RATIO = 0.75
@@ -208,7 +238,9 @@ def seed_loop(root, epochs, batch_size, seed):
       correct += (model(images).argmax(1) == labels).sum().item()
   return dict(top1=correct / len(test), num_train=len(train),
               num_test=len(test), train_seconds=train_seconds,
-              torch_threads=torch.get_num_threads())
+              torch_threads=torch.get_num_threads(),
+              torch_version=torch.__version__,
+              torchvision_version=torchvision.__version__)
 
 
 # --- Running things in subprocesses -----------------------------------------
@@ -239,6 +271,9 @@ def _machine_busy_seconds():
   return busy / os.sysconf('SC_CLK_TCK')
 
 
+# The interpreter that runs the seed loop (--torch_python): torch and
+# torchvision may live in their own environment.
+TORCH_PYTHON = sys.executable
 # Before each timed process: wait up to this many seconds for the machine to
 # be idle (set by --wait_idle_seconds).
 WAIT_IDLE_SECONDS = 0.0
@@ -311,7 +346,12 @@ def run_keras_sft(root, workdir, epochs, batch_size, seed, weights=None,
     metrics = json.load(file)
   if not keep:
     shutil.rmtree(os.path.join(workdir, 'checkpoints'), ignore_errors=True)
+  # Training accuracy of the last epoch (batch statistics in BatchNorm)
+  # beside the eval top-1 (moving statistics): a gap shows stale statistics.
+  with open(os.path.join(workdir, 'history.csv')) as file:
+    last = list(csv.DictReader(file))[-1]
   return dict(top1=metrics['report']['top1'], **timing,
+              train_accuracy_last_epoch=float(last['accuracy']),
               steps=metrics['step'],
               num_test=int(np.sum(metrics['report']['confusion_matrix'])),
               command=command)
@@ -320,10 +360,18 @@ def run_keras_sft(root, workdir, epochs, batch_size, seed, weights=None,
 def run_seed_loop(root, work_dir, epochs, batch_size, seed):
   args = json.dumps(dict(root=root, epochs=epochs, batch_size=batch_size,
                          seed=seed))
-  command = [sys.executable, os.path.abspath(__file__), f'--_seed_loop={args}']
+  command = [TORCH_PYTHON, os.path.abspath(__file__), f'--_seed_loop={args}']
   timing, stdout = _run(command, os.path.join(work_dir, 'seed_loop.log'))
   return dict(json.loads(stdout.strip().splitlines()[-1]), **timing,
               command=command)
+
+
+def _extract(pre_dir, weights_file, work_dir):
+  timing, stdout = _run(
+      [sys.executable, os.path.abspath(__file__),
+       f'--_extract_backbone={json.dumps([pre_dir, weights_file])}'],
+      os.path.join(work_dir, 'extract_backbone.log'))
+  return dict(json.loads(stdout.strip().splitlines()[-1]), **timing)
 
 
 def extract_backbone(workdir, path):
@@ -381,12 +429,34 @@ def _ratio(a, b):
   return a / b if b else float('nan')
 
 
+def _attempt(label, function, *args, **kwargs):
+  """`function(...)`, or {'error': ...} when its process failed.
+
+  One failed run (e.g. a package broken under the shared venv mid-run)
+  costs its row, not the rows measured before and after it.
+  """
+  try:
+    return function(*args, **kwargs)
+  except (RuntimeError, OSError, ValueError) as error:
+    print(f'  {label}: FAILED: {str(error)[-1500:]}', flush=True)
+    return dict(error=str(error)[-4000:])
+
+
+def _ok(row):
+  return bool(row) and 'error' not in row
+
+
 def _table(title, rows, reference, reference_name):
   lines = [title,
            f'| row | top-1 | top-1 error | error ratio vs {reference_name} '
            f'| wall s | wall ratio | CPU s | other load |',
            '|---|---|---|---|---|---|---|---|']
+  if not _ok(reference):
+    reference = None
   for name, row in rows:
+    if not _ok(row):
+      lines.append(f'| {name} | FAILED | | | | | | |')
+      continue
     error = 1.0 - row['top1']
     ref_error = 1.0 - reference['top1'] if reference else None
     if reference:
@@ -406,8 +476,13 @@ def benchmark(args):
   for key in sizes:
     if getattr(args, key) is not None:
       sizes[key] = getattr(args, key)
-  have_torch = importlib.util.find_spec('torch') is not None and (
-      importlib.util.find_spec('torchvision') is not None)
+  if TORCH_PYTHON == sys.executable:
+    have_torch = importlib.util.find_spec('torch') is not None and (
+        importlib.util.find_spec('torchvision') is not None)
+  else:
+    have_torch = subprocess.run(
+        [TORCH_PYTHON, '-c', 'import torch, torchvision, numpy'],
+        capture_output=True).returncode == 0
   if not have_torch and not (args.quick or args.skip_seed_loop):
     sys.exit('PyTorch/torchvision are not installed: run the setup step '
              'first, `bash benchmarks/setup_accuracy.sh '
@@ -451,16 +526,24 @@ def benchmark(args):
         sizes['test_images'] // 10)
     print(f'Row 1: from scratch, {sizes["train_images"]} train images, '
           f'{sizes["epochs"]} epochs, batch {batch}, seed {seed}', flush=True)
-    row1['keras-sft (defaults)'] = run_keras_sft(
-        root, os.path.join(work_dir, 'scratch_keras_sft'), sizes['epochs'],
-        batch, seed)
-    print(f'  keras-sft: top-1 {row1["keras-sft (defaults)"]["top1"]:.4f} in '
-          f'{row1["keras-sft (defaults)"]["wall_seconds"]:.0f} s', flush=True)
+    names = QUICK_SCRATCH_ROWS if args.quick else tuple(SCRATCH_ROWS)
+    if args.scratch_rows:
+      names = tuple(args.scratch_rows.split(','))
+    for name in names:
+      slug, extra = SCRATCH_ROWS[name]
+      ours = row1[name] = _attempt(
+          name, run_keras_sft, root, os.path.join(work_dir, slug),
+          sizes['epochs'], batch, seed, extra=extra)
+      if _ok(ours):
+        print(f'  {name}: top-1 {ours["top1"]:.4f} in '
+              f'{ours["wall_seconds"]:.0f} s', flush=True)
     if have_torch and not args.skip_seed_loop:
-      row1['seed PyTorch loop'] = run_seed_loop(root, work_dir,
-                                                sizes['epochs'], batch, seed)
-      print(f'  seed loop: top-1 {row1["seed PyTorch loop"]["top1"]:.4f} in '
-            f'{row1["seed PyTorch loop"]["wall_seconds"]:.0f} s', flush=True)
+      theirs = row1['seed PyTorch loop'] = _attempt(
+          'seed loop', run_seed_loop, root, work_dir, sizes['epochs'], batch,
+          seed)
+      if _ok(theirs):
+        print(f'  seed loop: top-1 {theirs["top1"]:.4f} in '
+              f'{theirs["wall_seconds"]:.0f} s', flush=True)
     else:
       row1['seed PyTorch loop'] = None
       print('  seed loop: SKIPPED (torch/torchvision not installed or '
@@ -487,35 +570,38 @@ def benchmark(args):
           f'{sizes["finetune_epochs"]} epochs, batch '
           f'{sizes["finetune_batch_size"]})', flush=True)
     pre_dir = os.path.join(work_dir, 'pretrain_c0-4')
-    pretrain = run_keras_sft(pre_root, pre_dir, sizes['pretrain_epochs'],
-                             batch, seed, keep=True)
-    print(f'  pretrain: top-1 {pretrain["top1"]:.4f} (classes 0-4) in '
-          f'{pretrain["wall_seconds"]:.0f} s', flush=True)
+    pretrain = _attempt('pretrain', run_keras_sft, pre_root, pre_dir,
+                        sizes['pretrain_epochs'], batch, seed, keep=True)
     weights_file = os.path.join(work_dir, 'backbone_c0-4.weights.h5')
-    timing, stdout = _run(
-        [sys.executable, os.path.abspath(__file__),
-         f'--_extract_backbone={json.dumps([pre_dir, weights_file])}'],
-        os.path.join(work_dir, 'extract_backbone.log'))
-    pretrain['backbone'] = json.loads(stdout.strip().splitlines()[-1])
-    pretrain['backbone'].update(timing)
-    if not args.keep_checkpoints:
-      shutil.rmtree(os.path.join(pre_dir, 'checkpoints'), ignore_errors=True)
-    print(f'  backbone saved to {weights_file} '
-          f'({timing["wall_seconds"]:.0f} s)', flush=True)
+    if _ok(pretrain):
+      print(f'  pretrain: top-1 {pretrain["top1"]:.4f} (classes 0-4) in '
+            f'{pretrain["wall_seconds"]:.0f} s', flush=True)
+      pretrain['backbone'] = _attempt('backbone', _extract, pre_dir,
+                                      weights_file, work_dir)
+      if not args.keep_checkpoints:
+        shutil.rmtree(os.path.join(pre_dir, 'checkpoints'),
+                      ignore_errors=True)
+    have_backbone = _ok(pretrain) and _ok(pretrain['backbone'])
+    if have_backbone:
+      print(f'  backbone saved to {weights_file} '
+            f'({pretrain["backbone"]["wall_seconds"]:.0f} s)', flush=True)
     results['pretrain'] = pretrain
     names = QUICK_PROXY_ROWS if args.quick else tuple(PROXY_ROWS)
     if args.proxy_rows:
       names = tuple(args.proxy_rows.split(','))
     for name in names:
-      pretrained, extra = PROXY_ROWS[name]
-      slug = name.split(' ')[0].replace('=', '_').replace('-', '_')
-      proxy[name] = run_keras_sft(
-          ft_root, os.path.join(work_dir, f'finetune_{slug}'),
+      slug, pretrained, extra = PROXY_ROWS[name]
+      if pretrained and not have_backbone:
+        proxy[name] = dict(error='no pretrained backbone (see pretrain)')
+        continue
+      proxy[name] = _attempt(
+          name, run_keras_sft, ft_root, os.path.join(work_dir, slug),
           sizes['finetune_epochs'], sizes['finetune_batch_size'], seed,
           weights=weights_file if pretrained else None, extra=extra,
           keep=args.keep_checkpoints)
-      print(f'  {name}: top-1 {proxy[name]["top1"]:.4f} in '
-            f'{proxy[name]["wall_seconds"]:.0f} s', flush=True)
+      if _ok(proxy[name]):
+        print(f'  {name}: top-1 {proxy[name]["top1"]:.4f} in '
+              f'{proxy[name]["wall_seconds"]:.0f} s', flush=True)
   results['finetune_proxy'] = proxy
   results['total_wall_seconds'] = time.perf_counter() - total_start
 
@@ -528,25 +614,30 @@ def benchmark(args):
         f'{sizes["test_images"]} test images, {sizes["epochs"]} epochs, batch '
         f'{batch}, seed {seed}', [(k, v) for k, v in row1.items() if v],
         seed_row, 'seed loop'))
-    if seed_row:
-      ours = row1['keras-sft (defaults)']
+    for name, ours in row1.items():
+      if name == 'seed PyTorch loop' or not (_ok(seed_row) and _ok(ours)):
+        continue
       error_ratio = _ratio(1 - ours['top1'], 1 - seed_row['top1'])
       wall_ratio = _ratio(ours['wall_seconds'], seed_row['wall_seconds'])
-      targets['error_ratio'] = dict(value=error_ratio,
-                                    target=TARGET_ERROR_RATIO,
-                                    met=error_ratio <= TARGET_ERROR_RATIO)
-      targets['wall_ratio'] = dict(value=wall_ratio, target=TARGET_WALL_RATIO,
-                                   met=wall_ratio <= TARGET_WALL_RATIO)
+      targets[f'error_ratio: {name}'] = dict(
+          value=error_ratio, target=TARGET_ERROR_RATIO,
+          met=error_ratio <= TARGET_ERROR_RATIO)
+      targets[f'wall_ratio: {name}'] = dict(
+          value=wall_ratio, target=TARGET_WALL_RATIO,
+          met=wall_ratio <= TARGET_WALL_RATIO)
   if proxy:
     scratch = proxy.get('from scratch')
+    pretrain = results['pretrain']
     tables.append(_table(
         f'Fine-tuning proxy: classes 5-9, {sizes["finetune_per_class"]} train '
-        f'images/class, {proxy[next(iter(proxy))]["num_test"]} test images, '
+        f'images/class, '
+        f'{sizes["finetune_test_per_class"] or "all"} test images/class, '
         f'{sizes["finetune_epochs"]} epochs, batch '
         f'{sizes["finetune_batch_size"]}; backbone pretrained on classes 0-4 '
-        f'(top-1 {results["pretrain"]["top1"]:.4f} there)',
+        f'(top-1 {pretrain["top1"]:.4f} there)' if _ok(pretrain) else
+        'Fine-tuning proxy: pretraining FAILED',
         list(proxy.items()), scratch, 'from scratch'))
-    if scratch and 'fine-tuned' in proxy:
+    if _ok(scratch) and _ok(proxy.get('fine-tuned')):
       gain = proxy['fine-tuned']['top1'] - scratch['top1']
       targets['finetune_gain'] = dict(value=gain, target=args.clear_margin,
                                       met=gain >= args.clear_margin)
@@ -576,6 +667,12 @@ def benchmark(args):
     with open(args.out, 'w') as file:
       json.dump(results, file, indent=1, default=str)
     print(f'Wrote {args.out}')
+  failed = [name for name, row in [*row1.items(),
+                                    ('pretrain', results.get('pretrain')),
+                                    *proxy.items()]
+            if row is not None and 'error' in row]
+  if failed:
+    sys.exit(f'FAILED: {", ".join(failed)} (see the log files in {work_dir})')
   return results
 
 
@@ -596,9 +693,15 @@ def parse_args(argv=None):
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--rows', default='scratch,proxy',
                       help='comma list of scratch, proxy')
+  parser.add_argument('--scratch_rows', default=None,
+                      help='comma-separated names of SCRATCH_ROWS to run '
+                      '(default: all; --quick: the defaults only)')
   parser.add_argument('--proxy_rows', default=None,
                       help='comma list of ' + ', '.join(PROXY_ROWS))
   parser.add_argument('--skip_seed_loop', action='store_true')
+  parser.add_argument('--torch_python', default=sys.executable,
+                      help='Python with torch + torchvision that runs the '
+                      'seed loop (default: this one)')
   parser.add_argument('--keep_checkpoints', action='store_true',
                       help='keep the runs\' checkpoints (~0.6 GB each)')
   parser.add_argument('--wait_idle_seconds', type=float, default=0,
@@ -630,8 +733,9 @@ def main(argv=None):
                    check=True)
     return
   args.rows = tuple(args.rows.split(','))
-  global WAIT_IDLE_SECONDS
+  global WAIT_IDLE_SECONDS, TORCH_PYTHON
   WAIT_IDLE_SECONDS = args.wait_idle_seconds
+  TORCH_PYTHON = args.torch_python
   benchmark(args)
 
 

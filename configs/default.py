@@ -48,6 +48,13 @@ def get_config():
   # crop to image_size (BiT-HyperRule: 160 -> 128, 448 -> 384). None: pad-and-
   # crop for images already image_size, else resize to image_size / 0.875.
   config.resize_size = ml_collections.FieldReference(None, field_type=int)
+  # Augmentation of every training image (batch-level augmentation is under
+  # "Fine-tuning recipe"). random_crop: images of side image_size are padded
+  # by 12.5% and cropped back at a random position (CIFAR), others resized
+  # to image_size / 0.875 (or resize_size) and cropped at random (ImageNet);
+  # False: the eval view (centre crop). random_flip: horizontal flips.
+  config.random_crop = True
+  config.random_flip = True
   # Elements kept in the shuffle buffer of the training set.
   config.shuffle_buffer_size = 10_000
   # Keep decoded training and eval images in memory after the first epoch

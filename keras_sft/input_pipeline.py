@@ -137,7 +137,8 @@ def from_config(config):
           image_size=config.image_size,
           global_batch_size=config.global_batch_size, seed=config.seed,
           shuffle_buffer_size=config.shuffle_buffer_size, cache=config.cache,
-          batch_augmenter=augmenter, resize_size=config.resize_size))
+          batch_augmenter=augmenter, resize_size=config.resize_size,
+          random_crop=config.random_crop, random_flip=config.random_flip))
 
 
 def _offline_help(name, data_dir):
@@ -224,7 +225,8 @@ def _resize(image, image_size):
   return tf.image.resize(image, [image_size, image_size], antialias=True)
 
 
-def augment_for_training(image, image_size, seed, resize_size=None):
+def augment_for_training(image, image_size, seed, resize_size=None,
+                         random_crop=True, random_flip=True):
   """Random crop and horizontal flip of one image, as float32 in [0, 255].
 
   Images whose side equals `image_size` are padded by 12.5% on each edge with
@@ -239,11 +241,21 @@ def augment_for_training(image, image_size, seed, resize_size=None):
     seed: Shape `[2]` int tensor for the stateless random ops.
     resize_size: None, or the side every image is resized to before the crop
       (>= image_size).
+    random_crop: False: no crop at a random position; the image gets the
+      eval geometry (`preprocess_for_eval`) instead.
+    random_flip: False: no horizontal flip.
 
   Returns:
     `[image_size, image_size, 3]` float32 image.
   """
   image = tf.cast(image, tf.float32)
+  if not random_crop:
+    image = preprocess_for_eval(image, image_size, resize_size)
+    if random_flip:
+      image = tf.image.stateless_random_flip_left_right(
+          image, seed=tf.unstack(
+              tf.random.experimental.stateless_split(seed, num=2))[1])
+    return image
   crop_seed, flip_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, num=2))
   height, width = tf.shape(image)[0], tf.shape(image)[1]
@@ -260,7 +272,8 @@ def augment_for_training(image, image_size, seed, resize_size=None):
       lambda: tf.image.resize(image, [enlarged, enlarged], antialias=True))
   image = tf.image.stateless_random_crop(
       image, [image_size, image_size, 3], seed=crop_seed)
-  image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+  if random_flip:
+    image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
   return image
 
 
@@ -358,6 +371,8 @@ def create_datasets(dataset='cifar10',
                     skip_corrupt_images=False,
                     batch_augmentation=None,
                     resize_size=None,
+                    random_crop=True,
+                    random_flip=True,
                     max_image_pixels=image_folder.DEFAULT_MAX_IMAGE_PIXELS):
   """Builds the training and evaluation datasets.
 
@@ -387,6 +402,9 @@ def create_datasets(dataset='cifar10',
       `[batch, num_classes]` float32; eval labels stay class ids.
     resize_size: None, or resize every training image to this side before
       the random crop (see `augment_for_training`).
+    random_crop: Crop training images at a random position (else the eval
+      view); see `augment_for_training`.
+    random_flip: Flip training images horizontally at random.
     max_image_pixels: Folders only: images with more pixels (from their
       header) are unreadable files, never decoded.
 
@@ -408,7 +426,8 @@ def create_datasets(dataset='cifar10',
       global_batch_size=global_batch_size, seed=seed,
       shuffle_buffer_size=shuffle_buffer_size, cache=cache,
       start_step=start_step, batch_augmenter=augmenter,
-      resize_size=resize_size)
+      resize_size=resize_size, random_crop=random_crop,
+      random_flip=random_flip)
   evaluation = make_eval_dataset(
       eval_examples, image_size=image_size,
       global_batch_size=global_batch_size, cache=cache,
@@ -482,11 +501,13 @@ def _shard_by_data(dataset):
 
 def make_train_dataset(examples, *, image_size, global_batch_size, seed=0,
                        shuffle_buffer_size=10_000, cache=True, start_step=0,
-                       batch_augmenter=None, resize_size=None):
+                       batch_augmenter=None, resize_size=None,
+                       random_crop=True, random_flip=True):
   """Turns `(image, label)` examples into an infinite stream of batches.
 
   `batch_augmenter`: None or a function from
   `batch_augment.create_batch_augmenter`, applied to whole batches.
+  `random_crop`, `random_flip`: see `augment_for_training`.
   """
   # Validate before caching so a wrong channel count fails on the first
   # element, not after hours. Large images are shrunk to what the
@@ -523,7 +544,8 @@ def make_train_dataset(examples, *, image_size, global_batch_size, seed=0,
     image, label = example
     example_seed = tf.stack([tf.cast(seed, tf.int64), index])
     return augment_for_training(image, image_size, example_seed,
-                                resize_size), label
+                                resize_size, random_crop=random_crop,
+                                random_flip=random_flip), label
 
   # Augment per example in parallel; the output order stays deterministic.
   examples = examples.map(augment, num_parallel_calls=tf.data.AUTOTUNE)

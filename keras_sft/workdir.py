@@ -140,6 +140,9 @@ class Workdir:
   def read_config(self):
     """The run's config as a dict (from config.json).
 
+    Keys of `KEYS_ADDED_LATER` that the run predates are filled in with the
+    value that reproduces its behaviour.
+
     Raises:
       PathNotFoundError: no run has claimed this directory.
     """
@@ -148,7 +151,7 @@ class Workdir:
           f'{self.config_file} does not exist: workdir={self.path!r} holds no '
           'keras_sft run. Train first: python -m keras_sft.main '
           f'--config=CONFIG --workdir={self.path}')
-    return read_json_object(self.config_file)
+    return with_keys_added_later(read_json_object(self.config_file))
 
   def lock(self):
     """Takes the run's exclusive lock; use as a context manager to release.
@@ -183,7 +186,8 @@ class Workdir:
     """
     current = config_to_dict(config)
     if self.has_run():
-      previous = read_json_object(self.config_file)
+      previous = with_keys_added_later(read_json_object(self.config_file),
+                                       current)
       if previous != current:
         raise errors.WorkdirError(
             f'workdir={self.path!r} holds another run; its config differs '
@@ -294,6 +298,36 @@ def _flatten(tree, prefix=''):
     else:
       flat[f'{prefix}{key}'] = value
   return flat
+
+
+# Config keys added after runs were started without them: the value that
+# gives such a run's behaviour. A run started before a key existed resumes
+# under a newer keras-sft when the key has this value now; otherwise the
+# difference is named like any other.
+KEYS_ADDED_LATER = {
+    # Added together (one release): step logs and the image pixel limit
+    # change no trained weight; BN momentum None was the layers' own; the
+    # runs before precise BN had none.
+    'log_every_steps': 100,
+    'max_image_pixels': 40_000_000,
+    'batch_norm_momentum': None,
+    'precise_bn_batches': 0,
+    # Training images were always randomly cropped and flipped.
+    'random_crop': True,
+    'random_flip': True,
+}
+
+
+def with_keys_added_later(previous, current=None):
+  """`previous` (a stored config) with the keys it predates filled in.
+
+  The keys of `KEYS_ADDED_LATER` that `previous` lacks (and `current`, a
+  config to compare with, has) are added, with the value that reproduces
+  the older behaviour.
+  """
+  missing = {key: value for key, value in KEYS_ADDED_LATER.items()
+             if key not in previous and (current is None or key in current)}
+  return {**previous, **missing}
 
 
 def _differences(previous, current):

@@ -574,3 +574,18 @@ def test_last_re_estimates_bn_on_the_batches_training_used(
   for value, variable in zip(exported, model.non_trainable_weights):
     np.testing.assert_allclose(value, np.array(variable), rtol=1e-5,
                                atol=1e-6, err_msg=variable.path)
+
+
+def test_a_run_older_than_some_config_keys_exports(smoke_run, tmp_path,
+                                                   mock_cifar10):
+  """config.json without keys added later: rebuilt with their old values."""
+  workdir = _copy_of_run(smoke_run[0], tmp_path)
+  run = workdir_lib.Workdir(workdir)
+  with open(run.config_file) as file:
+    stored = json.load(file)
+  for key in workdir_lib.KEYS_ADDED_LATER:
+    stored.pop(key)
+  workdir_lib.write_json(run.config_file, stored)
+  _, config, _, _ = serving.restore_run_model(workdir, 'last')
+  for key, value in workdir_lib.KEYS_ADDED_LATER.items():
+    assert config[key] == value, key

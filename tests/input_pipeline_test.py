@@ -536,3 +536,62 @@ def test_small_images_are_cached_unchanged(monkeypatch):
                                    global_batch_size=2)
   stored = np.stack([image for image, _ in cached[0].as_numpy_iterator()])
   np.testing.assert_array_equal(stored, images)
+
+
+# --- random_crop / random_flip ------------------------------------------------
+
+
+@pytest.mark.parametrize('image_size, resize_size', [(_SIDE, None), (48, None),
+                                                     (48, 64)])
+def test_augment_without_random_crop_is_the_eval_view_or_its_mirror(
+    image_size, resize_size):
+  """random_crop=False: the eval geometry; with random_flip, some mirrored."""
+  image = _raw_examples(num_examples=1)[0][0]
+  view = input_pipeline.preprocess_for_eval(image, image_size,
+                                            resize_size).numpy()
+  flipped = []
+  for i in range(8):
+    seed = tf.constant([3, i], tf.int64)
+    unflipped = input_pipeline.augment_for_training(
+        image, image_size, seed, resize_size, random_crop=False,
+        random_flip=False).numpy()
+    np.testing.assert_array_equal(unflipped, view)
+    output = input_pipeline.augment_for_training(
+        image, image_size, seed, resize_size, random_crop=False).numpy()
+    if np.array_equal(output, view[:, ::-1]) and not np.array_equal(
+        view, view[:, ::-1]):
+      flipped.append(i)
+    else:
+      np.testing.assert_array_equal(output, view)
+  assert 0 < len(flipped) < 8, flipped
+
+
+def test_augment_without_random_flip_is_an_unmirrored_crop():
+  """random_flip=False at image_size: every output is an unflipped crop."""
+  image = _raw_examples(num_examples=1)[0][0]
+  pad = _SIDE // 8
+  padded = np.pad(image.astype(np.float32), [(pad, pad), (pad, pad), (0, 0)])
+  crops = [crop for index, crop in enumerate(_crops(padded, _SIDE))
+           if index % 2 == 0]  # _crops yields each crop, then its mirror.
+  outputs = [
+      input_pipeline.augment_for_training(
+          image, _SIDE, tf.constant([0, i], tf.int64),
+          random_flip=False).numpy() for i in range(6)
+  ]
+  for output in outputs:
+    assert any(np.array_equal(output, crop) for crop in crops)
+  assert any(not np.array_equal(outputs[0], output) for output in outputs[1:])
+
+
+def test_training_stream_without_augmentation_equals_eval_images():
+  """Both keys off: the training batches hold exactly the eval images."""
+  images, labels = _raw_examples(num_examples=8)
+  examples = tf.data.Dataset.from_tensor_slices((images, labels))
+  batch_images, batch_labels = next(iter(input_pipeline.make_train_dataset(
+      examples, image_size=_SIDE, global_batch_size=8, cache=False,
+      random_crop=False, random_flip=False)))
+  order = [int(np.flatnonzero(
+      (images.reshape(8, -1) == image.numpy().reshape(1, -1)).all(axis=1))[0])
+           for image in batch_images]
+  assert sorted(order) == list(range(8))
+  np.testing.assert_array_equal(batch_labels.numpy(), labels[order])

@@ -296,3 +296,43 @@ def test_a_config_json_that_is_not_an_object_is_a_data_error(tmp_path, text):
     run.claim({'learning_rate': 0.1})
   with pytest.raises(errors.DataError, match='config.json'):
     run.read_config()
+
+
+def _older_run(workdir, dropped):
+  """A workdir whose config.json predates the keys in `dropped`."""
+  workdir_lib.Workdir(workdir).claim(default_lib.get_config())
+  stored = _read_config(workdir)
+  for key in dropped:
+    del stored[key]
+  with open(_config_file(workdir), 'w') as file:
+    json.dump(stored, file)
+  return stored
+
+
+def test_run_started_before_a_key_existed_resumes_with_its_old_value(
+    tmp_path):
+  """Upgrading keras-sft mid-run: keys added since take their old value."""
+  workdir = str(tmp_path)
+  stored = _older_run(workdir, list(workdir_lib.KEYS_ADDED_LATER))
+  config = default_lib.get_config()
+  for key, value in workdir_lib.KEYS_ADDED_LATER.items():
+    config[key] = value
+  workdir_lib.Workdir(workdir).claim(config)
+  assert _read_config(workdir) == stored  # Resumed, file untouched.
+
+
+def test_added_key_with_a_new_behaviour_is_named(tmp_path):
+  """A run from before precise BN, rerun with its default (20): refused."""
+  workdir = str(tmp_path)
+  _older_run(workdir, ['precise_bn_batches', 'random_crop'])
+  config = default_lib.get_config()
+  assert config.precise_bn_batches != 0 and config.random_crop
+  with pytest.raises(errors.WorkdirError) as error:
+    workdir_lib.Workdir(workdir).claim(config)
+  message = str(error.value)
+  assert 'precise_bn_batches: 0 in the workdir, 20 now' in message
+  assert 'random_crop' not in message
+
+
+def test_keys_added_later_exist_in_the_default_config():
+  assert set(workdir_lib.KEYS_ADDED_LATER) <= set(default_lib.get_config())
