@@ -58,8 +58,6 @@ MODEL_FILES = {'onnx': 'model.onnx', 'litert': 'model.tflite',
 # LiteRT's metadata, beside `model.tflite`.
 METADATA_FILE = 'metadata.json'
 ONNX_OPSET = 17
-# configs/default.py's export_representative_images, for runs from before it.
-DEFAULT_REPRESENTATIVE_IMAGES = 200
 # Packages each format needs to be written (and measured), and to be run.
 _PACKAGES = {'onnx': ('tf2onnx', 'onnx', 'onnxruntime'),
              'litert': ('ai_edge_litert.interpreter',),
@@ -384,8 +382,7 @@ def export_run(workdir, formats=('saved_model',), checkpoint='best',
   # The SavedModel computes in the run's precision, as its evaluation did;
   # the other formats in float32 (what converters and runtimes expect, and
   # int8 is calibrated from float32). The run's weights are float32 anyway.
-  run_precision = workdir_lib.Workdir(workdir).read_config().get(
-      'precision', 'float32')
+  run_precision = workdir_lib.Workdir(workdir).read_config()['precision']
   mixed = precision.resolve_policy(run_precision) != 'float32'
   restored = {}
   exported = []
@@ -395,12 +392,8 @@ def export_run(workdir, formats=('saved_model',), checkpoint='best',
       restored[override] = serving.restore_run_model(workdir, checkpoint,
                                                      precision=override)
     model, config, class_names, weights = restored[override]
-    with config.unlocked():
-      if 'export_representative_images' not in config:
-        # Runs from before the key existed have none in their config.json.
-        config.export_representative_images = DEFAULT_REPRESENTATIVE_IMAGES
-      if top_k is not None:
-        config.export_top_k = top_k
+    if top_k is not None:
+      config.export_top_k = top_k
     source = {'workdir': os.path.abspath(workdir), 'checkpoint': checkpoint,
               'weights': os.path.basename(weights)}
     exported.append((name,) + export_format(name, model, config, class_names,

@@ -315,6 +315,8 @@ KEYS_ADDED_LATER = {
     # Training images were always randomly cropped and flipped.
     'random_crop': True,
     'random_flip': True,
+    # Only read by the litert_int8 export, which came with it.
+    'export_representative_images': 200,
 }
 
 
