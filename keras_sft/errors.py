@@ -40,6 +40,10 @@ class UnavailableError(UserError, RuntimeError):
   """Data or weights that are neither on this machine nor downloadable."""
 
 
+class MissingDependencyError(UserError, ImportError):
+  """An optional package is not installed; the message names the extra."""
+
+
 class DivergedError(UserError, FloatingPointError):
   """Training produced non-finite values; the message names what to change."""
 

@@ -1,11 +1,16 @@
-r"""Command line: top-k labels of image files from an exported SavedModel.
+r"""Command line: top-k labels of image files from an export of any format.
 
-    python -m keras_sft.predict --export=workdirs/cifar10_resnet50/export \
+    python -m keras_sft.predict --model=workdirs/cifar10_resnet50/export \
         cat.jpg images/
+    python -m keras_sft.predict \
+        --model=workdirs/cifar10_resnet50/export/litert_int8 cat.jpg
 
---export is a SavedModel version directory or an export base (its newest
-version is used). Folders are searched recursively for .jpg/.jpeg/.png files.
-Prints one JSON line per image, in input order:
+--model (or its older name --export) is a SavedModel version directory, an
+`.onnx` or `.tflite` file, a version directory of any format, or a folder of
+versions whose newest one is used: the SavedModel export base
+(`<workdir>/export`) or `<workdir>/export/<format>` (see
+`keras_sft.formats`). Folders are searched recursively for .jpg/.jpeg/.png
+files. Prints one JSON line per image, in input order:
 
     {"file": "cat.jpg", "top_k": [{"class_id": 3, "class_name": "cat",
      "probability": 0.91}, ...]}
@@ -13,24 +18,32 @@ Prints one JSON line per image, in input order:
 A file that cannot be read or served (not a JPEG or PNG image, truncated,
 too large, missing) gets `{"file": ..., "error": ...}` with a one-line
 reason, the other files are still served, and the command exits 1 after
-printing all lines. Only TensorFlow is needed
-to serve the export: the images go through its `serve_image_bytes` signature.
+printing all lines. A SavedModel serves the images through its
+`serve_image_bytes` signature; for ONNX (ONNX Runtime) and LiteRT models,
+whose graphs hold no resize, the images are decoded and resized here first,
+as the SavedModel does inside (`formats.prepare_images`), and top-k comes
+from the model's logits and the class names in its metadata. Those formats
+need their extra (`pip install keras-sft[onnx]` or `keras-sft[litert]`).
 """
 
 import json
 import os
 
 from absl import flags
+import numpy as np
 
 from keras_sft import cli
 from keras_sft import errors
 
-_EXPORT = flags.DEFINE_string(
-    'export', None, 'A SavedModel version directory, or an export base whose '
-    'newest integer version is used.')
+_MODEL = flags.DEFINE_string(
+    'model', None, 'The model: a SavedModel version directory, an .onnx or '
+    '.tflite file, a version directory of any format, or a folder of '
+    'integer versions (<workdir>/export, <workdir>/export/onnx, ...) whose '
+    'newest version is used.')
+flags.DEFINE_alias('export', 'model')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 32,
-                                   'Images per call of the SavedModel.')
-flags.mark_flag_as_required('export')
+                                   'Images per call of the model.')
+flags.mark_flag_as_required('model')
 
 
 def image_paths(paths):
@@ -127,22 +140,91 @@ def _serve(signature, paths, contents):
   return records
 
 
-def main(argv):
+class RuntimeSignature:
+  """`serve_image_bytes` for an ONNX or LiteRT model (`formats.load`).
+
+  Called as the SavedModel's signature is, with `image_bytes`, and returns
+  its top-k outputs: each image is decoded (`image_folder.decode_image`,
+  with the same checks and messages) and prepared for the model
+  (`formats.prepare_images`) by TensorFlow, then the batch runs in the
+  model's runtime.
+  """
+
+  def __init__(self, runtime, metadata):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from keras_sft import formats  # pylint: disable=g-import-not-at-top
+    from keras_sft import image_folder  # pylint: disable=g-import-not-at-top
+    self._runtime = runtime
+    self._class_names = list(metadata['class_names'])
+    self._top_k = min(metadata.get('top_k') or 5, len(self._class_names))
+    max_pixels = metadata.get('max_image_pixels')
+
+    @tf.function(input_signature=[tf.TensorSpec([], tf.string),
+                                  tf.TensorSpec([], tf.string)])
+    def prepare(contents, name):
+      image = image_folder.decode_image(contents, name, max_pixels)
+      return formats.prepare_images(image, metadata['image_size'],
+                                    metadata.get('resize_size'))
+
+    self._prepare = prepare
+
+  def __call__(self, image_bytes):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    images = np.stack([
+        self._prepare(data, f'image_bytes[{index}]').numpy()
+        for index, data in enumerate(image_bytes.numpy())])
+    logits = self._runtime.logits(images).astype(np.float64)
+    exponentials = np.exp(logits - logits.max(-1, keepdims=True))
+    probabilities = exponentials / exponentials.sum(-1, keepdims=True)
+    top_ids = np.argsort(-probabilities, axis=-1, kind='stable')[
+        :, :self._top_k]
+    return {
+        'top_k_class_ids': tf.constant(top_ids),
+        'top_k_class_names': tf.constant(
+            [[self._class_names[i].encode() for i in row] for row in top_ids]),
+        'top_k_probabilities': tf.constant(
+            np.take_along_axis(probabilities, top_ids, -1).astype(np.float32)),
+    }
+
+
+def load_signature(path):
+  """The `serve_image_bytes` of the model at `path` (see --model).
+
+  Raises:
+    PathNotFoundError: `path` is no export.
+    MissingDependencyError: The format's runtime is not installed.
+    DataError: The model does not load.
+  """
+  from keras_sft import formats  # pylint: disable=g-import-not-at-top
+  format_name, path = formats.resolve_model(path)
+  if format_name != 'saved_model':
+    formats.require(format_name, runtime_only=True)
+    try:
+      return RuntimeSignature(formats.load(format_name, path),
+                              formats.read_metadata(format_name, path))
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+      raise errors.DataError(
+          f'{path} is not a keras_sft {format_name} export: it does not load '
+          f'or has no class names in its metadata ({error}). Export the run '
+          f'again: python -m keras_sft.export --workdir=WORKDIR '
+          f'--format={format_name}') from error
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from keras_sft import serving as serving_lib  # pylint: disable=g-import-not-at-top
+  try:
+    return tf.saved_model.load(path).signatures['serve_image_bytes']
+  except (OSError, ValueError, KeyError, tf.errors.OpError) as error:
+    raise errors.DataError(
+        f'{path} is not a keras_sft export: its saved_model.pb does not '
+        f'load or has no serve_image_bytes signature ({error}). Export the '
+        'run again: python -m keras_sft.export --workdir=WORKDIR') from error
+
+
+def main(argv):
   files = image_paths(argv[1:])
   if not files:
     raise errors.PathNotFoundError(
         'Give image files or folders holding .jpg/.jpeg/.png files. '
         f'Received: {argv[1:]}')
-  export_dir = serving_lib.resolve_saved_model(_EXPORT.value)
-  try:
-    signature = tf.saved_model.load(export_dir).signatures['serve_image_bytes']
-  except (OSError, ValueError, KeyError, tf.errors.OpError) as error:
-    raise errors.DataError(
-        f'{export_dir} is not a keras_sft export: its saved_model.pb does not '
-        f'load or has no serve_image_bytes signature ({error}). Export the '
-        'run again: python -m keras_sft.export --workdir=WORKDIR') from error
+  signature = load_signature(_MODEL.value)
   failed = False
   for record in predict_files(signature, files, _BATCH_SIZE.value):
     failed = failed or 'error' in record

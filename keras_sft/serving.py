@@ -27,6 +27,9 @@ k = min(top_k, C).
 
 Each version also holds `assets.extra/tf_serving_warmup_requests`, one
 request per signature, which TF Serving replays when it loads the version.
+
+ONNX and LiteRT exports (`keras_sft.formats`) go beside the versions, in
+`<export_base>/<format>/<version>/`, written by the same `write_version`.
 """
 
 import errno
@@ -193,7 +196,6 @@ def _save(model, export_dir, image_size, class_names, top_k,
           'serve_image_bytes': module.serve_image_bytes,
       })
   _write_warmup_requests(export_dir, image_size)
-  _make_readable(export_dir)
 
 
 def _make_readable(directory):
@@ -256,6 +258,7 @@ def export_saved_model(model, export_dir, image_size, class_names, top_k=5,
   try:
     _save(model, temporary, image_size, class_names, top_k,
           max_image_pixels, resize_size)
+    _make_readable(temporary)
     aside = None
     if os.path.lexists(export_dir):
       aside = _temporary_name(parent, f'.{name}.old-')
@@ -386,13 +389,40 @@ def export_version(model, export_base, image_size, class_names, top_k=5,
   Returns:
     `(version, path)` of the new version.
   """
+  version, path = write_version(
+      export_base, lambda directory: _save(
+          model, directory, image_size, class_names, top_k, max_image_pixels,
+          resize_size))
+  logging.info('Exported SavedModel version %d to %s.', version, path)
+  return version, path
+
+
+def write_version(export_base, save):
+  """Writes `<export_base>/<next version>/` with `save(directory)`.
+
+  The version is one more than the largest there (1 for the first).
+  `save` writes into a hidden temporary directory (serving systems ignore
+  names that are not integers), which is made readable to all (0755/0644)
+  and renamed into place; an existing version is never replaced, also when
+  another writer takes the same version meanwhile. Temporary directories of
+  writers that were killed (`.tmp-<pid>@<host>.*`) are removed first, those
+  of a running one kept (see `_stale`). Every export format
+  (`keras_sft.formats`) is versioned this way.
+
+  Args:
+    export_base: The directory of the versions.
+    save: Called with the (empty, existing) directory to write.
+
+  Returns:
+    `(version, path)` of the new version.
+  """
   os.makedirs(export_base, exist_ok=True)
   _remove_stale(export_base, '.tmp-')
   temporary = _temporary_name(export_base, '.tmp-')
   os.mkdir(temporary, 0o700)
   try:
-    _save(model, temporary, image_size, class_names, top_k,
-          max_image_pixels, resize_size)
+    save(temporary)
+    _make_readable(temporary)
     while True:
       version = (list_versions(export_base) or [0])[-1] + 1
       path = os.path.join(export_base, str(version))
@@ -406,7 +436,6 @@ def export_version(model, export_base, image_size, class_names, top_k=5,
   except BaseException:
     shutil.rmtree(temporary, ignore_errors=True)
     raise
-  logging.info('Exported SavedModel version %d to %s.', version, path)
   return version, path
 
 
@@ -424,7 +453,7 @@ def class_names_of_run(run):
   return list(input_pipeline.class_names(builder))
 
 
-def restore_run_model(workdir, checkpoint='best'):
+def restore_run_model(workdir, checkpoint='best', precision=None):
   """Rebuilds the model of the run in `workdir` with its trained weights.
 
   The model is built by `recipe.build_model` from the run's `config.json`,
@@ -440,6 +469,9 @@ def restore_run_model(workdir, checkpoint='best'):
       final evaluation chose the raw weights (`exported_weights` in
       metrics.json), and BN statistics re-estimated on the run's training
       data if `precise_bn_batches`).
+    precision: None (the run's `config.precision`), or another
+      `config.precision` to build the model with, e.g. 'float32' for a
+      run trained in mixed precision (its weights are float32 either way).
 
   Returns:
     `(model, config, class_names, weights_path)`; `config` is a ConfigDict.
@@ -447,6 +479,8 @@ def restore_run_model(workdir, checkpoint='best'):
   errors.check_choice('checkpoint', checkpoint, CHECKPOINTS)
   run = workdir_lib.Workdir(workdir)
   config = ml_collections.ConfigDict(run.read_config())
+  if precision is not None:
+    config.precision = precision
   class_names = class_names_of_run(run)
   best = os.path.join(run.checkpoints, checkpointing.BEST_WEIGHTS)
   model = recipe.build_model(config, len(class_names), pretrained=False)

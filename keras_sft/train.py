@@ -34,6 +34,7 @@ from keras_sft import distribution
 from keras_sft import errors
 from keras_sft import evaluation
 from keras_sft import evaluation_weights
+from keras_sft import formats
 from keras_sft import image_folder
 from keras_sft import input_pipeline
 from keras_sft import losses
@@ -93,6 +94,7 @@ _CHECKS = (
     distribution.check_config,
     checkpointing.check_config,
     serving.check_config,
+    formats.check_config,
     _check_loop_config,
 )
 

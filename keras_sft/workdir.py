@@ -317,6 +317,8 @@ KEYS_ADDED_LATER = {
     'random_flip': True,
     # Runs were all ResNet50 before other backbones.
     'model': 'resnet50',
+    # Only read by the litert_int8 export, which came with it.
+    'export_representative_images': 200,
 }
 
 

@@ -1,0 +1,503 @@
+"""Exports beside the SavedModel: ONNX and LiteRT, float and int8.
+
+`python -m keras_sft.export --format=...` (`keras_sft/export.py`) is the
+command line; `keras_sft.serving` writes the SavedModel. Formats:
+
+- `saved_model`: TF Serving's SavedModel (`keras_sft.serving`), any image
+  size, the whole eval preprocessing inside.
+- `onnx`: `model.onnx` for ONNX Runtime (opset 17, converted by tf2onnx).
+- `litert`: `model.tflite` for LiteRT (`ai_edge_litert`), float32 weights.
+- `litert_int8`: `model.tflite` with post-training full-integer quantization
+  (int8 weights and activations), calibrated on
+  `export_representative_images` images of the run's training data; its
+  cost in accuracy is measured on the eval split at export.
+
+Layout: `<export_base>/<format>/<version>/` beside the SavedModel versions
+in `<export_base>/<version>/` (TF Serving ignores names that are not
+integers), versioned and written atomically by `serving.write_version`: an
+existing version is never replaced.
+
+Input contract of onnx, litert and litert_int8, one graph input `images`:
+uint8 RGB `[N, S, S, 3]` (NHWC, N free) with S = `image_size`; the graph
+casts to float32 and applies the backbone's preprocessing itself. It holds
+no resize (ONNX Runtime has no kernel for TF's antialiased resize,
+`ScaleAndTranslate`), so a client resizes first, as `prepare_images` (and
+`python -m keras_sft.predict`) does. One output `logits`, float32 `[N, C]`;
+also for litert_int8, whose graph dequantizes its last layer's int8 output.
+
+Metadata (class names, the input and output, `image_size`, the run, and for
+litert_int8 the measured accuracy) is a JSON object: in ONNX `metadata_props`
+(one entry per key, each value JSON), for LiteRT in `metadata.json` beside
+`model.tflite`. `read_metadata` reads either.
+
+The optional packages are extras, not in the base install:
+`pip install keras-sft[onnx]` (tf2onnx, onnx, onnxruntime) and
+`pip install keras-sft[litert]` (ai-edge-litert). Without them the format
+fails with one `errors.MissingDependencyError` naming the extra.
+"""
+
+import importlib
+import json
+import logging
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from keras_sft import errors
+from keras_sft import input_pipeline
+from keras_sft import precision
+from keras_sft import serving
+from keras_sft import workdir as workdir_lib
+
+# What `python -m keras_sft.export --format` accepts.
+FORMATS = ('saved_model', 'onnx', 'litert', 'litert_int8')
+# The model file in each version of a format.
+MODEL_FILES = {'onnx': 'model.onnx', 'litert': 'model.tflite',
+               'litert_int8': 'model.tflite'}
+# LiteRT's metadata, beside `model.tflite`.
+METADATA_FILE = 'metadata.json'
+ONNX_OPSET = 17
+# Packages each format needs to be written (and measured), and to be run.
+_PACKAGES = {'onnx': ('tf2onnx', 'onnx', 'onnxruntime'),
+             'litert': ('ai_edge_litert.interpreter',),
+             'litert_int8': ('ai_edge_litert.interpreter',)}
+_RUNTIME_PACKAGES = {'onnx': ('onnxruntime',),
+                     'litert': ('ai_edge_litert.interpreter',),
+                     'litert_int8': ('ai_edge_litert.interpreter',)}
+# The extra of setup.cfg that installs them.
+_EXTRAS = {'onnx': 'onnx', 'litert': 'litert', 'litert_int8': 'litert'}
+
+
+def check_config(config):
+  """Checks the format export keys of the config."""
+  errors.check_integer(
+      'export_representative_images', config.export_representative_images, 1,
+      ' (training images that calibrate the litert_int8 export)')
+
+
+def parse_formats(value):
+  """`'onnx,litert'` or a list → a tuple of known formats, in order.
+
+  Raises:
+    ConfigError: An unknown or repeated format, or none.
+  """
+  if isinstance(value, str):
+    value = value.split(',')
+  names = [name.strip() for name in value if name.strip()]
+  if not names:
+    raise errors.ConfigError(f'Give at least one format of {FORMATS}. '
+                             f'Received: format={value!r}')
+  for name in names:
+    errors.check_choice('format', name, FORMATS)
+  if len(set(names)) != len(names):
+    raise errors.ConfigError(f'A format is named twice. Received: '
+                             f'format={",".join(names)!r}')
+  return tuple(names)
+
+
+def require(format_name, runtime_only=False):
+  """Imports the packages of `format_name`; returns them by module name.
+
+  Raises:
+    MissingDependencyError: One is not installed; names the extra.
+  """
+  names = (_RUNTIME_PACKAGES if runtime_only else _PACKAGES).get(
+      format_name, ())
+  modules = {}
+  for name in names:
+    try:
+      modules[name] = importlib.import_module(name)
+    except ImportError as error:
+      extra = _EXTRAS[format_name]
+      raise errors.MissingDependencyError(
+          f'The {format_name} format needs the Python package {name!r}, '
+          f'which is not installed ({error}): pip install '
+          f'keras-sft[{extra}]') from error
+  return modules
+
+
+class _LogitsModule(tf.Module):
+  """`logits(images)`: uint8 `[N, S, S, 3]` → float32 logits, no resize."""
+
+  def __init__(self, model, image_size):
+    super().__init__(name='logits')
+    # The raw tf.Variables, tracked once (see serving._ServingModule).
+    self.model_variables = [variable.value for variable in model.variables]
+    self._model = model
+    self.logits = tf.function(
+        self._logits, input_signature=[tf.TensorSpec(
+            [None, image_size, image_size, 3], tf.uint8, name='images')])
+
+  def _logits(self, images):
+    logits = self._model(tf.cast(images, tf.float32), training=False)
+    return {'logits': tf.cast(logits, tf.float32)}
+
+
+def prepare_images(images, image_size, resize_size=None):
+  """Images of any size → the uint8 `[N, S, S, 3]` the formats take.
+
+  The eval preprocessing of training (`input_pipeline.preprocess_for_eval`:
+  resize and centre crop, or nothing for images of side S), rounded to
+  uint8. Images already S x S pass unchanged.
+
+  Args:
+    images: uint8 `[N, H, W, 3]` (or one `[H, W, 3]`).
+    image_size: S, the export's `image_size`.
+    resize_size: The run's `resize_size` (in the metadata).
+  """
+  prepared = input_pipeline.preprocess_for_eval(images, image_size,
+                                                resize_size)
+  return tf.cast(tf.clip_by_value(tf.round(prepared), 0, 255), tf.uint8)
+
+
+def _resize_rule(size, resize_size):
+  """The client's resize, in words (see `prepare_images`)."""
+  if resize_size:
+    rule = f'resize to {size}x{size}'
+  else:
+    enlarged = int(round(size / input_pipeline._CROP_FRACTION))  # pylint: disable=protected-access
+    rule = (f'resize to {enlarged}x{enlarged} and centre-crop '
+            f'{size}x{size}')
+  return (f'Images not {size}x{size}: {rule} (bilinear, antialiased), '
+          'outside the model (keras_sft.formats.prepare_images; python -m '
+          'keras_sft.predict does it), then round to uint8. The cast and '
+          'normalization are inside the graph.')
+
+
+def _metadata(format_name, config, class_names, source):
+  size = config.image_size
+  return {
+      'format': format_name,
+      'class_names': list(class_names),
+      'image_size': size,
+      'input': {
+          'name': 'images', 'dtype': 'uint8', 'shape': [None, size, size, 3],
+          'layout': 'NHWC', 'channels': 'RGB', 'range': [0, 255],
+          'preprocessing': _resize_rule(size, config.resize_size),
+      },
+      'output': {'name': 'logits', 'dtype': 'float32',
+                 'shape': [None, len(class_names)]},
+      'resize_size': config.resize_size,
+      'top_k': config.export_top_k,
+      'max_image_pixels': config.get('max_image_pixels'),
+      'source': source,
+  }
+
+
+def logits_module(model, image_size):
+  """The graph every format but the SavedModel converts: a `tf.Module`.
+
+  Its `logits` function takes uint8 `[N, S, S, 3]` and returns
+  `{'logits': float32 [N, C]}`; `model` maps float32 images in [0, 255] to
+  logits (preprocessing inside, as the run's model does).
+  """
+  return _LogitsModule(model, image_size)
+
+
+def onnx_model(module, metadata=None):
+  """The ONNX `ModelProto` of a `logits_module`, `metadata` in its props."""
+  tf2onnx = require('onnx')['tf2onnx']
+  proto, _ = tf2onnx.convert.from_function(
+      module.logits, input_signature=module.logits.input_signature,
+      opset=ONNX_OPSET)
+  for key, value in (metadata or {}).items():
+    proto.metadata_props.add(key=key, value=json.dumps(value))
+  return proto
+
+
+def _converter(module):
+  function = module.logits.get_concrete_function()
+  return tf.lite.TFLiteConverter.from_concrete_functions([function], module)
+
+
+def litert_model(module):
+  """The float32 LiteRT flatbuffer (bytes) of a `logits_module`."""
+  return _converter(module).convert()
+
+
+def _write_onnx(module, directory, metadata):
+  onnx = require('onnx')['onnx']
+  onnx.save(onnx_model(module, metadata),
+            os.path.join(directory, MODEL_FILES['onnx']))
+
+
+def _write_litert(module, directory, metadata, contents=None):
+  require('litert')
+  if contents is None:
+    contents = litert_model(module)
+  with open(os.path.join(directory, MODEL_FILES['litert']), 'wb') as file:
+    file.write(contents)
+  with open(os.path.join(directory, METADATA_FILE), 'w') as file:
+    json.dump(metadata, file, indent=2)
+    file.write('\n')
+
+
+def representative_images(data, config, count):
+  """`count` uint8 `[1, S, S, 3]` images of the run's training data.
+
+  Drawn (seeded by `config.seed`) from the train split of `data` (an
+  `input_pipeline.Data`), prepared as `prepare_images` prepares a client's
+  images.
+  """
+  examples = data.train_examples.shuffle(
+      max(count, min(config.shuffle_buffer_size, 10 * count)),
+      seed=config.seed).take(count)
+  return [prepare_images(image, config.image_size, config.resize_size)[None]
+          for image, _ in examples]
+
+
+def quantize_int8(module, images):
+  """A full-integer LiteRT model; uint8 input, float32 logits output.
+
+  Args:
+    module: A `logits_module`.
+    images: Representative uint8 `[1, S, S, 3]` inputs (calibration).
+  """
+  converter = _converter(module)
+  converter.optimizations = [tf.lite.Optimize.DEFAULT]
+  converter.representative_dataset = lambda: ([image] for image in images)
+  converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+  converter.inference_input_type = tf.uint8
+  converter.inference_output_type = tf.float32
+  return converter.convert()
+
+
+def eval_batches(data, config):
+  """`(uint8 images, labels)` numpy batches of the eval split of `data`.
+
+  `config.eval_steps` batches (all if None), rounded to uint8 as
+  `prepare_images` does.
+  """
+  batches = data.eval
+  if config.eval_steps:
+    batches = batches.take(config.eval_steps)
+  for images, labels in batches:
+    yield (tf.cast(tf.clip_by_value(tf.round(images), 0, 255),
+                   tf.uint8).numpy(), labels.numpy())
+
+
+def quantization_report(module, contents, batches):
+  """Top-1 accuracy of the float and int8 models on `batches`.
+
+  Returns:
+    A dict: eval_images, float_accuracy, int8_accuracy, accuracy_change
+    (int8 - float) and top1_agreement (same top-1 class).
+  """
+  runtime = LiteRTModel(contents)
+  count = float_correct = int8_correct = agree = 0
+  for images, labels in batches:
+    float_top1 = module.logits(tf.constant(images))['logits'].numpy().argmax(
+        -1)
+    int8_top1 = runtime.logits(images).argmax(-1)
+    count += len(labels)
+    float_correct += int((float_top1 == labels).sum())
+    int8_correct += int((int8_top1 == labels).sum())
+    agree += int((float_top1 == int8_top1).sum())
+  if not count:
+    raise errors.DataError('The eval split gave no images to measure the '
+                           'int8 model on.')
+  return {
+      'eval_images': count,
+      'float_accuracy': float_correct / count,
+      'int8_accuracy': int8_correct / count,
+      'accuracy_change': (int8_correct - float_correct) / count,
+      'top1_agreement': agree / count,
+  }
+
+
+def export_format(format_name, model, config, class_names, export_base,
+                  source=None):
+  """Writes the next version of one format of a run's model.
+
+  Args:
+    format_name: One of `FORMATS`.
+    model: The run's Keras model (float32 `[N, S, S, 3]` in [0, 255] →
+      logits), e.g. from `serving.restore_run_model`.
+    config: The run's ConfigDict.
+    class_names: One name per class id.
+    export_base: The SavedModel's export base; other formats go to
+      `<export_base>/<format>/`.
+    source: JSON-able description of where the weights came from.
+
+  Returns:
+    `(version, path, metadata)`: path is the version directory.
+  """
+  errors.check_choice('format', format_name, FORMATS)
+  if format_name == 'saved_model':
+    version, path = serving.export_version(
+        model, export_base, config.image_size, class_names,
+        top_k=config.export_top_k,
+        max_image_pixels=config.get('max_image_pixels',
+                                    serving._DEFAULT_MAX_IMAGE_PIXELS),  # pylint: disable=protected-access
+        resize_size=config.resize_size)
+    return version, path, None
+  require(format_name)  # Before any conversion work.
+  module = logits_module(model, config.image_size)
+  metadata = _metadata(format_name, config, class_names, source)
+  if format_name == 'onnx':
+    save = lambda directory: _write_onnx(module, directory, metadata)
+  elif format_name == 'litert':
+    save = lambda directory: _write_litert(module, directory, metadata)
+  else:
+    count = config.export_representative_images
+    data = input_pipeline.from_config(config)
+    contents = quantize_int8(module,
+                             representative_images(data, config, count))
+    metadata['quantization'] = dict(
+        representative_images=count,
+        **quantization_report(module, contents, eval_batches(data, config)))
+    save = lambda directory: _write_litert(module, directory, metadata,
+                                           contents)
+  version, path = serving.write_version(
+      os.path.join(export_base, format_name), save)
+  logging.info('Exported %s version %d to %s.', format_name, version, path)
+  return version, path, metadata
+
+
+def export_run(workdir, formats=('saved_model',), checkpoint='best',
+               export_base=None, top_k=None):
+  """Exports the next version of each format of the run in `workdir`.
+
+  The model is restored once (`serving.restore_run_model`); twice for a
+  run in mixed precision that exports a SavedModel (computing as the run
+  did) and another format (computing in float32).
+
+  Args:
+    workdir: A run directory.
+    formats: Names of `FORMATS`, or one comma-separated string.
+    checkpoint: 'best' or 'last'; see `serving.restore_run_model`.
+    export_base: The SavedModel's versions go here, the other formats' to
+      `<export_base>/<format>/`; default `<workdir>/export`.
+    top_k: Classes in the top-k outputs (the SavedModel's signatures; the
+      metadata of the others, for predict); default `config.export_top_k`.
+
+  Returns:
+    A list of `(format, version, path, metadata)`, in the order given.
+  """
+  formats = parse_formats(formats)
+  for name in formats:
+    require(name)  # A missing extra fails before the model is restored.
+  base = export_base or workdir_lib.Workdir(workdir).export
+  # The SavedModel computes in the run's precision, as its evaluation did;
+  # the other formats in float32 (what converters and runtimes expect, and
+  # int8 is calibrated from float32). The run's weights are float32 anyway.
+  run_precision = workdir_lib.Workdir(workdir).read_config()['precision']
+  mixed = precision.resolve_policy(run_precision) != 'float32'
+  restored = {}
+  exported = []
+  for name in formats:
+    override = 'float32' if mixed and name != 'saved_model' else None
+    if override not in restored:
+      restored[override] = serving.restore_run_model(workdir, checkpoint,
+                                                     precision=override)
+    model, config, class_names, weights = restored[override]
+    if top_k is not None:
+      config.export_top_k = top_k
+    source = {'workdir': os.path.abspath(workdir), 'checkpoint': checkpoint,
+              'weights': os.path.basename(weights)}
+    exported.append((name,) + export_format(name, model, config, class_names,
+                                            base, source))
+  return exported
+
+
+def resolve_model(path):
+  """`(format, model file or SavedModel directory)` of an export path.
+
+  `path` is a model file (`.onnx`, `.tflite`), a version directory of any
+  format, or a folder of versions (its newest version is used): the
+  SavedModel export base, or `<export base>/<format>`.
+
+  Raises:
+    PathNotFoundError: None of these.
+  """
+  if os.path.isfile(path):
+    if path.endswith('.onnx'):
+      return 'onnx', path
+    if path.endswith('.tflite'):
+      return _litert_kind(path), path
+  elif os.path.isdir(path):
+    if os.path.exists(os.path.join(path, 'saved_model.pb')):
+      return 'saved_model', path
+    for name in ('onnx', 'litert'):
+      file = os.path.join(path, MODEL_FILES[name])
+      if os.path.isfile(file):
+        return (name if name == 'onnx' else _litert_kind(file)), file
+    versions = serving.list_versions(path)
+    if versions:
+      return resolve_model(os.path.join(path, str(versions[-1])))
+  raise errors.PathNotFoundError(
+      f'{path!r} is neither a model file (.onnx, .tflite), nor a version '
+      'directory of an export, nor a folder of integer versions (such as '
+      '<workdir>/export or <workdir>/export/onnx).')
+
+
+def _litert_kind(path):
+  metadata = _litert_metadata(path)
+  return 'litert_int8' if metadata.get('format') == 'litert_int8' else (
+      'litert')
+
+
+def _litert_metadata(path):
+  sidecar = os.path.join(os.path.dirname(path), METADATA_FILE)
+  if not os.path.exists(sidecar):
+    return {}
+  with open(sidecar) as file:
+    return json.load(file)
+
+
+def read_metadata(format_name, path):
+  """The metadata dict of an ONNX or LiteRT model file (see above)."""
+  if format_name == 'onnx':
+    onnx = require('onnx', runtime_only=True)['onnxruntime']
+    session = onnx.InferenceSession(path, providers=['CPUExecutionProvider'])
+    return {key: json.loads(value) for key, value in
+            session.get_modelmeta().custom_metadata_map.items()}
+  return _litert_metadata(path)
+
+
+class OnnxModel:
+  """An `.onnx` export in ONNX Runtime: `logits(uint8 images)`."""
+
+  def __init__(self, path):
+    onnxruntime = require('onnx', runtime_only=True)['onnxruntime']
+    self._session = onnxruntime.InferenceSession(
+        path, providers=['CPUExecutionProvider'])
+    self._input = self._session.get_inputs()[0].name
+
+  def logits(self, images):
+    return self._session.run(['logits'], {self._input: images})[0]
+
+
+class LiteRTModel:
+  """A `.tflite` export (path or contents) in LiteRT: `logits(images)`.
+
+  It runs on `num_threads` CPU threads (default: all, as TensorFlow does).
+  """
+
+  def __init__(self, model, num_threads=None):
+    interpreter = require('litert', runtime_only=True)[
+        'ai_edge_litert.interpreter']
+    source = ({'model_content': model} if isinstance(model, bytes) else
+              {'model_path': model})
+    self._interpreter = interpreter.Interpreter(
+        num_threads=num_threads or os.cpu_count(), **source)
+    self._input = self._interpreter.get_input_details()[0]['index']
+    self._output = self._interpreter.get_output_details()[0]['index']
+    self._batch = None
+
+  def logits(self, images):
+    if self._batch != len(images):
+      self._interpreter.resize_tensor_input(self._input, list(images.shape))
+      self._interpreter.allocate_tensors()
+      self._batch = len(images)
+    self._interpreter.set_tensor(self._input, images)
+    self._interpreter.invoke()
+    return np.array(self._interpreter.get_tensor(self._output))
+
+
+def load(format_name, path):
+  """The runtime of an ONNX or LiteRT export: an object with `logits`."""
+  if format_name == 'onnx':
+    return OnnxModel(path)
+  return LiteRTModel(path)
