@@ -137,7 +137,7 @@ def _write_squares(root):
 
 def _small_model():
   inputs = keras.Input((_SIDE, _SIDE, 3))
-  features = models.ResNetPreprocessing()(inputs)
+  features = models.Preprocessing('caffe')(inputs)
   for filters in (8, 16):
     features = keras.layers.Conv2D(filters, 3, strides=2, padding='same')(
         features)
