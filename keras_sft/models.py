@@ -218,6 +218,10 @@ BACKBONES = {backbone.name: backbone for backbone in (
              cheapest=True),
 )}
 DEFAULT_MODEL = 'resnet50'
+# The smallest image side every `BACKBONES` constructor accepts without its
+# top (keras.applications' `obtain_input_shape(min_size=32)`, and
+# MobileNetV3's own check).
+MIN_IMAGE_SIZE = 32
 
 # ResNet50's stages (the default model's), kept for callers of the ResNet50
 # era; `stages(model)` gives any model's.
@@ -258,6 +262,7 @@ def check_config(config):
   the model is checked by `create_network`, before its weights are loaded.
   """
   resolve_weights(config.weights, config.model)
+  check_image_size(config.model, config.image_size)
   errors.check_fraction('dropout_rate', config.dropout_rate)
   errors.check_choice('batch_norm', config.batch_norm, BATCH_NORM_POLICIES)
   errors.check_fraction('batch_norm_momentum', config.batch_norm_momentum,
@@ -265,6 +270,17 @@ def check_config(config):
   check_freeze_until(config.model, config.freeze_until)
   check_batch_norm_support(config.model, config.batch_norm,
                            config.batch_norm_momentum)
+
+
+def check_image_size(model, image_size):
+  """`image_size` is at least `MIN_IMAGE_SIZE` (Keras' constructors refuse
+  smaller inputs with a ValueError only when the model is built)."""
+  if image_size < MIN_IMAGE_SIZE:
+    raise errors.ConfigError(
+        f'image_size={image_size!r} is too small for model={model!r}: '
+        f'keras.applications backbones take images of at least '
+        f'{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}. Use --config.image_size='
+        f'{MIN_IMAGE_SIZE} or more (small images are resized up).')
 
 
 def check_freeze_until(model, stage):
@@ -575,6 +591,7 @@ def create_network(num_classes, image_size, weights='imagenet',
         f'num_classes={num_classes}, image_size={image_size}')
   errors.check_fraction('dropout_rate', dropout_rate)
   spec = backbone_spec(model)
+  check_image_size(model, image_size)
   check_freeze_until(model, freeze_until_stage)
   check_batch_norm_support(model, batch_norm, batch_norm_momentum)
   weights = resolve_weights(weights, model)
