@@ -259,7 +259,8 @@ def check_config(config):
   """Checks the model keys of the config; reads the weights file's header.
 
   Builds nothing (a strategy may not exist yet): whether a weights file fits
-  the model is checked by `create_network`, before its weights are loaded.
+  the model is checked by `check_weights_fit` (train's start, before the
+  workdir is claimed) and `create_network`, before its weights are loaded.
   """
   resolve_weights(config.weights, config.model)
   check_image_size(config.model, config.image_size)
@@ -384,7 +385,8 @@ def resolve_weights(weights, model=DEFAULT_MODEL):
 
   Raises:
     PathNotFoundError: a path that does not exist.
-    ConfigError: a file that is not HDF5 (Keras' weights format).
+    ConfigError: a file that is not HDF5 (Keras' weights format), is
+      truncated, or holds no layer weights.
   """
   if weights is None or str(weights).lower() in ('none', ''):
     return None
@@ -402,7 +404,35 @@ def resolve_weights(weights, model=DEFAULT_MODEL):
           f'weights={weights!r} is not an HDF5 weights file (.h5 or '
           f'.weights.h5, as Keras saves them). Expected a {model} no-top '
           f'weights file such as {expected}.')
+  try:
+    layers = _file_layers(weights)
+  except (OSError, KeyError, ValueError) as error:
+    # h5py refuses a file shorter than its header says (an interrupted
+    # download or copy) when opening it.
+    raise errors.ConfigError(
+        f'weights={weights!r} cannot be read as a Keras weights file: it is '
+        f'truncated or damaged ({error}). Copy the {model} no-top weights '
+        f'file {expected} again.') from error
+  if not layers:
+    raise errors.ConfigError(
+        f'weights={weights!r} is an HDF5 file without layer weights, not a '
+        f'Keras weights file. Expected a {model} no-top weights file such '
+        f'as {expected}.')
   return weights
+
+
+def check_weights_fit(model, image_size, weights):
+  """Fails unless a local `weights` file fits `model`'s backbone.
+
+  Builds the backbone with random weights to compare the file with it
+  (`check_weights_file`), so a start can refuse a file of another model
+  before it claims its workdir; nothing to do for 'imagenet' or None.
+  """
+  path = resolve_weights(weights, model)
+  if path in (None, 'imagenet'):
+    return
+  check_image_size(model, image_size)
+  check_weights_file(build_backbone(model, image_size), path, model)
 
 
 def _file_layers(path):

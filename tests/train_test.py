@@ -4,7 +4,9 @@ import os
 import time
 import types
 
+import h5py
 import keras
+from keras.src.legacy.saving import legacy_h5_format
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -81,19 +83,38 @@ def test_workdir_of_another_run_is_refused(tmp_path, no_model_built,
     train.train_and_evaluate(changed, workdir)
 
 
-@pytest.mark.parametrize('key, value', [
-    ('image_size', 0),
-    ('dataset', 'no_such_dataset'),
-    ('weights', 'not_hdf5'),
+def _weights_file(directory, kind):
+  """A weights file that does not fit the smoke config's ResNet50."""
+  path = str(directory / 'weights.h5')
+  if kind == 'not_hdf5':
+    with open(path, 'wb') as file:
+      file.write(b'<html>not weights</html>')
+    return path
+  # Legacy .h5, as Keras' downloads, of another (tiny) model.
+  inputs = keras.Input((8, 8, 3))
+  other = keras.Model(inputs, keras.layers.Conv2D(2, 3)(inputs))
+  with h5py.File(path, 'w') as file:
+    legacy_h5_format.save_weights_to_hdf5_group(file, other)
+  if kind == 'truncated':  # An interrupted copy: HDF5 header, no end.
+    os.truncate(path, os.path.getsize(path) // 2)
+  return path
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('image_size', 0, 'image_size=0'),
+    ('image_size', 16, 'image_size=16'),
+    ('dataset', 'no_such_dataset', 'no_such_dataset'),
+    ('weights', 'not_hdf5', 'not an HDF5'),
+    ('weights', 'truncated', 'truncated'),
+    ('weights', 'another_model', 'does not fit'),
 ])
-def test_a_failed_start_leaves_the_workdir_unclaimed(tmp_path, no_model_built,
-                                                     key, value):
+def test_a_failed_start_leaves_the_workdir_unclaimed(
+    tmp_path, no_model_built, mock_cifar10, key, value, message):
   """Config, data and weights are checked before the workdir is claimed."""
-  if value == 'not_hdf5':
-    value = str(tmp_path / 'weights.h5')
-    (tmp_path / 'weights.h5').write_bytes(b'<html>not weights</html>')
+  if key == 'weights':
+    value = _weights_file(tmp_path, value)
   workdir = tmp_path / 'run'
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(_smoke_config(**{key: value}), str(workdir))
   assert not workdir.exists()
 
