@@ -422,17 +422,18 @@ def resolve_weights(weights, model=DEFAULT_MODEL):
 
 
 def check_weights_fit(model, image_size, weights):
-  """Fails unless a local `weights` file fits `model`'s backbone.
+  """Fails unless `weights` can be loaded into `model`'s backbone.
 
-  Builds the backbone with random weights to compare the file with it
-  (`check_weights_file`), so a start can refuse a file of another model
-  before it claims its workdir; nothing to do for 'imagenet' or None.
+  Builds the backbone with them (`load_backbone`), so a start refuses a
+  file of another model, or ImageNet weights that cannot be downloaded,
+  before it claims its workdir (the error's fix, --config.weights=PATH, then
+  runs there). 'imagenet' is downloaded now, into Keras' cache, where the
+  later build finds it. Nothing to do for None.
   """
-  path = resolve_weights(weights, model)
-  if path in (None, 'imagenet'):
+  if resolve_weights(weights, model) is None:
     return
   check_image_size(model, image_size)
-  check_weights_file(build_backbone(model, image_size), path, model)
+  load_backbone(model, image_size, weights)
 
 
 def _file_layers(path):
@@ -518,6 +519,29 @@ def build_backbone(model, image_size, weights=None):
   constructor = getattr(keras.applications, spec.constructor)
   return constructor(include_top=False, weights=weights,
                      input_shape=(image_size, image_size, 3), **kwargs)
+
+
+def load_backbone(model, image_size, weights):
+  """`build_backbone` with `weights` ('imagenet', None or a local file).
+
+  Raises:
+    WeightsUnavailableError: 'imagenet' neither cached nor downloadable.
+    ConfigError: a local file that does not fit `model`
+      (`check_weights_file`), checked before it is loaded.
+  """
+  weights = resolve_weights(weights, model)
+  try:
+    backbone = build_backbone(
+        model, image_size, 'imagenet' if weights == 'imagenet' else None)
+  except Exception as error:  # urllib raises several types when offline.
+    if weights == 'imagenet':
+      raise WeightsUnavailableError(_imagenet_weights_help(model)) from error
+    raise
+  if weights not in (None, 'imagenet'):
+    # What the constructors do with a path, after our check of the file.
+    check_weights_file(backbone, weights, model)
+    backbone.load_weights(weights)
+  return backbone
 
 
 def set_batch_norm_policy(model, policy, momentum=None):
@@ -627,17 +651,7 @@ def create_network(num_classes, image_size, weights='imagenet',
   weights = resolve_weights(weights, model)
   inputs = keras.Input(shape=(image_size, image_size, 3), name='images')
   x = Preprocessing(spec.preprocessing, name='preprocessing')(inputs)
-  try:
-    backbone = build_backbone(
-        model, image_size, 'imagenet' if weights == 'imagenet' else None)
-  except Exception as error:  # urllib raises several types when offline.
-    if weights == 'imagenet':
-      raise WeightsUnavailableError(_imagenet_weights_help(model)) from error
-    raise
-  if weights not in (None, 'imagenet'):
-    # What the constructors do with a path, after our check of the file.
-    check_weights_file(backbone, weights, model)
-    backbone.load_weights(weights)
+  backbone = load_backbone(model, image_size, weights)
   if family_of(model).has_batch_norm:
     # Same weights and arithmetic, one kernel per BatchNormalization layer
     # (keras_sft.batch_norm).

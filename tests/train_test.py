@@ -14,6 +14,7 @@ import tensorflow as tf
 from configs import cifar10_resnet50
 from keras_sft import checkpointing
 from keras_sft import classifier
+from keras_sft import errors
 from keras_sft import input_pipeline
 from keras_sft import models
 from keras_sft import recipe
@@ -107,14 +108,19 @@ def _weights_file(directory, kind):
     ('weights', 'not_hdf5', 'not an HDF5'),
     ('weights', 'truncated', 'truncated'),
     ('weights', 'another_model', 'does not fit'),
+    # Offline: the error names --config.weights=PATH, which must then run in
+    # the same workdir.
+    ('weights', 'imagenet', 'Could not download'),
 ])
 def test_a_failed_start_leaves_the_workdir_unclaimed(
-    tmp_path, no_model_built, mock_cifar10, key, value, message):
+    tmp_path, monkeypatch, no_model_built, mock_cifar10, key, value,
+    message):
   """Config, data and weights are checked before the workdir is claimed."""
-  if key == 'weights':
+  if key == 'weights' and value != 'imagenet':
     value = _weights_file(tmp_path, value)
+  monkeypatch.setenv('KERAS_HOME', str(tmp_path / 'keras'))
   workdir = tmp_path / 'run'
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises((ValueError, errors.UnavailableError), match=message):
     train.train_and_evaluate(_smoke_config(**{key: value}), str(workdir))
   assert not workdir.exists()
 
