@@ -218,6 +218,10 @@ BACKBONES = {backbone.name: backbone for backbone in (
              cheapest=True),
 )}
 DEFAULT_MODEL = 'resnet50'
+# The smallest image side every `BACKBONES` constructor accepts without its
+# top (keras.applications' `obtain_input_shape(min_size=32)`, and
+# MobileNetV3's own check).
+MIN_IMAGE_SIZE = 32
 
 # ResNet50's stages (the default model's), kept for callers of the ResNet50
 # era; `stages(model)` gives any model's.
@@ -255,9 +259,11 @@ def check_config(config):
   """Checks the model keys of the config; reads the weights file's header.
 
   Builds nothing (a strategy may not exist yet): whether a weights file fits
-  the model is checked by `create_network`, before its weights are loaded.
+  the model is checked by `check_weights_fit` (train's start, before the
+  workdir is claimed) and `create_network`, before its weights are loaded.
   """
   resolve_weights(config.weights, config.model)
+  check_image_size(config.model, config.image_size)
   errors.check_fraction('dropout_rate', config.dropout_rate)
   errors.check_choice('batch_norm', config.batch_norm, BATCH_NORM_POLICIES)
   errors.check_fraction('batch_norm_momentum', config.batch_norm_momentum,
@@ -265,6 +271,17 @@ def check_config(config):
   check_freeze_until(config.model, config.freeze_until)
   check_batch_norm_support(config.model, config.batch_norm,
                            config.batch_norm_momentum)
+
+
+def check_image_size(model, image_size):
+  """`image_size` is at least `MIN_IMAGE_SIZE` (Keras' constructors refuse
+  smaller inputs with a ValueError only when the model is built)."""
+  if image_size < MIN_IMAGE_SIZE:
+    raise errors.ConfigError(
+        f'image_size={image_size!r} is too small for model={model!r}: '
+        f'keras.applications backbones take images of at least '
+        f'{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}. Use --config.image_size='
+        f'{MIN_IMAGE_SIZE} or more (small images are resized up).')
 
 
 def check_freeze_until(model, stage):
@@ -368,7 +385,8 @@ def resolve_weights(weights, model=DEFAULT_MODEL):
 
   Raises:
     PathNotFoundError: a path that does not exist.
-    ConfigError: a file that is not HDF5 (Keras' weights format).
+    ConfigError: a file that is not HDF5 (Keras' weights format), is
+      truncated, or holds no layer weights.
   """
   if weights is None or str(weights).lower() in ('none', ''):
     return None
@@ -386,7 +404,36 @@ def resolve_weights(weights, model=DEFAULT_MODEL):
           f'weights={weights!r} is not an HDF5 weights file (.h5 or '
           f'.weights.h5, as Keras saves them). Expected a {model} no-top '
           f'weights file such as {expected}.')
+  try:
+    layers = _file_layers(weights)
+  except (OSError, KeyError, ValueError) as error:
+    # h5py refuses a file shorter than its header says (an interrupted
+    # download or copy) when opening it.
+    raise errors.ConfigError(
+        f'weights={weights!r} cannot be read as a Keras weights file: it is '
+        f'truncated or damaged ({error}). Copy the {model} no-top weights '
+        f'file {expected} again.') from error
+  if not layers:
+    raise errors.ConfigError(
+        f'weights={weights!r} is an HDF5 file without layer weights, not a '
+        f'Keras weights file. Expected a {model} no-top weights file such '
+        f'as {expected}.')
   return weights
+
+
+def check_weights_fit(model, image_size, weights):
+  """Fails unless `weights` can be loaded into `model`'s backbone.
+
+  Builds the backbone with them (`load_backbone`), so a start refuses a
+  file of another model, or ImageNet weights that cannot be downloaded,
+  before it claims its workdir (the error's fix, --config.weights=PATH, then
+  runs there). 'imagenet' is downloaded now, into Keras' cache, where the
+  later build finds it. Nothing to do for None.
+  """
+  if resolve_weights(weights, model) is None:
+    return
+  check_image_size(model, image_size)
+  load_backbone(model, image_size, weights)
 
 
 def _file_layers(path):
@@ -472,6 +519,29 @@ def build_backbone(model, image_size, weights=None):
   constructor = getattr(keras.applications, spec.constructor)
   return constructor(include_top=False, weights=weights,
                      input_shape=(image_size, image_size, 3), **kwargs)
+
+
+def load_backbone(model, image_size, weights):
+  """`build_backbone` with `weights` ('imagenet', None or a local file).
+
+  Raises:
+    WeightsUnavailableError: 'imagenet' neither cached nor downloadable.
+    ConfigError: a local file that does not fit `model`
+      (`check_weights_file`), checked before it is loaded.
+  """
+  weights = resolve_weights(weights, model)
+  try:
+    backbone = build_backbone(
+        model, image_size, 'imagenet' if weights == 'imagenet' else None)
+  except Exception as error:  # urllib raises several types when offline.
+    if weights == 'imagenet':
+      raise WeightsUnavailableError(_imagenet_weights_help(model)) from error
+    raise
+  if weights not in (None, 'imagenet'):
+    # What the constructors do with a path, after our check of the file.
+    check_weights_file(backbone, weights, model)
+    backbone.load_weights(weights)
+  return backbone
 
 
 def set_batch_norm_policy(model, policy, momentum=None):
@@ -575,22 +645,13 @@ def create_network(num_classes, image_size, weights='imagenet',
         f'num_classes={num_classes}, image_size={image_size}')
   errors.check_fraction('dropout_rate', dropout_rate)
   spec = backbone_spec(model)
+  check_image_size(model, image_size)
   check_freeze_until(model, freeze_until_stage)
   check_batch_norm_support(model, batch_norm, batch_norm_momentum)
   weights = resolve_weights(weights, model)
   inputs = keras.Input(shape=(image_size, image_size, 3), name='images')
   x = Preprocessing(spec.preprocessing, name='preprocessing')(inputs)
-  try:
-    backbone = build_backbone(
-        model, image_size, 'imagenet' if weights == 'imagenet' else None)
-  except Exception as error:  # urllib raises several types when offline.
-    if weights == 'imagenet':
-      raise WeightsUnavailableError(_imagenet_weights_help(model)) from error
-    raise
-  if weights not in (None, 'imagenet'):
-    # What the constructors do with a path, after our check of the file.
-    check_weights_file(backbone, weights, model)
-    backbone.load_weights(weights)
+  backbone = load_backbone(model, image_size, weights)
   if family_of(model).has_batch_norm:
     # Same weights and arithmetic, one kernel per BatchNormalization layer
     # (keras_sft.batch_norm).

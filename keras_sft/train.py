@@ -151,6 +151,10 @@ def _start(config, workdir):
       collective_timeout_seconds=config.collective_timeout_seconds)
   distribution.check_global_batch_size(config.global_batch_size, strategy)
   chief = distribution.is_chief(strategy)
+  # A weights file of another model, or ImageNet weights offline, are
+  # refused before the claim too. Before the seed is set: building the
+  # backbone draws random numbers.
+  models.check_weights_fit(config.model, config.image_size, config.weights)
   keras.utils.set_random_seed(config.seed)
   data = input_pipeline.from_config(config)
   _check_execution_divides(

@@ -399,6 +399,19 @@ def test_unknown_model_and_stage_list_the_expected_names():
   models.check_config(_config(model='convnext_tiny', freeze_until='stage_1'))
 
 
+def test_an_image_size_below_the_backbones_minimum_is_a_config_error():
+  # keras.applications refuses inputs under 32x32 with a bare ValueError,
+  # which came after the workdir was claimed (the corrected command was then
+  # refused there).
+  for name in ('resnet50', 'efficientnetv2_b0', 'mobilenetv3_large'):
+    with pytest.raises(errors.ConfigError,
+                       match=f"image_size=16 .*model='{name}'.* at least 32"):
+      models.check_config(_config(model=name, image_size=16))
+  with pytest.raises(errors.ConfigError, match='image_size=31'):
+    models.create_network(_CLASSES, 31, weights=None, model='convnext_tiny')
+  models.check_config(_config(model='convnext_tiny', image_size=32))
+
+
 def test_convnext_refuses_batch_norm_settings_by_name():
   for overrides in ({'batch_norm': 'frozen'},
                     {'batch_norm': 'synchronized'},

@@ -4,7 +4,9 @@ import os
 import time
 import types
 
+import h5py
 import keras
+from keras.src.legacy.saving import legacy_h5_format
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -12,6 +14,7 @@ import tensorflow as tf
 from configs import cifar10_resnet50
 from keras_sft import checkpointing
 from keras_sft import classifier
+from keras_sft import errors
 from keras_sft import input_pipeline
 from keras_sft import models
 from keras_sft import recipe
@@ -81,19 +84,43 @@ def test_workdir_of_another_run_is_refused(tmp_path, no_model_built,
     train.train_and_evaluate(changed, workdir)
 
 
-@pytest.mark.parametrize('key, value', [
-    ('image_size', 0),
-    ('dataset', 'no_such_dataset'),
-    ('weights', 'not_hdf5'),
+def _weights_file(directory, kind):
+  """A weights file that does not fit the smoke config's ResNet50."""
+  path = str(directory / 'weights.h5')
+  if kind == 'not_hdf5':
+    with open(path, 'wb') as file:
+      file.write(b'<html>not weights</html>')
+    return path
+  # Legacy .h5, as Keras' downloads, of another (tiny) model.
+  inputs = keras.Input((8, 8, 3))
+  other = keras.Model(inputs, keras.layers.Conv2D(2, 3)(inputs))
+  with h5py.File(path, 'w') as file:
+    legacy_h5_format.save_weights_to_hdf5_group(file, other)
+  if kind == 'truncated':  # An interrupted copy: HDF5 header, no end.
+    os.truncate(path, os.path.getsize(path) // 2)
+  return path
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('image_size', 0, 'image_size=0'),
+    ('image_size', 16, 'image_size=16'),
+    ('dataset', 'no_such_dataset', 'no_such_dataset'),
+    ('weights', 'not_hdf5', 'not an HDF5'),
+    ('weights', 'truncated', 'truncated'),
+    ('weights', 'another_model', 'does not fit'),
+    # Offline: the error names --config.weights=PATH, which must then run in
+    # the same workdir.
+    ('weights', 'imagenet', 'Could not download'),
 ])
-def test_a_failed_start_leaves_the_workdir_unclaimed(tmp_path, no_model_built,
-                                                     key, value):
+def test_a_failed_start_leaves_the_workdir_unclaimed(
+    tmp_path, monkeypatch, no_model_built, mock_cifar10, key, value,
+    message):
   """Config, data and weights are checked before the workdir is claimed."""
-  if value == 'not_hdf5':
-    value = str(tmp_path / 'weights.h5')
-    (tmp_path / 'weights.h5').write_bytes(b'<html>not weights</html>')
+  if key == 'weights' and value != 'imagenet':
+    value = _weights_file(tmp_path, value)
+  monkeypatch.setenv('KERAS_HOME', str(tmp_path / 'keras'))
   workdir = tmp_path / 'run'
-  with pytest.raises(ValueError):
+  with pytest.raises((ValueError, errors.UnavailableError), match=message):
     train.train_and_evaluate(_smoke_config(**{key: value}), str(workdir))
   assert not workdir.exists()
 
