@@ -53,6 +53,12 @@ def get_config():
   # by 12.5% and cropped back at a random position (CIFAR), others resized
   # to image_size / 0.875 (or resize_size) and cropped at random (ImageNet);
   # False: the eval view (centre crop). random_flip: horizontal flips.
+  # Both on: the standard recipe for photos, where objects appear anywhere
+  # and either way round (CIFAR, ImageNet, BiT). Measured on centred,
+  # aligned images (benchmarks/ACCURACY.md, Fashion-MNIST 32px), both cost
+  # accuracy: from scratch, 10k images, 5 epochs 77.4% on, 84.3% off;
+  # fine-tuning proxy 88.1% on, 91.7% off. Switch them off for data whose
+  # objects are centred and never mirrored (digits, scans, product shots).
   config.random_crop = True
   config.random_flip = True
   # Elements kept in the shuffle buffer of the training set.
