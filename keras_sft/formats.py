@@ -43,6 +43,7 @@ import os
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.framework import convert_to_constants  # pylint: disable=g-direct-tensorflow-import
 
 from keras_sft import errors
 from keras_sft import input_pipeline
@@ -58,6 +59,10 @@ MODEL_FILES = {'onnx': 'model.onnx', 'litert': 'model.tflite',
 # LiteRT's metadata, beside `model.tflite`.
 METADATA_FILE = 'metadata.json'
 ONNX_OPSET = 17
+# A float export is refused when its runtime's logits on random images differ
+# from TensorFlow's by more than this x max |logits| (measured on ResNet50
+# and the other backbones: < 3e-6; formats_test holds them to 1e-4).
+CHECK_RELATIVE_TOLERANCE = 1e-3
 # Packages each format needs to be written (and measured), and to be run.
 _PACKAGES = {'onnx': ('tf2onnx', 'onnx', 'onnxruntime'),
              'litert': ('ai_edge_litert.interpreter',),
@@ -195,12 +200,53 @@ def logits_module(model, image_size):
   return _LogitsModule(model, image_size)
 
 
+def _frozen_graph(module):
+  """`(GraphDef, input name, output name)` of `module.logits`, frozen.
+
+  Frozen here rather than by `tf2onnx.convert.from_function`, which makes
+  every captured tensor that is not a variable a graph input: Keras'
+  Normalization layer (EfficientNetV2-B*, ConvNeXt) holds its mean and
+  variance as such tensors, and the ONNX model asked for them. Freezing
+  turns them into constants, as it does the variables.
+  """
+  function = module.logits.get_concrete_function()
+  frozen = convert_to_constants.convert_variables_to_constants_v2(
+      function, lower_control_flow=False, aggressive_inlining=True)
+  graph_def = frozen.graph.as_graph_def(add_shapes=True)
+  _replace_erfc(graph_def)
+  return graph_def, frozen.inputs[0].name, frozen.outputs[0].name
+
+
+def _replace_erfc(graph_def):
+  """Rewrites each `Erfc(x)` as `1 - Erf(x)`, in place.
+
+  TensorFlow's exact GELU (ConvNeXt) computes `0.5 x erfc(-x/sqrt(2))`;
+  ONNX has Erf but no Erfc, and tf2onnx (1.17) does not convert it.
+  """
+  for node in list(graph_def.node):
+    if node.op != 'Erfc':
+      continue
+    dtype = node.attr['T'].type
+    erf = graph_def.node.add(name=f'{node.name}/erf', op='Erf',
+                             input=list(node.input))
+    erf.attr['T'].type = dtype
+    one = graph_def.node.add(name=f'{node.name}/one', op='Const')
+    one.attr['dtype'].type = dtype
+    one.attr['value'].tensor.CopyFrom(tf.make_tensor_proto(
+        1, dtype=tf.dtypes.as_dtype(dtype)))
+    node.op = 'Sub'
+    del node.input[:]
+    node.input.extend([one.name, erf.name])
+
+
 def onnx_model(module, metadata=None):
   """The ONNX `ModelProto` of a `logits_module`, `metadata` in its props."""
   tf2onnx = require('onnx')['tf2onnx']
-  proto, _ = tf2onnx.convert.from_function(
-      module.logits, input_signature=module.logits.input_signature,
-      opset=ONNX_OPSET)
+  graph_def, input_name, output_name = _frozen_graph(module)
+  proto, _ = tf2onnx.convert.from_graph_def(
+      graph_def, input_names=[input_name], output_names=[output_name],
+      opset=ONNX_OPSET,
+      tensors_to_rename={input_name: 'images', output_name: 'logits'})
   for key, value in (metadata or {}).items():
     proto.metadata_props.add(key=key, value=json.dumps(value))
   return proto
@@ -231,6 +277,39 @@ def _write_litert(module, directory, metadata, contents=None):
   with open(os.path.join(directory, METADATA_FILE), 'w') as file:
     json.dump(metadata, file, indent=2)
     file.write('\n')
+
+
+def check_runtime(format_name, path, module, image_size):
+  """Runs the float export at `path` in its runtime against `module`.
+
+  A converter can write a model its runtime refuses, or one that computes
+  something else: tf2onnx logs the ops it cannot convert and writes the
+  model anyway.
+
+  Raises:
+    RuntimeError: The model does not load or run, or its logits on two
+      random images differ from TensorFlow's by more than
+      `CHECK_RELATIVE_TOLERANCE` x max |logits|.
+  """
+  images = np.random.default_rng(0).integers(
+      0, 256, (2, image_size, image_size, 3), dtype=np.uint8)
+  expected = module.logits(tf.constant(images))['logits'].numpy()
+  try:
+    logits = load(format_name, path).logits(images)
+  except Exception as error:  # pylint: disable=broad-except
+    raise RuntimeError(
+        f'The {format_name} conversion of this model does not run in its '
+        f'runtime ({type(error).__name__}: {error}). Nothing was written; '
+        'export another format.') from error
+  difference = float(np.abs(logits - expected).max())
+  scale = float(np.abs(expected).max())
+  # The absolute term lets an untrained network's ~0 logits pass.
+  if not difference <= CHECK_RELATIVE_TOLERANCE * scale + 1e-6:
+    raise RuntimeError(
+        f'The {format_name} conversion of this model computes other logits '
+        f'than TensorFlow: max |difference| {difference:.3g} on logits up '
+        f'to {scale:.3g}, above {CHECK_RELATIVE_TOLERANCE:g} x that. '
+        'Nothing was written; export another format.')
 
 
 def representative_images(data, config, count):
@@ -335,10 +414,14 @@ def export_format(format_name, model, config, class_names, export_base,
   require(format_name)  # Before any conversion work.
   module = logits_module(model, config.image_size)
   metadata = _metadata(format_name, config, class_names, source)
-  if format_name == 'onnx':
-    save = lambda directory: _write_onnx(module, directory, metadata)
-  elif format_name == 'litert':
-    save = lambda directory: _write_litert(module, directory, metadata)
+  if format_name in ('onnx', 'litert'):
+    write = _write_onnx if format_name == 'onnx' else _write_litert
+
+    def save(directory):
+      write(module, directory, metadata)
+      check_runtime(format_name,
+                    os.path.join(directory, MODEL_FILES[format_name]),
+                    module, config.image_size)
   else:
     count = config.export_representative_images
     data = input_pipeline.from_config(config)

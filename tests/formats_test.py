@@ -469,3 +469,65 @@ def test_the_export_command_converts_a_run_s_resnet50_in_float32(
   assert metadata['class_names'] == workdir_lib.read_json(
       run.dataset_file)['class_names']
   assert metadata['source']['checkpoint'] == 'last'
+
+
+def _backbone_ops_model(mode):
+  """The preprocessing of `mode` and the ops of the other backbones.
+
+  ConvNeXt's exact GELU (TensorFlow's Erfc), LayerNormalization and layer
+  scale, MobileNetV3's hard-swish, depthwise convolutions.
+  """
+  inputs = keras.Input((_SIDE, _SIDE, 3))
+  features = models.Preprocessing(mode)(inputs)
+  features = keras.layers.DepthwiseConv2D(3, strides=2)(features)
+  features = keras.layers.Conv2D(8, 1, activation='hard_swish')(features)
+  features = keras.layers.LayerNormalization(epsilon=1e-6)(features)
+  features = keras.layers.Dense(8, activation='gelu')(features)
+  features = keras.layers.Rescaling(0.5)(features)  # As a layer scale.
+  features = keras.layers.GlobalAveragePooling2D()(features)
+  return keras.Model(inputs, keras.layers.Dense(len(_CLASSES))(features))
+
+
+@pytest.mark.parametrize('mode', models.PREPROCESSING_MODES)
+def test_onnx_of_every_backbone_s_preprocessing_and_ops_runs(tmp_path, mode):
+  """One graph input, `images`, and the float logits, for each backbone.
+
+  Keras' Normalization layer (EfficientNetV2-B*, ConvNeXt) holds its mean
+  and variance as captured tensors, which became extra graph inputs, and
+  ConvNeXt's exact GELU is TensorFlow's Erfc, which ONNX has no op for.
+  """
+  keras.utils.set_random_seed(0)
+  module = formats.logits_module(_backbone_ops_model(mode), _SIDE)
+  path = str(tmp_path / 'model.onnx')
+  import onnx  # pylint: disable=g-import-not-at-top
+  onnx.save(formats.onnx_model(module), path)
+  runtime = formats.load('onnx', path)
+  assert [i.name for i in runtime._session.get_inputs()] == ['images']  # pylint: disable=protected-access
+  images = np.random.default_rng(6).integers(
+      0, 256, (3, _SIDE, _SIDE, 3)).astype(np.uint8)
+  reference = module.logits(tf.constant(images))['logits'].numpy()
+  logits = runtime.logits(images)
+  assert np.abs(logits - reference).max() <= (
+      _FLOAT_RELATIVE_TOLERANCE * np.abs(reference).max())
+
+
+def test_an_export_its_runtime_does_not_reproduce_is_not_written(
+    tmp_path, monkeypatch):
+  """tf2onnx writes a model with ops it could not convert (it logs them and
+  goes on); the export runs each float model once in its runtime and
+  refuses one that fails or gives other logits."""
+  keras.utils.set_random_seed(0)
+  model = _backbone_ops_model('caffe')
+  config = default_lib.get_config()
+  config.image_size = _SIDE
+  base = str(tmp_path / 'export')
+  monkeypatch.setattr(formats, '_replace_erfc', lambda graph_def: None)
+  with pytest.raises(RuntimeError, match=r'onnx.*Erfc'):
+    formats.export_format('onnx', model, config, list(_CLASSES), base)
+  # A LiteRT model of another network: it runs, with other logits.
+  other = formats.litert_model(formats.logits_module(_small_model(), _SIDE))
+  monkeypatch.setattr(formats, 'litert_model', lambda module: other)
+  with pytest.raises(RuntimeError, match=r'litert.*logits'):
+    formats.export_format('litert', model, config, list(_CLASSES), base)
+  for name in ('onnx', 'litert'):
+    assert os.listdir(os.path.join(base, name)) == []
