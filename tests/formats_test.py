@@ -320,12 +320,19 @@ def test_predict_serves_each_format_as_the_saved_model(exported, tmp_path,
   paths.append(str(tmp_path / 'not_an_image.png'))
   with open(paths[-1], 'wb') as file:
     file.write(b'GIF89a, not a PNG')
+  # A truncated PNG: the decoder's own error, without TensorFlow's Python
+  # stack of the function that decoded it.
+  paths.append(str(tmp_path / 'truncated.png'))
+  with open(paths[0], 'rb') as source, open(paths[-1], 'wb') as file:
+    file.write(source.read()[:-200])
   expected = list(predict.predict_files(
       predict.load_signature(exported['paths']['saved_model']), paths))
   served = list(predict.predict_files(
       predict.load_signature(exported['paths'][name]), paths, batch_size=2))
   assert [r['file'] for r in served] == paths
   assert 'not a JPEG or PNG image' in served[2]['error']
+  assert served[3]['error'] == expected[3]['error']
+  assert 'File "' not in served[3]['error'], served[3]['error']
   int8 = name == 'litert_int8'
   for record, reference, tolerance in zip(
       served, expected, [0.1 if int8 else 1e-5, 0.1 if int8 else 1e-2]):
