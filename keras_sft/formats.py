@@ -526,7 +526,44 @@ def _litert_metadata(path):
   if not os.path.exists(sidecar):
     return {}
   with open(sidecar) as file:
-    return json.load(file)
+    try:
+      metadata = json.load(file)
+    except ValueError as error:
+      raise errors.DataError(
+          f'{sidecar} is not JSON ({error}). Export the run again: python -m '
+          'keras_sft.export --workdir=WORKDIR --format=litert') from error
+  return metadata if isinstance(metadata, dict) else {}
+
+
+def check_metadata(runtime, metadata, path, format_name):
+  """Raises a DataError unless `metadata` describes the model `runtime`.
+
+  Its `image_size` must be the side of the model's input (a LiteRT model of
+  a network that pools globally runs on any size, so a wrong one would
+  silently serve wrongly resized images), and it must name one class per
+  logit.
+  """
+  names = metadata.get('class_names')
+  size = metadata.get('image_size')
+  again = ('Export the run again: python -m keras_sft.export '
+           f'--workdir=WORKDIR --format={format_name}')
+  if not metadata:
+    where = ('its metadata_props' if format_name == 'onnx' else
+             f'{METADATA_FILE} beside it')
+    raise errors.DataError(f'{path} has no keras_sft metadata ({where}). '
+                           f'{again}')
+  if not isinstance(names, list) or not names:
+    raise errors.DataError(f'The metadata of {path} has no class names. '
+                           f'{again}')
+  _, height, width, _ = runtime.input_shape
+  if (height, width) != (size, size):
+    raise errors.DataError(
+        f'The metadata of {path} says image_size={size!r}, but the model '
+        f'takes {height}x{width} images. {again}')
+  if runtime.output_shape[-1] != len(names):
+    raise errors.DataError(
+        f'The metadata of {path} has {len(names)} class names, but the model '
+        f'gives {runtime.output_shape[-1]} logits. {again}')
 
 
 def read_metadata(format_name, path):
@@ -547,6 +584,9 @@ class OnnxModel:
     self._session = onnxruntime.InferenceSession(
         path, providers=['CPUExecutionProvider'])
     self._input = self._session.get_inputs()[0].name
+    # [N, S, S, 3] and [N, C]; a free dimension is a string or None.
+    self.input_shape = list(self._session.get_inputs()[0].shape)
+    self.output_shape = list(self._session.get_outputs()[0].shape)
 
   def logits(self, images):
     return self._session.run(['logits'], {self._input: images})[0]
@@ -568,6 +608,11 @@ class LiteRTModel:
     self._input = self._interpreter.get_input_details()[0]['index']
     self._output = self._interpreter.get_output_details()[0]['index']
     self._batch = None
+    # [N, S, S, 3] and [N, C]; the free batch dimension is -1.
+    self.input_shape = [int(side) for side in self._interpreter
+                        .get_input_details()[0]['shape_signature']]
+    self.output_shape = [int(side) for side in self._interpreter
+                         .get_output_details()[0]['shape_signature']]
 
   def logits(self, images):
     if self._batch != len(images):

@@ -538,3 +538,47 @@ def test_an_export_its_runtime_does_not_reproduce_is_not_written(
     formats.export_format('litert', model, config, list(_CLASSES), base)
   for name in ('onnx', 'litert'):
     assert os.listdir(os.path.join(base, name)) == []
+
+
+def _edited_litert(exported, tmp_path, name, edit):
+  directory = tmp_path / name
+  shutil.copytree(exported['paths']['litert'], directory)
+  metadata = json.loads((directory / formats.METADATA_FILE).read_text())
+  text = edit(metadata)
+  (directory / formats.METADATA_FILE).write_text(
+      text if isinstance(text, str) else json.dumps(metadata))
+  return str(directory)
+
+
+def test_predict_refuses_a_damaged_model_or_metadata_in_one_error(
+    exported, tmp_path):
+  """A model file that does not load, and metadata that does not describe
+  the model (whose LiteRT input takes any size: an edited image_size was
+  served silently, resized to the wrong size), are one DataError each."""
+  with open(os.path.join(exported['paths']['onnx'], 'model.onnx'),
+            'rb') as file:
+    contents = file.read()
+  (tmp_path / 'truncated.onnx').write_bytes(contents[:len(contents) // 2])
+  (tmp_path / 'text.onnx').write_text('not a model')
+  (tmp_path / 'alone').mkdir()
+  shutil.copy(os.path.join(exported['paths']['litert'], 'model.tflite'),
+              tmp_path / 'alone')
+  damaged = {
+      str(tmp_path / 'alone'): 'no keras_sft metadata .metadata.json',
+      str(tmp_path / 'truncated.onnx'): 'does not load',
+      str(tmp_path / 'text.onnx'): 'does not load',
+      _edited_litert(exported, tmp_path, 'size', lambda metadata: metadata
+                     .update(image_size=2 * _SIDE)):
+          f'image_size={2 * _SIDE}.*{_SIDE}x{_SIDE}',
+      _edited_litert(exported, tmp_path, 'fewer', lambda metadata: metadata
+                     .update(class_names=['a', 'b'])):
+          '2 class names.*3 logits',
+      _edited_litert(exported, tmp_path, 'more', lambda metadata: metadata
+                     .update(class_names=list('abcd'))):
+          '4 class names.*3 logits',
+      _edited_litert(exported, tmp_path, 'json', lambda metadata: '{oops'):
+          'metadata.json is not JSON',
+  }
+  for path, message in damaged.items():
+    with pytest.raises(errors.DataError, match=message):
+      predict.load_signature(path)
