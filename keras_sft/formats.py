@@ -315,6 +315,8 @@ def check_runtime(format_name, path, module, image_size):
 def representative_images(data, config, count):
   """`count` uint8 `[1, S, S, 3]` images of the run's training data.
 
+  Fewer (all of them) if the train split holds fewer.
+
   Drawn (seeded by `config.seed`) from the train split of `data` (an
   `input_pipeline.Data`), prepared as `prepare_images` prepares a client's
   images.
@@ -423,12 +425,13 @@ def export_format(format_name, model, config, class_names, export_base,
                     os.path.join(directory, MODEL_FILES[format_name]),
                     module, config.image_size)
   else:
-    count = config.export_representative_images
     data = input_pipeline.from_config(config)
-    contents = quantize_int8(module,
-                             representative_images(data, config, count))
+    # All of the train split if it holds fewer.
+    images = representative_images(data, config,
+                                    config.export_representative_images)
+    contents = quantize_int8(module, images)
     metadata['quantization'] = dict(
-        representative_images=count,
+        representative_images=len(images),
         **quantization_report(module, contents, eval_batches(data, config)))
     save = lambda directory: _write_litert(module, directory, metadata,
                                            contents)

@@ -582,3 +582,16 @@ def test_predict_refuses_a_damaged_model_or_metadata_in_one_error(
   for path, message in damaged.items():
     with pytest.raises(errors.DataError, match=message):
       predict.load_signature(path)
+
+
+def test_int8_metadata_counts_the_images_it_was_calibrated_on(exported,
+                                                              tmp_path):
+  """More representative images asked for than the train split holds: all
+  of them calibrate, and the metadata says how many there were."""
+  config = exported['config'].copy_and_resolve_references()
+  config.export_representative_images = 1000
+  _, _, metadata = formats.export_format(
+      'litert_int8', exported['model'], config, list(_CLASSES),
+      str(tmp_path / 'export'))
+  assert metadata['quantization']['representative_images'] == (
+      _COUNTS['train'] * len(_CLASSES))
