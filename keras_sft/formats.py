@@ -44,6 +44,7 @@ import os
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import convert_to_constants  # pylint: disable=g-direct-tensorflow-import
+from tensorflow.python.util import deprecation  # pylint: disable=g-direct-tensorflow-import
 
 from keras_sft import errors
 from keras_sft import input_pipeline
@@ -243,10 +244,13 @@ def onnx_model(module, metadata=None):
   """The ONNX `ModelProto` of a `logits_module`, `metadata` in its props."""
   tf2onnx = require('onnx')['tf2onnx']
   graph_def, input_name, output_name = _frozen_graph(module)
-  proto, _ = tf2onnx.convert.from_graph_def(
-      graph_def, input_names=[input_name], output_names=[output_name],
-      opset=ONNX_OPSET,
-      tensors_to_rename={input_name: 'images', output_name: 'logits'})
+  # tf2onnx freezes the (already frozen) graph again with TF1's
+  # convert_variables_to_constants, which logs a deprecation warning.
+  with deprecation.silence():
+    proto, _ = tf2onnx.convert.from_graph_def(
+        graph_def, input_names=[input_name], output_names=[output_name],
+        opset=ONNX_OPSET,
+        tensors_to_rename={input_name: 'images', output_name: 'logits'})
   for key, value in (metadata or {}).items():
     proto.metadata_props.add(key=key, value=json.dumps(value))
   return proto
