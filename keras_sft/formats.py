@@ -41,6 +41,7 @@ import json
 import logging
 import os
 
+import ml_collections
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import convert_to_constants  # pylint: disable=g-direct-tensorflow-import
@@ -392,7 +393,7 @@ def quantization_report(module, contents, batches):
 
 
 def export_format(format_name, model, config, class_names, export_base,
-                  source=None):
+                  source=None, data=None):
   """Writes the next version of one format of a run's model.
 
   Args:
@@ -404,6 +405,8 @@ def export_format(format_name, model, config, class_names, export_base,
     export_base: The SavedModel's export base; other formats go to
       `<export_base>/<format>/`.
     source: JSON-able description of where the weights came from.
+    data: For litert_int8, the run's `input_pipeline.Data` (calibration and
+      the measured accuracy); default `input_pipeline.from_config(config)`.
 
   Returns:
     `(version, path, metadata)`: path is the version directory.
@@ -429,7 +432,7 @@ def export_format(format_name, model, config, class_names, export_base,
                     os.path.join(directory, MODEL_FILES[format_name]),
                     module, config.image_size)
   else:
-    data = input_pipeline.from_config(config)
+    data = data or input_pipeline.from_config(config)
     # All of the train split if it holds fewer.
     images = representative_images(data, config,
                                     config.export_representative_images)
@@ -469,10 +472,14 @@ def export_run(workdir, formats=('saved_model',), checkpoint='best',
   for name in formats:
     require(name)  # A missing extra fails before the model is restored.
   base = export_base or workdir_lib.Workdir(workdir).export
+  run_config = workdir_lib.Workdir(workdir).read_config()
+  # Data that is gone fails before any format is written.
+  data = (input_pipeline.from_config(ml_collections.ConfigDict(run_config))
+          if 'litert_int8' in formats else None)
   # The SavedModel computes in the run's precision, as its evaluation did;
   # the other formats in float32 (what converters and runtimes expect, and
   # int8 is calibrated from float32). The run's weights are float32 anyway.
-  run_precision = workdir_lib.Workdir(workdir).read_config()['precision']
+  run_precision = run_config['precision']
   mixed = precision.resolve_policy(run_precision) != 'float32'
   restored = {}
   exported = []
@@ -487,7 +494,7 @@ def export_run(workdir, formats=('saved_model',), checkpoint='best',
     source = {'workdir': os.path.abspath(workdir), 'checkpoint': checkpoint,
               'weights': os.path.basename(weights)}
     exported.append((name,) + export_format(name, model, config, class_names,
-                                            base, source))
+                                            base, source, data))
   return exported
 
 

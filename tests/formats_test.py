@@ -595,3 +595,19 @@ def test_int8_metadata_counts_the_images_it_was_calibrated_on(exported,
       str(tmp_path / 'export'))
   assert metadata['quantization']['representative_images'] == (
       _COUNTS['train'] * len(_CLASSES))
+
+
+def test_int8_data_that_is_gone_stops_the_export_before_any_format(
+    smoke_run, tmp_path):
+  """litert_int8 reads the run's data; its absence was found after the
+  formats before it had been written."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(smoke_run[0], workdir,
+                  ignore=shutil.ignore_patterns('export', 'tensorboard'))
+  run = workdir_lib.Workdir(workdir)
+  config = run.read_config()
+  config['dataset'] = f'folder:{tmp_path / "gone"}'
+  workdir_lib.write_json(run.config_file, config)
+  with pytest.raises(errors.UserError, match='gone'):
+    formats.export_run(workdir, 'saved_model,onnx,litert_int8')
+  assert not os.path.exists(run.export)
