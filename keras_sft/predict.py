@@ -95,9 +95,7 @@ def predict_files(signature, files, batch_size=32):
     files: Image file paths.
     batch_size: Images per call.
   """
-  if batch_size < 1:
-    raise ValueError(f'batch_size must be >= 1. Received: '
-                     f'batch_size={batch_size!r}')
+  errors.check_integer('batch_size', batch_size, 1, ' (images per call)')
   for start in range(0, len(files), batch_size):
     batch = files[start:start + batch_size]
     records = [None] * len(batch)
