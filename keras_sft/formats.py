@@ -473,9 +473,12 @@ def export_run(workdir, formats=('saved_model',), checkpoint='best',
     require(name)  # A missing extra fails before the model is restored.
   base = export_base or workdir_lib.Workdir(workdir).export
   run_config = workdir_lib.Workdir(workdir).read_config()
-  # Data that is gone fails before any format is written.
-  data = (input_pipeline.from_config(ml_collections.ConfigDict(run_config))
-          if 'litert_int8' in formats else None)
+  # A config.json edited wrongly, or data that is gone, fails before any
+  # format is written.
+  data = None
+  if 'litert_int8' in formats:
+    check_config(ml_collections.ConfigDict(run_config))
+    data = input_pipeline.from_config(ml_collections.ConfigDict(run_config))
   # The SavedModel computes in the run's precision, as its evaluation did;
   # the other formats in float32 (what converters and runtimes expect, and
   # int8 is calibrated from float32). The run's weights are float32 anyway.

@@ -611,3 +611,20 @@ def test_int8_data_that_is_gone_stops_the_export_before_any_format(
   with pytest.raises(errors.UserError, match='gone'):
     formats.export_run(workdir, 'saved_model,onnx,litert_int8')
   assert not os.path.exists(run.export)
+
+
+def test_an_int8_calibration_count_below_one_is_one_config_error(
+    smoke_run, tmp_path):
+  """A config.json edited to export_representative_images=0 ended in a
+  tf.data traceback (shuffle buffer_size 0)."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(smoke_run[0], workdir,
+                  ignore=shutil.ignore_patterns('export', 'tensorboard'))
+  run = workdir_lib.Workdir(workdir)
+  config = run.read_config()
+  config['export_representative_images'] = 0
+  workdir_lib.write_json(run.config_file, config)
+  with pytest.raises(errors.ConfigError,
+                     match='export_representative_images=0'):
+    formats.export_run(workdir, 'litert_int8')
+  assert not os.path.exists(run.export)
