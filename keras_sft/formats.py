@@ -41,8 +41,11 @@ import json
 import logging
 import os
 
+import ml_collections
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.framework import convert_to_constants  # pylint: disable=g-direct-tensorflow-import
+from tensorflow.python.util import deprecation  # pylint: disable=g-direct-tensorflow-import
 
 from keras_sft import errors
 from keras_sft import input_pipeline
@@ -58,6 +61,10 @@ MODEL_FILES = {'onnx': 'model.onnx', 'litert': 'model.tflite',
 # LiteRT's metadata, beside `model.tflite`.
 METADATA_FILE = 'metadata.json'
 ONNX_OPSET = 17
+# A float export is refused when its runtime's logits on random images differ
+# from TensorFlow's by more than this x max |logits| (measured on ResNet50
+# and the other backbones: < 4e-6; formats_test holds them to 1e-4).
+CHECK_RELATIVE_TOLERANCE = 1e-3
 # Packages each format needs to be written (and measured), and to be run.
 _PACKAGES = {'onnx': ('tf2onnx', 'onnx', 'onnxruntime'),
              'litert': ('ai_edge_litert.interpreter',),
@@ -195,12 +202,56 @@ def logits_module(model, image_size):
   return _LogitsModule(model, image_size)
 
 
+def _frozen_graph(module):
+  """`(GraphDef, input name, output name)` of `module.logits`, frozen.
+
+  Frozen here rather than by `tf2onnx.convert.from_function`, which makes
+  every captured tensor that is not a variable a graph input: Keras'
+  Normalization layer (EfficientNetV2-B*, ConvNeXt) holds its mean and
+  variance as such tensors, and the ONNX model asked for them. Freezing
+  turns them into constants, as it does the variables.
+  """
+  function = module.logits.get_concrete_function()
+  frozen = convert_to_constants.convert_variables_to_constants_v2(
+      function, lower_control_flow=False, aggressive_inlining=True)
+  graph_def = frozen.graph.as_graph_def(add_shapes=True)
+  _replace_erfc(graph_def)
+  return graph_def, frozen.inputs[0].name, frozen.outputs[0].name
+
+
+def _replace_erfc(graph_def):
+  """Rewrites each `Erfc(x)` as `1 - Erf(x)`, in place.
+
+  TensorFlow's exact GELU (ConvNeXt) computes `0.5 x erfc(-x/sqrt(2))`;
+  ONNX has Erf but no Erfc, and tf2onnx (1.17) does not convert it.
+  """
+  for node in list(graph_def.node):
+    if node.op != 'Erfc':
+      continue
+    dtype = node.attr['T'].type
+    erf = graph_def.node.add(name=f'{node.name}/erf', op='Erf',
+                             input=list(node.input))
+    erf.attr['T'].type = dtype
+    one = graph_def.node.add(name=f'{node.name}/one', op='Const')
+    one.attr['dtype'].type = dtype
+    one.attr['value'].tensor.CopyFrom(tf.make_tensor_proto(
+        1, dtype=tf.dtypes.as_dtype(dtype)))
+    node.op = 'Sub'
+    del node.input[:]
+    node.input.extend([one.name, erf.name])
+
+
 def onnx_model(module, metadata=None):
   """The ONNX `ModelProto` of a `logits_module`, `metadata` in its props."""
   tf2onnx = require('onnx')['tf2onnx']
-  proto, _ = tf2onnx.convert.from_function(
-      module.logits, input_signature=module.logits.input_signature,
-      opset=ONNX_OPSET)
+  graph_def, input_name, output_name = _frozen_graph(module)
+  # tf2onnx freezes the (already frozen) graph again with TF1's
+  # convert_variables_to_constants, which logs a deprecation warning.
+  with deprecation.silence():
+    proto, _ = tf2onnx.convert.from_graph_def(
+        graph_def, input_names=[input_name], output_names=[output_name],
+        opset=ONNX_OPSET,
+        tensors_to_rename={input_name: 'images', output_name: 'logits'})
   for key, value in (metadata or {}).items():
     proto.metadata_props.add(key=key, value=json.dumps(value))
   return proto
@@ -233,8 +284,43 @@ def _write_litert(module, directory, metadata, contents=None):
     file.write('\n')
 
 
+def check_runtime(format_name, path, module, image_size):
+  """Runs the float export at `path` in its runtime against `module`.
+
+  A converter can write a model its runtime refuses, or one that computes
+  something else: tf2onnx logs the ops it cannot convert and writes the
+  model anyway.
+
+  Raises:
+    RuntimeError: The model does not load or run, or its logits on two
+      random images differ from TensorFlow's by more than
+      `CHECK_RELATIVE_TOLERANCE` x max |logits|.
+  """
+  images = np.random.default_rng(0).integers(
+      0, 256, (2, image_size, image_size, 3), dtype=np.uint8)
+  expected = module.logits(tf.constant(images))['logits'].numpy()
+  try:
+    logits = load(format_name, path).logits(images)
+  except Exception as error:  # pylint: disable=broad-except
+    raise RuntimeError(
+        f'The {format_name} conversion of this model does not run in its '
+        f'runtime ({type(error).__name__}: {error}). Nothing was written; '
+        'export another format.') from error
+  difference = float(np.abs(logits - expected).max())
+  scale = float(np.abs(expected).max())
+  # The absolute term lets an untrained network's ~0 logits pass.
+  if not difference <= CHECK_RELATIVE_TOLERANCE * scale + 1e-6:
+    raise RuntimeError(
+        f'The {format_name} conversion of this model computes other logits '
+        f'than TensorFlow: max |difference| {difference:.3g} on logits up '
+        f'to {scale:.3g}, above {CHECK_RELATIVE_TOLERANCE:g} x that. '
+        'Nothing was written; export another format.')
+
+
 def representative_images(data, config, count):
   """`count` uint8 `[1, S, S, 3]` images of the run's training data.
+
+  Fewer (all of them) if the train split holds fewer.
 
   Drawn (seeded by `config.seed`) from the train split of `data` (an
   `input_pipeline.Data`), prepared as `prepare_images` prepares a client's
@@ -307,7 +393,7 @@ def quantization_report(module, contents, batches):
 
 
 def export_format(format_name, model, config, class_names, export_base,
-                  source=None):
+                  source=None, data=None):
   """Writes the next version of one format of a run's model.
 
   Args:
@@ -319,6 +405,8 @@ def export_format(format_name, model, config, class_names, export_base,
     export_base: The SavedModel's export base; other formats go to
       `<export_base>/<format>/`.
     source: JSON-able description of where the weights came from.
+    data: For litert_int8, the run's `input_pipeline.Data` (calibration and
+      the measured accuracy); default `input_pipeline.from_config(config)`.
 
   Returns:
     `(version, path, metadata)`: path is the version directory.
@@ -335,17 +423,22 @@ def export_format(format_name, model, config, class_names, export_base,
   require(format_name)  # Before any conversion work.
   module = logits_module(model, config.image_size)
   metadata = _metadata(format_name, config, class_names, source)
-  if format_name == 'onnx':
-    save = lambda directory: _write_onnx(module, directory, metadata)
-  elif format_name == 'litert':
-    save = lambda directory: _write_litert(module, directory, metadata)
+  if format_name in ('onnx', 'litert'):
+    write = _write_onnx if format_name == 'onnx' else _write_litert
+
+    def save(directory):
+      write(module, directory, metadata)
+      check_runtime(format_name,
+                    os.path.join(directory, MODEL_FILES[format_name]),
+                    module, config.image_size)
   else:
-    count = config.export_representative_images
-    data = input_pipeline.from_config(config)
-    contents = quantize_int8(module,
-                             representative_images(data, config, count))
+    data = data or input_pipeline.from_config(config)
+    # All of the train split if it holds fewer.
+    images = representative_images(data, config,
+                                    config.export_representative_images)
+    contents = quantize_int8(module, images)
     metadata['quantization'] = dict(
-        representative_images=count,
+        representative_images=len(images),
         **quantization_report(module, contents, eval_batches(data, config)))
     save = lambda directory: _write_litert(module, directory, metadata,
                                            contents)
@@ -379,10 +472,17 @@ def export_run(workdir, formats=('saved_model',), checkpoint='best',
   for name in formats:
     require(name)  # A missing extra fails before the model is restored.
   base = export_base or workdir_lib.Workdir(workdir).export
+  run_config = workdir_lib.Workdir(workdir).read_config()
+  # A config.json edited wrongly, or data that is gone, fails before any
+  # format is written.
+  data = None
+  if 'litert_int8' in formats:
+    check_config(ml_collections.ConfigDict(run_config))
+    data = input_pipeline.from_config(ml_collections.ConfigDict(run_config))
   # The SavedModel computes in the run's precision, as its evaluation did;
   # the other formats in float32 (what converters and runtimes expect, and
   # int8 is calibrated from float32). The run's weights are float32 anyway.
-  run_precision = workdir_lib.Workdir(workdir).read_config()['precision']
+  run_precision = run_config['precision']
   mixed = precision.resolve_policy(run_precision) != 'float32'
   restored = {}
   exported = []
@@ -397,7 +497,7 @@ def export_run(workdir, formats=('saved_model',), checkpoint='best',
     source = {'workdir': os.path.abspath(workdir), 'checkpoint': checkpoint,
               'weights': os.path.basename(weights)}
     exported.append((name,) + export_format(name, model, config, class_names,
-                                            base, source))
+                                            base, source, data))
   return exported
 
 
@@ -443,7 +543,44 @@ def _litert_metadata(path):
   if not os.path.exists(sidecar):
     return {}
   with open(sidecar) as file:
-    return json.load(file)
+    try:
+      metadata = json.load(file)
+    except ValueError as error:
+      raise errors.DataError(
+          f'{sidecar} is not JSON ({error}). Export the run again: python -m '
+          'keras_sft.export --workdir=WORKDIR --format=litert') from error
+  return metadata if isinstance(metadata, dict) else {}
+
+
+def check_metadata(runtime, metadata, path, format_name):
+  """Raises a DataError unless `metadata` describes the model `runtime`.
+
+  Its `image_size` must be the side of the model's input (a LiteRT model of
+  a network that pools globally runs on any size, so a wrong one would
+  silently serve wrongly resized images), and it must name one class per
+  logit.
+  """
+  names = metadata.get('class_names')
+  size = metadata.get('image_size')
+  again = ('Export the run again: python -m keras_sft.export '
+           f'--workdir=WORKDIR --format={format_name}')
+  if not metadata:
+    where = ('its metadata_props' if format_name == 'onnx' else
+             f'{METADATA_FILE} beside it')
+    raise errors.DataError(f'{path} has no keras_sft metadata ({where}). '
+                           f'{again}')
+  if not isinstance(names, list) or not names:
+    raise errors.DataError(f'The metadata of {path} has no class names. '
+                           f'{again}')
+  _, height, width, _ = runtime.input_shape
+  if (height, width) != (size, size):
+    raise errors.DataError(
+        f'The metadata of {path} says image_size={size!r}, but the model '
+        f'takes {height}x{width} images. {again}')
+  if runtime.output_shape[-1] != len(names):
+    raise errors.DataError(
+        f'The metadata of {path} has {len(names)} class names, but the model '
+        f'gives {runtime.output_shape[-1]} logits. {again}')
 
 
 def read_metadata(format_name, path):
@@ -464,6 +601,9 @@ class OnnxModel:
     self._session = onnxruntime.InferenceSession(
         path, providers=['CPUExecutionProvider'])
     self._input = self._session.get_inputs()[0].name
+    # [N, S, S, 3] and [N, C]; a free dimension is a string or None.
+    self.input_shape = list(self._session.get_inputs()[0].shape)
+    self.output_shape = list(self._session.get_outputs()[0].shape)
 
   def logits(self, images):
     return self._session.run(['logits'], {self._input: images})[0]
@@ -485,6 +625,11 @@ class LiteRTModel:
     self._input = self._interpreter.get_input_details()[0]['index']
     self._output = self._interpreter.get_output_details()[0]['index']
     self._batch = None
+    # [N, S, S, 3] and [N, C]; the free batch dimension is -1.
+    self.input_shape = [int(side) for side in self._interpreter
+                        .get_input_details()[0]['shape_signature']]
+    self.output_shape = [int(side) for side in self._interpreter
+                         .get_output_details()[0]['shape_signature']]
 
   def logits(self, images):
     if self._batch != len(images):

@@ -451,10 +451,12 @@ def error_message(error):
   if match:
     return match.group(1).replace('\\"', '"')
   # A decoder's own error, e.g. "Invalid PNG data, size 160", between
-  # lines naming graph nodes.
+  # lines naming graph nodes, and, from a tf.function called eagerly (not a
+  # SavedModel), the Python stack that defined the node (`File "..."`).
   lines = [line.strip() for line in message.splitlines()]
   kept = [line for line in lines if line and not line.startswith(
-      ('Graph execution error', 'Detected at node', '<stack traces', '[['))]
+      ('Graph execution error', 'Detected at node', '<stack traces', '[[',
+       'File "'))]
   text = ' '.join(kept) or message
   return re.sub(r'\s*\[Op:[^\]]*\]$', '', text)
 

@@ -95,9 +95,7 @@ def predict_files(signature, files, batch_size=32):
     files: Image file paths.
     batch_size: Images per call.
   """
-  if batch_size < 1:
-    raise ValueError(f'batch_size must be >= 1. Received: '
-                     f'batch_size={batch_size!r}')
+  errors.check_integer('batch_size', batch_size, 1, ' (images per call)')
   for start in range(0, len(files), batch_size):
     batch = files[start:start + batch_size]
     records = [None] * len(batch)
@@ -193,21 +191,25 @@ def load_signature(path):
   Raises:
     PathNotFoundError: `path` is no export.
     MissingDependencyError: The format's runtime is not installed.
-    DataError: The model does not load.
+    DataError: The model does not load, or its metadata does not describe
+      it (`formats.check_metadata`).
   """
   from keras_sft import formats  # pylint: disable=g-import-not-at-top
   format_name, path = formats.resolve_model(path)
   if format_name != 'saved_model':
     formats.require(format_name, runtime_only=True)
     try:
-      return RuntimeSignature(formats.load(format_name, path),
-                              formats.read_metadata(format_name, path))
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
+      runtime = formats.load(format_name, path)
+      metadata = formats.read_metadata(format_name, path)
+    # ONNX Runtime's errors (InvalidProtobuf, ...) derive from Exception only.
+    except Exception as error:  # pylint: disable=broad-except
       raise errors.DataError(
           f'{path} is not a keras_sft {format_name} export: it does not load '
-          f'or has no class names in its metadata ({error}). Export the run '
-          f'again: python -m keras_sft.export --workdir=WORKDIR '
-          f'--format={format_name}') from error
+          f'({type(error).__name__}: {error}). Export the run again: python '
+          f'-m keras_sft.export --workdir=WORKDIR --format={format_name}'
+      ) from error
+    formats.check_metadata(runtime, metadata, path, format_name)
+    return RuntimeSignature(runtime, metadata)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
     return tf.saved_model.load(path).signatures['serve_image_bytes']

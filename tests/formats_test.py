@@ -320,12 +320,19 @@ def test_predict_serves_each_format_as_the_saved_model(exported, tmp_path,
   paths.append(str(tmp_path / 'not_an_image.png'))
   with open(paths[-1], 'wb') as file:
     file.write(b'GIF89a, not a PNG')
+  # A truncated PNG: the decoder's own error, without TensorFlow's Python
+  # stack of the function that decoded it.
+  paths.append(str(tmp_path / 'truncated.png'))
+  with open(paths[0], 'rb') as source, open(paths[-1], 'wb') as file:
+    file.write(source.read()[:-200])
   expected = list(predict.predict_files(
       predict.load_signature(exported['paths']['saved_model']), paths))
   served = list(predict.predict_files(
       predict.load_signature(exported['paths'][name]), paths, batch_size=2))
   assert [r['file'] for r in served] == paths
   assert 'not a JPEG or PNG image' in served[2]['error']
+  assert served[3]['error'] == expected[3]['error']
+  assert 'File "' not in served[3]['error'], served[3]['error']
   int8 = name == 'litert_int8'
   for record, reference, tolerance in zip(
       served, expected, [0.1 if int8 else 1e-5, 0.1 if int8 else 1e-2]):
@@ -469,3 +476,155 @@ def test_the_export_command_converts_a_run_s_resnet50_in_float32(
   assert metadata['class_names'] == workdir_lib.read_json(
       run.dataset_file)['class_names']
   assert metadata['source']['checkpoint'] == 'last'
+
+
+def _backbone_ops_model(mode):
+  """The preprocessing of `mode` and the ops of the other backbones.
+
+  ConvNeXt's exact GELU (TensorFlow's Erfc), LayerNormalization and layer
+  scale, MobileNetV3's hard-swish, depthwise convolutions.
+  """
+  inputs = keras.Input((_SIDE, _SIDE, 3))
+  features = models.Preprocessing(mode)(inputs)
+  features = keras.layers.DepthwiseConv2D(3, strides=2)(features)
+  features = keras.layers.Conv2D(8, 1, activation='hard_swish')(features)
+  features = keras.layers.LayerNormalization(epsilon=1e-6)(features)
+  features = keras.layers.Dense(8, activation='gelu')(features)
+  features = keras.layers.Rescaling(0.5)(features)  # As a layer scale.
+  features = keras.layers.GlobalAveragePooling2D()(features)
+  return keras.Model(inputs, keras.layers.Dense(len(_CLASSES))(features))
+
+
+@pytest.mark.parametrize('mode', models.PREPROCESSING_MODES)
+def test_onnx_of_every_backbone_s_preprocessing_and_ops_runs(tmp_path, mode):
+  """One graph input, `images`, and the float logits, for each backbone.
+
+  Keras' Normalization layer (EfficientNetV2-B*, ConvNeXt) holds its mean
+  and variance as captured tensors, which became extra graph inputs, and
+  ConvNeXt's exact GELU is TensorFlow's Erfc, which ONNX has no op for.
+  """
+  keras.utils.set_random_seed(0)
+  module = formats.logits_module(_backbone_ops_model(mode), _SIDE)
+  path = str(tmp_path / 'model.onnx')
+  import onnx  # pylint: disable=g-import-not-at-top
+  onnx.save(formats.onnx_model(module), path)
+  runtime = formats.load('onnx', path)
+  assert [i.name for i in runtime._session.get_inputs()] == ['images']  # pylint: disable=protected-access
+  images = np.random.default_rng(6).integers(
+      0, 256, (3, _SIDE, _SIDE, 3)).astype(np.uint8)
+  reference = module.logits(tf.constant(images))['logits'].numpy()
+  logits = runtime.logits(images)
+  assert np.abs(logits - reference).max() <= (
+      _FLOAT_RELATIVE_TOLERANCE * np.abs(reference).max())
+
+
+def test_an_export_its_runtime_does_not_reproduce_is_not_written(
+    tmp_path, monkeypatch):
+  """tf2onnx writes a model with ops it could not convert (it logs them and
+  goes on); the export runs each float model once in its runtime and
+  refuses one that fails or gives other logits."""
+  keras.utils.set_random_seed(0)
+  model = _backbone_ops_model('caffe')
+  config = default_lib.get_config()
+  config.image_size = _SIDE
+  base = str(tmp_path / 'export')
+  monkeypatch.setattr(formats, '_replace_erfc', lambda graph_def: None)
+  with pytest.raises(RuntimeError, match=r'onnx.*Erfc'):
+    formats.export_format('onnx', model, config, list(_CLASSES), base)
+  # A LiteRT model of another network: it runs, with other logits.
+  other = formats.litert_model(formats.logits_module(_small_model(), _SIDE))
+  monkeypatch.setattr(formats, 'litert_model', lambda module: other)
+  with pytest.raises(RuntimeError, match=r'litert.*logits'):
+    formats.export_format('litert', model, config, list(_CLASSES), base)
+  for name in ('onnx', 'litert'):
+    assert os.listdir(os.path.join(base, name)) == []
+
+
+def _edited_litert(exported, tmp_path, name, edit):
+  directory = tmp_path / name
+  shutil.copytree(exported['paths']['litert'], directory)
+  metadata = json.loads((directory / formats.METADATA_FILE).read_text())
+  text = edit(metadata)
+  (directory / formats.METADATA_FILE).write_text(
+      text if isinstance(text, str) else json.dumps(metadata))
+  return str(directory)
+
+
+def test_predict_refuses_a_damaged_model_or_metadata_in_one_error(
+    exported, tmp_path):
+  """A model file that does not load, and metadata that does not describe
+  the model (whose LiteRT input takes any size: an edited image_size was
+  served silently, resized to the wrong size), are one DataError each."""
+  with open(os.path.join(exported['paths']['onnx'], 'model.onnx'),
+            'rb') as file:
+    contents = file.read()
+  (tmp_path / 'truncated.onnx').write_bytes(contents[:len(contents) // 2])
+  (tmp_path / 'text.onnx').write_text('not a model')
+  (tmp_path / 'alone').mkdir()
+  shutil.copy(os.path.join(exported['paths']['litert'], 'model.tflite'),
+              tmp_path / 'alone')
+  damaged = {
+      str(tmp_path / 'alone'): 'no keras_sft metadata .metadata.json',
+      str(tmp_path / 'truncated.onnx'): 'does not load',
+      str(tmp_path / 'text.onnx'): 'does not load',
+      _edited_litert(exported, tmp_path, 'size', lambda metadata: metadata
+                     .update(image_size=2 * _SIDE)):
+          f'image_size={2 * _SIDE}.*{_SIDE}x{_SIDE}',
+      _edited_litert(exported, tmp_path, 'fewer', lambda metadata: metadata
+                     .update(class_names=['a', 'b'])):
+          '2 class names.*3 logits',
+      _edited_litert(exported, tmp_path, 'more', lambda metadata: metadata
+                     .update(class_names=list('abcd'))):
+          '4 class names.*3 logits',
+      _edited_litert(exported, tmp_path, 'json', lambda metadata: '{oops'):
+          'metadata.json is not JSON',
+  }
+  for path, message in damaged.items():
+    with pytest.raises(errors.DataError, match=message):
+      predict.load_signature(path)
+
+
+def test_int8_metadata_counts_the_images_it_was_calibrated_on(exported,
+                                                              tmp_path):
+  """More representative images asked for than the train split holds: all
+  of them calibrate, and the metadata says how many there were."""
+  config = exported['config'].copy_and_resolve_references()
+  config.export_representative_images = 1000
+  _, _, metadata = formats.export_format(
+      'litert_int8', exported['model'], config, list(_CLASSES),
+      str(tmp_path / 'export'))
+  assert metadata['quantization']['representative_images'] == (
+      _COUNTS['train'] * len(_CLASSES))
+
+
+def test_int8_data_that_is_gone_stops_the_export_before_any_format(
+    smoke_run, tmp_path):
+  """litert_int8 reads the run's data; its absence was found after the
+  formats before it had been written."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(smoke_run[0], workdir,
+                  ignore=shutil.ignore_patterns('export', 'tensorboard'))
+  run = workdir_lib.Workdir(workdir)
+  config = run.read_config()
+  config['dataset'] = f'folder:{tmp_path / "gone"}'
+  workdir_lib.write_json(run.config_file, config)
+  with pytest.raises(errors.UserError, match='gone'):
+    formats.export_run(workdir, 'saved_model,onnx,litert_int8')
+  assert not os.path.exists(run.export)
+
+
+def test_an_int8_calibration_count_below_one_is_one_config_error(
+    smoke_run, tmp_path):
+  """A config.json edited to export_representative_images=0 ended in a
+  tf.data traceback (shuffle buffer_size 0)."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(smoke_run[0], workdir,
+                  ignore=shutil.ignore_patterns('export', 'tensorboard'))
+  run = workdir_lib.Workdir(workdir)
+  config = run.read_config()
+  config['export_representative_images'] = 0
+  workdir_lib.write_json(run.config_file, config)
+  with pytest.raises(errors.ConfigError,
+                     match='export_representative_images=0'):
+    formats.export_run(workdir, 'litert_int8')
+  assert not os.path.exists(run.export)

@@ -146,3 +146,10 @@ def test_no_images_and_a_damaged_export_are_one_error_line(tmp_path):
              if line.startswith('error: ')]
     assert len(lines) == 1 and expected in lines[0], result.stderr[-3000:]
     assert 'flags:' not in result.stderr  # No usage text.
+
+
+def test_a_batch_size_below_one_is_a_user_error(tmp_path):
+  """`--batch_size=0` ended in a ValueError traceback, not one error line."""
+  from keras_sft import errors  # pylint: disable=g-import-not-at-top
+  with pytest.raises(errors.ConfigError, match='batch_size=0'):
+    list(predict.predict_files(None, [str(tmp_path / 'a.png')], 0))
