@@ -327,10 +327,10 @@ def run(args):
   # Last: it changes `ours`' BN statistics.
   format_rows, notes = _format_rows(args, ours, images)
 
-  return _results(args, rows)
+  return _results(args, rows, format_rows, notes)
 
 
-def _results(args, rows):
+def _results(args, rows, format_rows=(), notes=()):
   settings = {key: value for key, value in vars(args).items()
               if key != 'strategy'}
   settings['replicas'] = args.strategy.num_replicas_in_sync
@@ -345,8 +345,8 @@ def _results(args, rows):
       },
       'date': time.strftime('%Y-%m-%d'),
       'rows': rows,
-      'formats': format_rows,
-      'format_notes': notes,
+      'formats': list(format_rows),
+      'format_notes': list(notes),
   }
 
 
