@@ -492,6 +492,7 @@ def main(argv=None):
   results = run(args)
   print(format_table(results))
   if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w') as file:
       json.dump(results, file, indent=2)
   return results
