@@ -11,6 +11,7 @@ its backup exits with 143 (`PREEMPTED_STATUS`): rerun it to resume.
 Imports no TensorFlow, so `--help` and flag errors are immediate.
 """
 
+import errno
 import functools
 import os
 import sys
@@ -55,6 +56,29 @@ def _call(main, started, argv):
   except errors.PreemptedError as error:
     print(f'preempted: {error}', file=sys.stderr, flush=True)
     sys.exit(PREEMPTED_STATUS)
+  except Exception as error:  # pylint: disable=broad-except
+    reason = _write_failure(error)
+    if reason is None or _show_tracebacks():
+      raise
+    detail = str(error).strip().splitlines()[0][:500] if str(error) else ''
+    _fail(f'{reason} ({detail}). Free space on that disk (or raise the '
+          'file size limit, `ulimit -f`), then rerun the same command: what '
+          'was written before is kept (backups and exports are written '
+          'aside and renamed into place).')
+
+
+# Why a write failed, as Python's OSError or TensorFlow's errors say it.
+_WRITE_FAILURES = {errno.ENOSPC: 'No space left on device',
+                   errno.EDQUOT: 'Disk quota exceeded',
+                   errno.EFBIG: 'File too large'}
+
+
+def _write_failure(error):
+  """The reason a write failed for lack of space or size, else None."""
+  if isinstance(error, OSError) and error.errno in _WRITE_FAILURES:
+    return _WRITE_FAILURES[error.errno]
+  return next((reason for reason in _WRITE_FAILURES.values()
+               if reason in str(error)), None)
 
 
 def _innermost_message(error):

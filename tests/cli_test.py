@@ -110,3 +110,25 @@ def test_flag_parsing_errors_are_one_line_with_status_2(tmp_path, module,
   assert expected in line, result.stderr
   assert 'FATAL' not in result.stderr
   assert not os.path.exists(workdir)
+
+
+def test_a_write_that_does_not_fit_is_one_error_line(smoke_run, tmp_path):
+  """Export under a file-size limit (EFBIG, as ENOSPC on a full disk)."""
+  import resource  # pylint: disable=g-import-not-at-top
+
+  def limit_file_size():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+  export_base = tmp_path / 'export'
+  result = subprocess.run(
+      [sys.executable, '-m', 'keras_sft.export', f'--workdir={smoke_run[0]}',
+       f'--export_base={export_base}'],
+      capture_output=True, text=True, timeout=300, cwd=conftest.REPO_ROOT,
+      env=conftest.cli_env(), preexec_fn=limit_file_size)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  [line] = _error_lines(result.stderr)
+  assert 'File too large' in line and 'rerun' in line, line
+  # No version was taken by the export that did not fit.
+  assert not export_base.exists() or not [
+      name for name in os.listdir(export_base) if name.isdigit()]
