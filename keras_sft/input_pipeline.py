@@ -250,15 +250,19 @@ def augment_for_training(image, image_size, seed, resize_size=None,
     `[image_size, image_size, 3]` float32 image.
   """
   image = tf.cast(image, tf.float32)
-  if not random_crop:
-    image = preprocess_for_eval(image, image_size, resize_size)
-    if random_flip:
-      image = tf.image.stateless_random_flip_left_right(
-          image, seed=tf.unstack(
-              tf.random.experimental.stateless_split(seed, num=2))[1])
-    return image
   crop_seed, flip_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, num=2))
+  if random_crop:
+    image = _random_crop(image, image_size, crop_seed, resize_size)
+  else:
+    image = preprocess_for_eval(image, image_size, resize_size)
+  if random_flip:
+    image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+  return image
+
+
+def _random_crop(image, image_size, seed, resize_size=None):
+  """Pad-and-crop (side image_size) or resize-and-crop; see the caller."""
   height, width = tf.shape(image)[0], tf.shape(image)[1]
   native = tf.logical_and(tf.equal(height, image_size),
                           tf.equal(width, image_size))
@@ -271,11 +275,8 @@ def augment_for_training(image, image_size, seed, resize_size=None,
       native,
       lambda: tf.pad(image, [[pad, pad], [pad, pad], [0, 0]]),
       lambda: tf.image.resize(image, [enlarged, enlarged], antialias=True))
-  image = tf.image.stateless_random_crop(
-      image, [image_size, image_size, 3], seed=crop_seed)
-  if random_flip:
-    image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-  return image
+  return tf.image.stateless_random_crop(
+      image, [image_size, image_size, 3], seed=seed)
 
 
 def _stored_side(image_size, resize_size=None):
