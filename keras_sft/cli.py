@@ -11,7 +11,6 @@ its backup exits with 143 (`PREEMPTED_STATUS`): rerun it to resume.
 Imports no TensorFlow, so `--help` and flag errors are immediate.
 """
 
-import errno
 import functools
 import os
 import sys
@@ -20,6 +19,7 @@ from absl import app
 from absl import flags
 
 from keras_sft import errors
+from keras_sft import workdir
 
 _VERBOSE = flags.DEFINE_bool(
     'verbose', False, 'Show the traceback of user errors too (as does '
@@ -57,7 +57,7 @@ def _call(main, started, argv):
     print(f'preempted: {error}', file=sys.stderr, flush=True)
     sys.exit(PREEMPTED_STATUS)
   except Exception as error:  # pylint: disable=broad-except
-    reason = _write_failure(error)
+    reason = workdir.write_failure(error)
     if reason is None or _show_tracebacks():
       raise
     detail = str(error).strip().splitlines()[0][:500] if str(error) else ''
@@ -65,20 +65,6 @@ def _call(main, started, argv):
           'file size limit, `ulimit -f`), then rerun the same command: what '
           'was written before is kept (backups and exports are written '
           'aside and renamed into place).')
-
-
-# Why a write failed, as Python's OSError or TensorFlow's errors say it.
-_WRITE_FAILURES = {errno.ENOSPC: 'No space left on device',
-                   errno.EDQUOT: 'Disk quota exceeded',
-                   errno.EFBIG: 'File too large'}
-
-
-def _write_failure(error):
-  """The reason a write failed for lack of space or size, else None."""
-  if isinstance(error, OSError) and error.errno in _WRITE_FAILURES:
-    return _WRITE_FAILURES[error.errno]
-  return next((reason for reason in _WRITE_FAILURES.values()
-               if reason in str(error)), None)
 
 
 def _innermost_message(error):

@@ -435,11 +435,25 @@ def disk_full_error(directory, what, free=None, needed_bytes=None):
       'same command to resume.')
 
 
+# Why a write failed for lack of space or size, as Python's OSError (errno)
+# or TensorFlow's errors (message) say it.
+WRITE_FAILURES = {errno.ENOSPC: 'No space left on device',
+                  errno.EDQUOT: 'Disk quota exceeded',
+                  errno.EFBIG: 'File too large'}
+
+
+def write_failure(error):
+  """The reason in `WRITE_FAILURES` that `error` failed a write, or None."""
+  if isinstance(error, OSError) and error.errno in WRITE_FAILURES:
+    return WRITE_FAILURES[error.errno]
+  return next((reason for reason in WRITE_FAILURES.values()
+               if reason in str(error)), None)
+
+
 def is_disk_full(error):
   """Whether `error` (an OSError, or TF's on a failed write) is ENOSPC."""
-  return (getattr(error, 'errno', None) in (errno.ENOSPC, errno.EDQUOT) or
-          'No space left on device' in str(error) or
-          'Disk quota exceeded' in str(error))
+  return write_failure(error) in (WRITE_FAILURES[errno.ENOSPC],
+                                  WRITE_FAILURES[errno.EDQUOT])
 
 
 def fsync_path(path, flags=os.O_NOFOLLOW):
