@@ -382,8 +382,8 @@ def extract_backbone(workdir, path):
   same values.
   """
   import keras  # pylint: disable=g-import-not-at-top
-  from keras_sft import serving  # pylint: disable=g-import-not-at-top
-  model, _, _, checkpoint = serving.restore_run_model(workdir, 'last')
+  from keras_sft.export import restore  # pylint: disable=g-import-not-at-top
+  model, _, _, checkpoint = restore.restore_run_model(workdir, 'last')
   backbone = model.network.get_layer('resnet50')
   backbone.save_weights(path)
   plain = keras.applications.ResNet50(

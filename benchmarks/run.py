@@ -19,7 +19,7 @@ Rows:
   the exported SavedModel                 vs `model.predict`
 
 and a second table, one row per export format (ONNX in ONNX Runtime, LiteRT
-float32 and int8 in LiteRT; `keras_sft.formats`, a format is skipped with a
+float32 and int8 in LiteRT; `keras_sft.export.formats`, a format is skipped with a
 note when its extra is not installed): its file size against the float32
 weights, images/s against the SavedModel (interleaved as above, uint8
 batches of the model's side), and on the same images the max |Δ logits|
@@ -56,14 +56,17 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import default as default_lib  # pylint: disable=g-import-not-at-top
-from keras_sft import distribution  # pylint: disable=g-import-not-at-top
+from keras_sft.training import distribution  # pylint: disable=g-import-not-at-top
 from keras_sft import errors  # pylint: disable=g-import-not-at-top
-from keras_sft import formats  # pylint: disable=g-import-not-at-top
-from keras_sft import input_pipeline  # pylint: disable=g-import-not-at-top
-from keras_sft import models  # pylint: disable=g-import-not-at-top
-from keras_sft import precise_bn  # pylint: disable=g-import-not-at-top
-from keras_sft import recipe  # pylint: disable=g-import-not-at-top
-from keras_sft import serving  # pylint: disable=g-import-not-at-top
+from keras_sft.export import graph  # pylint: disable=g-import-not-at-top
+from keras_sft.export import litert_format  # pylint: disable=g-import-not-at-top
+from keras_sft.export import onnx_format  # pylint: disable=g-import-not-at-top
+from keras_sft.export import formats  # pylint: disable=g-import-not-at-top
+from keras_sft.data import pipeline  # pylint: disable=g-import-not-at-top
+from keras_sft.models import backbones  # pylint: disable=g-import-not-at-top
+from keras_sft.models import precise_bn  # pylint: disable=g-import-not-at-top
+from keras_sft.training import recipe  # pylint: disable=g-import-not-at-top
+from keras_sft.export import saved_model  # pylint: disable=g-import-not-at-top
 
 _NUM_CLASSES = 10
 
@@ -202,7 +205,7 @@ def _ours(args, weight_decay, model=None):
 def _plain_keras(args):
   keras.utils.set_random_seed(0)
   constructor = getattr(keras.applications,
-                        models.backbone_spec(args.models[0]).constructor)
+                        backbones.backbone_spec(args.models[0]).constructor)
   with args.strategy.scope():
     backbone = constructor(
         include_top=False, weights=None, pooling='avg',
@@ -225,7 +228,7 @@ def _backbone_rows(args, batch, uint8_batch, add):
       ours = _ours(args, weight_decay=5e-5, model=model)
       timers[f'train {model}'] = fit_seconds(ours, batch, args.steps)
       export_dir = os.path.join(directory, model)
-      serving.export_saved_model(ours, export_dir, args.image_size,
+      saved_model.export_saved_model(ours, export_dir, args.image_size,
                                  [str(i) for i in range(_NUM_CLASSES)])
       signature = tf.saved_model.load(
           export_dir).signatures['serving_default']
@@ -285,23 +288,23 @@ def run(args):
 
   # Input pipelines, against the training step measured above.
   examples = tf.data.Dataset.from_tensor_slices((images, labels))
-  train_data = input_pipeline.make_train_dataset(
+  train_data = pipeline.make_train_dataset(
       examples, image_size=size, global_batch_size=batch_size)
-  eval_data = input_pipeline.make_eval_dataset(
+  eval_data = pipeline.make_eval_dataset(
       examples, image_size=size, global_batch_size=batch_size).repeat()
-  pipeline = interleaved({
+  measured = interleaved({
       'train': pipeline_seconds(train_data, args.pipeline_steps),
       'eval': pipeline_seconds(eval_data, args.pipeline_steps),
   }, args.repeats)
   for name, target in (('train', '>= 20'), ('eval', None)):
-    pipeline_rate = rate(args.pipeline_steps * batch_size, pipeline[name])
+    pipeline_rate = rate(args.pipeline_steps * batch_size, measured[name])
     add(f'input pipeline, {name}', pipeline_rate, 'our train step',
         ours_rate, pipeline_rate / ours_rate, target=target)
 
   # Inference: evaluate and the exported SavedModel against model.predict.
   with tempfile.TemporaryDirectory() as directory:
     export_dir = os.path.join(directory, 'export')
-    serving.export_saved_model(ours, export_dir, size,
+    saved_model.export_saved_model(ours, export_dir, size,
                               [str(i) for i in range(_NUM_CLASSES)])
     signature = tf.saved_model.load(export_dir).signatures['serving_default']
     uint8_batch = tf.constant(images[:batch_size])
@@ -352,7 +355,7 @@ def _results(args, rows, format_rows=(), notes=()):
 
 def _format_models(args, model, images, directory):
   """`(name, file path, runtime)` of each format whose extra is installed."""
-  module = formats.logits_module(model, args.image_size)
+  module = graph.logits_module(model, args.image_size)
   found, notes = [], []
   for name in ('onnx', 'litert', 'litert_int8'):
     try:
@@ -361,13 +364,13 @@ def _format_models(args, model, images, directory):
       notes.append(f'{name} skipped: {error}')
       continue
     path = os.path.join(directory, name + os.path.splitext(
-        formats.MODEL_FILES[name])[1])
+        formats.FORMATS[name].model_file)[1])
     if name == 'onnx':
       import onnx  # pylint: disable=g-import-not-at-top
-      onnx.save(formats.onnx_model(module), path)
+      onnx.save(onnx_format.onnx_model(module), path)
     else:
-      contents = (formats.litert_model(module) if name == 'litert' else
-                  formats.quantize_int8(module, [
+      contents = (litert_format.litert_model(module) if name == 'litert' else
+                  litert_format.quantize_int8(module, [
                       image[None] for image in
                       images[:args.representative_images]]))
       with open(path, 'wb') as file:
@@ -392,7 +395,7 @@ def _format_rows(args, model, images):
     if not found:
       return [], notes
     export_dir = os.path.join(directory, 'saved_model')
-    serving.export_saved_model(model, export_dir, args.image_size,
+    saved_model.export_saved_model(model, export_dir, args.image_size,
                                [str(i) for i in range(_NUM_CLASSES)])
     signature = tf.saved_model.load(export_dir).signatures['serving_default']
     reference = signature(images=tf.constant(batch))['logits'].numpy()
@@ -468,7 +471,7 @@ def parse_args(argv=None):
                       help='Interleaved rounds.')
   parser.add_argument('--num_examples', type=int, default=4096)
   parser.add_argument(
-      '--model', default=models.DEFAULT_MODEL,
+      '--model', default=backbones.DEFAULT_MODEL,
       help='A config.model value, or several comma-separated: then the '
       'train step and the export of each, as ratios to the first.')
   parser.add_argument('--representative_images', type=int, default=100,
@@ -479,7 +482,7 @@ def parse_args(argv=None):
   args = parser.parse_args(argv)
   args.models = args.model.split(',')
   for model in args.models:
-    models.backbone_spec(model)  # Unknown names fail here, listing them.
+    backbones.backbone_spec(model)  # Unknown names fail here, listing them.
   if args.quick:
     args.batch_size, args.steps, args.pipeline_steps = 8, 2, 5
     args.repeats, args.num_examples = 2, 64

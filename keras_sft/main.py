@@ -44,7 +44,7 @@ def main(argv):
   cli.check_no_arguments(argv)
   config = cli.loaded_config(_CONFIG)
   # Imported here so that `--help` and flag errors do not wait for TF.
-  from keras_sft import train  # pylint: disable=g-import-not-at-top
+  from keras_sft.training import train  # pylint: disable=g-import-not-at-top
   logging.info('Config:\n%s', config)
   if _MODE.value == 'evaluate':
     train.evaluate(config, _WORKDIR.value)

@@ -9,7 +9,7 @@ r"""Command line: top-k labels of image files from an export of any format.
 `.onnx` or `.tflite` file, a version directory of any format, or a folder of
 versions whose newest one is used: the SavedModel export base
 (`<workdir>/export`) or `<workdir>/export/<format>` (see
-`keras_sft.formats`). Folders are searched recursively for .jpg/.jpeg/.png
+`keras_sft.export.formats`). Folders are searched recursively for .jpg/.jpeg/.png
 files. Prints one JSON line per image, in input order:
 
     {"file": "cat.jpg", "top_k": [{"class_id": 3, "class_name": "cat",
@@ -21,7 +21,7 @@ reason, the other files are still served, and the command exits 1 after
 printing all lines. A SavedModel serves the images through its
 `serve_image_bytes` signature; for ONNX (ONNX Runtime) and LiteRT models,
 whose graphs hold no resize, the images are decoded and resized here first,
-as the SavedModel does inside (`formats.prepare_images`), and top-k comes
+as the SavedModel does inside (`keras_sft.export.graph.prepare_images`), and top-k comes
 from the model's logits and the class names in its metadata. Those formats
 need their extra (`pip install keras-sft[onnx]` or `keras-sft[litert]`).
 """
@@ -58,13 +58,13 @@ def image_paths(paths):
   Raises:
     PathNotFoundError: A path does not exist.
   """
-  from keras_sft import image_folder  # pylint: disable=g-import-not-at-top
+  from keras_sft.data import folders  # pylint: disable=g-import-not-at-top
   files = []
   for path in paths:
     if os.path.isdir(path):
       found = [os.path.join(root, name)
                for root, _, names in os.walk(path) for name in names
-               if name.lower().endswith(image_folder.IMAGE_EXTENSIONS)]
+               if name.lower().endswith(folders.IMAGE_EXTENSIONS)]
       files.extend(sorted(found))
     elif os.path.isfile(path):
       files.append(path)
@@ -118,7 +118,7 @@ def predict_files(signature, files, batch_size=32):
 def _serve(signature, paths, contents):
   """Records of `paths`; one call per file if the batch fails."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from keras_sft import image_folder  # pylint: disable=g-import-not-at-top
+  from keras_sft.data import folders  # pylint: disable=g-import-not-at-top
   # UnicodeDecodeError: older exports put the raw bytes of a non-image into
   # their error message.
   failures = (tf.errors.OpError, UnicodeDecodeError)
@@ -134,7 +134,7 @@ def _serve(signature, paths, contents):
                               [path]))
     except failures as error:
       records.append({'file': path,
-                      'error': image_folder.error_message(error)})
+                      'error': folders.error_message(error)})
   return records
 
 
@@ -142,16 +142,16 @@ class RuntimeSignature:
   """`serve_image_bytes` for an ONNX or LiteRT model (`formats.load`).
 
   Called as the SavedModel's signature is, with `image_bytes`, and returns
-  its top-k outputs: each image is decoded (`image_folder.decode_image`,
+  its top-k outputs: each image is decoded (`folders.decode_image`,
   with the same checks and messages) and prepared for the model
-  (`formats.prepare_images`) by TensorFlow, then the batch runs in the
+  (`graph.prepare_images`) by TensorFlow, then the batch runs in the
   model's runtime.
   """
 
   def __init__(self, runtime, metadata):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    from keras_sft import formats  # pylint: disable=g-import-not-at-top
-    from keras_sft import image_folder  # pylint: disable=g-import-not-at-top
+    from keras_sft.data import folders  # pylint: disable=g-import-not-at-top
+    from keras_sft.export import graph  # pylint: disable=g-import-not-at-top
     self._runtime = runtime
     self._class_names = list(metadata['class_names'])
     self._top_k = min(metadata.get('top_k') or 5, len(self._class_names))
@@ -160,9 +160,9 @@ class RuntimeSignature:
     @tf.function(input_signature=[tf.TensorSpec([], tf.string),
                                   tf.TensorSpec([], tf.string)])
     def prepare(contents, name):
-      image = image_folder.decode_image(contents, name, max_pixels)
-      return formats.prepare_images(image, metadata['image_size'],
-                                    metadata.get('resize_size'))
+      image = folders.decode_image(contents, name, max_pixels)
+      return graph.prepare_images(image, metadata['image_size'],
+                                  metadata.get('resize_size'))
 
     self._prepare = prepare
 
@@ -194,7 +194,7 @@ def load_signature(path):
     DataError: The model does not load, or its metadata does not describe
       it (`formats.check_metadata`).
   """
-  from keras_sft import formats  # pylint: disable=g-import-not-at-top
+  from keras_sft.export import formats  # pylint: disable=g-import-not-at-top
   format_name, path = formats.resolve_model(path)
   if format_name != 'saved_model':
     formats.require(format_name, runtime_only=True)

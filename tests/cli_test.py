@@ -45,7 +45,7 @@ def test_export_command_runs_without_runpy_warning(tmp_path):
 
 
 def test_old_export_command_still_works_with_a_notice(tmp_path):
-  result = _command('keras_sft.export_main', f'--workdir={tmp_path / "none"}')
+  result = _command('keras_sft.export', f'--workdir={tmp_path / "none"}')
   assert 'deprecated' in result.stderr and 'keras_sft.export' in result.stderr
   assert result.returncode == 2
 

@@ -146,9 +146,9 @@ def test_every_recipe_switch_together_trains_evaluates_and_exports(tmp_path):
   assert os.listdir(workdir_lib.Workdir(workdir).export) == ['1']
   # Exporting the run later rebuilds the same model (frozen layers, BN, EMA
   # slots) and gives the EMA weights, as the end-of-run export did.
-  from keras_sft import serving  # pylint: disable=g-import-not-at-top
+  from keras_sft.export import restore  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  model, _, _, _ = serving.restore_run_model(workdir, 'last')
+  model, _, _, _ = restore.restore_run_model(workdir, 'last')
   images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3),
                                              dtype=np.uint8)
   served = tf.saved_model.load(conftest.version_dir(workdir))

@@ -13,7 +13,7 @@ from PIL import Image
 import conftest
 import image_fixtures
 from keras_sft import predict
-from keras_sft import serving
+from keras_sft.export import saved_model
 from keras_sft import workdir as workdir_lib
 
 
@@ -58,8 +58,8 @@ def test_predict_prints_top_k_per_file_and_names_bad_files(smoke_run,
 
   # The same images through the export's uint8 signature, in this process.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  serving = tf.saved_model.load(conftest.version_dir(workdir))
-  probabilities = serving.signatures['serving_default'](
+  loaded = tf.saved_model.load(conftest.version_dir(workdir))
+  probabilities = loaded.signatures['serving_default'](
       images=tf.constant(images))['probabilities'].numpy()
   for record, expected in zip((records[0], records[2]), probabilities):
     top5 = np.argsort(-expected)[:5]
@@ -80,7 +80,7 @@ def tiny_signature(tmp_path_factory):
   model = keras.Model(inputs, keras.layers.Dense(3)(
       keras.layers.GlobalAveragePooling2D()(inputs)))
   export_dir = str(tmp_path_factory.mktemp('tiny') / 'model')
-  serving.export_saved_model(model, export_dir, 8, ['a', 'b', 'c'])
+  saved_model.export_saved_model(model, export_dir, 8, ['a', 'b', 'c'])
   return tf.saved_model.load(export_dir).signatures['serve_image_bytes']
 
 

@@ -29,7 +29,7 @@ def test_library_example_trains_and_exports(mock_cifar10, tmp_path):
   exec(compile(code, 'README.md', 'exec'), namespace)  # pylint: disable=exec-used
   assert namespace['model'].optimizer.iterations.numpy() == (
       namespace['EPOCHS'] * namespace['steps_per_epoch'])
-  serving = tf.saved_model.load(export_dir)
-  outputs = serving.signatures['serving_default'](
+  loaded = tf.saved_model.load(export_dir)
+  outputs = loaded.signatures['serving_default'](
       images=tf.zeros([2, 40, 40, 3], tf.uint8))
   assert outputs['probabilities'].shape == (2, 10)

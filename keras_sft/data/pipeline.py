@@ -1,0 +1,589 @@
+"""tf.data input pipelines over tensorflow-datasets splits and image folders.
+
+`create_datasets` reads a tfds dataset by name, or an image folder given as
+`folder:PATH` (see `keras_sft.data.folders`); both become `(image uint8
+[H, W, 3], label int64)` examples that `make_train_dataset` and
+`make_eval_dataset` turn into batches.
+
+Images leave the pipeline as float32 RGB in [0, 255], shape
+`[batch, image_size, image_size, 3]`; labels as int64 `[batch]`. The model
+applies its backbone's own preprocessing (`backbones.Preprocessing`), so the
+pipeline never normalizes.
+
+The training stream is deterministic for a given seed: the shuffle order is
+seeded and every random augmentation is a stateless op seeded by
+`(seed, index of the example in the stream)`. That is what lets a resumed run
+skip exactly the examples it has already trained on (`start_step`) and see the
+same batches as a run that was never interrupted.
+
+Both pipelines keep a deterministic order on purpose, although tf.data could
+trade it for throughput: a resumed run must skip exactly the batches it has
+seen, and multi-worker DATA sharding (`_shard_by_data`) needs every worker to
+see the same order to split it. Throughput comes instead from the parallel
+map, caching decoded images, and prefetching (`benchmarks/run.py` measures
+the pipeline against the training step; README "Performance").
+"""
+
+import dataclasses
+import functools
+import logging
+from typing import Optional
+
+from unittest import mock
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core.download import downloader as tfds_downloader
+
+from keras_sft.data import batch_augment
+from keras_sft import errors
+from keras_sft.data import folders
+
+# ImageNet-style resize-and-crop keeps this fraction of the resized image.
+_CROP_FRACTION = 0.875
+# CIFAR-style pad-and-crop pads this fraction of the side on each edge
+# (4 pixels at 32px, as in He et al. 2016).
+_PAD_FRACTION = 0.125
+# Epochs with distinct shuffle orders before the orders repeat.
+_DISTINCT_EPOCH_ORDERS = 16
+# Separates the shuffle seeds of different `seed`s: seed * stride + epoch.
+_SEED_STRIDE = 1_000_003
+# HTTP retries of a tfds download (tfds' own default retries for minutes).
+_DOWNLOAD_RETRIES = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the rest of the code needs to know about a dataset.
+
+  Attributes:
+    num_classes: Number of label classes.
+    class_names: One name per class id.
+    num_train_examples: Examples in the train split.
+    num_eval_examples: Examples in the eval split.
+  """
+  num_classes: int
+  class_names: tuple
+  num_train_examples: int
+  num_eval_examples: int
+
+
+class DatasetUnavailableError(errors.UnavailableError):
+  """The dataset is neither prepared locally nor downloadable."""
+
+
+def check_config(config):
+  """Checks the data keys of the config; reads no data."""
+  if not isinstance(config.dataset, str) or not config.dataset.strip():
+    raise errors.ConfigError('dataset must be a tfds name or folder:PATH. '
+                             f'Received: dataset={config.dataset!r}')
+  errors.check_positive('image_size', config.image_size)
+  errors.check_positive('global_batch_size', config.global_batch_size)
+  errors.check_positive('shuffle_buffer_size', config.shuffle_buffer_size)
+  errors.check_fraction('validation_fraction', config.validation_fraction)
+  errors.check_positive('resize_size', config.resize_size, optional=True)
+  if config.resize_size is not None and config.resize_size < config.image_size:
+    raise errors.ConfigError(
+        'resize_size must be None or >= image_size. Received: '
+        f'resize_size={config.resize_size!r}, image_size={config.image_size!r}')
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """A run's datasets: the training stream can restart at any step.
+
+  Attributes:
+    info: The `DatasetInfo`.
+    eval: The finite eval dataset of batches.
+    train_examples: Decoded `(image, label)` training examples.
+    train_options: Keyword arguments of `make_train_dataset`.
+  """
+  info: 'DatasetInfo'
+  eval: tf.data.Dataset
+  train_examples: tf.data.Dataset
+  train_options: dict
+
+  def train(self, start_step=0):
+    """The infinite training stream, from batch `start_step` on."""
+    return make_train_dataset(self.train_examples, start_step=start_step,
+                              **self.train_options)
+
+
+def from_config(config):
+  """Loads the config's dataset; returns a `Data`.
+
+  Reads and checks the data (a folder's every file is decoded once), so bad
+  data fails here, before any model is built.
+  """
+  train_examples, eval_examples, info = load_examples(
+      config.dataset, train_split=config.train_split,
+      eval_split=config.eval_split, data_dir=config.data_dir,
+      seed=config.seed, validation_fraction=config.validation_fraction,
+      skip_corrupt_images=config.skip_corrupt_images,
+      global_batch_size=config.global_batch_size,
+      max_image_pixels=config.max_image_pixels)
+  augmenter = batch_augment.create_batch_augmenter(
+      info.num_classes, seed=config.seed, mixup_alpha=config.mixup_alpha,
+      cutmix_alpha=config.cutmix_alpha,
+      randaugment_num_ops=config.randaugment_num_ops,
+      randaugment_magnitude=config.randaugment_magnitude)
+  return Data(
+      info=info,
+      eval=make_eval_dataset(eval_examples, image_size=config.image_size,
+                             global_batch_size=config.global_batch_size,
+                             cache=config.cache,
+                             resize_size=config.resize_size),
+      train_examples=train_examples,
+      train_options=dict(
+          image_size=config.image_size,
+          global_batch_size=config.global_batch_size, seed=config.seed,
+          shuffle_buffer_size=config.shuffle_buffer_size, cache=config.cache,
+          batch_augmenter=augmenter, resize_size=config.resize_size,
+          random_crop=config.random_crop, random_flip=config.random_flip))
+
+
+def _offline_help(name, data_dir):
+  where = data_dir or '~/tensorflow_datasets'
+  return (
+      f'Could not prepare the tfds dataset {name!r}: it is not in '
+      f'data_dir={where!r} and could not be downloaded. Routes that need no '
+      'network here: (1) copy a prepared dataset into that data_dir (or set '
+      '--config.data_dir to where one is); (2) put the archive tfds would '
+      f'download into {where}/downloads/manual/ (for CIFAR-10: '
+      'cifar-10-binary.tar.gz) and run again; tfds checks its checksum and '
+      'builds the dataset from it.')
+
+
+def get_builder(name, data_dir=None):
+  """Returns the tfds builder for `name`, prepared, or raises a clear error.
+
+  A missing dataset is downloaded with few, quick retries, so an offline
+  machine fails in about a second rather than retrying for minutes.
+
+  Args:
+    name: A tfds dataset name, optionally with config and version.
+    data_dir: tfds data directory, or None for tfds' default.
+
+  Raises:
+    ValueError: `name` is not a tfds dataset.
+    DatasetUnavailableError: it is neither prepared nor downloadable.
+  """
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as error:
+    raise errors.ConfigError(
+        f'Unknown tfds dataset: dataset={name!r}. See '
+        'tfds.list_builders() for names.') from error
+  # Offline, tfds retries a failed download for minutes; a couple of quick
+  # retries still ride out a flaky server, and an offline machine fails in
+  # about a second.
+  with mock.patch.object(tfds_downloader, 'MAX_RETRIES', _DOWNLOAD_RETRIES):
+    try:
+      builder.download_and_prepare()
+    except Exception as error:  # Download failures have many concrete types.
+      raise DatasetUnavailableError(_offline_help(name, data_dir)) from error
+  return builder
+
+
+def class_names(builder):
+  """The class names of a tfds builder's `label` feature ('0', '1', ...
+  when it has none)."""
+  label = builder.info.features['label']
+  num_classes = label.num_classes
+  names = getattr(label, 'names', None)
+  if names and len(names) == num_classes:
+    return tuple(names)
+  return tuple(str(i) for i in range(num_classes))
+
+
+def _read_split(builder, split, shuffle_files, seed):
+  read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=False)
+  return builder.as_dataset(
+      split=split, shuffle_files=shuffle_files, as_supervised=True,
+      read_config=read_config)
+
+
+def _num_examples(dataset, split):
+  count = int(dataset.cardinality())
+  if count < 0:
+    raise errors.DataError(f'The size of split {split!r} is unknown to tfds.')
+  if count == 0:
+    raise errors.DataError(f'Split {split!r} holds no examples.')
+  return count
+
+
+def _check_image_shape(image):
+  """Fails on images that are not 3-channel RGB, naming what arrived."""
+  tf.debugging.assert_rank(image, 3, message='Expected HxWxC images.')
+  tf.debugging.assert_equal(
+      tf.shape(image)[-1], 3,
+      message='Expected RGB images with 3 channels; convert the dataset or '
+      'use an image folder (grayscale/RGBA are converted there).')
+  return image
+
+
+def _resize(image, image_size):
+  return tf.image.resize(image, [image_size, image_size], antialias=True)
+
+
+def augment_for_training(image, image_size, seed, resize_size=None,
+                         random_crop=True, random_flip=True):
+  """Random crop and horizontal flip of one image, as float32 in [0, 255].
+
+  Images whose side equals `image_size` are padded by 12.5% on each edge with
+  zeros and cropped back (the CIFAR recipe). Other images are resized so the
+  crop keeps 87.5% of the side, then cropped (the ImageNet recipe). With
+  `resize_size`, every image is resized to that side and then cropped
+  (BiT-HyperRule: 160 then 128, or 448 then 384).
+
+  Args:
+    image: `[H, W, 3]` uint8 or float image.
+    image_size: Side of the output square.
+    seed: Shape `[2]` int tensor for the stateless random ops.
+    resize_size: None, or the side every image is resized to before the crop
+      (>= image_size).
+    random_crop: False: no crop at a random position; the image gets the
+      eval geometry (`preprocess_for_eval`) instead.
+    random_flip: False: no horizontal flip.
+
+  Returns:
+    `[image_size, image_size, 3]` float32 image.
+  """
+  image = tf.cast(image, tf.float32)
+  crop_seed, flip_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, num=2))
+  if random_crop:
+    image = _random_crop(image, image_size, crop_seed, resize_size)
+  else:
+    image = preprocess_for_eval(image, image_size, resize_size)
+  if random_flip:
+    image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+  return image
+
+
+def _random_crop(image, image_size, seed, resize_size=None):
+  """Pad-and-crop (side image_size) or resize-and-crop; see the caller."""
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  native = tf.logical_and(tf.equal(height, image_size),
+                          tf.equal(width, image_size))
+  pad = int(round(image_size * _PAD_FRACTION))
+  enlarged = int(round(image_size / _CROP_FRACTION))
+  if resize_size:
+    native = tf.constant(False)
+    enlarged = resize_size
+  image = tf.cond(
+      native,
+      lambda: tf.pad(image, [[pad, pad], [pad, pad], [0, 0]]),
+      lambda: tf.image.resize(image, [enlarged, enlarged], antialias=True))
+  return tf.image.stateless_random_crop(
+      image, [image_size, image_size, 3], seed=seed)
+
+
+def _stored_side(image_size, resize_size=None):
+  """The short side large images are cached at: twice what is resized to.
+
+  Training resizes to image_size / 0.875 (or resize_size) before its crop,
+  evaluation to at most that; keeping twice as many pixels per side leaves
+  the later antialiased resize with what it needs (measured on smooth
+  300x450 to 3000x2000 images: outputs within 0.7 of 255 on average of
+  those from the full-resolution image).
+  """
+  return 2 * max(int(round(image_size / _CROP_FRACTION)), resize_size or 0)
+
+
+def _shrink(image, short_side):
+  """Downscales `image`, aspect kept, so its short side is `short_side`.
+
+  Images whose short side is not longer are returned unchanged (so a
+  CIFAR-sized image keeps its exact pixels and its pad-and-crop). A uint8
+  image stays uint8 (rounded): it is what gets cached, so a folder of
+  8000x8000 photos is not kept at 192 MB an image.
+  """
+  static = image.shape[:2]
+  if static.is_fully_defined() and min(static) <= short_side:
+    return image
+  size = tf.shape(image)[:2]
+  shortest = tf.reduce_min(size)
+
+  def shrink():
+    scale = short_side / tf.cast(shortest, tf.float64)
+    new_size = tf.cast(tf.round(tf.cast(size, tf.float64) * scale), tf.int32)
+    resized = tf.image.resize(image, tf.maximum(new_size, 1), antialias=True)
+    if image.dtype.is_integer:
+      resized = tf.clip_by_value(tf.round(resized), image.dtype.min,
+                                 image.dtype.max)
+    return tf.cast(resized, image.dtype)
+
+  shrunk = tf.cond(shortest > short_side, shrink, lambda: image)
+  shrunk.set_shape([None, None, image.shape[-1]])
+  return shrunk
+
+
+def preprocess_for_eval(image, image_size, resize_size=None):
+  """The eval (and serving) view of an image, at the scale training sees.
+
+  Images of side `image_size` pass unchanged (training pads and crops them
+  at their own scale). Others are resized to `image_size / 0.875`, squashed
+  to a square as `augment_for_training` does, and centre-cropped to
+  `image_size`, so objects look as large as in the training crops. With
+  `resize_size` (BiT-HyperRule), images are resized to `image_size`
+  directly, BiT's published eval rule.
+
+  Args:
+    image: `[H, W, 3]` or a batch `[N, H, W, 3]`, uint8 or float.
+    image_size: Side of the output square.
+    resize_size: None, or the training `resize_size` (see
+      `augment_for_training`).
+
+  Returns:
+    float32 in [0, 255], `[image_size, image_size, 3]` (or batched).
+  """
+  image = tf.cast(image, tf.float32)
+  if resize_size:
+    return _resize(image, image_size)
+  enlarged = int(round(image_size / _CROP_FRACTION))
+  offset = (enlarged - image_size) // 2
+
+  def resize_and_crop():
+    resized = _resize(image, enlarged)
+    return resized[..., offset:offset + image_size,
+                   offset:offset + image_size, :]
+
+  shape = tf.shape(image)
+  native = tf.logical_and(tf.equal(shape[-3], image_size),
+                          tf.equal(shape[-2], image_size))
+  output = tf.cond(native, lambda: image, resize_and_crop)
+  output.set_shape(image.shape[:-3].concatenate(
+      [image_size, image_size, image.shape[-1]]))
+  return output
+
+
+def create_datasets(dataset='cifar10',
+                    *,
+                    image_size,
+                    global_batch_size,
+                    train_split='train',
+                    eval_split='test',
+                    data_dir=None,
+                    seed=0,
+                    shuffle_buffer_size=10_000,
+                    cache=True,
+                    start_step=0,
+                    validation_fraction=0.0,
+                    skip_corrupt_images=False,
+                    batch_augmentation=None,
+                    resize_size=None,
+                    random_crop=True,
+                    random_flip=True,
+                    max_image_pixels=folders.DEFAULT_MAX_IMAGE_PIXELS):
+  """Builds the training and evaluation datasets.
+
+  Args:
+    dataset: A tfds name, or `folder:PATH` for an image folder.
+    image_size: Side of the square images fed to the model.
+    global_batch_size: Batch size summed over all replicas. Under a
+      `tf.distribute` strategy Keras splits each batch across replicas.
+    train_split: tfds split string for training (slices such as
+      `train[:90%]` work); for a folder, a split folder name, optionally
+      sliced the same way.
+    eval_split: The same, for evaluation (e.g. `train[90%:]`).
+    data_dir: tfds data directory (unused for folders).
+    seed: Seeds shuffling and augmentation.
+    shuffle_buffer_size: Size of the training shuffle buffer.
+    cache: Keep decoded examples in memory after the first pass.
+    start_step: Number of training batches already consumed by an earlier
+      run; the training stream starts right after them.
+    validation_fraction: Folders only: when > 0, hold out this fraction of
+      each class of the train split for evaluation (`eval_split` unused).
+    skip_corrupt_images: Folders only: skip unreadable image files (logged
+      and counted) instead of failing before training.
+    batch_augmentation: None, or a dict of keyword arguments of
+      `batch_augment.create_batch_augmenter` (`mixup_alpha`, `cutmix_alpha`,
+      `randaugment_num_ops`, `randaugment_magnitude`) for the training
+      batches. With MixUp or CutMix on, training labels are soft one-hot
+      `[batch, num_classes]` float32; eval labels stay class ids.
+    resize_size: None, or resize every training image to this side before
+      the random crop (see `augment_for_training`).
+    random_crop: Crop training images at a random position (else the eval
+      view); see `augment_for_training`.
+    random_flip: Flip training images horizontally at random.
+    max_image_pixels: Folders only: images with more pixels (from their
+      header) are unreadable files, never decoded.
+
+  Returns:
+    `(train_dataset, eval_dataset, info)`: an infinite training dataset of
+    `(images, labels)` batches, a finite eval dataset and a `DatasetInfo`.
+  """
+  errors.check_positive('image_size', image_size)
+  errors.check_positive('global_batch_size', global_batch_size)
+  train_examples, eval_examples, info = load_examples(
+      dataset, train_split=train_split, eval_split=eval_split,
+      data_dir=data_dir, seed=seed, validation_fraction=validation_fraction,
+      skip_corrupt_images=skip_corrupt_images,
+      global_batch_size=global_batch_size, max_image_pixels=max_image_pixels)
+  augmenter = batch_augment.create_batch_augmenter(
+      info.num_classes, seed=seed, **(batch_augmentation or {}))
+  train = make_train_dataset(
+      train_examples, image_size=image_size,
+      global_batch_size=global_batch_size, seed=seed,
+      shuffle_buffer_size=shuffle_buffer_size, cache=cache,
+      start_step=start_step, batch_augmenter=augmenter,
+      resize_size=resize_size, random_crop=random_crop,
+      random_flip=random_flip)
+  evaluation = make_eval_dataset(
+      eval_examples, image_size=image_size,
+      global_batch_size=global_batch_size, cache=cache,
+      resize_size=resize_size)
+  return train, evaluation, info
+
+
+def load_examples(dataset, *, train_split='train', eval_split='test',
+                  data_dir=None, seed=0, validation_fraction=0.0,
+                  skip_corrupt_images=False, global_batch_size=1,
+                  max_image_pixels=folders.DEFAULT_MAX_IMAGE_PIXELS):
+  """Reads a tfds dataset or an image folder as decoded examples.
+
+  Args: as `create_datasets`; `global_batch_size` only checks that the train
+    split holds at least one batch.
+
+  Returns:
+    `(train_examples, eval_examples, info)`: datasets of `(image uint8
+    [H, W, 3], label int64)` and a `DatasetInfo`.
+  """
+  if folders.is_folder_dataset(dataset):
+    (train_data, eval_data, names, num_train,
+     num_eval) = folders.load(
+         dataset, train_split=train_split, eval_split=eval_split,
+         validation_fraction=validation_fraction,
+         skip_corrupt_images=skip_corrupt_images, seed=seed,
+         max_image_pixels=max_image_pixels)
+  else:
+    if validation_fraction:
+      raise errors.ConfigError(
+          f'validation_fraction={validation_fraction} is for image folders. '
+          f'For the tfds dataset {dataset!r} use split slices instead, e.g. '
+          'train_split="train[:90%]" and eval_split="train[90%:]".')
+    builder = get_builder(dataset, data_dir)
+    train_data = _read_split(builder, train_split, shuffle_files=True,
+                             seed=seed)
+    eval_data = _read_split(builder, eval_split, shuffle_files=False,
+                            seed=seed)
+    num_train = _num_examples(train_data, train_split)
+    num_eval = _num_examples(eval_data, eval_split)
+    names = class_names(builder)
+  if num_train < global_batch_size:
+    raise errors.DataError(
+        f'The train split {train_split!r} has {num_train} examples, fewer '
+        f'than one global batch (global_batch_size={global_batch_size}).')
+  info = DatasetInfo(
+      num_classes=len(names),
+      class_names=tuple(names),
+      num_train_examples=num_train,
+      num_eval_examples=num_eval)
+  logging.info('Dataset %s: %d train / %d eval examples, %d classes.',
+               dataset, num_train, num_eval, info.num_classes)
+  return train_data, eval_data, info
+
+
+def _shard_by_data(dataset):
+  """Shards across workers by element, not by file.
+
+  Under MultiWorkerMirroredStrategy, Keras splits each global batch between
+  the workers. tfds datasets have few files (CIFAR-10: one per split), so the
+  default FILE sharding would leave workers without data; DATA sharding has
+  every worker run the same deterministic stream and keep its part of each
+  batch, so the batches, and the updates, are those of a single process.
+  It costs each worker the reading and augmentation of the whole stream.
+  """
+  options = tf.data.Options()
+  options.experimental_distribute.auto_shard_policy = (
+      tf.data.experimental.AutoShardPolicy.DATA)
+  return dataset.with_options(options)
+
+
+def make_train_dataset(examples, *, image_size, global_batch_size, seed=0,
+                       shuffle_buffer_size=10_000, cache=True, start_step=0,
+                       batch_augmenter=None, resize_size=None,
+                       random_crop=True, random_flip=True):
+  """Turns `(image, label)` examples into an infinite stream of batches.
+
+  `batch_augmenter`: None or a function from
+  `batch_augment.create_batch_augmenter`, applied to whole batches.
+  `random_crop`, `random_flip`: see `augment_for_training`.
+  """
+  # Validate before caching so a wrong channel count fails on the first
+  # element, not after hours. Large images are shrunk to what the
+  # augmentation needs first (whether cached or not, so the stream is the
+  # same either way).
+  side = _stored_side(image_size, resize_size)
+  examples = examples.map(
+      lambda image, label: (_shrink(_check_image_shape(image), side), label),
+      num_parallel_calls=tf.data.AUTOTUNE)
+  # Cache decoded, un-augmented examples: augmentation must differ per epoch.
+  if cache:
+    examples = examples.cache()
+  # One shuffle per epoch, so every epoch sees each example exactly once, in
+  # an order seeded by (seed, epoch); the orders repeat after
+  # _DISTINCT_EPOCH_ORDERS epochs (the augmentation still differs, being
+  # seeded by the position in the stream). Not `reshuffle_each_iteration`:
+  # the seeds it draws for later epochs differ between a process and a
+  # worker of MultiWorkerMirroredStrategy, whose batches would then differ.
+  epochs = [
+      examples.shuffle(shuffle_buffer_size, seed=seed * _SEED_STRIDE + epoch,
+                       reshuffle_each_iteration=False)
+      for epoch in range(_DISTINCT_EPOCH_ORDERS)
+  ]
+  examples = functools.reduce(tf.data.Dataset.concatenate, epochs).repeat()
+  # Number the examples of the stream: the index seeds the augmentation of
+  # that example, independent of parallelism and of where a run resumed.
+  examples = examples.enumerate()
+  # Skip what an interrupted run already trained on, before the expensive
+  # augmentation, so resuming costs only reading.
+  if start_step:
+    examples = examples.skip(start_step * global_batch_size)
+
+  def augment(index, example):
+    image, label = example
+    example_seed = tf.stack([tf.cast(seed, tf.int64), index])
+    return augment_for_training(image, image_size, example_seed,
+                                resize_size, random_crop=random_crop,
+                                random_flip=random_flip), label
+
+  # Augment per example in parallel; the output order stays deterministic.
+  examples = examples.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+  # drop_remainder keeps static batch shapes, which replicas and XLA need.
+  batches = examples.batch(global_batch_size, drop_remainder=True)
+  if batch_augmenter is not None:
+    # After batching: MixUp/CutMix mix the images of one batch with each
+    # other, and Keras' layers work on batches. Numbered from start_step, so
+    # batch k gets the same augmentation whether or not the run resumed; the
+    # augmenter is stateless, so a parallel map stays deterministic.
+    batches = batches.enumerate(start=start_step).map(
+        lambda index, batch: batch_augmenter(index, *batch),
+        num_parallel_calls=tf.data.AUTOTUNE)
+  # Overlap the input pipeline with the training step.
+  return _shard_by_data(batches.prefetch(tf.data.AUTOTUNE))
+
+
+def make_eval_dataset(examples, *, image_size, global_batch_size, cache=True,
+                      resize_size=None):
+  """Turns `(image, label)` examples into a finite dataset of batches.
+
+  `resize_size`: the training `resize_size`; see `preprocess_for_eval`.
+  """
+  # Cache the decoded uint8 images, before the final resize (at 224px the
+  # resized float32 CIFAR-10 test set would take 6 GB instead of 30 MB),
+  # but large ones shrunk to what the resize needs.
+  side = _stored_side(image_size, resize_size)
+  examples = examples.map(
+      lambda image, label: (_shrink(_check_image_shape(image), side), label),
+      num_parallel_calls=tf.data.AUTOTUNE)
+  if cache:
+    examples = examples.cache()
+  examples = examples.map(
+      lambda image, label: (preprocess_for_eval(image, image_size,
+                                                resize_size), label),
+      num_parallel_calls=tf.data.AUTOTUNE)
+  # Keep the last, smaller batch: every eval example counts once.
+  batches = examples.batch(global_batch_size, drop_remainder=False)
+  return _shard_by_data(batches.prefetch(tf.data.AUTOTUNE))

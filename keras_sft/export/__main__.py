@@ -1,0 +1,75 @@
+r"""Command line: export a run for TF Serving, ONNX Runtime or LiteRT.
+
+    python -m keras_sft.export --workdir=workdirs/cifar10_resnet50
+    python -m keras_sft.export --workdir=workdirs/cifar10_resnet50 \
+        --format=saved_model,onnx,litert,litert_int8
+
+Writes the next version of each format from the run's best checkpoint
+(`checkpoints/best.weights.h5`, highest val_accuracy), or its last backup
+with --checkpoint=last or when the run has no best one: the SavedModel to
+`<workdir>/export/<version>/` (or under --export_base), the others to
+`<workdir>/export/<format>/<version>/`. Prints the path of each new version,
+one a line, in the order given; for litert_int8 also its accuracy against
+the float model on the eval split (on stderr). Existing versions are never
+replaced. The libraries behind it are `keras_sft.export.saved_model` (SavedModel) and
+`keras_sft.export.formats` (the others, which need `pip install keras-sft[onnx]` or
+`keras-sft[litert]`).
+
+Flags are defined when the command runs, not on import, so that this module
+and `keras_sft.main` (which defines --workdir too) can share a process.
+"""
+
+from absl import flags
+
+from keras_sft import cli
+
+
+def _define_flags():
+  flags.DEFINE_string('workdir', None, 'Directory of the run.')
+  flags.DEFINE_enum(
+      'checkpoint', 'best', ['best', 'last'],
+      'best: the epoch with the highest val_accuracy (falls back to the last '
+      'backup); last: the newest backup.')
+  flags.DEFINE_string('export_base', None,
+                      'Where versions go. Default: <workdir>/export.')
+  flags.DEFINE_integer(
+      'top_k', None, "Classes in the top-k outputs. Default: the run's "
+      'config.export_top_k.')
+  flags.DEFINE_list(
+      'format', ['saved_model'],
+      'Comma-separated formats to export: saved_model, onnx, litert, '
+      'litert_int8.')
+  flags.mark_flag_as_required('workdir')
+
+
+def main(argv):
+  cli.check_no_arguments(argv)
+  # Imported here so that `--help` and flag errors do not wait for TF.
+  import sys  # pylint: disable=g-import-not-at-top
+  from keras_sft import errors  # pylint: disable=g-import-not-at-top
+  from keras_sft.export import formats  # pylint: disable=g-import-not-at-top
+  values = flags.FLAGS
+  names = formats.parse_formats(values.format)
+  if values.top_k is not None:
+    errors.check_positive('top_k', values.top_k)
+  for name, _, path, metadata in formats.export_run(
+      values.workdir, names, checkpoint=values.checkpoint,
+      export_base=values.export_base, top_k=values.top_k):
+    quantization = (metadata or {}).get('quantization')
+    if quantization:
+      print(f'{name}: top-1 accuracy {quantization["int8_accuracy"]:.4f} vs '
+            f'{quantization["float_accuracy"]:.4f} float '
+            f'({quantization["accuracy_change"]:+.4f}), top-1 agreement '
+            f'{quantization["top1_agreement"]:.4f}, on '
+            f'{quantization["eval_images"]} eval images', file=sys.stderr)
+    print(path, flush=True)
+
+
+def run():
+  """Entry point of `python -m keras_sft.export` and `keras-sft-export`."""
+  _define_flags()
+  cli.run(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,499 @@
+"""`train_and_evaluate(config, workdir)`: one fine-tuning run, resumable.
+
+A run is four steps, each a function below:
+
+1. `_start`: check every config key, create the strategy, load and check
+   the data, then claim the workdir (so a failed start leaves no claim),
+   and derive the step counts and learning rate (`recipe.make_plan`).
+2. `_build`: the model, optimizer and compiled state (`recipe.build_model`)
+   inside the strategy scope, then the newest backup, if any.
+3. `_fit_to_end`: `fit` from the restored step to the last one, with
+   backups, TensorBoard, CSV log, progress lines and a stop on divergence; an
+   interrupted epoch is finished first, on its remaining batches.
+4. `_finish`: evaluate, write the report and `metrics.json`, export the next
+   SavedModel version to `<workdir>/export/`.
+
+Rerunning the same command continues where the last run stopped, to the
+same step. `evaluate(config, workdir)` runs steps 1, 2 and 4.
+"""
+
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_sft.data import batch_augment
+from keras_sft.training import checkpoints
+from keras_sft.models import classifier
+from keras_sft.training import distribution
+from keras_sft import errors
+from keras_sft.training import evaluation
+from keras_sft.training import evaluation_weights
+from keras_sft.export import formats
+from keras_sft.data import folders
+from keras_sft.data import pipeline
+from keras_sft.models import losses
+from keras_sft.models import backbones
+from keras_sft.training import optimizers
+from keras_sft.models import precise_bn
+from keras_sft.training import precision
+from keras_sft.training import progress
+from keras_sft.training import recipe
+from keras_sft.export import saved_model
+from keras_sft import workdir as workdir_lib
+
+
+def _check_loop_config(config):
+  errors.check_positive('num_epochs', config.num_epochs)
+  errors.check_positive('steps_per_epoch', config.steps_per_epoch,
+                        optional=True)
+  errors.check_positive('eval_every_epochs', config.eval_every_epochs)
+  errors.check_positive('eval_steps', config.eval_steps, optional=True)
+  errors.check_positive('steps_per_execution', config.steps_per_execution)
+  errors.check_positive('log_every_steps', config.log_every_steps)
+  if config.steps_per_epoch is not None:
+    _check_execution_divides('steps_per_epoch', config.steps_per_epoch,
+                             config.steps_per_execution)
+  if config.eval_steps is not None:
+    _check_execution_divides('eval_steps', config.eval_steps,
+                             config.steps_per_execution)
+
+
+def _check_execution_divides(name, steps, steps_per_execution):
+  """Keras runs whole executions of `steps_per_execution` steps.
+
+  On an endless training stream the last execution of an epoch would run
+  past its end (k=3 on 4 steps per epoch runs 6), so k must divide the
+  steps of every `fit` and `evaluate`.
+  """
+  if steps % steps_per_execution:
+    raise errors.ConfigError(
+        f'steps_per_execution must divide {name}: Keras runs whole '
+        f'executions, so {name}={steps} would run '
+        f'{-(-steps // steps_per_execution) * steps_per_execution} steps. '
+        f'Received: {name}={steps}, '
+        f'steps_per_execution={steps_per_execution}. Use a divisor of '
+        f'{steps}.')
+
+
+# Each module checks the keys whose values it owns.
+_CHECKS = (
+    pipeline.check_config,
+    backbones.check_config,
+    classifier.check_config,
+    losses.check_config,
+    batch_augment.check_config,
+    optimizers.check_config,
+    precision.check_config,
+    precise_bn.check_config,
+    distribution.check_config,
+    checkpoints.check_config,
+    saved_model.check_config,
+    formats.check_config,
+    _check_loop_config,
+)
+
+
+def check_config(config):
+  """Checks every key; raises `errors.ConfigError`; builds and reads nothing.
+
+  Args:
+    config: A ConfigDict with the keys of `configs/default.py`.
+  """
+  for check in _CHECKS:
+    check(config)
+
+
+@dataclasses.dataclass
+class _Run:
+  """What the steps of a run share."""
+  config: object
+  workdir: workdir_lib.Workdir
+  strategy: tf.distribute.Strategy
+  chief: bool
+  data: pipeline.Data
+  plan: recipe.Plan
+  checkpointer: checkpoints.Checkpointer
+  # Held for the run's life on the chief (workdir_lib.Lock).
+  lock: object = dataclasses.field(default_factory=contextlib.nullcontext)
+
+
+@contextlib.contextmanager
+def _log_to(run):
+  """Appends the log to <workdir>/train.log on the chief, for the run."""
+  if not run.chief:
+    yield
+    return
+  handler = logging.FileHandler(run.workdir.log_file)
+  handler.setFormatter(
+      logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
+  logging.getLogger().addHandler(handler)
+  logging.getLogger().setLevel(logging.INFO)
+  try:
+    yield
+  finally:
+    logging.getLogger().removeHandler(handler)
+    handler.close()
+
+
+def _start(config, workdir):
+  """Checks config and data, creates the strategy, claims the workdir."""
+  check_config(config)
+  workdir = workdir_lib.Workdir(workdir)
+  strategy = distribution.create_strategy(
+      config.distribution,
+      startup_timeout_seconds=config.startup_timeout_seconds,
+      collective_timeout_seconds=config.collective_timeout_seconds)
+  distribution.check_global_batch_size(config.global_batch_size, strategy)
+  chief = distribution.is_chief(strategy)
+  # A weights file of another model, or ImageNet weights offline, are
+  # refused before the claim too. Before the seed is set: building the
+  # backbone draws random numbers.
+  backbones.check_weights_fit(config.model, config.image_size, config.weights)
+  keras.utils.set_random_seed(config.seed)
+  data = pipeline.from_config(config)
+  _check_execution_divides(
+      'steps_per_epoch',
+      recipe.steps_per_epoch(config, data.info.num_train_examples),
+      config.steps_per_execution)
+  # Claimed only now: a start that fails on its config, data or weights
+  # leaves the workdir free for the corrected command. The chief holds the
+  # workdir's lock for the run's life; the other workers write nothing.
+  lock = contextlib.nullcontext()
+  if chief:
+    os.makedirs(workdir.path, exist_ok=True)
+    lock = workdir.lock()
+  try:
+    # The export reads the class names from dataset.json, so it needs no
+    # dataset; a rerun on other data is refused.
+    workdir.claim(config, write=chief,
+                  dataset=_dataset_identity(config, data.info))
+    if chief:
+      for path in workdir.remove_temporary_files():
+        logging.info('Removed %s, left by a killed writer.', path)
+  except BaseException:
+    lock.__exit__(None, None, None)
+    raise
+  return _Run(config=config, workdir=workdir, strategy=strategy, chief=chief,
+              data=data, plan=None,
+              checkpointer=checkpoints.Checkpointer(
+                  workdir.checkpoints, keep=config.keep_checkpoints),
+              lock=lock)
+
+
+def _dataset_identity(config, info):
+  """What must not change between the starts of a run: see Workdir.claim."""
+  identity = {'dataset': config.dataset, 'num_classes': info.num_classes,
+              'class_names': list(info.class_names)}
+  if folders.is_folder_dataset(config.dataset):
+    identity['files'] = workdir_lib.fingerprint_files(
+        folders.folder_root(config.dataset))
+  return identity
+
+
+def _build(run):
+  """The run's compiled model, restored from its newest backup if any."""
+  # Logged here, where train.log is open, although known since _start.
+  logging.info('Strategy %s (%s): %d replica(s), %d images per replica per '
+               'step.', type(run.strategy).__name__,
+               distribution.task_name(run.strategy),
+               run.strategy.num_replicas_in_sync,
+               run.config.global_batch_size //
+               run.strategy.num_replicas_in_sync)
+  info = run.data.info
+  logging.info('Dataset %s: %d train / %d eval examples, %d classes.',
+               run.config.dataset, info.num_train_examples,
+               info.num_eval_examples, info.num_classes)
+  run.plan = recipe.make_plan(run.config, info.num_train_examples)
+  with run.strategy.scope():
+    model = recipe.build_model(run.config, info.num_classes, run.plan)
+    run.checkpointer.restore(model)
+  decayed = classifier.decayed_variables(model.network)
+  logging.info('L2 weight decay λ=%g on %d kernels (%d parameters).',
+               run.config.weight_decay, len(decayed),
+               sum(int(np.prod(v.shape)) for v in decayed))
+  return model
+
+
+def _statistics_batches(run):
+  """Training batches for precise BN (None: off), the same on every call."""
+  if not run.config.precise_bn_batches:
+    return None
+  # The first batches of the stream: deterministic, whatever the position of
+  # a resumed run.
+  return run.data.train(start_step=0).take(run.config.precise_bn_batches)
+
+
+def _callbacks(run):
+  # The other workers of a multi-worker run write nothing, but take part in
+  # the collectives of precise BN. BestWeightsCallback must come before
+  # EvaluationWeights, BackupCallback after it: see
+  # keras_sft.training.evaluation_weights.
+  callbacks = []
+  if run.chief:
+    callbacks.append(
+        checkpoints.BestWeightsCallback(run.checkpointer.directory))
+  callbacks.append(evaluation_weights.EvaluationWeights(
+      ema=run.config.ema_momentum is not None,
+      statistics_batches=(
+          (lambda: _statistics_batches(run))
+          if run.config.precise_bn_batches else None),
+      strategy=run.strategy))
+  if run.chief:
+    callbacks += [
+        progress.LearningRateLogger(),
+        progress.StepLogger(run.config.log_every_steps, run.plan.total_steps,
+                            run.config.global_batch_size),
+        keras.callbacks.CSVLogger(run.workdir.history_csv, append=True),
+        keras.callbacks.TensorBoard(run.workdir.tensorboard),
+        # After those that act at an epoch end: see its doc.
+        checkpoints.BackupCallback(run.checkpointer,
+                                     run.config.checkpoint_every_steps),
+    ]
+  return callbacks
+
+
+def _fit(run, model, end_epoch, steps):
+  """`fit` from the model's step to the end of epoch `end_epoch`."""
+  step = checkpoints.trained_steps(model)
+  # First and last: see their docs.
+  divergence = checkpoints.StopOnDivergence()
+  preemption = checkpoints.PreemptionCallback(
+      run.checkpointer if run.chief else None)
+  try:
+    model.fit(run.data.train(start_step=step),
+              initial_epoch=step // run.plan.steps_per_epoch,
+              epochs=end_epoch, steps_per_epoch=steps,
+              validation_data=run.data.eval,
+              validation_steps=run.config.eval_steps,
+              validation_freq=run.config.eval_every_epochs,
+              callbacks=[divergence] + _callbacks(run) + [preemption],
+              shuffle=False, verbose=progress.fit_verbosity())
+  finally:
+    preemption.uninstall()
+  if divergence.reason:
+    raise errors.DivergedError(_diverged(run, divergence.reason))
+
+
+def _diverged(run, reason):
+  """The message of a run that diverged: what, where to look, what to do."""
+  latest = run.checkpointer.latest()
+  backup = (f'The last backup, {latest[0]} (step {latest[1]}), holds finite '
+            'weights' if latest else 'No backup was written')
+  return (f'Training diverged: {reason}; training stopped. {backup}. Lower '
+          '--config.learning_rate or raise --config.warmup_epochs, in a new '
+          'workdir.')
+
+
+def _fit_to_end(run, model):
+  """Trains to the run's last step; returns whether any step was taken."""
+  step = checkpoints.trained_steps(model)
+  steps_per_epoch, total_steps = (run.plan.steps_per_epoch,
+                                  run.plan.total_steps)
+  if step >= total_steps:
+    logging.info('The run in %s already finished its %d steps.',
+                 run.workdir.path, total_steps)
+    return False
+  done_in_epoch = step % steps_per_epoch
+  if done_in_epoch % run.config.steps_per_execution:
+    # Backups are written between executions, so only a backup from
+    # elsewhere is off the grid; its remainder would be over-stepped.
+    raise errors.WorkdirError(
+        f'The backup in {run.workdir.checkpoints} is at step {step}, '
+        f'{done_in_epoch} steps into an epoch: not a multiple of '
+        f'steps_per_execution={run.config.steps_per_execution}, so the rest '
+        'of the epoch cannot be run exactly. Resume it with the '
+        'steps_per_execution that wrote it, or start over in a new '
+        '--workdir.')
+  if run.chief:
+    run.workdir.truncate_history(epochs=step // steps_per_epoch)
+  if done_in_epoch:
+    # Finish the interrupted epoch on its remaining batches first.
+    logging.info('Finishing epoch %d: %d of %d steps left.',
+                 step // steps_per_epoch + 1, steps_per_epoch - done_in_epoch,
+                 steps_per_epoch)
+    _fit(run, model, step // steps_per_epoch + 1,
+         steps_per_epoch - done_in_epoch)
+    if run.config.ema_momentum is not None:
+      # fit swapped the EMA weights in; go on from the raw ones, which the
+      # chief's epoch-end backup holds (the other workers wait for it).
+      _wait_for_backup(run.checkpointer, checkpoints.trained_steps(model),
+                       run.config.collective_timeout_seconds)
+      run.checkpointer.restore(model)
+  if checkpoints.trained_steps(model) < total_steps:
+    _fit(run, model, run.config.num_epochs, steps_per_epoch)
+  return True
+
+
+def _use_weights(run, model, ema):
+  """Puts the raw (`ema=False`) or EMA weights in, BN re-estimated."""
+  if run.config.ema_momentum is not None:
+    # Start from the raw weights of the newest backup (fit leaves the EMA
+    # in the model); the other workers wait for the chief's backup.
+    _wait_for_backup(run.checkpointer, checkpoints.trained_steps(model),
+                     run.config.collective_timeout_seconds)
+    run.checkpointer.restore(model)
+  evaluation_weights.use(model, ema, _statistics_batches(run), run.strategy)
+
+
+def _evaluate(run, model, ema):
+  """Evaluates the raw (`ema=False`) or EMA weights, BN re-estimated."""
+  _use_weights(run, model, ema)
+  step = checkpoints.trained_steps(model)
+  weights = 'EMA' if ema else 'raw'
+  bad = checkpoints.non_finite_variables(model)
+  if bad:
+    raise errors.DivergedError(_diverged(
+        run, f'{len(bad)} {weights} variable(s) not finite at step {step}: '
+        f'{bad[:3]}'))
+  results = model.evaluate(run.data.eval, steps=run.config.eval_steps,
+                           return_dict=True, verbose=progress.fit_verbosity())
+  results = {key: float(value) for key, value in results.items()}
+  non_finite = {key: value for key, value in results.items()
+                if not np.isfinite(value)}
+  if non_finite:
+    # Finite weights can still give NaN outputs: never report or export it.
+    raise errors.DivergedError(_diverged(
+        run, f'the evaluation of the {weights} weights at step {step} gives '
+        f'{non_finite}'))
+  return results
+
+
+def _evaluate_and_choose(run, model):
+  """Measures the raw and (if on) EMA weights; leaves the better in `model`.
+
+  Returns:
+    The metrics dict: `eval` of the weights left in `model`, and with EMA
+    also `eval_raw`, `eval_ema` and `exported_weights`.
+  """
+  if run.config.ema_momentum is None:
+    return {'eval': _evaluate(run, model, ema=False)}
+  metrics = {'eval_raw': _evaluate(run, model, ema=False),
+             'eval_ema': _evaluate(run, model, ema=True)}
+  chosen = 'ema'
+  if metrics['eval_ema']['accuracy'] < metrics['eval_raw']['accuracy']:
+    logging.warning(
+        'The EMA weights evaluate worse than the raw weights (accuracy %.4f '
+        'vs %.4f): reporting and exporting the raw weights. Lower '
+        '--config.ema_momentum for a run this short.',
+        metrics['eval_ema']['accuracy'], metrics['eval_raw']['accuracy'])
+    chosen = 'raw'
+    _use_weights(run, model, ema=False)
+  metrics['exported_weights'] = chosen
+  metrics['eval'] = metrics[f'eval_{chosen}']
+  return metrics
+
+
+def _finish(run, model, export):
+  """Evaluates; on the chief writes the report, metrics and an export."""
+  config = run.config
+  step = checkpoints.trained_steps(model)
+  metrics = {'step': step, 'total_steps': run.plan.total_steps}
+  metrics.update(_evaluate_and_choose(run, model))
+  # Every worker logs it: equal sums show the replicas stayed in sync.
+  logging.info('Weights checksum (%s) at step %d: %.12e',
+               distribution.task_name(run.strategy), step,
+               weights_checksum(model))
+  if not run.chief:
+    return metrics
+  metrics['report'] = evaluation.write_report(
+      model, run.data.eval, run.data.info.class_names, run.workdir.path,
+      steps=config.eval_steps, step=step)
+  workdir_lib.write_json(run.workdir.metrics_file, metrics)
+  logging.info('Eval at step %d: %s', step, metrics['eval'])
+  if export and config.export:
+    _export(run, model)
+  return metrics
+
+
+def _export(run, model):
+  """The next SavedModel version; a full disk is a `WorkdirError`."""
+  what = 'the export (twice its size is kept free)'
+  # The SavedModel holds each weight once.
+  workdir_lib.check_free_space(run.workdir.path,
+                               2 * checkpoints.weights_size(model), what)
+  try:
+    saved_model.export_version(model, run.workdir.export, run.config.image_size,
+                           run.data.info.class_names,
+                           top_k=run.config.export_top_k,
+                           max_image_pixels=run.config.max_image_pixels,
+                           resize_size=run.config.resize_size)
+  except (OSError, tf.errors.OpError) as error:
+    if not workdir_lib.is_disk_full(error):
+      raise
+    raise workdir_lib.disk_full_error(run.workdir.export, what) from error
+
+
+def train_and_evaluate(config, workdir):
+  """Trains, evaluates and exports; resumes the run found in `workdir`.
+
+  Under multi-worker training every worker calls this with the same workdir,
+  which must be on a file system they all see; only the chief writes to it.
+
+  Args:
+    config: A ConfigDict with the keys of `configs/default.py`.
+    workdir: Directory of the run.
+
+  Returns:
+    The dict written to `<workdir>/metrics.json`.
+  """
+  run = _start(config, workdir)
+  with run.lock, _log_to(run):
+    model = _build(run)
+    trained = _fit_to_end(run, model)
+    # A rerun of a finished run exports only if no version was written yet.
+    export = trained or not saved_model.list_versions(run.workdir.export)
+    return _finish(run, model, export=export)
+
+
+def evaluate(config, workdir):
+  """Evaluates the newest backup of the run in `workdir`; never trains.
+
+  Writes the report files and `metrics.json` as a finished run does.
+
+  Args:
+    config: The run's config (a different one is refused, as in training).
+    workdir: Directory of a run with at least one backup.
+
+  Returns:
+    The dict written to `<workdir>/metrics.json`.
+
+  Raises:
+    PathNotFoundError: `workdir` holds no run or no backup yet.
+  """
+  check_config(config)
+  existing = workdir_lib.Workdir(workdir)
+  existing.read_config()  # Raises when no run has claimed it.
+  if checkpoints.Checkpointer(existing.checkpoints).latest() is None:
+    raise errors.PathNotFoundError(
+        f'workdir={workdir!r} holds no backup in {existing.checkpoints} to '
+        'evaluate. Train first with --mode=train.')
+  run = _start(config, workdir)
+  with run.lock, _log_to(run):
+    model = _build(run)
+    logging.info('Evaluating the backup at step %d of %d.',
+                 checkpoints.trained_steps(model), run.plan.total_steps)
+    return _finish(run, model, export=False)
+
+
+def _wait_for_backup(checkpointer, step, timeout_seconds):
+  """Waits until the newest backup is at `step` (written by the chief)."""
+  deadline = time.monotonic() + (timeout_seconds or float('inf'))
+  while (checkpointer.latest() or (None, -1))[1] < step:
+    if time.monotonic() > deadline:
+      raise TimeoutError(
+          f'No backup of step {step} appeared in {checkpointer.directory} '
+          f'within {timeout_seconds} s: is the chief alive?')
+    time.sleep(0.5)
+
+
+def weights_checksum(model):
+  """Σ|w| over the model's weights, in float64: a cheap fingerprint."""
+  return float(sum(np.abs(np.asarray(keras.ops.convert_to_numpy(weight),
+                                     np.float64)).sum()
+                   for weight in model.weights))

@@ -1,0 +1,517 @@
+"""Tests of train_and_evaluate's checks: all fail before a model is built."""
+
+import os
+import time
+import types
+
+import h5py
+import keras
+from keras.src.legacy.saving import legacy_h5_format
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs import cifar10_resnet50
+from keras_sft.training import checkpoints
+from keras_sft.models import classifier
+from keras_sft import errors
+from keras_sft.data import pipeline
+from keras_sft.models import backbones
+from keras_sft.models import network as network_lib
+from keras_sft.training import recipe
+from keras_sft.training import train
+from keras_sft import workdir as workdir_lib
+
+
+def _smoke_config(**overrides):
+  config = cifar10_resnet50.get_config('smoke')
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+@pytest.fixture
+def no_model_built(monkeypatch):
+  """Fails the test if any model gets built."""
+
+  def refuse(*args, **kwargs):
+    raise AssertionError('A model was built before the bad input was found.')
+
+  monkeypatch.setattr(network_lib, 'build_network', refuse)
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('global_batch_size', 0, 'global_batch_size=0'),
+    ('num_epochs', -1, 'num_epochs=-1'),
+    ('learning_rate', -0.1, 'learning_rate=-0.1'),
+    ('steps_per_epoch', 0, 'steps_per_epoch=0'),
+    ('distribution', 'mirored', "distribution='mirored'"),
+    ('optimizer', 'lamb', "optimizer='lamb'"),
+    ('weights', '/no/such/file.h5', '/no/such/file.h5'),
+    ('label_smoothing', 1.0, 'label_smoothing=1.0'),
+    ('precision', 'float8', "precision='float8'"),
+    ('ema_momentum', 1.0, 'ema_momentum=1.0'),
+    ('lr_schedule', 'linear', "lr_schedule='linear'"),
+    ('resize_size', 16, 'resize_size=16'),
+    ('batch_norm', 'sync', "batch_norm='sync'"),
+    ('freeze_until', 'conv6', "freeze_until='conv6'"),
+    ('head_only_epochs', 2.0, 'head_only_epochs=2.0'),
+    ('backbone_learning_rate_multiplier', -1.0,
+     'backbone_learning_rate_multiplier=-1.0'),
+    ('cutmix_alpha', 2.0, 'cutmix_alpha=2.0'),
+    ('randaugment_magnitude', 3.0, 'randaugment_magnitude=3.0'),
+])
+def test_bad_values_are_named(tmp_path, no_model_built, key, value, message):
+  with pytest.raises((ValueError, FileNotFoundError), match=message):
+    train.train_and_evaluate(_smoke_config(**{key: value}), str(tmp_path))
+
+
+def test_batch_not_divisible_by_replicas(tmp_path, no_model_built,
+                                         mock_cifar10):
+  """Two replicas cannot split a global batch of 7."""
+  config = _smoke_config(distribution='mirrored', global_batch_size=7)
+  with pytest.raises(ValueError, match='global_batch_size=7.*2 replicas'):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_workdir_of_another_run_is_refused(tmp_path, no_model_built,
+                                          mock_cifar10):
+  workdir = str(tmp_path)
+  # This start claims the workdir, then stops where the model is built.
+  with pytest.raises(AssertionError, match='A model was built'):
+    train.train_and_evaluate(_smoke_config(), workdir)
+  changed = _smoke_config(learning_rate=0.5)
+  with pytest.raises(ValueError, match='holds another run.*learning_rate'):
+    train.train_and_evaluate(changed, workdir)
+
+
+def _weights_file(directory, kind):
+  """A weights file that does not fit the smoke config's ResNet50."""
+  path = str(directory / 'weights.h5')
+  if kind == 'not_hdf5':
+    with open(path, 'wb') as file:
+      file.write(b'<html>not weights</html>')
+    return path
+  # Legacy .h5, as Keras' downloads, of another (tiny) model.
+  inputs = keras.Input((8, 8, 3))
+  other = keras.Model(inputs, keras.layers.Conv2D(2, 3)(inputs))
+  with h5py.File(path, 'w') as file:
+    legacy_h5_format.save_weights_to_hdf5_group(file, other)
+  if kind == 'truncated':  # An interrupted copy: HDF5 header, no end.
+    os.truncate(path, os.path.getsize(path) // 2)
+  return path
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('image_size', 0, 'image_size=0'),
+    ('image_size', 16, 'image_size=16'),
+    ('dataset', 'no_such_dataset', 'no_such_dataset'),
+    ('weights', 'not_hdf5', 'not an HDF5'),
+    ('weights', 'truncated', 'truncated'),
+    ('weights', 'another_model', 'does not fit'),
+    # Offline: the error names --config.weights=PATH, which must then run in
+    # the same workdir.
+    ('weights', 'imagenet', 'Could not download'),
+])
+def test_a_failed_start_leaves_the_workdir_unclaimed(
+    tmp_path, monkeypatch, no_model_built, mock_cifar10, key, value,
+    message):
+  """Config, data and weights are checked before the workdir is claimed."""
+  if key == 'weights' and value != 'imagenet':
+    value = _weights_file(tmp_path, value)
+  monkeypatch.setenv('KERAS_HOME', str(tmp_path / 'keras'))
+  workdir = tmp_path / 'run'
+  with pytest.raises((ValueError, errors.UnavailableError), match=message):
+    train.train_and_evaluate(_smoke_config(**{key: value}), str(workdir))
+  assert not workdir.exists()
+
+
+def test_offline_dataset_fails_fast_naming_the_routes(tmp_path,
+                                                      no_model_built):
+  """No network and no data: an error within seconds, with the way out."""
+  config = _smoke_config(data_dir=str(tmp_path / 'tfds'))
+  start = time.time()
+  with pytest.raises(pipeline.DatasetUnavailableError) as error:
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert time.time() - start < 30
+  assert 'downloads/manual' in str(error.value)
+  assert 'cifar-10-binary.tar.gz' in str(error.value)
+
+
+def test_offline_imagenet_weights_fail_fast_naming_the_routes(
+    tmp_path, monkeypatch):
+  monkeypatch.setenv('KERAS_HOME', str(tmp_path / 'keras'))
+  start = time.time()
+  with pytest.raises(backbones.WeightsUnavailableError) as error:
+    network_lib.create_network(10, 32, weights='imagenet')
+  assert time.time() - start < 30
+  assert backbones.BACKBONES['resnet50'].weights_file in str(error.value)
+  assert '--config.weights' in str(error.value)
+  assert str(tmp_path / 'keras' / 'models') in str(error.value)
+
+
+def test_local_weights_file_is_loaded(tmp_path):
+  """weights=<path> loads that file (the offline route for ImageNet)."""
+  source = network_lib.create_network(10, 32, weights=None)
+  backbone = source.get_layer('resnet50')
+  path = str(tmp_path / backbones.BACKBONES['resnet50'].weights_file).replace(
+      '.h5', '.weights.h5')
+  backbone.save_weights(path)
+  keras.utils.set_random_seed(7)
+  loaded = network_lib.create_network(10, 32, weights=path)
+  for expected, actual in zip(backbone.weights,
+                              loaded.get_layer('resnet50').weights):
+    assert (keras.ops.convert_to_numpy(expected) ==
+            keras.ops.convert_to_numpy(actual)).all(), expected.path
+
+
+def test_wait_for_backup_returns_once_the_step_is_saved_or_times_out(
+    tmp_path):
+  """Workers wait for the chief's backup before restoring from it."""
+  from keras_sft.training import checkpoints  # pylint: disable=g-import-not-at-top
+  checkpointer = checkpoints.Checkpointer(str(tmp_path / 'checkpoints'))
+  with pytest.raises(TimeoutError, match='No backup of step 3'):
+    train._wait_for_backup(checkpointer, 3, timeout_seconds=0.1)  # pylint: disable=protected-access
+  os.makedirs(checkpointer.directory)
+  open(os.path.join(checkpointer.directory, 'ckpt-3.weights.h5'), 'w').close()
+  with open(os.path.join(checkpointer.directory, 'checkpoint.json'),
+            'w') as file:
+    file.write('{"file": "ckpt-3.weights.h5", "step": 3}')
+  start = time.time()
+  train._wait_for_backup(checkpointer, 3, timeout_seconds=30)  # pylint: disable=protected-access
+  assert time.time() - start < 1
+
+
+@pytest.mark.parametrize('overrides, message', [
+    # smoke: 2 steps per epoch, 2 eval steps.
+    ({'steps_per_execution': 3}, 'steps_per_epoch=2.*steps_per_execution=3'),
+    ({'steps_per_execution': 2, 'eval_steps': 3},
+     'eval_steps=3.*steps_per_execution=2'),
+    # 64 mock examples // 8 = 8 derived steps per epoch.
+    ({'steps_per_execution': 3, 'steps_per_epoch': None, 'eval_steps': None},
+     'steps_per_epoch=8.*steps_per_execution=3'),
+])
+def test_steps_per_execution_must_divide_the_steps(tmp_path, no_model_built,
+                                                   mock_cifar10, overrides,
+                                                   message):
+  """Keras runs whole executions: k=3 on 2 steps/epoch would run 3 a epoch."""
+  workdir = tmp_path / 'run'
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(_smoke_config(**overrides), str(workdir))
+  assert not workdir.exists()
+
+
+_TINY_SHAPE = (6, 6, 3)
+
+
+def _tiny_run(workdir, steps_per_epoch=4, num_epochs=2, steps_per_execution=1,
+              learning_rate=0.1, dropout_rate=0.0, checkpoint_every_steps=1):
+  """A `train._Run` of a tiny Classifier on 8 random batches of 4, cycled.
+
+  Returns `(run, build)`: `build()` makes the run's compiled model and
+  restores its newest backup, as `train._build` does for ResNet50.
+  """
+  config = _smoke_config(steps_per_epoch=steps_per_epoch,
+                         num_epochs=num_epochs, eval_steps=None,
+                         steps_per_execution=steps_per_execution,
+                         checkpoint_every_steps=checkpoint_every_steps)
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(32,) + _TINY_SHAPE).astype(np.float32)
+  labels = rng.integers(0, 3, 32).astype(np.int64)
+  examples = tf.data.Dataset.from_tensor_slices((images, labels))
+  data = types.SimpleNamespace(
+      train=lambda start_step: examples.batch(4).repeat().skip(start_step),
+      eval=examples.batch(8),
+      info=types.SimpleNamespace(num_classes=3, class_names=('a', 'b', 'c')))
+  run = train._Run(  # pylint: disable=protected-access
+      config=config, workdir=workdir_lib.Workdir(str(workdir)),
+      strategy=tf.distribute.get_strategy(), chief=True, data=data,
+      plan=recipe.Plan(steps_per_epoch=steps_per_epoch,
+                       total_steps=steps_per_epoch * num_epochs,
+                       warmup_steps=0, peak_learning_rate=learning_rate,
+                       head_only_steps=0),
+      checkpointer=checkpoints.Checkpointer(
+          os.path.join(str(workdir), 'checkpoints')))
+  os.makedirs(str(workdir), exist_ok=True)
+
+  def build():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input(_TINY_SHAPE)
+    x = keras.layers.Flatten()(inputs)
+    if dropout_rate:
+      x = keras.layers.Dropout(dropout_rate, seed=0)(x)
+    outputs = keras.layers.Dense(3, name='head')(x)
+    model = classifier.Classifier(keras.Model(inputs, outputs))
+    recipe.compile_model(model, keras.optimizers.SGD(learning_rate),
+                         steps_per_execution=steps_per_execution)
+    model(np.zeros((1,) + _TINY_SHAPE, np.float32))
+    model.optimizer.build(model.trainable_variables)
+    run.checkpointer.restore(model)
+    return model
+
+  return run, build
+
+
+def test_resumed_epoch_off_the_execution_grid_is_refused(tmp_path):
+  """A resume whose remainder k does not divide would run extra steps."""
+  run, build = _tiny_run(tmp_path / 'run', steps_per_epoch=4,
+                         steps_per_execution=2)
+  model = build()
+  model.step_counter.assign(1)  # 3 steps left in the epoch, k=2.
+  with pytest.raises(ValueError, match='step 1.*steps_per_execution=2'):
+    train._fit_to_end(run, model)  # pylint: disable=protected-access
+  assert checkpoints.trained_steps(model) == 1
+
+
+def test_resumed_run_with_steps_per_execution_takes_exactly_its_steps(
+    tmp_path):
+  run, build = _tiny_run(tmp_path / 'run', steps_per_epoch=4,
+                         steps_per_execution=2)
+  model = build()
+  model.step_counter.assign(2)  # Resumed mid-epoch, on the grid.
+  assert train._fit_to_end(run, model)  # pylint: disable=protected-access
+  assert checkpoints.trained_steps(model) == 8
+  assert int(model.optimizer.iterations.numpy()) == 6
+
+
+def test_resumed_run_with_dropout_equals_an_uninterrupted_one(tmp_path):
+  """Backup at step 3, a fresh process's model restores it and goes on."""
+  run, build = _tiny_run(tmp_path / 'whole', dropout_rate=0.5)
+  uninterrupted = build()
+  train._fit_to_end(run, uninterrupted)  # pylint: disable=protected-access
+
+  run, build = _tiny_run(tmp_path / 'resumed', dropout_rate=0.5)
+  first = build()
+  train._fit(run, first, end_epoch=1, steps=3)  # pylint: disable=protected-access
+  assert run.checkpointer.latest()[1] == 3
+  resumed = build()  # Restores step 3; its dropout state is new.
+  assert checkpoints.trained_steps(resumed) == 3
+  train._fit_to_end(run, resumed)  # pylint: disable=protected-access
+
+  assert checkpoints.trained_steps(resumed) == 8
+  for want, got in zip(uninterrupted.get_weights(), resumed.get_weights()):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def _history_epochs(workdir):
+  import csv  # pylint: disable=g-import-not-at-top
+  with open(workdir_lib.Workdir(str(workdir)).history_csv) as file:
+    return [row['epoch'] for row in csv.DictReader(file)]
+
+
+def test_resume_does_not_repeat_rows_of_history_csv(tmp_path):
+  """Rows of epochs the resumed run trains again are replaced, not added."""
+  run, build = _tiny_run(tmp_path / 'run', steps_per_epoch=4)
+  model = build()
+  train._fit(run, model, end_epoch=1, steps=4)  # pylint: disable=protected-access
+  # Epoch 1 stops after 2 of its 4 steps (as a preempted or NaN-stopped fit
+  # does), and its partial row is written.
+  train._fit(run, model, end_epoch=2, steps=2)  # pylint: disable=protected-access
+  assert _history_epochs(tmp_path / 'run') == ['0', '1']
+  resumed = build()
+  assert checkpoints.trained_steps(resumed) == 6
+  train._fit_to_end(run, resumed)  # pylint: disable=protected-access
+  assert _history_epochs(tmp_path / 'run') == ['0', '1']
+
+
+def _float_keys():
+  """Every key of the default config that holds a float (or float list)."""
+  from configs import default as default_lib  # pylint: disable=g-import-not-at-top
+  config = default_lib.get_config()
+  keys = []
+  for key in config.keys():
+    reference = config.get_ref(key)
+    value = config[key]
+    if (reference.get_type() is float or isinstance(value, float) or
+        (isinstance(value, (tuple, list)) and value and
+         all(isinstance(item, float) for item in value))):
+      keys.append(key)
+  return keys
+
+
+@pytest.mark.parametrize('key', _float_keys())
+@pytest.mark.parametrize('bad', [float('nan'), float('inf'), -float('inf')])
+def test_non_finite_float_values_are_refused(tmp_path, no_model_built, key,
+                                             bad):
+  """No float key takes NaN or ±inf (--config.learning_rate=nan passed)."""
+  config = _smoke_config()
+  config[key] = (bad,) if isinstance(config[key], (tuple, list)) else bad
+  with pytest.raises(ValueError, match=key):
+    train.check_config(config)
+
+
+def test_finish_refuses_non_finite_weights_and_writes_nothing(tmp_path):
+  run, build = _tiny_run(tmp_path / 'run')
+  model = build()
+  kernel = model.network.get_layer('head').kernel
+  kernel.assign(np.full(kernel.shape, np.inf, np.float32))
+  with pytest.raises(FloatingPointError, match='not finite'):
+    train._finish(run, model, export=True)  # pylint: disable=protected-access
+  assert not os.path.exists(run.workdir.metrics_file)
+  assert not os.path.exists(run.workdir.export)
+
+
+def test_diverging_run_stops_and_names_a_finite_backup(tmp_path, mock_cifar10):
+  """learning_rate=1e5: the weights stay finite, the outputs do not."""
+  from keras_sft import errors  # pylint: disable=g-import-not-at-top
+  import conftest  # pylint: disable=g-import-not-at-top
+  workdir = workdir_lib.Workdir(str(tmp_path / 'run'))
+  with pytest.raises(errors.DivergedError) as error:
+    train.train_and_evaluate(_smoke_config(learning_rate=1e5), workdir.path)
+  path, step = conftest.latest_backup(workdir.path)
+  assert path in str(error.value) and f'step {step}' in str(error.value)
+  assert not os.path.exists(workdir.export)
+  assert not os.path.exists(workdir.metrics_file)
+  # Its val_accuracy was finite, its val_loss not: no best weights either.
+  assert not os.path.exists(os.path.join(workdir.checkpoints,
+                                         checkpoints.BEST_WEIGHTS))
+  backups = [name for name in os.listdir(workdir.checkpoints)
+             if name.endswith('.weights.h5')]
+  assert backups
+  for name in backups:
+    for array_name, array in conftest.backup_arrays(
+        os.path.join(workdir.checkpoints, name)).items():
+      assert np.isfinite(array).all(), (name, array_name)
+
+
+def test_a_workdir_in_use_is_refused_before_any_model_is_built(
+    tmp_path, no_model_built, mock_cifar10):
+  from keras_sft import errors  # pylint: disable=g-import-not-at-top
+  workdir = workdir_lib.Workdir(str(tmp_path / 'run'))
+  os.makedirs(workdir.path)
+  with workdir.lock():
+    with pytest.raises(errors.WorkdirError, match=f'PID {os.getpid()}'):
+      train.train_and_evaluate(_smoke_config(), workdir.path)
+  assert not workdir.has_run()
+
+
+def test_renamed_class_folder_is_refused_on_resume(tmp_path, no_model_built):
+  """The same command after a class folder was renamed: not new labels."""
+  import image_fixtures  # pylint: disable=g-import-not-at-top
+  from keras_sft import errors  # pylint: disable=g-import-not-at-top
+  root = tmp_path / 'data'
+  image_fixtures.write_image_folder(str(root))
+  config = _smoke_config(dataset=f'folder:{root}', global_batch_size=4,
+                         eval_steps=None)
+  workdir = str(tmp_path / 'run')
+  # Claims the workdir, then stops where the model would be built.
+  with pytest.raises(AssertionError, match='A model was built'):
+    train.train_and_evaluate(config, workdir)
+  for split in ('train', 'test'):
+    os.rename(root / split / 'dog', root / split / 'wolf')
+  with pytest.raises(errors.WorkdirError, match='class_names'):
+    train.train_and_evaluate(config, workdir)
+
+
+def test_start_removes_temporary_files_of_killed_writers(
+    tmp_path, no_model_built, mock_cifar10):
+  workdir = workdir_lib.Workdir(str(tmp_path / 'run'))
+  os.makedirs(workdir.checkpoints)
+  leftovers = [os.path.join(workdir.checkpoints, '.tmp-k2j'),
+               workdir.metrics_file + '.tmp']
+  os.makedirs(leftovers[0])
+  open(leftovers[1], 'w').close()
+  with pytest.raises(AssertionError, match='A model was built'):
+    train.train_and_evaluate(_smoke_config(), workdir.path)
+  for path in leftovers:
+    assert not os.path.exists(path)
+
+
+class _SendSigterm(keras.callbacks.Callback):
+  """Sends this process SIGTERM at the end of step `at_step`."""
+
+  def __init__(self, at_step):
+    super().__init__()
+    self.at_step = at_step
+
+  def on_train_batch_end(self, batch, logs=None):
+    if checkpoints.trained_steps(self.model) == self.at_step:
+      import signal  # pylint: disable=g-import-not-at-top
+      os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_backs_up_at_the_next_step_and_stops(tmp_path, monkeypatch):
+  """Preemption: a backup of step 3 (not an epoch end, no N-step backup)."""
+  import signal  # pylint: disable=g-import-not-at-top
+  from keras_sft import errors  # pylint: disable=g-import-not-at-top
+  run, build = _tiny_run(tmp_path / 'whole', checkpoint_every_steps=1000)
+  uninterrupted = build()
+  train._fit_to_end(run, uninterrupted)  # pylint: disable=protected-access
+
+  run, build = _tiny_run(tmp_path / 'run', checkpoint_every_steps=1000)
+  real_callbacks = train._callbacks  # pylint: disable=protected-access
+  monkeypatch.setattr(train, '_callbacks',
+                      lambda run: real_callbacks(run) + [_SendSigterm(3)])
+  with pytest.raises(errors.PreemptedError, match='step 3'):
+    train._fit_to_end(run, build())  # pylint: disable=protected-access
+  assert run.checkpointer.latest()[1] == 3
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+  monkeypatch.undo()
+  resumed = build()
+  train._fit_to_end(run, resumed)  # pylint: disable=protected-access
+  for want, got in zip(uninterrupted.get_weights(), resumed.get_weights()):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_sigterm_at_an_epoch_end_keeps_the_epochs_history_row(tmp_path,
+                                                              monkeypatch):
+  """Stopped at the last step of epoch 1: its evaluation and row still come
+  before the backup of that step, so no epoch goes missing from history."""
+  from keras_sft import errors  # pylint: disable=g-import-not-at-top
+  run, build = _tiny_run(tmp_path / 'run', steps_per_epoch=4)
+  real_callbacks = train._callbacks  # pylint: disable=protected-access
+  monkeypatch.setattr(train, '_callbacks',
+                      lambda run: real_callbacks(run) + [_SendSigterm(4)])
+  with pytest.raises(errors.PreemptedError, match='step 4'):
+    train._fit_to_end(run, build())  # pylint: disable=protected-access
+  assert _history_epochs(tmp_path / 'run') == ['0']
+  monkeypatch.undo()
+  train._fit_to_end(run, build())  # pylint: disable=protected-access
+  assert _history_epochs(tmp_path / 'run') == ['0', '1']
+
+
+class _RecordBackupAtValidation(keras.callbacks.Callback):
+
+  def __init__(self, checkpointer):
+    super().__init__()
+    self.checkpointer = checkpointer
+    self.steps = []
+
+  def on_test_begin(self, logs=None):
+    self.steps.append(self.checkpointer.latest()[1])
+
+
+def test_epoch_end_backup_comes_after_the_epochs_evaluation(tmp_path,
+                                                            monkeypatch):
+  """A kill during an epoch's evaluation resumes before its last step, so
+  the rerun evaluates the epoch and writes its row (backups every step)."""
+  run, build = _tiny_run(tmp_path / 'run', steps_per_epoch=4)
+  recorder = _RecordBackupAtValidation(run.checkpointer)
+  real_callbacks = train._callbacks  # pylint: disable=protected-access
+  monkeypatch.setattr(train, '_callbacks',
+                      lambda run: real_callbacks(run) + [recorder])
+  train._fit_to_end(run, build())  # pylint: disable=protected-access
+  assert recorder.steps == [3, 7]
+  assert run.checkpointer.latest()[1] == 8
+
+
+def test_export_on_a_full_disk_is_a_clear_error(tmp_path, monkeypatch):
+  """Found by benchmarks/soak.py: TF's SaveV2 traceback on ENOSPC."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from keras_sft import errors  # pylint: disable=g-import-not-at-top
+  from keras_sft.export import saved_model  # pylint: disable=g-import-not-at-top
+  run, build = _tiny_run(tmp_path / 'run')
+  model = build()
+
+  def no_space(*args, **kwargs):
+    raise tf.errors.ResourceExhaustedError(
+        None, None, '/x/variables/part-0; No space left on device')
+
+  monkeypatch.setattr(saved_model, 'export_version', no_space)
+  with pytest.raises(errors.WorkdirError, match='space.*rerun'):
+    train._finish(run, model, export=True)  # pylint: disable=protected-access
+  usage = shutil.disk_usage(run.workdir.path)
+  monkeypatch.setattr(shutil, 'disk_usage',
+                      lambda path: usage._replace(free=1000))
+  with pytest.raises(errors.WorkdirError, match='free space'):
+    train._finish(run, model, export=True)  # pylint: disable=protected-access
