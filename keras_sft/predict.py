@@ -40,7 +40,6 @@ _MODEL = flags.DEFINE_string(
     '.tflite file, a version directory of any format, or a folder of '
     'integer versions (<workdir>/export, <workdir>/export/onnx, ...) whose '
     'newest version is used.')
-flags.DEFINE_alias('export', 'model')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 32,
                                    'Images per call of the model.')
 flags.mark_flag_as_required('model')

@@ -44,12 +44,6 @@ def test_export_command_runs_without_runpy_warning(tmp_path):
   assert 'error: ' in result.stderr and 'Traceback' not in result.stderr
 
 
-def test_old_export_command_still_works_with_a_notice(tmp_path):
-  result = _command('keras_sft.export', f'--workdir={tmp_path / "none"}')
-  assert 'deprecated' in result.stderr and 'keras_sft.export' in result.stderr
-  assert result.returncode == 2
-
-
 def _error_lines(stderr):
   return [line for line in stderr.splitlines() if line.startswith('error: ')]
 

@@ -7,7 +7,6 @@ import tensorflow as tf
 
 from configs import default as default_lib
 from keras_sft.models import classifier
-from keras_sft import errors
 from keras_sft.models import network as network_lib
 from keras_sft.training import precision
 
@@ -337,20 +336,6 @@ def _config(**overrides):
   for key, value in overrides.items():
     config[key] = value
   return config
-
-
-@pytest.mark.parametrize('adamw_weight_decay', [0.0, 0.05])
-def test_adamw_with_a_head_only_phase_is_refused(adamw_weight_decay):
-  """Adam's bias correction counts the head-only steps, in which the
-  backbone's moments stay 0: its first steps after were 3x-6x the LR."""
-  config = _config(optimizer='adamw', head_only_epochs=1.0,
-                   adamw_weight_decay=adamw_weight_decay)
-  with pytest.raises(errors.ConfigError,
-                     match=r'optimizer=.adamw.*head_only_epochs=1\.0.*'
-                     r'optimizer="sgd" or head_only_epochs=0'):
-    classifier.check_config(config)
-  classifier.check_config(_config(optimizer='adamw', head_only_epochs=0.0))
-  classifier.check_config(_config(optimizer='sgd', head_only_epochs=1.0))
 
 
 @pytest.mark.parametrize('freeze_batchnorm', [False, True])

@@ -46,7 +46,7 @@ def test_predict_prints_top_k_per_file_and_names_bad_files(smoke_run,
   _write_png(folder / 'c.png', images[1])
   result = subprocess.run(
       [sys.executable, '-m', 'keras_sft.predict',
-       f'--export={os.path.join(workdir, "export")}', '--batch_size=8',
+       f'--model={os.path.join(workdir, "export")}', '--batch_size=8',
        str(folder)],
       capture_output=True, text=True, cwd=conftest.REPO_ROOT,
       env=conftest.cli_env(), timeout=300)
@@ -135,9 +135,9 @@ def test_no_images_and_a_damaged_export_are_one_error_line(tmp_path):
   empty = tmp_path / 'empty'
   empty.mkdir()
   for arguments, expected in [
-      ([f'--export={damaged}', str(empty)], 'Give image files'),
-      ([f'--export={damaged}', str(image)], 'saved_model.pb'),
-      ([f'--export={tmp_path / "export"}', str(image)], 'saved_model.pb'),
+      ([f'--model={damaged}', str(empty)], 'Give image files'),
+      ([f'--model={damaged}', str(image)], 'saved_model.pb'),
+      ([f'--model={tmp_path / "export"}', str(image)], 'saved_model.pb'),
   ]:
     result = _predict(*arguments)
     assert result.returncode == 2, result.stderr[-3000:]

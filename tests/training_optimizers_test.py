@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from configs import default as default_lib
+from keras_sft import errors
 from keras_sft.training import optimizers
 
 
@@ -331,3 +333,36 @@ def test_ema_warm_up_reaches_the_configured_momentum():
   assert momentum(0.999, 1) == pytest.approx(2 / 11)
   assert momentum(0.999, 100) == pytest.approx(101 / 110)
   assert momentum(0.9, 10**6) == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize('adamw_weight_decay', [0.0, 0.05])
+def test_adamw_with_a_head_only_phase_is_refused(adamw_weight_decay):
+  """Adam's bias correction counts the head-only steps, in which the
+  backbone's moments stay 0: its first steps after were 3x-6x the LR."""
+  config = _config(optimizer='adamw', head_only_epochs=1.0,
+                   adamw_weight_decay=adamw_weight_decay)
+  with pytest.raises(errors.ConfigError,
+                     match=r'optimizer=.adamw.*head_only_epochs=1\.0.*'
+                     r'optimizer="sgd" or head_only_epochs=0'):
+    optimizers.check_config(config)
+  optimizers.check_config(_config(optimizer='adamw', head_only_epochs=0.0))
+  optimizers.check_config(_config(optimizer='sgd', head_only_epochs=1.0))
+
+
+def test_each_optimizer_entry_decides_the_backbone_multiplier():
+  """A gradient multiplier is an LR multiplier only for SGD-like updates."""
+  for name, entry in optimizers.OPTIMIZERS.items():
+    config = _config(optimizer=name, backbone_learning_rate_multiplier=0.1)
+    if entry.gradient_scale_invariant:
+      with pytest.raises(errors.ConfigError,
+                         match='backbone_learning_rate_multiplier=0.1'):
+        optimizers.check_config(config)
+    else:
+      optimizers.check_config(config)
+
+
+def _config(**overrides):
+  config = default_lib.get_config()
+  for key, value in overrides.items():
+    config[key] = value
+  return config

@@ -24,19 +24,18 @@ map, caching decoded images, and prefetching (`benchmarks/run.py` measures
 the pipeline against the training step; README "Performance").
 """
 
+import contextlib
 import dataclasses
 import functools
 import logging
-from typing import Optional
 
-from unittest import mock
-
+import ml_collections
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import downloader as tfds_downloader
 
-from keras_sft.data import batch_augment
 from keras_sft import errors
+from keras_sft.data import batch_augment
 from keras_sft.data import folders
 
 # ImageNet-style resize-and-crop keeps this fraction of the resized image.
@@ -109,6 +108,12 @@ class Data:
                               **self.train_options)
 
 
+# `batch_augment.create_batch_augmenter`'s keys with everything off.
+_NO_BATCH_AUGMENTATION = dict(mixup_alpha=0.0, cutmix_alpha=0.0,
+                              randaugment_num_ops=0,
+                              randaugment_magnitude=0.0)
+
+
 def from_config(config):
   """Loads the config's dataset; returns a `Data`.
 
@@ -154,6 +159,17 @@ def _offline_help(name, data_dir):
       'builds the dataset from it.')
 
 
+@contextlib.contextmanager
+def _download_retries(count):
+  """tfds' downloader retries `count` times inside the block."""
+  previous = tfds_downloader.MAX_RETRIES
+  tfds_downloader.MAX_RETRIES = count
+  try:
+    yield
+  finally:
+    tfds_downloader.MAX_RETRIES = previous
+
+
 def get_builder(name, data_dir=None):
   """Returns the tfds builder for `name`, prepared, or raises a clear error.
 
@@ -177,7 +193,7 @@ def get_builder(name, data_dir=None):
   # Offline, tfds retries a failed download for minutes; a couple of quick
   # retries still ride out a flaky server, and an offline machine fails in
   # about a second.
-  with mock.patch.object(tfds_downloader, 'MAX_RETRIES', _DOWNLOAD_RETRIES):
+  with _download_retries(_DOWNLOAD_RETRIES):
     try:
       builder.download_and_prepare()
     except Exception as error:  # Download failures have many concrete types.
@@ -416,25 +432,22 @@ def create_datasets(dataset='cifar10',
   """
   errors.check_positive('image_size', image_size)
   errors.check_positive('global_batch_size', global_batch_size)
-  train_examples, eval_examples, info = load_examples(
-      dataset, train_split=train_split, eval_split=eval_split,
+  augmentation = dict(_NO_BATCH_AUGMENTATION)
+  for key, value in (batch_augmentation or {}).items():
+    errors.check_choice('batch_augmentation key', key,
+                        tuple(_NO_BATCH_AUGMENTATION))
+    augmentation[key] = value
+  # The keys `from_config` reads: a run and a library caller get their data
+  # from the same wiring.
+  data = from_config(ml_collections.ConfigDict(dict(
+      dataset=dataset, train_split=train_split, eval_split=eval_split,
       data_dir=data_dir, seed=seed, validation_fraction=validation_fraction,
       skip_corrupt_images=skip_corrupt_images,
-      global_batch_size=global_batch_size, max_image_pixels=max_image_pixels)
-  augmenter = batch_augment.create_batch_augmenter(
-      info.num_classes, seed=seed, **(batch_augmentation or {}))
-  train = make_train_dataset(
-      train_examples, image_size=image_size,
-      global_batch_size=global_batch_size, seed=seed,
-      shuffle_buffer_size=shuffle_buffer_size, cache=cache,
-      start_step=start_step, batch_augmenter=augmenter,
-      resize_size=resize_size, random_crop=random_crop,
-      random_flip=random_flip)
-  evaluation = make_eval_dataset(
-      eval_examples, image_size=image_size,
-      global_batch_size=global_batch_size, cache=cache,
-      resize_size=resize_size)
-  return train, evaluation, info
+      global_batch_size=global_batch_size, max_image_pixels=max_image_pixels,
+      image_size=image_size, cache=cache, resize_size=resize_size,
+      shuffle_buffer_size=shuffle_buffer_size, random_crop=random_crop,
+      random_flip=random_flip, **augmentation)))
+  return data.train(start_step), data.eval, data.info
 
 
 def load_examples(dataset, *, train_split='train', eval_split='test',
