@@ -8,6 +8,8 @@ import requests
 import tensorflow as tf
 import urllib3
 
+from configs import default as default_lib
+from keras_sft.data import augment
 from keras_sft.data import pipeline
 
 _SIDE = 32  # Side of the mock CIFAR-10 images and of the in-memory images.
@@ -98,7 +100,7 @@ def test_eval_equals_preprocess_for_eval_of_raw_images_in_order(mock_cifar10):
   got_images = np.concatenate([images for images, _ in _take(evaluation, -1)])
   got_labels = np.concatenate([labels for _, labels in _take(evaluation, -1)])
   expected = np.stack([
-      pipeline.preprocess_for_eval(image, image_size).numpy()
+      augment.preprocess_for_eval(image, image_size).numpy()
       for image in raw_images
   ])
   np.testing.assert_array_equal(got_labels, raw_labels)
@@ -244,7 +246,7 @@ def test_train_is_augmented_eval_is_not():
   (train_images, train_labels), = _take(train, 1)
   (eval_images, eval_labels), = _take(evaluation, -1)
   expected = np.stack([
-      pipeline.preprocess_for_eval(image, _SIDE).numpy()
+      augment.preprocess_for_eval(image, _SIDE).numpy()
       for image in images
   ])
   np.testing.assert_allclose(eval_images, expected, rtol=0, atol=1e-4)
@@ -371,7 +373,7 @@ def test_augment_native_size_is_a_padded_crop():
   pad = _SIDE // 8  # 12.5% of the side on each edge.
   padded = np.pad(image.astype(np.float32), [(pad, pad), (pad, pad), (0, 0)])
   outputs = [
-      pipeline.augment_for_training(
+      augment.augment_for_training(
           image, _SIDE, tf.constant([0, i], tf.int64)).numpy()
       for i in range(4)
   ]
@@ -389,7 +391,7 @@ def test_augment_other_size_is_a_crop_of_the_resized_image():
   enlarged = int(round(image_size / 0.875))
   resized = tf.image.resize(tf.cast(image, tf.float32), [enlarged, enlarged],
                             antialias=True).numpy()
-  output = pipeline.augment_for_training(
+  output = augment.augment_for_training(
       image, image_size, tf.constant([1, 2], tf.int64)).numpy()
   assert output.shape == (image_size, image_size, 3)
   assert output.dtype == np.float32
@@ -403,12 +405,12 @@ def test_augment_eager_equals_inside_dataset_map(image_size):
   images, _ = _raw_examples(num_examples=4)
   seeds = np.array([[5, i] for i in range(len(images))], np.int64)
   eager = np.stack([
-      pipeline.augment_for_training(image, image_size, seed).numpy()
+      augment.augment_for_training(image, image_size, seed).numpy()
       for image, seed in zip(images, seeds)
   ])
   mapped = np.stack(list(
       tf.data.Dataset.from_tensor_slices((images, seeds)).map(
-          lambda image, seed: pipeline.augment_for_training(
+          lambda image, seed: augment.augment_for_training(
               image, image_size, seed)).as_numpy_iterator()))
   assert mapped.shape == (len(images), image_size, image_size, 3)
   np.testing.assert_array_equal(mapped, eager)
@@ -417,7 +419,7 @@ def test_augment_eager_equals_inside_dataset_map(image_size):
 def test_preprocess_for_eval_native_size_is_identity():
   """At image_size == side, eval preprocessing only casts to float32."""
   image = _raw_examples(num_examples=1)[0][0]
-  output = pipeline.preprocess_for_eval(image, _SIDE).numpy()
+  output = augment.preprocess_for_eval(image, _SIDE).numpy()
   assert output.dtype == np.float32
   np.testing.assert_allclose(output, image.astype(np.float32), atol=1e-3)
 
@@ -446,23 +448,23 @@ def test_eval_sees_objects_at_the_training_scale(height, width):
   image_size = 64
   image = _image_with_square(height, width, side=112)
   train_sides = {
-      _square_side(pipeline.augment_for_training(
+      _square_side(augment.augment_for_training(
           image, image_size, tf.constant([0, seed], tf.int64)).numpy())
       for seed in range(4)}
   eval_side = _square_side(
-      pipeline.preprocess_for_eval(image, image_size).numpy())
+      augment.preprocess_for_eval(image, image_size).numpy())
   assert len(train_sides) == 1 and eval_side in train_sides, (train_sides,
                                                               eval_side)
   # Batches of images (the serving signature) give the same as one image.
-  batch = pipeline.preprocess_for_eval(image[None], image_size).numpy()
+  batch = augment.preprocess_for_eval(image[None], image_size).numpy()
   np.testing.assert_array_equal(
-      batch[0], pipeline.preprocess_for_eval(image, image_size).numpy())
+      batch[0], augment.preprocess_for_eval(image, image_size).numpy())
 
 
 def test_eval_with_resize_size_follows_bit_hyperrule():
   """With resize_size (BiT-HyperRule), eval resizes to image_size directly."""
   image = _image_with_square(160, 160, side=80)
-  output = pipeline.preprocess_for_eval(image, 128, resize_size=160)
+  output = augment.preprocess_for_eval(image, 128, resize_size=160)
   assert output.shape == (128, 128, 3)
   assert _square_side(output.numpy()) == 64
 
@@ -522,10 +524,10 @@ def test_large_images_are_cached_at_the_size_training_needs(monkeypatch,
     assert shapes == [(short_side, round(short_side * 1.5), 3)] * 2, shapes
   # What comes out is what full-resolution images give, up to rounding.
   for i, image in enumerate(images):
-    expected = pipeline.augment_for_training(
+    expected = augment.augment_for_training(
         image, _SIDE, tf.constant([seed, i], tf.int64), resize_size).numpy()
     assert np.abs(train_images[i] - expected).mean() < 1.0
-    expected = pipeline.preprocess_for_eval(image, _SIDE).numpy()
+    expected = augment.preprocess_for_eval(image, _SIDE).numpy()
     assert np.abs(eval_images[i] - expected).mean() < 1.0
 
 
@@ -547,16 +549,16 @@ def test_augment_without_random_crop_is_the_eval_view_or_its_mirror(
     image_size, resize_size):
   """random_crop=False: the eval geometry; with random_flip, some mirrored."""
   image = _raw_examples(num_examples=1)[0][0]
-  view = pipeline.preprocess_for_eval(image, image_size,
+  view = augment.preprocess_for_eval(image, image_size,
                                             resize_size).numpy()
   flipped = []
   for i in range(8):
     seed = tf.constant([3, i], tf.int64)
-    unflipped = pipeline.augment_for_training(
+    unflipped = augment.augment_for_training(
         image, image_size, seed, resize_size, random_crop=False,
         random_flip=False).numpy()
     np.testing.assert_array_equal(unflipped, view)
-    output = pipeline.augment_for_training(
+    output = augment.augment_for_training(
         image, image_size, seed, resize_size, random_crop=False).numpy()
     if np.array_equal(output, view[:, ::-1]) and not np.array_equal(
         view, view[:, ::-1]):
@@ -574,7 +576,7 @@ def test_augment_without_random_flip_is_an_unmirrored_crop():
   crops = [crop for index, crop in enumerate(_crops(padded, _SIDE))
            if index % 2 == 0]  # _crops yields each crop, then its mirror.
   outputs = [
-      pipeline.augment_for_training(
+      augment.augment_for_training(
           image, _SIDE, tf.constant([0, i], tf.int64),
           random_flip=False).numpy() for i in range(6)
   ]
@@ -595,3 +597,28 @@ def test_training_stream_without_augmentation_equals_eval_images():
            for image in batch_images]
   assert sorted(order) == list(range(8))
   np.testing.assert_array_equal(batch_labels.numpy(), labels[order])
+
+
+def test_an_appended_augmentation_keeps_the_seeds_of_the_others():
+  """AUGMENTATIONS splits the example's seed once: more entries, same first
+  seeds, so adding one leaves existing runs' augmentation unchanged."""
+  seed = tf.constant([7, 123], tf.int64)
+  two = tf.random.experimental.stateless_split(seed, num=2).numpy()
+  three = tf.random.experimental.stateless_split(seed, num=3).numpy()
+  np.testing.assert_array_equal(three[:2], two)
+
+
+def test_every_augmentation_entry_has_a_config_key_and_can_be_switched_off():
+  config = default_lib.get_config()
+  image = tf.constant(np.arange(2 * _SIDE * _SIDE * 3).reshape(
+      2 * _SIDE, _SIDE, 3) % 251, tf.uint8)
+  seed = tf.constant([0, 5], tf.int64)
+  off = {entry.key: False for entry in augment.AUGMENTATIONS}
+  for entry in augment.AUGMENTATIONS:
+    assert config[entry.key] is True, entry.key
+  # All off: the eval view exactly.
+  np.testing.assert_array_equal(
+      augment.augment_for_training(image, _SIDE, seed, **off).numpy(),
+      augment.preprocess_for_eval(image, _SIDE).numpy())
+  with pytest.raises(ValueError, match='random_rotate'):
+    augment.augment_for_training(image, _SIDE, seed, random_rotate=True)

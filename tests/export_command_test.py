@@ -23,6 +23,7 @@ import image_fixtures
 from configs import cifar10_resnet50
 from keras_sft.training import checkpoints
 from keras_sft import errors
+from keras_sft.data import augment
 from keras_sft.data import pipeline
 from keras_sft.models import precise_bn
 from keras_sft.training import recipe
@@ -86,7 +87,7 @@ def model_of_run(smoke_run):
 
 def _logits(model_and_size, images):
   model, image_size = model_and_size
-  return model(pipeline.preprocess_for_eval(
+  return model(augment.preprocess_for_eval(
       np.asarray(images), image_size), training=False).numpy()
 
 

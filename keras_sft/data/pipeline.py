@@ -35,14 +35,10 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import downloader as tfds_downloader
 
 from keras_sft import errors
+from keras_sft.data import augment
 from keras_sft.data import batch_augment
 from keras_sft.data import folders
 
-# ImageNet-style resize-and-crop keeps this fraction of the resized image.
-_CROP_FRACTION = 0.875
-# CIFAR-style pad-and-crop pads this fraction of the side on each edge
-# (4 pixels at 32px, as in He et al. 2016).
-_PAD_FRACTION = 0.125
 # Epochs with distinct shuffle orders before the orders repeat.
 _DISTINCT_EPOCH_ORDERS = 16
 # Separates the shuffle seeds of different `seed`s: seed * stride + epoch.
@@ -144,7 +140,7 @@ def from_config(config):
           global_batch_size=config.global_batch_size, seed=config.seed,
           shuffle_buffer_size=config.shuffle_buffer_size, cache=config.cache,
           batch_augmenter=augmenter, resize_size=config.resize_size,
-          random_crop=config.random_crop, random_flip=config.random_flip))
+          **augment.switches_from_config(config)))
 
 
 def _offline_help(name, data_dir):
@@ -236,142 +232,6 @@ def _check_image_shape(image):
       message='Expected RGB images with 3 channels; convert the dataset or '
       'use an image folder (grayscale/RGBA are converted there).')
   return image
-
-
-def _resize(image, image_size):
-  return tf.image.resize(image, [image_size, image_size], antialias=True)
-
-
-def augment_for_training(image, image_size, seed, resize_size=None,
-                         random_crop=True, random_flip=True):
-  """Random crop and horizontal flip of one image, as float32 in [0, 255].
-
-  Images whose side equals `image_size` are padded by 12.5% on each edge with
-  zeros and cropped back (the CIFAR recipe). Other images are resized so the
-  crop keeps 87.5% of the side, then cropped (the ImageNet recipe). With
-  `resize_size`, every image is resized to that side and then cropped
-  (BiT-HyperRule: 160 then 128, or 448 then 384).
-
-  Args:
-    image: `[H, W, 3]` uint8 or float image.
-    image_size: Side of the output square.
-    seed: Shape `[2]` int tensor for the stateless random ops.
-    resize_size: None, or the side every image is resized to before the crop
-      (>= image_size).
-    random_crop: False: no crop at a random position; the image gets the
-      eval geometry (`preprocess_for_eval`) instead.
-    random_flip: False: no horizontal flip.
-
-  Returns:
-    `[image_size, image_size, 3]` float32 image.
-  """
-  image = tf.cast(image, tf.float32)
-  crop_seed, flip_seed = tf.unstack(
-      tf.random.experimental.stateless_split(seed, num=2))
-  if random_crop:
-    image = _random_crop(image, image_size, crop_seed, resize_size)
-  else:
-    image = preprocess_for_eval(image, image_size, resize_size)
-  if random_flip:
-    image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-  return image
-
-
-def _random_crop(image, image_size, seed, resize_size=None):
-  """Pad-and-crop (side image_size) or resize-and-crop; see the caller."""
-  height, width = tf.shape(image)[0], tf.shape(image)[1]
-  native = tf.logical_and(tf.equal(height, image_size),
-                          tf.equal(width, image_size))
-  pad = int(round(image_size * _PAD_FRACTION))
-  enlarged = int(round(image_size / _CROP_FRACTION))
-  if resize_size:
-    native = tf.constant(False)
-    enlarged = resize_size
-  image = tf.cond(
-      native,
-      lambda: tf.pad(image, [[pad, pad], [pad, pad], [0, 0]]),
-      lambda: tf.image.resize(image, [enlarged, enlarged], antialias=True))
-  return tf.image.stateless_random_crop(
-      image, [image_size, image_size, 3], seed=seed)
-
-
-def _stored_side(image_size, resize_size=None):
-  """The short side large images are cached at: twice what is resized to.
-
-  Training resizes to image_size / 0.875 (or resize_size) before its crop,
-  evaluation to at most that; keeping twice as many pixels per side leaves
-  the later antialiased resize with what it needs (measured on smooth
-  300x450 to 3000x2000 images: outputs within 0.7 of 255 on average of
-  those from the full-resolution image).
-  """
-  return 2 * max(int(round(image_size / _CROP_FRACTION)), resize_size or 0)
-
-
-def _shrink(image, short_side):
-  """Downscales `image`, aspect kept, so its short side is `short_side`.
-
-  Images whose short side is not longer are returned unchanged (so a
-  CIFAR-sized image keeps its exact pixels and its pad-and-crop). A uint8
-  image stays uint8 (rounded): it is what gets cached, so a folder of
-  8000x8000 photos is not kept at 192 MB an image.
-  """
-  static = image.shape[:2]
-  if static.is_fully_defined() and min(static) <= short_side:
-    return image
-  size = tf.shape(image)[:2]
-  shortest = tf.reduce_min(size)
-
-  def shrink():
-    scale = short_side / tf.cast(shortest, tf.float64)
-    new_size = tf.cast(tf.round(tf.cast(size, tf.float64) * scale), tf.int32)
-    resized = tf.image.resize(image, tf.maximum(new_size, 1), antialias=True)
-    if image.dtype.is_integer:
-      resized = tf.clip_by_value(tf.round(resized), image.dtype.min,
-                                 image.dtype.max)
-    return tf.cast(resized, image.dtype)
-
-  shrunk = tf.cond(shortest > short_side, shrink, lambda: image)
-  shrunk.set_shape([None, None, image.shape[-1]])
-  return shrunk
-
-
-def preprocess_for_eval(image, image_size, resize_size=None):
-  """The eval (and serving) view of an image, at the scale training sees.
-
-  Images of side `image_size` pass unchanged (training pads and crops them
-  at their own scale). Others are resized to `image_size / 0.875`, squashed
-  to a square as `augment_for_training` does, and centre-cropped to
-  `image_size`, so objects look as large as in the training crops. With
-  `resize_size` (BiT-HyperRule), images are resized to `image_size`
-  directly, BiT's published eval rule.
-
-  Args:
-    image: `[H, W, 3]` or a batch `[N, H, W, 3]`, uint8 or float.
-    image_size: Side of the output square.
-    resize_size: None, or the training `resize_size` (see
-      `augment_for_training`).
-
-  Returns:
-    float32 in [0, 255], `[image_size, image_size, 3]` (or batched).
-  """
-  image = tf.cast(image, tf.float32)
-  if resize_size:
-    return _resize(image, image_size)
-  enlarged = int(round(image_size / _CROP_FRACTION))
-  offset = (enlarged - image_size) // 2
-
-  def resize_and_crop():
-    resized = _resize(image, enlarged)
-    return resized[..., offset:offset + image_size,
-                   offset:offset + image_size, :]
-
-  shape = tf.shape(image)
-  native = tf.logical_and(tf.equal(shape[-3], image_size),
-                          tf.equal(shape[-2], image_size))
-  output = tf.cond(native, lambda: image, resize_and_crop)
-  output.set_shape(image.shape[:-3].concatenate(
-      [image_size, image_size, image.shape[-1]]))
-  return output
 
 
 def create_datasets(dataset='cifar10',
@@ -517,20 +377,21 @@ def _shard_by_data(dataset):
 def make_train_dataset(examples, *, image_size, global_batch_size, seed=0,
                        shuffle_buffer_size=10_000, cache=True, start_step=0,
                        batch_augmenter=None, resize_size=None,
-                       random_crop=True, random_flip=True):
+                       **switches):
   """Turns `(image, label)` examples into an infinite stream of batches.
 
   `batch_augmenter`: None or a function from
   `batch_augment.create_batch_augmenter`, applied to whole batches.
-  `random_crop`, `random_flip`: see `augment_for_training`.
+  `switches`: per-image augmentations on or off (`random_crop`,
+  `random_flip`: `augment.AUGMENTATIONS`).
   """
   # Validate before caching so a wrong channel count fails on the first
   # element, not after hours. Large images are shrunk to what the
   # augmentation needs first (whether cached or not, so the stream is the
   # same either way).
-  side = _stored_side(image_size, resize_size)
+  side = augment.stored_side(image_size, resize_size)
   examples = examples.map(
-      lambda image, label: (_shrink(_check_image_shape(image), side), label),
+      lambda image, label: (augment.shrink(_check_image_shape(image), side), label),
       num_parallel_calls=tf.data.AUTOTUNE)
   # Cache decoded, un-augmented examples: augmentation must differ per epoch.
   if cache:
@@ -555,15 +416,14 @@ def make_train_dataset(examples, *, image_size, global_batch_size, seed=0,
   if start_step:
     examples = examples.skip(start_step * global_batch_size)
 
-  def augment(index, example):
+  def augment_example(index, example):
     image, label = example
     example_seed = tf.stack([tf.cast(seed, tf.int64), index])
-    return augment_for_training(image, image_size, example_seed,
-                                resize_size, random_crop=random_crop,
-                                random_flip=random_flip), label
+    return augment.augment_for_training(image, image_size, example_seed,
+                                        resize_size, **switches), label
 
   # Augment per example in parallel; the output order stays deterministic.
-  examples = examples.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+  examples = examples.map(augment_example, num_parallel_calls=tf.data.AUTOTUNE)
   # drop_remainder keeps static batch shapes, which replicas and XLA need.
   batches = examples.batch(global_batch_size, drop_remainder=True)
   if batch_augmenter is not None:
@@ -587,15 +447,15 @@ def make_eval_dataset(examples, *, image_size, global_batch_size, cache=True,
   # Cache the decoded uint8 images, before the final resize (at 224px the
   # resized float32 CIFAR-10 test set would take 6 GB instead of 30 MB),
   # but large ones shrunk to what the resize needs.
-  side = _stored_side(image_size, resize_size)
+  side = augment.stored_side(image_size, resize_size)
   examples = examples.map(
-      lambda image, label: (_shrink(_check_image_shape(image), side), label),
+      lambda image, label: (augment.shrink(_check_image_shape(image), side), label),
       num_parallel_calls=tf.data.AUTOTUNE)
   if cache:
     examples = examples.cache()
   examples = examples.map(
-      lambda image, label: (preprocess_for_eval(image, image_size,
-                                                resize_size), label),
+      lambda image, label: (augment.preprocess_for_eval(image, image_size,
+                                                        resize_size), label),
       num_parallel_calls=tf.data.AUTOTUNE)
   # Keep the last, smaller batch: every eval example counts once.
   batches = examples.batch(global_batch_size, drop_remainder=False)

@@ -11,7 +11,7 @@ antialiased resize), so a client resizes first, as `prepare_images` does.
 import numpy as np
 import tensorflow as tf
 
-from keras_sft.data import pipeline
+from keras_sft.data import augment
 
 # A float export is refused when its runtime's logits on random images differ
 # from TensorFlow's by more than this x max |logits| (benchmarks/FORMATS.md
@@ -39,7 +39,7 @@ class _LogitsModule(tf.Module):
 def prepare_images(images, image_size, resize_size=None):
   """Images of any size → the uint8 `[N, S, S, 3]` the formats take.
 
-  The eval preprocessing of training (`pipeline.preprocess_for_eval`:
+  The eval preprocessing of training (`augment.preprocess_for_eval`:
   resize and centre crop, or nothing for images of side S), rounded to
   uint8. Images already S x S pass unchanged.
 
@@ -48,7 +48,7 @@ def prepare_images(images, image_size, resize_size=None):
     image_size: S, the export's `image_size`.
     resize_size: The run's `resize_size` (in the metadata).
   """
-  prepared = pipeline.preprocess_for_eval(images, image_size,
+  prepared = augment.preprocess_for_eval(images, image_size,
                                                 resize_size)
   return tf.cast(tf.clip_by_value(tf.round(prepared), 0, 255), tf.uint8)
 
@@ -58,7 +58,7 @@ def _resize_rule(size, resize_size):
   if resize_size:
     rule = f'resize to {size}x{size}'
   else:
-    enlarged = int(round(size / pipeline._CROP_FRACTION))  # pylint: disable=protected-access
+    enlarged = int(round(size / augment.CROP_FRACTION))  # pylint: disable=protected-access
     rule = (f'resize to {enlarged}x{enlarged} and centre-crop '
             f'{size}x{size}')
   return (f'Images not {size}x{size}: {rule} (bilinear, antialiased), '

@@ -10,7 +10,7 @@ Serving never sees a half-written version and no version is ever overwritten.
 
 The SavedModel holds each weight once (Keras' own `model.export` stores every
 weight twice, keras-team/keras#23553), no optimizer state, and the whole eval
-preprocessing (`pipeline.preprocess_for_eval`). Two signatures:
+preprocessing (`augment.preprocess_for_eval`). Two signatures:
 
 - `serving_default(images)`: uint8 RGB images `[N, H, W, 3]` of any size.
 - `serve_image_bytes(image_bytes)`: `[N]` encoded JPEG or PNG strings of
@@ -45,7 +45,7 @@ import tensorflow as tf
 
 from keras_sft import errors
 from keras_sft.data import folders
-from keras_sft.data import pipeline
+from keras_sft.data import augment
 # TF Serving's warm-up file, in `<version>/assets.extra/`.
 WARMUP_FILE = 'tf_serving_warmup_requests'
 _DEFAULT_MAX_IMAGE_PIXELS = folders.DEFAULT_MAX_IMAGE_PIXELS
@@ -97,7 +97,7 @@ class _ServingModule(tf.Module):
       tf.TensorSpec([None, None, None, 3], tf.uint8, name='images')])
   def serve_images(self, images):
     return self._outputs(
-        pipeline.preprocess_for_eval(images, self._image_size,
+        augment.preprocess_for_eval(images, self._image_size,
                                            self._resize_size))
 
   @tf.function(input_signature=[
@@ -115,7 +115,7 @@ class _ServingModule(tf.Module):
     data, index = element
     name = tf.strings.join(['image_bytes[', tf.strings.as_string(index), ']'])
     image = folders.decode_image(data, name, self._max_image_pixels)
-    return pipeline.preprocess_for_eval(image, self._image_size,
+    return augment.preprocess_for_eval(image, self._image_size,
                                               self._resize_size)
 
 
@@ -230,7 +230,7 @@ def export_saved_model(model, export_dir, image_size, class_names, top_k=5,
     max_image_pixels: `serve_image_bytes` refuses an image with more pixels
       (width x height, read from its header) without decoding it.
     resize_size: The run's training `resize_size` (BiT-HyperRule), which
-      changes the eval preprocessing; see `pipeline.preprocess_for_eval`.
+      changes the eval preprocessing; see `augment.preprocess_for_eval`.
 
   Returns:
     `export_dir`.
