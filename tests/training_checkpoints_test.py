@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_sft.training import callbacks
 from keras_sft.training import checkpoints
 from keras_sft.models import classifier
 
@@ -230,7 +231,7 @@ def test_backup_callback_saves_every_n_steps_and_at_epoch_end(tmp_path,
   dataset = tf.data.Dataset.from_tensor_slices(
       (images, labels)).repeat().batch(4)
   model.fit(dataset, steps_per_epoch=steps_per_epoch, epochs=epochs,
-            callbacks=[checkpoints.BackupCallback(checkpointer, every)],
+            callbacks=[callbacks.BackupCallback(checkpointer, every)],
             shuffle=False, verbose=0)
   expected = _expected_backup_steps(steps_per_epoch, epochs, every)
   assert saved == expected
@@ -258,7 +259,7 @@ def test_backup_callback_resumed_fit_counts_from_restored_step(tmp_path):
       (images, labels)).repeat().batch(4)
   # 3 more steps: 3 → 6, every 2 steps gives 5, then the epoch end at 6.
   fresh.fit(dataset, steps_per_epoch=3, epochs=1,
-            callbacks=[checkpoints.BackupCallback(checkpointer, 2)],
+            callbacks=[callbacks.BackupCallback(checkpointer, 2)],
             shuffle=False, verbose=0)
   assert _backups(directory) == sorted(
       f'ckpt-{step}.weights.h5' for step in (3, 3 + 2, 3 + 3))
@@ -274,7 +275,7 @@ def test_backup_callback_never_saves_a_nan_loss(tmp_path):
       (images, labels)).repeat().batch(4)
   history = model.fit(
       dataset, steps_per_epoch=3, epochs=2,
-      callbacks=[checkpoints.BackupCallback(checkpointer, 1)],
+      callbacks=[callbacks.BackupCallback(checkpointer, 1)],
       shuffle=False, verbose=0)
   assert all(math.isnan(loss) for loss in history.history['loss'])
   assert int(model.optimizer.iterations.numpy()) == 6
@@ -287,7 +288,7 @@ def test_backup_callback_skips_nan_logs_then_saves_finite_ones(tmp_path):
   directory = str(tmp_path / 'ckpt')
   checkpointer = checkpoints.Checkpointer(directory)
   model = _model()
-  callback = checkpoints.BackupCallback(checkpointer, every_steps=2)
+  callback = callbacks.BackupCallback(checkpointer, every_steps=2)
   callback.set_model(model)
   callback.on_train_begin()
   model.step_counter.assign(2)
@@ -402,7 +403,7 @@ def test_crash_after_best_weights_keeps_them_from_a_worse_epoch(tmp_path,
   directory = str(tmp_path / 'ckpt')
   model = _model()
   _train(model, 1)
-  callback = checkpoints.BestWeightsCallback(directory)
+  callback = callbacks.BestWeightsCallback(directory)
   callback.set_model(model)
   callback.on_train_begin()
   callback.on_epoch_end(0, {'val_accuracy': 0.4})
@@ -418,7 +419,7 @@ def test_crash_after_best_weights_keeps_them_from_a_worse_epoch(tmp_path,
   monkeypatch.undo()
 
   _train(model, 1)  # The rerun's next epoch is worse.
-  rerun = checkpoints.BestWeightsCallback(directory)
+  rerun = callbacks.BestWeightsCallback(directory)
   rerun.set_model(model)
   rerun.on_train_begin()
   rerun.on_epoch_end(2, {'val_accuracy': 0.5})
@@ -444,8 +445,8 @@ def test_non_finite_weights_are_never_backed_up_even_with_finite_logs(
   checkpointer = checkpoints.Checkpointer(directory)
   model = _model()
   _poison(model)
-  backup = checkpoints.BackupCallback(checkpointer, every_steps=1)
-  best = checkpoints.BestWeightsCallback(directory)
+  backup = callbacks.BackupCallback(checkpointer, every_steps=1)
+  best = callbacks.BestWeightsCallback(directory)
   for callback in (backup, best):
     callback.set_model(model)
     callback.on_train_begin()
@@ -610,7 +611,7 @@ def test_symlinks_planted_at_temporary_names_are_not_followed(tmp_path):
     os.symlink(outside, directory / name)
   model = _model()
   checkpoints.Checkpointer(str(directory)).save(model, 1)
-  callback = checkpoints.BestWeightsCallback(str(directory))
+  callback = callbacks.BestWeightsCallback(str(directory))
   callback.set_model(model)
   callback.on_train_begin()
   callback.on_epoch_end(0, {'val_accuracy': 0.5})

@@ -11,6 +11,7 @@ import tensorflow as tf
 import conftest
 from configs import cifar10_resnet50
 from keras_sft.models import batch_norm
+from keras_sft.training import callbacks
 from keras_sft.training import checkpoints
 from keras_sft.models import classifier
 from keras_sft.training import evaluation_weights
@@ -68,16 +69,22 @@ def test_validation_and_best_use_ema_with_its_own_statistics(tmp_path):
     def on_epoch_end(self, epoch, logs=None):
       raw.append([np.array(v) for v in self.model.variables])
 
-  callbacks = [
+  fit_callbacks = [
       _Raw(),  # Before: sees the evaluation weights still in place.
       probe_validation,
-      checkpoints.BestWeightsCallback(str(tmp_path)),
+      callbacks.BestWeightsCallback(str(tmp_path)),
       evaluation_weights.EvaluationWeights(ema=True,
                                            statistics_batches=lambda: batches),
       probe_after,
   ]
   history = model.fit(batches, validation_data=batches, epochs=2, verbose=0,
-                      callbacks=callbacks)
+                      callbacks=fit_callbacks)
+  # fit's final EMA swap is undone: the model holds the training state of
+  # the last epoch end, from which a resumed run goes on.
+  final = {v.path: np.array(v) for v in model.variables}
+  for path, value in zip([v.path for v in model.variables],
+                         probe_after.after[-1]):
+    np.testing.assert_array_equal(final[path], value, err_msg=path)
   # Validation saw the EMA weights and BN statistics re-estimated for them.
   validated = probe_validation.validated[0]
   after = probe_after.after[0]
@@ -142,7 +149,7 @@ def test_resumed_mid_epoch_ends_equal_with_ema_and_precise_bn(
   reference, _ = ema_run
   workdir = str(tmp_path / 'run')
 
-  back_up = checkpoints.BackupCallback.on_train_batch_end
+  back_up = callbacks.BackupCallback.on_train_batch_end
 
   def stop_at_step_three(self, batch, logs=None):
     back_up(self, batch, logs)
@@ -150,7 +157,7 @@ def test_resumed_mid_epoch_ends_equal_with_ema_and_precise_bn(
       raise KeyboardInterrupt('simulated kill after the backup of step 3')
 
   with monkeypatch.context() as patch:
-    patch.setattr(checkpoints.BackupCallback, 'on_train_batch_end',
+    patch.setattr(callbacks.BackupCallback, 'on_train_batch_end',
                   stop_at_step_three)
     with pytest.raises(KeyboardInterrupt):
       train.train_and_evaluate(_config(), workdir)

@@ -165,23 +165,6 @@ def test_local_weights_file_is_loaded(tmp_path):
             keras.ops.convert_to_numpy(actual)).all(), expected.path
 
 
-def test_wait_for_backup_returns_once_the_step_is_saved_or_times_out(
-    tmp_path):
-  """Workers wait for the chief's backup before restoring from it."""
-  from keras_sft.training import checkpoints  # pylint: disable=g-import-not-at-top
-  checkpointer = checkpoints.Checkpointer(str(tmp_path / 'checkpoints'))
-  with pytest.raises(TimeoutError, match='No backup of step 3'):
-    train._wait_for_backup(checkpointer, 3, timeout_seconds=0.1)  # pylint: disable=protected-access
-  os.makedirs(checkpointer.directory)
-  open(os.path.join(checkpointer.directory, 'ckpt-3.weights.h5'), 'w').close()
-  with open(os.path.join(checkpointer.directory, 'checkpoint.json'),
-            'w') as file:
-    file.write('{"file": "ckpt-3.weights.h5", "step": 3}')
-  start = time.time()
-  train._wait_for_backup(checkpointer, 3, timeout_seconds=30)  # pylint: disable=protected-access
-  assert time.time() - start < 1
-
-
 @pytest.mark.parametrize('overrides, message', [
     # smoke: 2 steps per epoch, 2 eval steps.
     ({'steps_per_execution': 3}, 'steps_per_epoch=2.*steps_per_execution=3'),

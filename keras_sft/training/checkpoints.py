@@ -8,20 +8,18 @@ renamed, so a process killed at any moment leaves either the previous backup
 or the new one, never a torn file. Only finite weights are backed up; a
 resumed run takes the newest backup that verifies and names any it skips.
 
-`BestWeightsCallback` keeps one more file the same way, `best.weights.h5`,
-the weights of the epoch with the highest val_accuracy, for export.
+`callbacks.BestWeightsCallback` keeps one more file the same way,
+`best.weights.h5`, the weights of the epoch with the highest val_accuracy,
+for export; `best_record` reads what it scored.
 """
 
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
-import signal
 import tempfile
-import threading
 import warnings
 
 import h5py
@@ -33,9 +31,9 @@ from keras_sft import workdir as workdir_lib
 
 _POINTER = 'checkpoint.json'
 BEST_WEIGHTS = 'best.weights.h5'
-_BEST_POINTER = 'best.json'
+BEST_POINTER = 'best.json'
 # HDF5 attributes of best.weights.h5 start with this.
-_ATTRIBUTE_PREFIX = 'keras_sft_'
+ATTRIBUTE_PREFIX = 'keras_sft_'
 _PATTERN = re.compile(r'^ckpt-(\d+)\.weights\.h5$')
 
 
@@ -76,7 +74,7 @@ def non_finite_variables(model):
   return bad
 
 
-def _describe_non_finite(bad):
+def describe_non_finite(bad):
   shown = ', '.join(bad[:3]) + (f' and {len(bad) - 3} more' if len(bad) > 3
                                else '')
   return f'{len(bad)} variable(s) not finite (NaN or inf): {shown}'
@@ -92,7 +90,7 @@ def weights_size(model, optimizer=False):
              for variable in variables)
 
 
-def _write_weights(model, directory, name, attributes=None):
+def write_weights(model, directory, name, attributes=None):
   """Writes `model.save_weights` to `directory/name` atomically and durably.
 
   The file is written in a fresh private directory (`mkdtemp`, mode 0700)
@@ -259,10 +257,10 @@ class Checkpointer:
     bad = non_finite_variables(model)
     if bad:
       raise errors.DivergedError(
-          f'Not backing up step {step}: {_describe_non_finite(bad)}.')
+          f'Not backing up step {step}: {describe_non_finite(bad)}.')
     os.makedirs(self.directory, exist_ok=True)
     name = os.path.basename(self.backup_path(step))
-    path = _write_weights(model, self.directory, name)
+    path = write_weights(model, self.directory, name)
     backup = {'file': name, 'step': step, 'sha256': _sha256(path)}
     # Older backups, but not those of steps beyond this one: a run that fell
     # back to an older backup abandons them.
@@ -335,231 +333,11 @@ class Checkpointer:
               f'{backup["step"]}: the backup does not match its pointer')
     bad = non_finite_variables(model)
     if bad:
-      return _describe_non_finite(bad)
+      return describe_non_finite(bad)
     return None
 
 
-def _is_last_batch(callback, batch):
-  """Whether `batch` (the last of an execution) ends the epoch of `fit`."""
-  steps = (callback.params or {}).get('steps')
-  return steps is not None and batch + 1 >= steps
-
-
-class BackupCallback(keras.callbacks.Callback):
-  """Backs the run up every `every_steps` training steps and at epoch ends.
-
-  The backup of an epoch's last step is written at the epoch end, so put
-  this callback after those that act there (history, best weights): a
-  backup at an epoch end then means the epoch's evaluation and history row
-  are written, and a run killed before resumes before the epoch's last step
-  and does them again.
-
-  Args:
-    checkpointer: A `Checkpointer`.
-    every_steps: Training steps between backups.
-  """
-
-  def __init__(self, checkpointer, every_steps):
-    super().__init__()
-    self.checkpointer = checkpointer
-    self.every_steps = every_steps
-    self._last_saved = None
-
-  def _step(self):
-    return trained_steps(self.model)
-
-  def _save(self, logs):
-    # Never replace a good backup with weights that went NaN, nor back up a
-    # run that `StopOnDivergence` is stopping.
-    loss = (logs or {}).get('loss')
-    if self.model.stop_training or (
-        loss is not None and not math.isfinite(float(loss))):
-      return
-    step = self._step()
-    if step == self._last_saved:
-      return
-    bad = non_finite_variables(self.model)
-    if bad:
-      logging.warning('No backup at step %d: %s.', step,
-                      _describe_non_finite(bad))
-      return
-    self.checkpointer.save(self.model, step)
-    self._last_saved = step
-
-  def on_train_begin(self, logs=None):
-    self._last_saved = self._step()
-
-  def on_train_batch_end(self, batch, logs=None):
-    if _is_last_batch(self, batch):
-      return  # Backed up at the epoch end, after its evaluation.
-    # A difference, not a modulo: with steps_per_execution > 1 the step
-    # counter jumps by more than one between calls.
-    if self._step() - self._last_saved >= self.every_steps:
-      self._save(logs)
-
-  def on_epoch_end(self, epoch, logs=None):
-    self._save(logs)
-
-
-class StopOnDivergence(keras.callbacks.Callback):
-  """Stops `fit` once the loss, the validation loss or a weight is not finite.
-
-  Put it first among the callbacks: those after it see `stop_training` at
-  the same step (`BackupCallback` then writes nothing). A diverged model can
-  keep finite weights and a finite training loss while its evaluation is
-  NaN (BatchNorm statistics overflow), hence the validation loss.
-
-  Attributes:
-    reason: None, or what was found not finite, once stopped.
-  """
-
-  def __init__(self):
-    super().__init__()
-    self.reason = None
-
-  def _stop(self, reason):
-    self.reason = f'{reason} at step {trained_steps(self.model)}'
-    self.model.stop_training = True
-
-  def on_train_batch_end(self, batch, logs=None):
-    loss = (logs or {}).get('loss')
-    if loss is not None and not math.isfinite(float(loss)):
-      self._stop(f'the training loss is {float(loss)}')
-
-  def on_epoch_end(self, epoch, logs=None):
-    if self.reason:
-      return
-    for key in ('loss', 'val_loss'):
-      value = (logs or {}).get(key)
-      if value is not None and not math.isfinite(float(value)):
-        self._stop(f'{key} is {float(value)} after epoch {epoch + 1}')
-        return
-    bad = non_finite_variables(self.model)
-    if bad:
-      self._stop(_describe_non_finite(bad))
-
-
-class PreemptionCallback(keras.callbacks.Callback):
-  """On SIGTERM: a backup at the next step boundary, then `PreemptedError`.
-
-  Clusters send SIGTERM before they take a machine away. During `fit` the
-  signal only sets a flag; at the end of the current step the model is
-  backed up and `errors.PreemptedError` ends `fit`, so a rerun resumes from
-  this step. At the last step of an epoch it waits for the epoch end (the
-  evaluation, the history row and the backup of `BackupCallback`). Put it
-  last among the callbacks, and call `uninstall()` after `fit` (also when
-  `fit` raised). Outside `fit` SIGTERM keeps its default action.
-
-  Args:
-    checkpointer: A `Checkpointer`; None on the workers of a multi-worker
-      run that write nothing (they stop without a backup).
-  """
-
-  def __init__(self, checkpointer):
-    super().__init__()
-    self.checkpointer = checkpointer
-    self._previous = None
-    self._signaled = False
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self._signaled = True
-
-  def on_train_begin(self, logs=None):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def uninstall(self):
-    """Gives SIGTERM back its previous handler."""
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
-
-  def _stop_if_signaled(self):
-    if not self._signaled:
-      return
-    self.uninstall()
-    step = trained_steps(self.model)
-    where = 'no backup (this worker writes none)'
-    if self.checkpointer is not None:
-      latest = self.checkpointer.latest()
-      if latest is not None and latest[1] == step:
-        where = f'its backup {latest[0]}'
-      elif non_finite_variables(self.model):
-        where = 'no backup: the weights are not finite'
-      else:
-        where = f'a backup, {self.checkpointer.save(self.model, step)}'
-    logging.warning('SIGTERM: stopped at step %d after %s.', step, where)
-    raise errors.PreemptedError(
-        f'stopped on SIGTERM at step {step}, after {where}. Rerun the same '
-        'command to resume.')
-
-  def on_train_batch_end(self, batch, logs=None):
-    if not _is_last_batch(self, batch):
-      self._stop_if_signaled()
-
-  def on_epoch_end(self, epoch, logs=None):
-    self._stop_if_signaled()
-
-  def on_train_end(self, logs=None):
-    self.uninstall()
-
-
-class BestWeightsCallback(keras.callbacks.Callback):
-  """Keeps `best.weights.h5`: the weights of the epoch with the best metric.
-
-  The metric's value and the step are stored inside the file (HDF5
-  attributes) before its atomic rename, so a run killed at any moment
-  still knows what the kept weights scored and only replaces them with a
-  better epoch. `best.json` repeats them for people and tools. Epochs
-  without the metric (no evaluation) are skipped.
-
-  Args:
-    directory: Where `best.weights.h5` and `best.json` go.
-    monitor: A log key that is higher when better.
-  """
-
-  def __init__(self, directory, monitor='val_accuracy'):
-    super().__init__()
-    self.directory = directory
-    self.monitor = monitor
-    self._best = None
-
-  def on_train_begin(self, logs=None):
-    record = best_record(self.directory)
-    self._best = None if record is None else record['value']
-    pointer = os.path.join(self.directory, _BEST_POINTER)
-    if record is not None and (not os.path.exists(pointer) or
-                               _read_json_or_none(pointer) != record):
-      # Killed between the weights and their record: repair the record.
-      workdir_lib.atomic_write(pointer, json.dumps(record))
-
-  def on_epoch_end(self, epoch, logs=None):
-    value = (logs or {}).get(self.monitor)
-    # A stopped run diverged (`StopOnDivergence`): its accuracy can be
-    # finite while its loss and outputs are NaN.
-    if (value is None or not math.isfinite(float(value)) or
-        self.model.stop_training):
-      return
-    if self._best is not None and float(value) <= self._best:
-      return
-    bad = non_finite_variables(self.model)
-    if bad:
-      logging.warning('%s not replaced: %s.', BEST_WEIGHTS,
-                      _describe_non_finite(bad))
-      return
-    os.makedirs(self.directory, exist_ok=True)
-    record = {'file': BEST_WEIGHTS, 'monitor': self.monitor,
-              'value': float(value), 'step': trained_steps(self.model)}
-    _write_weights(self.model, self.directory, BEST_WEIGHTS,
-                   attributes={f'{_ATTRIBUTE_PREFIX}{key}': item
-                               for key, item in record.items()})
-    self._best = float(value)
-    workdir_lib.atomic_write(os.path.join(self.directory, _BEST_POINTER),
-                             json.dumps(record))
-
-
-def _read_json_or_none(path):
+def read_json_or_none(path):
   try:
     with open(path) as file:
       return json.load(file)
@@ -579,10 +357,10 @@ def best_record(directory):
   if not os.path.exists(path):
     return None
   with h5py.File(path, 'r') as file:
-    record = {key[len(_ATTRIBUTE_PREFIX):]: value
+    record = {key[len(ATTRIBUTE_PREFIX):]: value
               for key, value in file.attrs.items()
-              if key.startswith(_ATTRIBUTE_PREFIX)}
+              if key.startswith(ATTRIBUTE_PREFIX)}
   if not record:
-    return _read_json_or_none(os.path.join(directory, _BEST_POINTER))
+    return read_json_or_none(os.path.join(directory, BEST_POINTER))
   return {'file': str(record['file']), 'monitor': str(record['monitor']),
           'value': float(record['value']), 'step': int(record['step'])}

@@ -13,6 +13,11 @@ after `checkpoints.BestWeightsCallback` saved them (it must come before
 this callback in the list) and before `checkpoints.BackupCallback` (after
 it), so backups hold the state training goes on from and `best.weights.h5`
 holds exactly the weights whose val_accuracy was logged.
+
+Keras' `fit` ends by overwriting the model's weights with the EMA
+(`finalize_variable_values`); `EvaluationWeights` puts the training weights
+back when `fit` returns, so after `fit` the model always holds the state
+training goes on from, on every worker, without re-reading a backup.
 """
 
 import numpy as np
@@ -54,6 +59,7 @@ class EvaluationWeights(keras.callbacks.Callback):
     self.statistics_batches = statistics_batches
     self.strategy = strategy
     self._training_state = None
+    self._trainable_after_epoch = None
 
   @property
   def active(self):
@@ -73,3 +79,14 @@ class EvaluationWeights(keras.callbacks.Callback):
       for variable, value in zip(self.model.variables, self._training_state):
         variable.assign(value)
       self._training_state = None
+    if self.ema:
+      # What fit's final EMA swap overwrites; put back in on_train_end.
+      self._trainable_after_epoch = [
+          np.array(variable) for variable in self.model.trainable_variables]
+
+  def on_train_end(self, logs=None):
+    if self._trainable_after_epoch is not None:
+      for variable, value in zip(self.model.trainable_variables,
+                                 self._trainable_after_epoch):
+        variable.assign(value)
+      self._trainable_after_epoch = None

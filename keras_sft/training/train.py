@@ -21,13 +21,13 @@ import contextlib
 import dataclasses
 import logging
 import os
-import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from keras_sft.data import batch_augment
+from keras_sft.training import callbacks
 from keras_sft.training import checkpoints
 from keras_sft.models import classifier
 from keras_sft.training import distribution
@@ -229,42 +229,14 @@ def _statistics_batches(run):
   return run.data.train(start_step=0).take(run.config.precise_bn_batches)
 
 
-def _callbacks(run):
-  # The other workers of a multi-worker run write nothing, but take part in
-  # the collectives of precise BN. BestWeightsCallback must come before
-  # EvaluationWeights, BackupCallback after it: see
-  # keras_sft.training.evaluation_weights.
-  callbacks = []
-  if run.chief:
-    callbacks.append(
-        checkpoints.BestWeightsCallback(run.checkpointer.directory))
-  callbacks.append(evaluation_weights.EvaluationWeights(
-      ema=run.config.ema_momentum is not None,
-      statistics_batches=(
-          (lambda: _statistics_batches(run))
-          if run.config.precise_bn_batches else None),
-      strategy=run.strategy))
-  if run.chief:
-    callbacks += [
-        progress.LearningRateLogger(),
-        progress.StepLogger(run.config.log_every_steps, run.plan.total_steps,
-                            run.config.global_batch_size),
-        keras.callbacks.CSVLogger(run.workdir.history_csv, append=True),
-        keras.callbacks.TensorBoard(run.workdir.tensorboard),
-        # After those that act at an epoch end: see its doc.
-        checkpoints.BackupCallback(run.checkpointer,
-                                     run.config.checkpoint_every_steps),
-    ]
-  return callbacks
-
-
 def _fit(run, model, end_epoch, steps):
   """`fit` from the model's step to the end of epoch `end_epoch`."""
   step = checkpoints.trained_steps(model)
-  # First and last: see their docs.
-  divergence = checkpoints.StopOnDivergence()
-  preemption = checkpoints.PreemptionCallback(
-      run.checkpointer if run.chief else None)
+  fit_callbacks, divergence, preemption = callbacks.create(
+      chief=run.chief, checkpointer=run.checkpointer, workdir=run.workdir,
+      config=run.config, plan=run.plan, strategy=run.strategy,
+      statistics_batches=((lambda: _statistics_batches(run))
+                          if run.config.precise_bn_batches else None))
   try:
     model.fit(run.data.train(start_step=step),
               initial_epoch=step // run.plan.steps_per_epoch,
@@ -272,7 +244,7 @@ def _fit(run, model, end_epoch, steps):
               validation_data=run.data.eval,
               validation_steps=run.config.eval_steps,
               validation_freq=run.config.eval_every_epochs,
-              callbacks=[divergence] + _callbacks(run) + [preemption],
+              callbacks=fit_callbacks,
               shuffle=False, verbose=progress.fit_verbosity())
   finally:
     preemption.uninstall()
@@ -317,33 +289,28 @@ def _fit_to_end(run, model):
     logging.info('Finishing epoch %d: %d of %d steps left.',
                  step // steps_per_epoch + 1, steps_per_epoch - done_in_epoch,
                  steps_per_epoch)
+    # fit leaves the training state in the model (EvaluationWeights).
     _fit(run, model, step // steps_per_epoch + 1,
          steps_per_epoch - done_in_epoch)
-    if run.config.ema_momentum is not None:
-      # fit swapped the EMA weights in; go on from the raw ones, which the
-      # chief's epoch-end backup holds (the other workers wait for it).
-      _wait_for_backup(run.checkpointer, checkpoints.trained_steps(model),
-                       run.config.collective_timeout_seconds)
-      run.checkpointer.restore(model)
   if checkpoints.trained_steps(model) < total_steps:
     _fit(run, model, run.config.num_epochs, steps_per_epoch)
   return True
 
 
-def _use_weights(run, model, ema):
-  """Puts the raw (`ema=False`) or EMA weights in, BN re-estimated."""
-  if run.config.ema_momentum is not None:
-    # Start from the raw weights of the newest backup (fit leaves the EMA
-    # in the model); the other workers wait for the chief's backup.
-    _wait_for_backup(run.checkpointer, checkpoints.trained_steps(model),
-                     run.config.collective_timeout_seconds)
-    run.checkpointer.restore(model)
+def _use_weights(run, model, ema, training_state):
+  """Puts the raw (`ema=False`) or EMA weights in, BN re-estimated.
+
+  Starts from `training_state` (the model's variables after training):
+  evaluating one choice changes the BN statistics the next one starts from.
+  """
+  for variable, value in zip(model.variables, training_state):
+    variable.assign(value)
   evaluation_weights.use(model, ema, _statistics_batches(run), run.strategy)
 
 
-def _evaluate(run, model, ema):
+def _evaluate(run, model, ema, training_state):
   """Evaluates the raw (`ema=False`) or EMA weights, BN re-estimated."""
-  _use_weights(run, model, ema)
+  _use_weights(run, model, ema, training_state)
   step = checkpoints.trained_steps(model)
   weights = 'EMA' if ema else 'raw'
   bad = checkpoints.non_finite_variables(model)
@@ -371,10 +338,11 @@ def _evaluate_and_choose(run, model):
     The metrics dict: `eval` of the weights left in `model`, and with EMA
     also `eval_raw`, `eval_ema` and `exported_weights`.
   """
+  training_state = [np.array(variable) for variable in model.variables]
   if run.config.ema_momentum is None:
-    return {'eval': _evaluate(run, model, ema=False)}
-  metrics = {'eval_raw': _evaluate(run, model, ema=False),
-             'eval_ema': _evaluate(run, model, ema=True)}
+    return {'eval': _evaluate(run, model, False, training_state)}
+  metrics = {'eval_raw': _evaluate(run, model, False, training_state),
+             'eval_ema': _evaluate(run, model, True, training_state)}
   chosen = 'ema'
   if metrics['eval_ema']['accuracy'] < metrics['eval_raw']['accuracy']:
     logging.warning(
@@ -383,7 +351,7 @@ def _evaluate_and_choose(run, model):
         '--config.ema_momentum for a run this short.',
         metrics['eval_ema']['accuracy'], metrics['eval_raw']['accuracy'])
     chosen = 'raw'
-    _use_weights(run, model, ema=False)
+    _use_weights(run, model, False, training_state)
   metrics['exported_weights'] = chosen
   metrics['eval'] = metrics[f'eval_{chosen}']
   return metrics
@@ -479,17 +447,6 @@ def evaluate(config, workdir):
     logging.info('Evaluating the backup at step %d of %d.',
                  checkpoints.trained_steps(model), run.plan.total_steps)
     return _finish(run, model, export=False)
-
-
-def _wait_for_backup(checkpointer, step, timeout_seconds):
-  """Waits until the newest backup is at `step` (written by the chief)."""
-  deadline = time.monotonic() + (timeout_seconds or float('inf'))
-  while (checkpointer.latest() or (None, -1))[1] < step:
-    if time.monotonic() > deadline:
-      raise TimeoutError(
-          f'No backup of step {step} appeared in {checkpointer.directory} '
-          f'within {timeout_seconds} s: is the chief alive?')
-    time.sleep(0.5)
 
 
 def weights_checksum(model):
