@@ -33,7 +33,7 @@ number.
 """
 
 from configs import default as default_lib
-from keras_sft import hyperrule
+from keras_sft.training import hyperrule
 
 # CIFAR-10's train split and image side, which BiT-HyperRule needs.
 CIFAR10_TRAIN_EXAMPLES = 50_000
