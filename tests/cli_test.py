@@ -19,21 +19,41 @@ def _command(module, *flags):
                         cwd=conftest.REPO_ROOT, env=conftest.cli_env())
 
 
-@pytest.mark.parametrize('module', ['keras_sft.main', 'keras_sft.export'])
-def test_help_loads_no_tensorflow(module):
+@pytest.mark.parametrize('module, flag', [
+    ('keras_sft.main', '--workdir'), ('keras_sft.export', '--workdir'),
+    ('keras_sft.predict', '--model')])
+def test_help_exits_0_and_loads_no_tensorflow(module, flag):
+  """absl's --help exits 1, the status of a diverged run: here 0."""
   code = (f'import sys; sys.argv = ["{module}", "--help"]\n'
           'import runpy\n'
+          'status = "none"\n'
           'try:\n'
           f'  runpy.run_module("{module}", run_name="__main__")\n'
-          'except SystemExit:\n'
-          '  pass\n'
+          'except SystemExit as exit_:\n'
+          '  status = exit_.code\n'
           'print("LOADED", "tensorflow" in sys.modules,'
-          ' "keras" in sys.modules)')
+          ' "keras" in sys.modules, "STATUS", status)')
   result = subprocess.run([sys.executable, '-c', code], capture_output=True,
                           text=True, timeout=120, cwd=conftest.REPO_ROOT,
                           env=conftest.cli_env())
-  assert 'LOADED False False' in result.stdout, result.stdout + result.stderr
-  assert '--workdir' in result.stdout
+  assert 'LOADED False False STATUS 0' in result.stdout, (
+      result.stdout[-3000:] + result.stderr)
+  assert flag in result.stdout
+
+
+def test_another_keras_backend_is_one_error_line(tmp_path):
+  """KERAS_BACKEND=jax ended in a traceback from Keras' backend import."""
+  result = subprocess.run(
+      [sys.executable, '-m', 'keras_sft.main',
+       '--config=configs/cifar10_resnet50.py:smoke',
+       f'--workdir={tmp_path / "run"}'], capture_output=True, text=True,
+      timeout=120, cwd=conftest.REPO_ROOT,
+      env=dict(conftest.cli_env(), KERAS_BACKEND='jax'))
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert not os.path.exists(tmp_path / 'run')
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  [line] = _error_lines(result.stderr)
+  assert "KERAS_BACKEND='jax'" in line and 'tensorflow' in line, line
 
 
 def test_export_command_runs_without_runpy_warning(tmp_path):
