@@ -20,6 +20,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from keras_sft import cli
+from keras_sft import workdir as workdir_lib
 
 # Config files import their siblings as `configs.<name>`, as in the flax
 # examples; resolve those from the directory the command runs in, also when
@@ -42,6 +43,9 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   cli.check_no_arguments(argv)
+  # A file or an object-storage URL as --workdir is refused at once, not
+  # after the data is read.
+  workdir_lib.Workdir(_WORKDIR.value)
   config = cli.loaded_config(_CONFIG)
   # Imported here so that `--help` and flag errors do not wait for TF.
   from keras_sft import train  # pylint: disable=g-import-not-at-top

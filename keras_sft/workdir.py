@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -34,6 +35,9 @@ from keras_sft import errors
 _ABSENT = '<absent>'
 # Names of temporary files and folders start with this.
 TEMPORARY_PREFIX = '.tmp-'
+# A URL-like path (gs://, s3://, ram://, hdfs://, file://): one of
+# tf.io.gfile's file systems, not a local path.
+_SCHEME = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
 
 
 class Workdir:
@@ -41,6 +45,11 @@ class Workdir:
 
   Args:
     path: The run directory.
+
+  Raises:
+    ConfigError: `path` is empty.
+    WorkdirError: `path` is not a local folder and cannot become one (see
+      `check_local_folder`).
   """
 
   def __init__(self, path):
@@ -48,6 +57,7 @@ class Workdir:
       raise errors.ConfigError(f'workdir must be a directory path. Received: '
                                f'workdir={path!r}')
     self.path = os.fspath(path)
+    check_local_folder('workdir', self.path)
 
   def __repr__(self):
     return f'Workdir({self.path!r})'
@@ -214,6 +224,42 @@ class Workdir:
           f'(from {self.dataset_file}). A renamed class folder would shift '
           'the labels, and changed files change the batches. Restore the '
           'data the run started with, or use a new --workdir.')
+
+
+def check_local_folder(name, path):
+  """Raises unless `path` is a local folder, or a path where one can be made.
+
+  The workdir's lock (`flock`), atomic writes (write, fsync, rename) and
+  free-space checks are local-file APIs, so object storage (gs://, and any
+  other tf.io.gfile scheme) is refused with the route that works, rather
+  than creating a local folder named `gs:` or failing half way through.
+
+  Args:
+    name: The flag or argument, for the message (`workdir`, `export_base`).
+    path: Its value.
+
+  Raises:
+    WorkdirError: `path` names a file system other than the local one, or
+      it (or a folder above it) exists and is not a folder.
+  """
+  if _SCHEME.match(path):
+    raise errors.WorkdirError(
+        f'{name}={path!r} is not on a local file system: the run\'s lock, '
+        'atomic backups and exports need one (flock, rename), which object '
+        'storage does not give. Train on a local disk (on a Cloud TPU VM: '
+        f'its boot or a mounted persistent disk, e.g. --{name}=/tmp/runs/c10), '
+        'then copy the run or its export to the bucket: gsutil -m cp -r '
+        '/tmp/runs/c10/export gs://BUCKET/runs/c10/.')
+  existing = os.path.abspath(path)
+  while not os.path.lexists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    where = ('it' if existing == os.path.abspath(path) else
+             f'{existing!r}, above it,')
+    raise errors.WorkdirError(
+        f'{name}={path!r} is not a folder: {where} exists and is not a folder '
+        '(a file, or a broken link). Give a folder path (a new one is '
+        'created), or move that file away.')
 
 
 class Lock:

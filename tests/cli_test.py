@@ -152,3 +152,49 @@ def test_a_write_that_does_not_fit_is_one_error_line(smoke_run, tmp_path):
   # No version was taken by the export that did not fit.
   assert not export_base.exists() or not [
       name for name in os.listdir(export_base) if name.isdigit()]
+
+
+def _command_elsewhere(cwd, module, *flags):
+  """`module` run from `cwd`: on tfds mock data if it is keras_sft.main."""
+  if module == 'keras_sft.main':
+    command = [sys.executable, os.path.join(conftest.REPO_ROOT, 'tests',
+                                            'mock_cli.py'),
+               '--config=' + os.path.join(conftest.REPO_ROOT, 'configs',
+                                          'cifar10_resnet50.py:smoke')]
+  else:
+    command = [sys.executable, '-m', module]
+  return subprocess.run(command + list(flags), capture_output=True,
+                        text=True, timeout=300, cwd=cwd,
+                        env=dict(conftest.cli_env(),
+                                 PYTHONPATH=conftest.REPO_ROOT))
+
+
+@pytest.mark.parametrize('module', ['keras_sft.main', 'keras_sft.export'])
+def test_a_workdir_that_is_a_file_is_one_error_line(tmp_path, module):
+  """A file as --workdir (or above it) ended in a FileExistsError traceback."""
+  (tmp_path / 'notes.txt').write_text('not a folder')
+  for workdir in ('notes.txt', os.path.join('notes.txt', 'run')):
+    result = _command_elsewhere(tmp_path, module, f'--workdir={workdir}')
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+    [line] = _error_lines(result.stderr)
+    assert f"workdir='{workdir}'" in line and 'not a folder' in line, line
+  assert (tmp_path / 'notes.txt').read_text() == 'not a folder'
+
+
+@pytest.mark.parametrize('module', ['keras_sft.main', 'keras_sft.export'])
+def test_a_workdir_in_object_storage_is_refused_naming_the_route(tmp_path,
+                                                                 module):
+  """launch/tpu_vm.sh documented gs://bucket/runs/c10, which cannot work.
+
+  The workdir's lock (flock), atomic writes (rename) and free-space checks
+  are local-file APIs: `ram://runs/c10` trained into the local folder
+  `ram:/runs/c10`.
+  """
+  result = _command_elsewhere(tmp_path, module, '--workdir=ram://runs/c10')
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  [line] = _error_lines(result.stderr)
+  assert "workdir='ram://runs/c10'" in line, line
+  assert 'local disk' in line and 'gsutil -m cp -r' in line, line
+  assert os.listdir(tmp_path) == []
