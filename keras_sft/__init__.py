@@ -20,10 +20,11 @@ __version__ = '0.1.0'
 # Every submodule, reachable as an attribute of the package.
 _SUBMODULES = (
     'batch_augment', 'batch_norm', 'checkpointing', 'classifier', 'cli',
-    'depthwise', 'distribution', 'errors', 'evaluation', 'evaluation_weights',
-    'export', 'formats', 'hyperrule', 'image_folder', 'input_pipeline', 'losses',
-    'models', 'multi_worker', 'optimizers', 'precise_bn', 'precision',
-    'predict', 'progress', 'recipe', 'serving', 'train', 'workdir')
+    'default_config', 'depthwise', 'distribution', 'errors', 'evaluation',
+    'evaluation_weights', 'export', 'formats', 'hyperrule', 'image_folder',
+    'input_pipeline', 'losses', 'models', 'multi_worker', 'optimizers',
+    'precise_bn', 'precision', 'predict', 'progress', 'recipe', 'serving',
+    'train', 'workdir')
 __all__ = list(_SUBMODULES)
 
 

@@ -22,9 +22,10 @@ from ml_collections import config_flags
 from keras_sft import cli
 from keras_sft import workdir as workdir_lib
 
-# Config files import their siblings as `configs.<name>`, as in the flax
-# examples; resolve those from the directory the command runs in, also when
-# started through the console script.
+# Configs written for older keras-sft import `configs.default` (the repo's
+# configs import `keras_sft.default_config`, found from anywhere); resolve
+# those from the directory the command runs in, also when started through
+# the console script.
 if os.getcwd() not in sys.path:
   sys.path.insert(0, os.getcwd())
 

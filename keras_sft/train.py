@@ -103,7 +103,7 @@ def check_config(config):
   """Checks every key; raises `errors.ConfigError`; builds and reads nothing.
 
   Args:
-    config: A ConfigDict with the keys of `configs/default.py`.
+    config: A ConfigDict with the keys of `keras_sft/default_config.py`.
   """
   for check in _CHECKS:
     check(config)
@@ -436,7 +436,7 @@ def train_and_evaluate(config, workdir):
   which must be on a file system they all see; only the chief writes to it.
 
   Args:
-    config: A ConfigDict with the keys of `configs/default.py`.
+    config: A ConfigDict with the keys of `keras_sft/default_config.py`.
     workdir: Directory of the run.
 
   Returns:

@@ -5,6 +5,7 @@ problem, and no traceback; `--help` loads no TensorFlow.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -198,3 +199,35 @@ def test_a_workdir_in_object_storage_is_refused_naming_the_route(tmp_path,
   assert "workdir='ram://runs/c10'" in line, line
   assert 'local disk' in line and 'gsutil -m cp -r' in line, line
   assert os.listdir(tmp_path) == []
+
+
+def test_configs_load_from_any_directory_and_any_path(tmp_path):
+  """`--config=/path/to/repo/configs/...` from elsewhere, or a copied config.
+
+  The experiment configs imported `configs.default`, found only when the
+  command ran in the repository: ModuleNotFoundError: No module named
+  'configs'.
+  """
+  project = tmp_path / 'my_project'
+  project.mkdir()
+  shutil.copy(os.path.join(conftest.REPO_ROOT, 'configs',
+                           'cifar10_resnet50_cpu.py'), project / 'mine.py')
+  code = ('from absl import flags\n'
+          'from ml_collections import config_flags\n'
+          'import sys\n'
+          'config = config_flags.DEFINE_config_file("config")\n'
+          'for path in sys.argv[1:]:\n'
+          '  flags.FLAGS.unparse_flags()\n'
+          '  flags.FLAGS(["x", "--config=" + path])\n'
+          '  print("IMAGE_SIZE", config.value.image_size)\n')
+  configs = os.path.join(conftest.REPO_ROOT, 'configs')
+  result = subprocess.run(
+      [sys.executable, '-c', code,
+       os.path.join(configs, 'cifar10_resnet50.py') + ':smoke',
+       os.path.join(configs, 'default.py'), str(project / 'mine.py')],
+      capture_output=True, text=True, timeout=120, cwd=tmp_path,
+      env={key: value for key, value in conftest.cli_env().items()
+           if key != 'PYTHONPATH'})
+  assert result.stdout.split('\n')[:3] == [
+      'IMAGE_SIZE 32', 'IMAGE_SIZE 224', 'IMAGE_SIZE 32'], (
+          result.stdout + result.stderr[-3000:])
