@@ -178,7 +178,7 @@ class Workdir:
     """
     return Lock(self.lock_file)
 
-  def claim(self, config, write=True, dataset=None):
+  def claim(self, config, write=True, dataset=None, legacy_files=None):
     """Creates the directory for `config`, or checks it holds this run.
 
     Args:
@@ -188,7 +188,12 @@ class Workdir:
         nothing.
       dataset: None, or the dataset's identity, a JSON-safe dict with
         `class_names` (and, for folders, `files`: `fingerprint_files`),
-        recorded in dataset.json on the first claim and compared after.
+        recorded in dataset.json on each claim and compared with the
+        record of the previous one.
+      legacy_files: None, or a function returning the data's
+        `legacy_fingerprint_files`: a dataset.json written before
+        `FINGERPRINT_VERSION` is checked against it, and rewritten with
+        `dataset` when it matches.
 
     Raises:
       WorkdirError: the directory holds a run with a different config, or
@@ -204,7 +209,8 @@ class Workdir:
             f'in: {_differences(previous, current)}. Use a new --workdir, or '
             'rerun with the same config to resume.')
       if dataset is not None and os.path.exists(self.dataset_file):
-        self._check_dataset(read_json_object(self.dataset_file), dataset)
+        self._check_dataset(read_json_object(self.dataset_file), dataset,
+                            legacy_files)
     if write:
       os.makedirs(self.path, exist_ok=True)
       if not self.has_run():
@@ -212,7 +218,12 @@ class Workdir:
       if dataset is not None:
         write_json(self.dataset_file, dataset)
 
-  def _check_dataset(self, recorded, current):
+  def _check_dataset(self, recorded, current, legacy_files=None):
+    files = recorded.get('files')
+    if (legacy_files is not None and 'files' in current and
+        isinstance(files, dict) and 'version' not in files):
+      # Recorded by an older keras-sft: compared as it was computed then.
+      current = {**current, 'files': legacy_files()}
     changed = [key for key in ('class_names', 'files')
                if key in recorded and key in current and
                recorded[key] != current[key]]
@@ -305,11 +316,37 @@ class Lock:
     self.release()
 
 
-def fingerprint_files(root):
-  """The identity of the files under `root`: their paths and sizes.
+# The version of the `files` fingerprint in dataset.json (`fingerprint_files`).
+# Records without one hold the legacy fingerprint of runs started before it:
+# every file under the folder (`legacy_fingerprint_files`), so a README
+# added to the data folder refused the resume.
+FINGERPRINT_VERSION = 2
 
-  Symbolic links to folders are not followed (no loops); linked files count
-  with the size of their target.
+
+def fingerprint_files(root, paths):
+  """The identity of the files a run reads: their paths and sizes.
+
+  Args:
+    root: The data folder; paths are recorded relative to it.
+    paths: The files read (those the reader lists for the run's splits),
+      in any order; repeated ones count once.
+
+  Returns:
+    `{'count': number of files, 'sha256': hex digest of the sorted
+    (relative path, size) list, 'version': FINGERPRINT_VERSION}`.
+  """
+  entries = {_fingerprint_entry(root, path) for path in paths}
+  digest = hashlib.sha256(''.join(sorted(entries)).encode('utf-8', 'replace'))
+  return {'count': len(entries), 'sha256': digest.hexdigest(),
+          'version': FINGERPRINT_VERSION}
+
+
+def legacy_fingerprint_files(root):
+  """The fingerprint runs recorded before `FINGERPRINT_VERSION`: every file.
+
+  Every file under `root`, images or not, read or not. Symbolic links to
+  folders are not followed (no loops); linked files count with the size of
+  their target. Kept to check the resume of those runs.
 
   Returns:
     `{'count': number of files, 'sha256': hex digest of the sorted
@@ -319,14 +356,17 @@ def fingerprint_files(root):
   for directory, folders, files in os.walk(root):
     folders.sort()
     for name in files:
-      path = os.path.join(directory, name)
-      try:
-        size = os.stat(path).st_size
-      except OSError:
-        size = -1  # A broken link.
-      entries.append(f'{os.path.relpath(path, root)}\0{size}\n')
+      entries.append(_fingerprint_entry(root, os.path.join(directory, name)))
   digest = hashlib.sha256(''.join(sorted(entries)).encode('utf-8', 'replace'))
   return {'count': len(entries), 'sha256': digest.hexdigest()}
+
+
+def _fingerprint_entry(root, path):
+  try:
+    size = os.stat(path).st_size
+  except OSError:
+    size = -1  # A broken link.
+  return f'{os.path.relpath(path, root)}\0{size}\n'
 
 
 def _epoch_of(line, column):
