@@ -32,7 +32,7 @@ BatchNorm, so expect it somewhat below those; measure before quoting a
 number.
 """
 
-from configs import default as default_lib
+from keras_sft import default_config
 from keras_sft.training import hyperrule
 
 # CIFAR-10's train split and image side, which BiT-HyperRule needs.
@@ -44,7 +44,7 @@ WARMUP_STEPS = 500
 
 def get_config(variant=None):
   """Returns the CIFAR-10 config; `variant='smoke'` for a tiny CPU run."""
-  config = default_lib.get_config()
+  config = default_config.get_config()
   config.dataset = 'cifar10'
   config.train_split = 'train'
   config.eval_split = 'test'

@@ -25,12 +25,12 @@ features are far from their training resolution; expect much lower accuracy
 than the 128px BiT-HyperRule config (configs/cifar10_resnet50.py).
 """
 
-from configs import default as default_lib
+from keras_sft import default_config
 
 
 def get_config():
   """Returns the CPU-sized CIFAR-10 config."""
-  config = default_lib.get_config()
+  config = default_config.get_config()
   config.dataset = 'cifar10'
   config.train_split = 'train'
   config.eval_split = 'test'

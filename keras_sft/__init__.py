@@ -22,6 +22,7 @@ __version__ = '0.1.0'
 
 # Public name: (module, attribute).
 _PUBLIC = {
+    'default_config': ('keras_sft.default_config', 'get_config'),
     'train_and_evaluate': ('keras_sft.training.train', 'train_and_evaluate'),
     'evaluate': ('keras_sft.training.train', 'evaluate'),
     'create_datasets': ('keras_sft.data.pipeline', 'create_datasets'),

@@ -7,6 +7,10 @@ exits with status 2 (1 for a diverged run: the input was valid); any other
 exception is a bug and keeps its traceback. A run stopped by SIGTERM after
 its backup exits with 143 (`PREEMPTED_STATUS`): rerun it to resume.
 `--verbose` or KERAS_SFT_TRACEBACK=1 shows the traceback of user errors too.
+`--help` (and `--helpfull`, ...) exits 0.
+
+The commands run on Keras' TensorFlow backend: an unset KERAS_BACKEND is set
+to `tensorflow` before Keras loads, and another one is a user error.
 
 Imports no TensorFlow, so `--help` and flag errors are immediate.
 """
@@ -33,6 +37,10 @@ DIVERGED_STATUS = 1
 # as "retry" (Kubeflow's restartPolicy: ExitCode retries 130, 137 and 143
 # and treats 1 and 2 as permanent).
 PREEMPTED_STATUS = 143
+# The Keras backend the commands run on (`keras.backend.backend()`).
+KERAS_BACKEND = 'tensorflow'
+# absl's help flags, which print the help and exit 1.
+_HELP_FLAGS = ('help', 'helpshort', 'helpfull', 'helpxml', '?')
 
 
 def _show_tracebacks():
@@ -44,9 +52,33 @@ def _fail(message, status=USER_ERROR_STATUS):
   sys.exit(status)
 
 
+def check_keras_backend():
+  """Sets KERAS_BACKEND to tensorflow, or refuses another one.
+
+  Must run before Keras is imported, which reads it once. An unset (or
+  empty) KERAS_BACKEND is set, overriding a `backend` in ~/.keras/keras.json,
+  a machine-wide default for every Keras program. One the user set in the
+  environment is refused rather than overridden: it says what they expect
+  to run on, and a run that silently used another backend (for a benchmark,
+  say) would mislead them.
+
+  Raises:
+    ConfigError: KERAS_BACKEND names another backend.
+  """
+  backend = os.environ.get('KERAS_BACKEND')
+  if not backend:
+    os.environ['KERAS_BACKEND'] = KERAS_BACKEND
+  elif backend != KERAS_BACKEND:
+    raise errors.ConfigError(
+        f'keras-sft runs on the {KERAS_BACKEND} backend of Keras. Received: '
+        f'KERAS_BACKEND={backend!r} in the environment. Unset it or set '
+        f'KERAS_BACKEND={KERAS_BACKEND} for this command.')
+
+
 def _call(main, started, argv):
   started.append(True)
   try:
+    check_keras_backend()
     return main(argv)
   except errors.UserError as error:
     if _show_tracebacks():
@@ -78,15 +110,31 @@ def _parse_flags(argv):
   """absl's flag parsing, with a bad flag as one `error:` line, status 2.
 
   absl's own parser prints `FATAL Flags parsing error` and exits 1, the
-  status of a run that diverged.
+  status of a run that diverged; its help flags print the help and exit 1
+  too, here 0.
   """
   try:
     return flags.FLAGS(argv)
+  except SystemExit as exit_:
+    if exit_.code == 1 and _asks_for_help(argv):
+      sys.exit(0)
+    raise
   except flags.Error as error:
     if os.environ.get('KERAS_SFT_TRACEBACK'):
       raise
     _fail(f'bad command line flag: {error}. Pass --helpfull to see the '
           'flags.')
+
+
+def _asks_for_help(argv):
+  """Whether `argv` holds one of absl's help flags (before a `--`)."""
+  for argument in argv[1:]:
+    if argument == '--':
+      return False
+    name = argument.lstrip('-').split('=', 1)[0]
+    if argument.startswith('-') and name in _HELP_FLAGS:
+      return True
+  return False
 
 
 def run(main):

@@ -20,10 +20,12 @@ from absl import logging
 from ml_collections import config_flags
 
 from keras_sft import cli
+from keras_sft import workdir as workdir_lib
 
-# Config files import their siblings as `configs.<name>`, as in the flax
-# examples; resolve those from the directory the command runs in, also when
-# started through the console script.
+# Configs written for older keras-sft import `configs.default` (the repo's
+# configs import `keras_sft.default_config`, found from anywhere); resolve
+# those from the directory the command runs in, also when started through
+# the console script.
 if os.getcwd() not in sys.path:
   sys.path.insert(0, os.getcwd())
 
@@ -42,6 +44,9 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   cli.check_no_arguments(argv)
+  # A file or an object-storage URL as --workdir is refused at once, not
+  # after the data is read.
+  workdir_lib.Workdir(_WORKDIR.value)
   config = cli.loaded_config(_CONFIG)
   # Imported here so that `--help` and flag errors do not wait for TF.
   from keras_sft.training import train  # pylint: disable=g-import-not-at-top

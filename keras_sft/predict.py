@@ -52,10 +52,9 @@ def image_paths(paths):
     paths: Files and folders.
 
   Returns:
-    The files, in the given order; each folder's images sorted by path.
-
-  Raises:
-    PathNotFoundError: A path does not exist.
+    The files, in the given order; each folder's images sorted by path. A
+    path that is no folder is kept as given, also when it does not exist:
+    `predict_files` gives it an error record and serves the others.
   """
   from keras_sft.data import folders  # pylint: disable=g-import-not-at-top
   files = []
@@ -65,10 +64,8 @@ def image_paths(paths):
                for root, _, names in os.walk(path) for name in names
                if name.lower().endswith(folders.IMAGE_EXTENSIONS)]
       files.extend(sorted(found))
-    elif os.path.isfile(path):
-      files.append(path)
     else:
-      raise errors.PathNotFoundError(f'No such file or folder: {path!r}')
+      files.append(path)
   return files
 
 
@@ -100,6 +97,12 @@ def predict_files(signature, files, batch_size=32):
     records = [None] * len(batch)
     read = []  # (position in batch, contents)
     for i, path in enumerate(batch):
+      if os.path.exists(path) and not (os.path.isfile(path) or
+                                       os.path.isdir(path)):
+        # A pipe or a device: reading it could block or never end.
+        records[i] = {'file': path, 'error': 'cannot read the file: not a '
+                      'regular file (a pipe, socket or device)'}
+        continue
       try:
         with open(path, 'rb') as file:
           read.append((i, file.read()))

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -34,6 +35,9 @@ from keras_sft import errors
 _ABSENT = '<absent>'
 # Names of temporary files and folders start with this.
 TEMPORARY_PREFIX = '.tmp-'
+# A URL-like path (gs://, s3://, ram://, hdfs://, file://): one of
+# tf.io.gfile's file systems, not a local path.
+_SCHEME = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
 
 
 class Workdir:
@@ -41,6 +45,11 @@ class Workdir:
 
   Args:
     path: The run directory.
+
+  Raises:
+    ConfigError: `path` is empty.
+    WorkdirError: `path` is not a local folder and cannot become one (see
+      `check_local_folder`).
   """
 
   def __init__(self, path):
@@ -48,6 +57,7 @@ class Workdir:
       raise errors.ConfigError(f'workdir must be a directory path. Received: '
                                f'workdir={path!r}')
     self.path = os.fspath(path)
+    check_local_folder('workdir', self.path)
 
   def __repr__(self):
     return f'Workdir({self.path!r})'
@@ -168,7 +178,7 @@ class Workdir:
     """
     return Lock(self.lock_file)
 
-  def claim(self, config, write=True, dataset=None):
+  def claim(self, config, write=True, dataset=None, legacy_files=None):
     """Creates the directory for `config`, or checks it holds this run.
 
     Args:
@@ -178,7 +188,12 @@ class Workdir:
         nothing.
       dataset: None, or the dataset's identity, a JSON-safe dict with
         `class_names` (and, for folders, `files`: `fingerprint_files`),
-        recorded in dataset.json on the first claim and compared after.
+        recorded in dataset.json on each claim and compared with the
+        record of the previous one.
+      legacy_files: None, or a function returning the data's
+        `legacy_fingerprint_files`: a dataset.json written before
+        `FINGERPRINT_VERSION` is checked against it, and rewritten with
+        `dataset` when it matches.
 
     Raises:
       WorkdirError: the directory holds a run with a different config, or
@@ -194,7 +209,8 @@ class Workdir:
             f'in: {_differences(previous, current)}. Use a new --workdir, or '
             'rerun with the same config to resume.')
       if dataset is not None and os.path.exists(self.dataset_file):
-        self._check_dataset(read_json_object(self.dataset_file), dataset)
+        self._check_dataset(read_json_object(self.dataset_file), dataset,
+                            legacy_files)
     if write:
       os.makedirs(self.path, exist_ok=True)
       if not self.has_run():
@@ -202,7 +218,12 @@ class Workdir:
       if dataset is not None:
         write_json(self.dataset_file, dataset)
 
-  def _check_dataset(self, recorded, current):
+  def _check_dataset(self, recorded, current, legacy_files=None):
+    files = recorded.get('files')
+    if (legacy_files is not None and 'files' in current and
+        isinstance(files, dict) and 'version' not in files):
+      # Recorded by an older keras-sft: compared as it was computed then.
+      current = {**current, 'files': legacy_files()}
     changed = [key for key in ('class_names', 'files')
                if key in recorded and key in current and
                recorded[key] != current[key]]
@@ -214,6 +235,42 @@ class Workdir:
           f'(from {self.dataset_file}). A renamed class folder would shift '
           'the labels, and changed files change the batches. Restore the '
           'data the run started with, or use a new --workdir.')
+
+
+def check_local_folder(name, path):
+  """Raises unless `path` is a local folder, or a path where one can be made.
+
+  The workdir's lock (`flock`), atomic writes (write, fsync, rename) and
+  free-space checks are local-file APIs, so object storage (gs://, and any
+  other tf.io.gfile scheme) is refused with the route that works, rather
+  than creating a local folder named `gs:` or failing half way through.
+
+  Args:
+    name: The flag or argument, for the message (`workdir`, `export_base`).
+    path: Its value.
+
+  Raises:
+    WorkdirError: `path` names a file system other than the local one, or
+      it (or a folder above it) exists and is not a folder.
+  """
+  if _SCHEME.match(path):
+    raise errors.WorkdirError(
+        f'{name}={path!r} is not on a local file system: the run\'s lock, '
+        'atomic backups and exports need one (flock, rename), which object '
+        'storage does not give. Train on a local disk (on a Cloud TPU VM: '
+        f'its boot or a mounted persistent disk, e.g. --{name}=/tmp/runs/c10), '
+        'then copy the run or its export to the bucket: gsutil -m cp -r '
+        '/tmp/runs/c10/export gs://BUCKET/runs/c10/.')
+  existing = os.path.abspath(path)
+  while not os.path.lexists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    where = ('it' if existing == os.path.abspath(path) else
+             f'{existing!r}, above it,')
+    raise errors.WorkdirError(
+        f'{name}={path!r} is not a folder: {where} exists and is not a folder '
+        '(a file, or a broken link). Give a folder path (a new one is '
+        'created), or move that file away.')
 
 
 class Lock:
@@ -259,11 +316,37 @@ class Lock:
     self.release()
 
 
-def fingerprint_files(root):
-  """The identity of the files under `root`: their paths and sizes.
+# The version of the `files` fingerprint in dataset.json (`fingerprint_files`).
+# Records without one hold the legacy fingerprint of runs started before it:
+# every file under the folder (`legacy_fingerprint_files`), so a README
+# added to the data folder refused the resume.
+FINGERPRINT_VERSION = 2
 
-  Symbolic links to folders are not followed (no loops); linked files count
-  with the size of their target.
+
+def fingerprint_files(root, paths):
+  """The identity of the files a run reads: their paths and sizes.
+
+  Args:
+    root: The data folder; paths are recorded relative to it.
+    paths: The files read (those the reader lists for the run's splits),
+      in any order; repeated ones count once.
+
+  Returns:
+    `{'count': number of files, 'sha256': hex digest of the sorted
+    (relative path, size) list, 'version': FINGERPRINT_VERSION}`.
+  """
+  entries = {_fingerprint_entry(root, path) for path in paths}
+  digest = hashlib.sha256(''.join(sorted(entries)).encode('utf-8', 'replace'))
+  return {'count': len(entries), 'sha256': digest.hexdigest(),
+          'version': FINGERPRINT_VERSION}
+
+
+def legacy_fingerprint_files(root):
+  """The fingerprint runs recorded before `FINGERPRINT_VERSION`: every file.
+
+  Every file under `root`, images or not, read or not. Symbolic links to
+  folders are not followed (no loops); linked files count with the size of
+  their target. Kept to check the resume of those runs.
 
   Returns:
     `{'count': number of files, 'sha256': hex digest of the sorted
@@ -273,14 +356,17 @@ def fingerprint_files(root):
   for directory, folders, files in os.walk(root):
     folders.sort()
     for name in files:
-      path = os.path.join(directory, name)
-      try:
-        size = os.stat(path).st_size
-      except OSError:
-        size = -1  # A broken link.
-      entries.append(f'{os.path.relpath(path, root)}\0{size}\n')
+      entries.append(_fingerprint_entry(root, os.path.join(directory, name)))
   digest = hashlib.sha256(''.join(sorted(entries)).encode('utf-8', 'replace'))
   return {'count': len(entries), 'sha256': digest.hexdigest()}
+
+
+def _fingerprint_entry(root, path):
+  try:
+    size = os.stat(path).st_size
+  except OSError:
+    size = -1  # A broken link.
+  return f'{os.path.relpath(path, root)}\0{size}\n'
 
 
 def _epoch_of(line, column):

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Several machines, MultiWorkerMirroredStrategy: run this same command on
 # every machine, each with its own INDEX (0 is the chief, which writes the
-# run). WORKDIR must be on a file system every machine sees (NFS, GCS, ...),
-# since all of them resume from the chief's backups.
+# run). WORKDIR must be a path on a file system every machine mounts (NFS,
+# ...), since all of them resume from the chief's backups; a gs:// (or other
+# URL) workdir is refused: the run needs local-file operations (flock,
+# rename).
 #
 #   HOSTS=10.0.0.1:2222,10.0.0.2:2222 INDEX=0 \
 #     launch/multi_machine.sh configs/cifar10_resnet50.py /shared/runs/c10

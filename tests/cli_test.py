@@ -5,6 +5,7 @@ problem, and no traceback; `--help` loads no TensorFlow.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -19,21 +20,41 @@ def _command(module, *flags):
                         cwd=conftest.REPO_ROOT, env=conftest.cli_env())
 
 
-@pytest.mark.parametrize('module', ['keras_sft.main', 'keras_sft.export'])
-def test_help_loads_no_tensorflow(module):
+@pytest.mark.parametrize('module, flag', [
+    ('keras_sft.main', '--workdir'), ('keras_sft.export', '--workdir'),
+    ('keras_sft.predict', '--model')])
+def test_help_exits_0_and_loads_no_tensorflow(module, flag):
+  """absl's --help exits 1, the status of a diverged run: here 0."""
   code = (f'import sys; sys.argv = ["{module}", "--help"]\n'
           'import runpy\n'
+          'status = "none"\n'
           'try:\n'
           f'  runpy.run_module("{module}", run_name="__main__")\n'
-          'except SystemExit:\n'
-          '  pass\n'
+          'except SystemExit as exit_:\n'
+          '  status = exit_.code\n'
           'print("LOADED", "tensorflow" in sys.modules,'
-          ' "keras" in sys.modules)')
+          ' "keras" in sys.modules, "STATUS", status)')
   result = subprocess.run([sys.executable, '-c', code], capture_output=True,
                           text=True, timeout=120, cwd=conftest.REPO_ROOT,
                           env=conftest.cli_env())
-  assert 'LOADED False False' in result.stdout, result.stdout + result.stderr
-  assert '--workdir' in result.stdout
+  assert 'LOADED False False STATUS 0' in result.stdout, (
+      result.stdout[-3000:] + result.stderr)
+  assert flag in result.stdout
+
+
+def test_another_keras_backend_is_one_error_line(tmp_path):
+  """KERAS_BACKEND=jax ended in a traceback from Keras' backend import."""
+  result = subprocess.run(
+      [sys.executable, '-m', 'keras_sft.main',
+       '--config=configs/cifar10_resnet50.py:smoke',
+       f'--workdir={tmp_path / "run"}'], capture_output=True, text=True,
+      timeout=120, cwd=conftest.REPO_ROOT,
+      env=dict(conftest.cli_env(), KERAS_BACKEND='jax'))
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert not os.path.exists(tmp_path / 'run')
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  [line] = _error_lines(result.stderr)
+  assert "KERAS_BACKEND='jax'" in line and 'tensorflow' in line, line
 
 
 def test_export_command_runs_without_runpy_warning(tmp_path):
@@ -126,3 +147,81 @@ def test_a_write_that_does_not_fit_is_one_error_line(smoke_run, tmp_path):
   # No version was taken by the export that did not fit.
   assert not export_base.exists() or not [
       name for name in os.listdir(export_base) if name.isdigit()]
+
+
+def _command_elsewhere(cwd, module, *flags):
+  """`module` run from `cwd`: on tfds mock data if it is keras_sft.main."""
+  if module == 'keras_sft.main':
+    command = [sys.executable, os.path.join(conftest.REPO_ROOT, 'tests',
+                                            'mock_cli.py'),
+               '--config=' + os.path.join(conftest.REPO_ROOT, 'configs',
+                                          'cifar10_resnet50.py:smoke')]
+  else:
+    command = [sys.executable, '-m', module]
+  return subprocess.run(command + list(flags), capture_output=True,
+                        text=True, timeout=300, cwd=cwd,
+                        env=dict(conftest.cli_env(),
+                                 PYTHONPATH=conftest.REPO_ROOT))
+
+
+@pytest.mark.parametrize('module', ['keras_sft.main', 'keras_sft.export'])
+def test_a_workdir_that_is_a_file_is_one_error_line(tmp_path, module):
+  """A file as --workdir (or above it) ended in a FileExistsError traceback."""
+  (tmp_path / 'notes.txt').write_text('not a folder')
+  for workdir in ('notes.txt', os.path.join('notes.txt', 'run')):
+    result = _command_elsewhere(tmp_path, module, f'--workdir={workdir}')
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+    [line] = _error_lines(result.stderr)
+    assert f"workdir='{workdir}'" in line and 'not a folder' in line, line
+  assert (tmp_path / 'notes.txt').read_text() == 'not a folder'
+
+
+@pytest.mark.parametrize('module', ['keras_sft.main', 'keras_sft.export'])
+def test_a_workdir_in_object_storage_is_refused_naming_the_route(tmp_path,
+                                                                 module):
+  """launch/tpu_vm.sh documented gs://bucket/runs/c10, which cannot work.
+
+  The workdir's lock (flock), atomic writes (rename) and free-space checks
+  are local-file APIs: `ram://runs/c10` trained into the local folder
+  `ram:/runs/c10`.
+  """
+  result = _command_elsewhere(tmp_path, module, '--workdir=ram://runs/c10')
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  [line] = _error_lines(result.stderr)
+  assert "workdir='ram://runs/c10'" in line, line
+  assert 'local disk' in line and 'gsutil -m cp -r' in line, line
+  assert os.listdir(tmp_path) == []
+
+
+def test_configs_load_from_any_directory_and_any_path(tmp_path):
+  """`--config=/path/to/repo/configs/...` from elsewhere, or a copied config.
+
+  The experiment configs imported `configs.default`, found only when the
+  command ran in the repository: ModuleNotFoundError: No module named
+  'configs'.
+  """
+  project = tmp_path / 'my_project'
+  project.mkdir()
+  shutil.copy(os.path.join(conftest.REPO_ROOT, 'configs',
+                           'cifar10_resnet50_cpu.py'), project / 'mine.py')
+  code = ('from absl import flags\n'
+          'from ml_collections import config_flags\n'
+          'import sys\n'
+          'config = config_flags.DEFINE_config_file("config")\n'
+          'for path in sys.argv[1:]:\n'
+          '  flags.FLAGS.unparse_flags()\n'
+          '  flags.FLAGS(["x", "--config=" + path])\n'
+          '  print("IMAGE_SIZE", config.value.image_size)\n')
+  configs = os.path.join(conftest.REPO_ROOT, 'configs')
+  result = subprocess.run(
+      [sys.executable, '-c', code,
+       os.path.join(configs, 'cifar10_resnet50.py') + ':smoke',
+       os.path.join(configs, 'default.py'), str(project / 'mine.py')],
+      capture_output=True, text=True, timeout=120, cwd=tmp_path,
+      env={key: value for key, value in conftest.cli_env().items()
+           if key != 'PYTHONPATH'})
+  assert result.stdout.split('\n')[:3] == [
+      'IMAGE_SIZE 32', 'IMAGE_SIZE 224', 'IMAGE_SIZE 32'], (
+          result.stdout + result.stderr[-3000:])

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -36,3 +37,11 @@ def test_multi_machine_builds_tf_config_from_hosts_and_index():
   assert result.stdout.split() == [
       'python', '-m', 'keras_sft.main', '--config=c.py', '--workdir=w',
       '--config.distribution=multi_worker_mirrored', '--config.seed=3']
+
+
+def test_no_launch_script_documents_an_object_storage_workdir():
+  """tpu_vm.sh documented gs://bucket/runs/c10, which the workdir refuses."""
+  for name in os.listdir(_LAUNCH):
+    with open(os.path.join(_LAUNCH, name)) as file:
+      text = file.read()
+    assert not re.search(r'\.sh\s+\S+\s+[a-z]+://', text), name

@@ -30,8 +30,12 @@ def test_image_paths_expands_folders_in_order(tmp_path):
   files = predict.image_paths([str(tmp_path / 'e.png'), str(tmp_path / 'd')])
   assert [os.path.relpath(f, tmp_path) for f in files] == [
       'e.png', 'd/a.jpg', 'd/b.PNG', 'd/sub/c.jpeg']
-  with pytest.raises(FileNotFoundError, match='missing.png'):
-    predict.image_paths([str(tmp_path / 'missing.png')])
+  # A missing path stays in its place: predict_files gives it an error
+  # record and serves the rest.
+  assert predict.image_paths([str(tmp_path / 'd' / 'sub'),
+                              str(tmp_path / 'missing.png')]) == [
+                                  str(tmp_path / 'd' / 'sub' / 'c.jpeg'),
+                                  str(tmp_path / 'missing.png')]
 
 
 def test_predict_prints_top_k_per_file_and_names_bad_files(smoke_run,
@@ -117,6 +121,20 @@ def test_bad_files_are_error_records_and_the_good_ones_are_served(
     for message in errors.values():
       json.loads(json.dumps(message))
       assert '\n' not in message and 'node' not in message, message
+
+
+def test_a_missing_file_is_an_error_record_and_the_rest_are_served(
+    tiny_signature, tmp_path):
+  """`predict folder/ missing.jpg` exited 2 and served nothing."""
+  (tmp_path / 'folder').mkdir()
+  _write_png(tmp_path / 'folder' / 'a.png', np.zeros((9, 9, 3), np.uint8))
+  files = predict.image_paths([str(tmp_path / 'folder'),
+                               str(tmp_path / 'missing.jpg')])
+  records = list(predict.predict_files(tiny_signature, files))
+  assert [os.path.basename(r['file']) for r in records] == [
+      'a.png', 'missing.jpg']
+  assert 'top_k' in records[0]
+  assert 'No such file' in records[1]['error'], records[1]
 
 
 def _predict(*arguments):

@@ -386,6 +386,62 @@ def test_renamed_class_folder_is_refused_on_resume(tmp_path, no_model_built):
     train.train_and_evaluate(config, workdir)
 
 
+def _claim_folder_run(tmp_path):
+  """A folder run whose workdir is claimed: `(config, workdir, root)`."""
+  import image_fixtures  # pylint: disable=g-import-not-at-top
+  root = tmp_path / 'data'
+  image_fixtures.write_image_folder(str(root))
+  config = _smoke_config(dataset=f'folder:{root}', global_batch_size=4,
+                         eval_steps=None)
+  workdir = str(tmp_path / 'run')
+  # Claims the workdir, then stops where the model would be built.
+  with pytest.raises(AssertionError, match='A model was built'):
+    train.train_and_evaluate(config, workdir)
+  return config, workdir, root
+
+
+def test_files_the_reader_ignores_do_not_refuse_a_resume(tmp_path,
+                                                         no_model_built):
+  """A README or .DS_Store added to the data folder refused the resume."""
+  from keras_sft import errors  # pylint: disable=g-import-not-at-top
+  config, workdir, root = _claim_folder_run(tmp_path)
+  (root / 'README.md').write_text('Where these images come from.')
+  (root / 'train' / '.DS_Store').write_bytes(b'\0' * 10)
+  (root / 'test' / 'cat' / 'notes.txt').write_text('blurry: 3.png')
+  (root / 'val' / 'cat').mkdir(parents=True)  # A split the run does not read.
+  (root / 'val' / 'cat' / '0.png').write_bytes(
+      (root / 'test' / 'cat' / '0.png').read_bytes())
+  with pytest.raises(AssertionError, match='A model was built'):
+    train.train_and_evaluate(config, workdir)
+  # An image the run reads, changed: refused.
+  os.remove(root / 'train' / 'cat' / '0.png')
+  with pytest.raises(errors.WorkdirError, match='files'):
+    train.train_and_evaluate(config, workdir)
+
+
+def test_a_run_with_the_legacy_fingerprint_resumes(tmp_path, no_model_built):
+  """dataset.json of a run started before the fingerprint was of images."""
+  from keras_sft import errors  # pylint: disable=g-import-not-at-top
+  config, workdir, root = _claim_folder_run(tmp_path)
+  (root / 'notes.txt').write_text('In the folder when the run started.')
+  run = workdir_lib.Workdir(workdir)
+  recorded = workdir_lib.read_json(run.dataset_file)
+  new_fingerprint = recorded['files']
+  # What keras-sft wrote before: every file under the folder, notes too.
+  legacy = workdir_lib.legacy_fingerprint_files(str(root))
+  assert legacy['count'] == new_fingerprint['count'] + 1
+  workdir_lib.write_json(run.dataset_file, {**recorded, 'files': legacy})
+  with pytest.raises(AssertionError, match='A model was built'):
+    train.train_and_evaluate(config, workdir)
+  # The resume recorded the new fingerprint.
+  assert workdir_lib.read_json(run.dataset_file)['files'] == new_fingerprint
+  # A legacy record of other data is still refused.
+  workdir_lib.write_json(run.dataset_file, {**recorded, 'files': legacy})
+  os.remove(root / 'train' / 'cat' / '0.png')
+  with pytest.raises(errors.WorkdirError, match='files'):
+    train.train_and_evaluate(config, workdir)
+
+
 def test_start_removes_temporary_files_of_killed_writers(
     tmp_path, no_model_built, mock_cifar10):
   workdir = workdir_lib.Workdir(str(tmp_path / 'run'))

@@ -232,14 +232,21 @@ def test_fingerprint_follows_file_names_and_sizes(tmp_path):
   root = tmp_path / 'data'
   (root / 'train' / 'cat').mkdir(parents=True)
   (root / 'train' / 'cat' / 'a.png').write_bytes(b'12345')
-  first = workdir_lib.fingerprint_files(str(root))
+  (root / 'train' / 'cat' / 'notes.txt').write_text('not read')
+
+  def fingerprint():
+    return workdir_lib.fingerprint_files(
+        str(root), [str(path) for path in root.rglob('*.png')])
+
+  first = fingerprint()
   assert first['count'] == 1
-  assert workdir_lib.fingerprint_files(str(root)) == first
+  assert workdir_lib.legacy_fingerprint_files(str(root))['count'] == 2
+  assert fingerprint() == first
   (root / 'train' / 'cat' / 'a.png').write_bytes(b'123456')
-  resized = workdir_lib.fingerprint_files(str(root))
+  resized = fingerprint()
   assert resized != first
   os.rename(root / 'train' / 'cat', root / 'train' / 'kitten')
-  assert workdir_lib.fingerprint_files(str(root)) not in (first, resized)
+  assert fingerprint() not in (first, resized)
 
 
 def test_atomic_write_does_not_follow_a_planted_symlink(tmp_path):

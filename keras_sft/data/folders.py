@@ -632,11 +632,14 @@ def load(dataset, train_split='train', eval_split='test',
       the header) are not decoded: they are unreadable files.
 
   Returns:
-    `(train_examples, eval_examples, class_names, num_train, num_eval)`.
+    `(train_examples, eval_examples, class_names, num_train, num_eval,
+    files)`; `files` are the paths the splits list (each file is opened,
+    unreadable ones included), which the workdir fingerprints.
   """
   root = folder_root(dataset)
   class_names, train, evaluation = find_splits(
       root, train_split, eval_split, validation_fraction)
+  files = tuple(sorted(set(train.paths) | set(evaluation.paths)))
   (train, evaluation), skipped = check_files(
       [train, evaluation], root, skip_corrupt_images, max_image_pixels)
   check_every_class_has_images(train, class_names, root, 'train')
@@ -646,4 +649,4 @@ def load(dataset, train_split='train', eval_split='test',
       skipped)
   return (to_dataset(train, shuffle_seed=seed, max_pixels=max_image_pixels),
           to_dataset(evaluation, max_pixels=max_image_pixels),
-          class_names, len(train), len(evaluation))
+          class_names, len(train), len(evaluation), files)

@@ -56,11 +56,14 @@ class DatasetInfo:
     class_names: One name per class id.
     num_train_examples: Examples in the train split.
     num_eval_examples: Examples in the eval split.
+    files: For an image folder, the files its splits read (see
+      `folders.load`); empty for tfds datasets.
   """
   num_classes: int
   class_names: tuple
   num_train_examples: int
   num_eval_examples: int
+  files: tuple = dataclasses.field(default=(), repr=False)
 
 
 class DatasetUnavailableError(errors.UnavailableError):
@@ -323,9 +326,10 @@ def load_examples(dataset, *, train_split='train', eval_split='test',
     `(train_examples, eval_examples, info)`: datasets of `(image uint8
     [H, W, 3], label int64)` and a `DatasetInfo`.
   """
+  files = ()
   if folders.is_folder_dataset(dataset):
     (train_data, eval_data, names, num_train,
-     num_eval) = folders.load(
+     num_eval, files) = folders.load(
          dataset, train_split=train_split, eval_split=eval_split,
          validation_fraction=validation_fraction,
          skip_corrupt_images=skip_corrupt_images, seed=seed,
@@ -352,7 +356,8 @@ def load_examples(dataset, *, train_split='train', eval_split='test',
       num_classes=len(names),
       class_names=tuple(names),
       num_train_examples=num_train,
-      num_eval_examples=num_eval)
+      num_eval_examples=num_eval,
+      files=files)
   logging.info('Dataset %s: %d train / %d eval examples, %d classes.',
                dataset, num_train, num_eval, info.num_classes)
   return train_data, eval_data, info

@@ -46,9 +46,15 @@ def main(argv):
   cli.check_no_arguments(argv)
   # Imported here so that `--help` and flag errors do not wait for TF.
   import sys  # pylint: disable=g-import-not-at-top
+  from keras_sft import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  values = flags.FLAGS
+  # Versions are written aside and renamed into place: local folders only.
+  # Checked before TensorFlow loads.
+  workdir_lib.Workdir(values.workdir)
+  if values.export_base is not None:
+    workdir_lib.check_local_folder('export_base', values.export_base)
   from keras_sft import errors  # pylint: disable=g-import-not-at-top
   from keras_sft.export import formats  # pylint: disable=g-import-not-at-top
-  values = flags.FLAGS
   names = formats.parse_formats(values.format)
   if values.top_k is not None:
     errors.check_positive('top_k', values.top_k)

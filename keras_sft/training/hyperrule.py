@@ -93,7 +93,8 @@ def apply_to_config(config, num_train_examples, image_side):
   num_train_examples // 512 (an "epoch" is then at most one pass).
 
   Args:
-    config: An unlocked-values ConfigDict with the keys of configs/default.py.
+    config: An unlocked-values ConfigDict with the keys of
+      keras_sft/default_config.py.
     num_train_examples: Examples in the train split.
     image_side: Side of the dataset's images (e.g. 32 for CIFAR-10).
 

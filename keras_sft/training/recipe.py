@@ -125,7 +125,7 @@ def build_model(config, num_classes, plan=None, pretrained=True):
   backups.
 
   Args:
-    config: The run's ConfigDict (the keys of `configs/default.py`).
+    config: The run's ConfigDict (the keys of `keras_sft/default_config.py`).
     num_classes: Width of the head.
     plan: The run's `Plan`; None for a model that is only restored and
       evaluated or exported (a constant zero learning rate, no head-only

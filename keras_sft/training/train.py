@@ -103,7 +103,7 @@ def check_config(config):
   """Checks every key; raises `errors.ConfigError`; builds and reads nothing.
 
   Args:
-    config: A ConfigDict with the keys of `configs/default.py`.
+    config: A ConfigDict with the keys of `keras_sft/default_config.py`.
   """
   for check in _CHECKS:
     check(config)
@@ -172,7 +172,8 @@ def _start(config, workdir):
     # The export reads the class names from dataset.json, so it needs no
     # dataset; a rerun on other data is refused.
     workdir.claim(config, write=chief,
-                  dataset=_dataset_identity(config, data.info))
+                  dataset=_dataset_identity(config, data.info),
+                  legacy_files=_legacy_files(config))
     if chief:
       for path in workdir.remove_temporary_files():
         logging.info('Removed %s, left by a killed writer.', path)
@@ -191,9 +192,19 @@ def _dataset_identity(config, info):
   identity = {'dataset': config.dataset, 'num_classes': info.num_classes,
               'class_names': list(info.class_names)}
   if folders.is_folder_dataset(config.dataset):
+    # The files read, not every file in the folder: a README or .DS_Store
+    # added to it changes no batch.
     identity['files'] = workdir_lib.fingerprint_files(
-        folders.folder_root(config.dataset))
+        folders.folder_root(config.dataset), info.files)
   return identity
+
+
+def _legacy_files(config):
+  """What Workdir.claim checks a dataset.json of an older keras-sft with."""
+  if not folders.is_folder_dataset(config.dataset):
+    return None
+  root = folders.folder_root(config.dataset)
+  return lambda: workdir_lib.legacy_fingerprint_files(root)
 
 
 def _build(run):
@@ -404,7 +415,7 @@ def train_and_evaluate(config, workdir):
   which must be on a file system they all see; only the chief writes to it.
 
   Args:
-    config: A ConfigDict with the keys of `configs/default.py`.
+    config: A ConfigDict with the keys of `keras_sft/default_config.py`.
     workdir: Directory of the run.
 
   Returns:
