@@ -87,6 +87,7 @@ def test_cycle_finder_finds_a_cycle():
 # their meaning across releases. Changing it is a decision, not a refactor.
 _PUBLIC = (
     'Classifier', 'FusedSGD', 'UserError', 'create_datasets', 'create_model',
+    'default_config',
     'create_network', 'create_optimizer', 'create_schedule', 'evaluate',
     'export_run', 'export_saved_model', 'scaled_learning_rate',
     'train_and_evaluate')

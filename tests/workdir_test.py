@@ -3,6 +3,7 @@
 import json
 import os
 
+import conftest
 import ml_collections
 import pytest
 
@@ -343,3 +344,26 @@ def test_added_key_with_a_new_behaviour_is_named(tmp_path):
 
 def test_keys_added_later_exist_in_the_default_config():
   assert set(workdir_lib.KEYS_ADDED_LATER) <= set(default_lib.get_config())
+
+
+def test_every_new_default_key_lets_a_run_of_0_1_0_resume(tmp_path):
+  """A key added to the default config must be in KEYS_ADDED_LATER (with
+  the value that reproduces older runs), or every existing workdir would
+  refuse to resume with "config differs". The fixture is config.json of the
+  smoke run as keras-sft 0.1.0 (before the package's folders) wrote it."""
+  import json  # pylint: disable=g-import-not-at-top
+  from configs import cifar10_resnet50  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(conftest.REPO_ROOT, 'tests', 'fixtures',
+                         'config_0.1.0_smoke.json')) as file:
+    old = json.load(file)
+  current = workdir_lib.config_to_dict(cifar10_resnet50.get_config('smoke'))
+  missing = sorted(set(current) - set(old) - set(workdir_lib.KEYS_ADDED_LATER))
+  assert not missing, (
+      f'{missing}: add each to workdir.KEYS_ADDED_LATER with the value '
+      'that reproduces runs that predate it')
+  # And the claim itself accepts the old run's config.
+  run = workdir_lib.Workdir(str(tmp_path / 'run'))
+  os.makedirs(run.path)
+  with open(run.config_file, 'w') as file:
+    json.dump(old, file)
+  run.claim(cifar10_resnet50.get_config('smoke'), write=False)
