@@ -196,7 +196,8 @@ def get_config():
   config.collective_timeout_seconds = ml_collections.FieldReference(
       1800, field_type=int)
   # XLA for each replica's step: 'auto' (on with GPUs/TPUs, off on CPUs,
-  # where XLA ran ~3x slower here), True or False. Unlike Keras' own 'auto',
+  # where XLA made our step slower: README "Performance" has the
+  # measurements), True or False. Unlike Keras' own 'auto',
   # it stays on under tf.distribute strategies.
   config.jit_compile = 'auto'
   # Train steps run inside one tf.function call (fewer host round trips).
