@@ -175,9 +175,17 @@ def check_config(config):
   _check_max_image_pixels(config.max_image_pixels)
 
 
+# A 65,535 x 65,535 JPEG (the format's largest) is about this many pixels;
+# decoded as RGB it takes 12 GiB. Larger values also overflow the int64
+# arithmetic of the header check.
+MAX_IMAGE_PIXELS = 2**32
+
+
 def _check_max_image_pixels(value):
   errors.check_integer('max_image_pixels', value, 1,
                        ' (width x height of the largest image decoded)')
+  errors.check_at_most('max_image_pixels', value, MAX_IMAGE_PIXELS,
+                       'admit images no machine can decode')
 
 
 def _save(model, export_dir, image_size, class_names, top_k,

@@ -50,6 +50,10 @@ from keras_sft import workdir as workdir_lib
 
 def _check_loop_config(config):
   errors.check_positive('num_epochs', config.num_epochs)
+  # numpy's limits, which keras.utils.set_random_seed enforces.
+  errors.check_integer('seed', config.seed, 0)
+  errors.check_at_most('seed', config.seed, 2**32 - 1,
+                       'are refused by numpy, which Keras seeds')
   errors.check_positive('steps_per_epoch', config.steps_per_epoch,
                         optional=True)
   errors.check_positive('eval_every_epochs', config.eval_every_epochs)
@@ -81,8 +85,11 @@ def _check_execution_divides(name, steps, steps_per_execution):
         f'{steps}.')
 
 
-# Each module checks the keys whose values it owns.
+# Each module checks the keys whose values it owns. The loop's keys first:
+# other checks compare their keys with num_epochs (head_only_epochs), whose
+# own error must come first.
 _CHECKS = (
+    _check_loop_config,
     input_pipeline.check_config,
     models.check_config,
     classifier.check_config,
@@ -95,7 +102,6 @@ _CHECKS = (
     checkpointing.check_config,
     serving.check_config,
     formats.check_config,
-    _check_loop_config,
 )
 
 

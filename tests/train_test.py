@@ -42,6 +42,10 @@ def no_model_built(monkeypatch):
 @pytest.mark.parametrize('key, value, message', [
     ('global_batch_size', 0, 'global_batch_size=0'),
     ('num_epochs', -1, 'num_epochs=-1'),
+    # Checked before head_only_epochs, whose range depends on it: the error
+    # names the key the user set.
+    ('num_epochs', 0, '^num_epochs must be a positive number'),
+    ('num_epochs', -1, '^num_epochs must be a positive number'),
     ('learning_rate', -0.1, 'learning_rate=-0.1'),
     ('steps_per_epoch', 0, 'steps_per_epoch=0'),
     ('distribution', 'mirored', "distribution='mirored'"),
@@ -111,6 +115,15 @@ def _weights_file(directory, kind):
     # Offline: the error names --config.weights=PATH, which must then run in
     # the same workdir.
     ('weights', 'imagenet', 'Could not download'),
+    # Values that would fail only while building the model or the input
+    # stream, after the claim (image_size: a numpy MemoryError).
+    ('image_size', 100_000_000, 'image_size must be at most 4,096'),
+    ('resize_size', 100_000_000, 'resize_size must be at most 4,096'),
+    ('global_batch_size', 100_000_000, 'global_batch_size must be at most'),
+    ('shuffle_buffer_size', 10**12, 'shuffle_buffer_size must be at most'),
+    ('randaugment_num_ops', 100_000_000, 'randaugment_num_ops must be at'),
+    ('max_image_pixels', 10**30, 'max_image_pixels must be at most'),
+    ('seed', 2**32, 'seed must be at most'),
 ])
 def test_a_failed_start_leaves_the_workdir_unclaimed(
     tmp_path, monkeypatch, no_model_built, mock_cifar10, key, value,
