@@ -50,6 +50,7 @@ from keras_sft import errors
 from keras_sft import evaluation_weights
 from keras_sft import image_folder
 from keras_sft import input_pipeline
+from keras_sft import precise_bn
 from keras_sft import recipe
 from keras_sft import workdir as workdir_lib
 
@@ -515,8 +516,14 @@ def restore_run_model(workdir, checkpoint='best', precision=None):
       # The batches training re-estimated on: tf.data's seeded shuffle
       # also depends on the global seed, which train._start sets.
       keras.utils.set_random_seed(config.seed)
-      statistics_batches = input_pipeline.from_config(config).train(
-          start_step=0).take(config.precise_bn_batches)
+      data = input_pipeline.from_config(config)
+      precise_bn.log_if_capped(config.precise_bn_batches,
+                               data.info.num_train_examples,
+                               config.global_batch_size)
+      statistics_batches = data.train(start_step=0).take(
+          precise_bn.batch_count(config.precise_bn_batches,
+                                 data.info.num_train_examples,
+                                 config.global_batch_size))
     ema = config.ema_momentum is not None
     if ema and os.path.exists(run.metrics_file):
       ema = workdir_lib.read_json(run.metrics_file).get(

@@ -216,6 +216,10 @@ def _build(run):
                run.config.dataset, info.num_train_examples,
                info.num_eval_examples, info.num_classes)
   run.plan = recipe.make_plan(run.config, info.num_train_examples)
+  if run.config.precise_bn_batches:
+    precise_bn.log_if_capped(run.config.precise_bn_batches,
+                             info.num_train_examples,
+                             run.config.global_batch_size)
   with run.strategy.scope():
     model = recipe.build_model(run.config, info.num_classes, run.plan)
     run.checkpointer.restore(model)
@@ -232,7 +236,9 @@ def _statistics_batches(run):
     return None
   # The first batches of the stream: deterministic, whatever the position of
   # a resumed run.
-  return run.data.train(start_step=0).take(run.config.precise_bn_batches)
+  return run.data.train(start_step=0).take(precise_bn.batch_count(
+      run.config.precise_bn_batches, run.data.info.num_train_examples,
+      run.config.global_batch_size))
 
 
 def _callbacks(run):

@@ -234,7 +234,8 @@ def _tiny_run(workdir, steps_per_epoch=4, num_epochs=2, steps_per_execution=1,
   data = types.SimpleNamespace(
       train=lambda start_step: examples.batch(4).repeat().skip(start_step),
       eval=examples.batch(8),
-      info=types.SimpleNamespace(num_classes=3, class_names=('a', 'b', 'c')))
+      info=types.SimpleNamespace(num_classes=3, class_names=('a', 'b', 'c'),
+                                 num_train_examples=32))
   run = train._Run(  # pylint: disable=protected-access
       config=config, workdir=workdir_lib.Workdir(str(workdir)),
       strategy=tf.distribute.get_strategy(), chief=True, data=data,
@@ -303,6 +304,22 @@ def test_resumed_run_with_dropout_equals_an_uninterrupted_one(tmp_path):
   assert checkpointing.trained_steps(resumed) == 8
   for want, got in zip(uninterrupted.get_weights(), resumed.get_weights()):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_precise_bn_batches_are_capped_at_one_pass_and_logged(tmp_path,
+                                                               caplog):
+  """precise_bn_batches=10**11 took 10**11 batches of an endless stream."""
+  run, _ = _tiny_run(tmp_path / 'run')
+  run.config.precise_bn_batches = 10**11
+  run.config.global_batch_size = 4  # As the tiny run's stream batches.
+  batches = train._statistics_batches(run)  # pylint: disable=protected-access
+  # 32 examples in batches of 4 (drop_remainder): 8 batches, each image once.
+  assert int(batches.cardinality()) == 8
+  with caplog.at_level('WARNING'):
+    from keras_sft import precise_bn  # pylint: disable=g-import-not-at-top
+    precise_bn.log_if_capped(10**11, 32, 4)
+  assert 'precise_bn_batches=100000000000 is more than one pass' in caplog.text
+  assert 'those 8 batches' in caplog.text
 
 
 def _history_epochs(workdir):
