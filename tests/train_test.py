@@ -499,6 +499,47 @@ def test_sigterm_at_an_epoch_end_keeps_the_epochs_history_row(tmp_path,
   assert _history_epochs(tmp_path / 'run') == ['0', '1']
 
 
+class _SendSigtermDuringValidation(keras.callbacks.Callback):
+  """Sends SIGTERM after the first validation batch; counts those after."""
+
+  def __init__(self):
+    super().__init__()
+    self.sent = False
+    self.batches_after = 0
+
+  def on_test_batch_end(self, batch, logs=None):
+    if self.sent:
+      self.batches_after += 1
+      return
+    import signal  # pylint: disable=g-import-not-at-top
+    self.sent = True
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_during_validation_stops_at_once_and_the_rerun_redoes_it(
+    tmp_path, monkeypatch):
+  """Between steps (evaluation, precise BN, EMA swap) SIGTERM was only a
+  flag read at the epoch end, after the whole evaluation."""
+  import signal  # pylint: disable=g-import-not-at-top
+  from keras_sft import errors  # pylint: disable=g-import-not-at-top
+  run, build = _tiny_run(tmp_path / 'run', steps_per_epoch=4)
+  sender = _SendSigtermDuringValidation()
+  real_callbacks = train._callbacks  # pylint: disable=protected-access
+  monkeypatch.setattr(train, '_callbacks',
+                      lambda run: real_callbacks(run) + [sender])
+  with pytest.raises(errors.PreemptedError, match='between training steps'):
+    train._fit_to_end(run, build())  # pylint: disable=protected-access
+  assert sender.sent and sender.batches_after == 0
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+  # The epoch's last step is backed up after its evaluation: not written.
+  assert run.checkpointer.latest()[1] == 3
+  monkeypatch.undo()
+  resumed = build()
+  train._fit_to_end(run, resumed)  # pylint: disable=protected-access
+  assert checkpointing.trained_steps(resumed) == 8
+  assert _history_epochs(tmp_path / 'run') == ['0', '1']
+
+
 class _RecordBackupAtValidation(keras.callbacks.Callback):
 
   def __init__(self, checkpointer):
