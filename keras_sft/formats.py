@@ -25,10 +25,12 @@ no resize (ONNX Runtime has no kernel for TF's antialiased resize,
 `python -m keras_sft.predict`) does. One output `logits`, float32 `[N, C]`;
 also for litert_int8, whose graph dequantizes its last layer's int8 output.
 
-Metadata (class names, the input and output, `image_size`, the run, and for
-litert_int8 the measured accuracy) is a JSON object: in ONNX `metadata_props`
-(one entry per key, each value JSON), for LiteRT in `metadata.json` beside
-`model.tflite`. `read_metadata` reads either.
+Metadata (class names, the input and output, `image_size`, the run and
+which of its weights (`source`: checkpoint, step, EMA or raw, their
+measured accuracy; `serving.weights_source`), and for litert_int8 the
+measured accuracy) is a JSON object: in ONNX `metadata_props` (one entry per
+key, each value JSON), for LiteRT in `metadata.json` beside `model.tflite`.
+`read_metadata` reads either. The SavedModel has a `metadata.json` too.
 
 The optional packages are extras, not in the base install:
 `pip install keras-sft[onnx]` (tf2onnx, onnx, onnxruntime) and
@@ -47,6 +49,7 @@ import tensorflow as tf
 from tensorflow.python.framework import convert_to_constants  # pylint: disable=g-direct-tensorflow-import
 from tensorflow.python.util import deprecation  # pylint: disable=g-direct-tensorflow-import
 
+from keras_sft import checkpointing
 from keras_sft import errors
 from keras_sft import input_pipeline
 from keras_sft import precision
@@ -418,8 +421,10 @@ def export_format(format_name, model, config, class_names, export_base,
         top_k=config.export_top_k,
         max_image_pixels=config.get('max_image_pixels',
                                     serving._DEFAULT_MAX_IMAGE_PIXELS),  # pylint: disable=protected-access
-        resize_size=config.resize_size)
-    return version, path, None
+        resize_size=config.resize_size, source=source)
+    return version, path, (serving.saved_model_metadata(
+        class_names, config.image_size, config.resize_size, source)
+                           if source is not None else None)
   require(format_name)  # Before any conversion work.
   module = logits_module(model, config.image_size)
   metadata = _metadata(format_name, config, class_names, source)
@@ -448,8 +453,9 @@ def export_format(format_name, model, config, class_names, export_base,
   return version, path, metadata
 
 
-def export_run(workdir, formats=('saved_model',), checkpoint='best',
-               export_base=None, top_k=None):
+def export_run(workdir, formats=('saved_model',),
+               checkpoint=serving.DEFAULT_CHECKPOINT, export_base=None,
+               top_k=None):
   """Exports the next version of each format of the run in `workdir`.
 
   The model is restored once (`serving.restore_run_model`); twice for a
@@ -459,7 +465,8 @@ def export_run(workdir, formats=('saved_model',), checkpoint='best',
   Args:
     workdir: A run directory.
     formats: Names of `FORMATS`, or one comma-separated string.
-    checkpoint: 'best' or 'last'; see `serving.restore_run_model`.
+    checkpoint: 'last' (default: the weights of the run's own export) or
+      'best'; see `serving.restore_run_model`.
     export_base: The SavedModel's versions go here, the other formats' to
       `<export_base>/<format>/`; default `<workdir>/export`.
     top_k: Classes in the top-k outputs (the SavedModel's signatures; the
@@ -494,8 +501,8 @@ def export_run(workdir, formats=('saved_model',), checkpoint='best',
     model, config, class_names, weights = restored[override]
     if top_k is not None:
       config.export_top_k = top_k
-    source = {'workdir': os.path.abspath(workdir), 'checkpoint': checkpoint,
-              'weights': os.path.basename(weights)}
+    source = serving.weights_source(workdir, weights,
+                                    checkpointing.trained_steps(model))
     exported.append((name,) + export_format(name, model, config, class_names,
                                             base, source, data))
   return exported

@@ -33,6 +33,7 @@ ONNX and LiteRT exports (`keras_sft.formats`) go beside the versions, in
 """
 
 import errno
+import json
 import logging
 import os
 import re
@@ -56,6 +57,13 @@ from keras_sft import workdir as workdir_lib
 
 # Which backup of a run `restore_run_model` loads.
 CHECKPOINTS = ('best', 'last')
+# Which weights an export holds unless told otherwise, everywhere: those the
+# run's final evaluation measured and its own export (`export/1`) holds, so
+# a SavedModel and an ONNX file of one run are one classifier by default.
+DEFAULT_CHECKPOINT = 'last'
+# The export's description of itself, beside `saved_model.pb` (TF Serving
+# ignores it), as beside a LiteRT `model.tflite`.
+METADATA_FILE = 'metadata.json'
 # TF Serving's warm-up file, in `<version>/assets.extra/`.
 WARMUP_FILE = 'tf_serving_warmup_requests'
 _DEFAULT_MAX_IMAGE_PIXELS = image_folder.DEFAULT_MAX_IMAGE_PIXELS
@@ -190,7 +198,7 @@ def _check_max_image_pixels(value):
 
 
 def _save(model, export_dir, image_size, class_names, top_k,
-          max_image_pixels, resize_size):
+          max_image_pixels, resize_size, metadata=None):
   if not class_names:
     raise errors.ConfigError(f'class_names must not be empty. Received: '
                              f'class_names={class_names!r}')
@@ -205,6 +213,9 @@ def _save(model, export_dir, image_size, class_names, top_k,
           'serve_image_bytes': module.serve_image_bytes,
       })
   _write_warmup_requests(export_dir, image_size)
+  if metadata is not None:
+    with open(os.path.join(export_dir, METADATA_FILE), 'w') as file:
+      json.dump(metadata, file, indent=2)
 
 
 def _make_readable(directory):
@@ -374,7 +385,7 @@ def resolve_saved_model(path):
 
 def export_version(model, export_base, image_size, class_names, top_k=5,
                    max_image_pixels=_DEFAULT_MAX_IMAGE_PIXELS,
-                   resize_size=None):
+                   resize_size=None, source=None):
   """Writes `<export_base>/<next version>/`, the layout TF Serving loads.
 
   The version is one more than the largest there (1 for the first). The
@@ -394,16 +405,30 @@ def export_version(model, export_base, image_size, class_names, top_k=5,
     max_image_pixels: `serve_image_bytes` refuses an image with more pixels
       (width x height, read from its header) without decoding it.
     resize_size: As in `export_saved_model`.
+    source: None, or which weights these are (`weights_source`): written
+      with the class names and image size to `metadata.json` in the version.
 
   Returns:
     `(version, path)` of the new version.
   """
+  metadata = None
+  if source is not None:
+    metadata = saved_model_metadata(class_names, image_size, resize_size,
+                                    source)
   version, path = write_version(
       export_base, lambda directory: _save(
           model, directory, image_size, class_names, top_k, max_image_pixels,
-          resize_size))
+          resize_size, metadata))
   logging.info('Exported SavedModel version %d to %s.', version, path)
   return version, path
+
+
+def saved_model_metadata(class_names, image_size, resize_size, source):
+  """The SavedModel's `metadata.json`: what the other formats' holds that
+  is not in its signatures, and which weights it holds (`source`)."""
+  return {'format': 'saved_model', 'class_names': list(class_names),
+          'image_size': image_size, 'resize_size': resize_size,
+          'source': source}
 
 
 def write_version(export_base, save):
@@ -462,7 +487,7 @@ def class_names_of_run(run):
   return list(input_pipeline.class_names(builder))
 
 
-def restore_run_model(workdir, checkpoint='best', precision=None):
+def restore_run_model(workdir, checkpoint=DEFAULT_CHECKPOINT, precision=None):
   """Rebuilds the model of the run in `workdir` with its trained weights.
 
   The model is built by `recipe.build_model` from the run's `config.json`,
@@ -470,14 +495,15 @@ def restore_run_model(workdir, checkpoint='best', precision=None):
 
   Args:
     workdir: A run directory (`config.json`, `checkpoints/`).
-    checkpoint: 'best' (`checkpoints/best.weights.h5`: the weights whose
-      val_accuracy was the highest, EMA and BN statistics as evaluated; the
-      last backup when the run has none) or 'last' (the newest backup that
-      verifies, as a resumed run takes it, with
-      the weights the run evaluates put in: the EMA if on, unless the run's
-      final evaluation chose the raw weights (`exported_weights` in
-      metrics.json), and BN statistics re-estimated on the run's training
-      data if `precise_bn_batches`).
+    checkpoint: 'last' (the default: the newest backup that verifies, as a
+      resumed run takes it, with the weights the run evaluates put in: the
+      EMA if on, unless the run's final evaluation chose the raw weights
+      (`exported_weights` in metrics.json), and BN statistics re-estimated
+      on the run's training data if `precise_bn_batches`; for a finished
+      run, the weights of its own export) or 'best'
+      (`checkpoints/best.weights.h5`: the weights whose val_accuracy was the
+      highest, EMA and BN statistics as evaluated; the last backup when the
+      run has none).
     precision: None (the run's `config.precision`), or another
       `config.precision` to build the model with, e.g. 'float32' for a
       run trained in mixed precision (its weights are float32 either way).
@@ -524,34 +550,95 @@ def restore_run_model(workdir, checkpoint='best', precision=None):
           precise_bn.batch_count(config.precise_bn_batches,
                                  data.info.num_train_examples,
                                  config.global_batch_size))
-    ema = config.ema_momentum is not None
-    if ema and os.path.exists(run.metrics_file):
-      ema = workdir_lib.read_json(run.metrics_file).get(
-          'exported_weights', 'ema') == 'ema'
-    evaluation_weights.use(model, ema=ema,
+    evaluation_weights.use(model, ema=_evaluates_ema(run, config),
                            statistics_batches=statistics_batches)
   return model, config, class_names, path
 
 
-def export_run(workdir, checkpoint='best', export_base=None, top_k=None):
+def _evaluates_ema(run, config):
+  """Whether the run's evaluation weights are its EMA (else the raw ones)."""
+  ema = config.ema_momentum is not None
+  if ema and os.path.exists(run.metrics_file):
+    ema = workdir_lib.read_json(run.metrics_file).get(
+        'exported_weights', 'ema') == 'ema'
+  return ema
+
+
+def weights_source(workdir, path, step, config=None):
+  """Which weights of the run an export holds: its metadata's `source`.
+
+  Args:
+    workdir: The run directory.
+    path: The weights file restored: `best.weights.h5` or a backup.
+    step: The training step of those weights.
+    config: The run's ConfigDict; default read from its `config.json`.
+
+  Returns:
+    A JSON-able dict: `workdir`, `checkpoint` ('best' or 'last'),
+    `weights` (the file's name), `step`, `ema` (EMA or raw weights),
+    `accuracy` (top-1 on the eval split, None if never measured for these
+    weights) and `accuracy_from` (what measured it).
+  """
+  run = workdir_lib.Workdir(workdir)
+  if config is None:
+    config = ml_collections.ConfigDict(run.read_config())
+  source = {'workdir': os.path.abspath(workdir),
+            'weights': os.path.basename(path), 'step': int(step)}
+  if os.path.basename(path) == checkpointing.BEST_WEIGHTS:
+    record = checkpointing.best_record(run.checkpoints) or {}
+    source.update(
+        checkpoint='best', step=int(record.get('step', step)),
+        ema=config.ema_momentum is not None, accuracy=record.get('value'),
+        accuracy_from=f'{record.get("monitor", "val_accuracy")} of its '
+        'epoch')
+    return source
+  metrics = (workdir_lib.read_json(run.metrics_file)
+             if os.path.exists(run.metrics_file) else {})
+  measured = metrics.get('step') == step
+  source.update(
+      checkpoint='last', ema=_evaluates_ema(run, config),
+      accuracy=metrics['eval']['accuracy'] if measured else None,
+      accuracy_from='the final evaluation (metrics.json)' if measured
+      else None)
+  return source
+
+
+def describe_source(source):
+  """One line for the export command's output: which weights, and whether
+  they are those of the run's own export."""
+  accuracy = ('accuracy not measured' if source.get('accuracy') is None else
+              f'accuracy {source["accuracy"]:.4f} ({source["accuracy_from"]})')
+  weights = 'EMA' if source.get('ema') else 'raw'
+  text = (f'checkpoint={source["checkpoint"]}: {source["weights"]}, step '
+          f'{source["step"]}, {weights} weights, {accuracy}')
+  if source['checkpoint'] == 'last':
+    return text + "; the weights of the run's own export at that step"
+  return (text + "; NOT the weights of the run's own export (its final "
+          'weights: --checkpoint=last), a different classifier')
+
+
+def export_run(workdir, checkpoint=DEFAULT_CHECKPOINT, export_base=None,
+               top_k=None):
   """Exports the next SavedModel version of the run in `workdir`.
 
   Args:
     workdir: A run directory.
-    checkpoint: 'best' or 'last'; see `restore_run_model`.
+    checkpoint: 'last' (default) or 'best'; see `restore_run_model`.
     export_base: Where versions go; default `<workdir>/export`.
     top_k: Classes in the top-k outputs; default the run's
       `config.export_top_k`.
 
   Returns:
-    `(version, path)` of the new version.
+    `(version, path, source)`: the new version and `weights_source`.
   """
-  model, config, class_names, _ = restore_run_model(workdir, checkpoint)
-  return export_version(
+  model, config, class_names, path = restore_run_model(workdir, checkpoint)
+  source = weights_source(workdir, path, checkpointing.trained_steps(model))
+  version, path = export_version(
       model, export_base or workdir_lib.Workdir(workdir).export,
       config.image_size, class_names,
       top_k=config.export_top_k if top_k is None else top_k,
       # Runs from before the key existed have none in their config.json.
       max_image_pixels=config.get('max_image_pixels',
                                   _DEFAULT_MAX_IMAGE_PIXELS),
-      resize_size=config.resize_size)
+      resize_size=config.resize_size, source=source)
+  return version, path, source

@@ -429,12 +429,19 @@ def _export(run, model):
   # The SavedModel holds each weight once.
   workdir_lib.check_free_space(run.workdir.path,
                                2 * checkpointing.weights_size(model), what)
+  # The weights left in `model` by the final evaluation: the newest backup's
+  # (EMA or raw, BN re-estimated), what `python -m keras_sft.export` exports
+  # by default; metrics.json, written before, holds their accuracy.
+  latest = run.checkpointer.latest()
+  source = serving.weights_source(
+      run.workdir.path, latest[0] if latest else '',
+      checkpointing.trained_steps(model), config=run.config)
   try:
     serving.export_version(model, run.workdir.export, run.config.image_size,
                            run.data.info.class_names,
                            top_k=run.config.export_top_k,
                            max_image_pixels=run.config.max_image_pixels,
-                           resize_size=run.config.resize_size)
+                           resize_size=run.config.resize_size, source=source)
   except (OSError, tf.errors.OpError) as error:
     if not workdir_lib.is_disk_full(error):
       raise
