@@ -79,11 +79,21 @@ _RUNTIME_PACKAGES = {'onnx': ('onnxruntime',),
 _EXTRAS = {'onnx': 'onnx', 'litert': 'litert', 'litert_int8': 'litert'}
 
 
+# Calibration needs hundreds of images; the draw shuffles through a buffer
+# of this many, which tf.data allocates at once.
+MAX_REPRESENTATIVE_IMAGES = 100_000
+
+
 def check_config(config):
   """Checks the format export keys of the config."""
   errors.check_integer(
       'export_representative_images', config.export_representative_images, 1,
       ' (training images that calibrate the litert_int8 export)')
+  errors.check_at_most(
+      'export_representative_images', config.export_representative_images,
+      MAX_REPRESENTATIVE_IMAGES,
+      'would be held in memory and shuffled through a buffer allocated at '
+      'once, for no better calibration')
 
 
 def parse_formats(value):

@@ -124,6 +124,8 @@ def _weights_file(directory, kind):
     ('randaugment_num_ops', 100_000_000, 'randaugment_num_ops must be at'),
     ('max_image_pixels', 10**30, 'max_image_pixels must be at most'),
     ('seed', 2**32, 'seed must be at most'),
+    ('export_representative_images', 10**12,
+     'export_representative_images must be at most'),
 ])
 def test_a_failed_start_leaves_the_workdir_unclaimed(
     tmp_path, monkeypatch, no_model_built, mock_cifar10, key, value,
