@@ -108,6 +108,7 @@ def get_config():
   # (benchmarks/ACCURACY.md): from scratch 74.5% -> 77.4% top-1 with 20;
   # from scratch on 500 images 28.5% -> 82.9%; fine-tuning proxy (100
   # images/class) 77.1% -> 88.1%. Costs 20 forward passes per evaluation.
+  # At most one pass over the train split: a larger value is capped (logged).
   config.precise_bn_batches = 20
   # None, or a stage of the model (ResNets: 'conv1'..'conv5'; others in
   # README "Backbones"): freeze the backbone up to and including that stage

@@ -80,6 +80,21 @@ def check_integer(name, value, minimum, meaning=''):
                       f'{name}={value!r}')
 
 
+def check_at_most(name, value, maximum, reason):
+  """`value` (None, or a number already checked) is at most `maximum`.
+
+  Args:
+    name: The config key.
+    value: Its value.
+    maximum: The largest value that can work.
+    reason: Why larger values cannot, completing "larger values ...".
+  """
+  if value is not None and is_number(value) and value > maximum:
+    raise ConfigError(f'{name} must be at most {maximum:,}: larger values '
+                      f'{reason}. Received: {name}={value!r}. Use a value '
+                      f'<= {maximum}.')
+
+
 def check_non_negative(name, value):
   """`value` is a finite number >= 0."""
   if not (is_number(value) and math.isfinite(value) and value >= 0):

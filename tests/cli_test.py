@@ -72,6 +72,8 @@ def _error_lines(stderr):
 @pytest.mark.parametrize('flag, expected', [
     ('--config.num_epoch=3', 'num_epochs'),
     ('--config.image_size=0', 'image_size=0'),
+    # Was a numpy MemoryError traceback after the workdir was claimed.
+    ('--config.image_size=100000000', 'image_size=100000000'),
     ('--config.global_batch_size=-8', 'global_batch_size=-8'),
     ('--config.learning_rate=nan', 'learning_rate=nan'),
     ('--config.dataset=no_such_dataset', 'no_such_dataset'),

@@ -27,6 +27,7 @@ from keras_sft.data import augment
 from keras_sft.data import pipeline
 from keras_sft.models import precise_bn
 from keras_sft.training import recipe
+from keras_sft.export import formats
 from keras_sft.export import restore
 from keras_sft.export import saved_model
 from keras_sft import workdir as workdir_lib
@@ -228,21 +229,44 @@ def _file_digests(directory):
   return digests
 
 
+def _source(version_directory):
+  with open(os.path.join(version_directory, saved_model.METADATA_FILE)) as file:
+    return json.load(file)['source']
+
+
+def test_the_runs_own_export_names_its_weights(smoke_run):
+  """export/1's metadata.json: the final step, measured by metrics.json."""
+  workdir, _ = smoke_run
+  metrics = conftest.read_metrics(workdir)
+  source = _source(conftest.version_dir(workdir))
+  assert source['checkpoint'] == 'last'
+  assert source['step'] == metrics['step'] == metrics['total_steps']
+  assert source['accuracy'] == metrics['eval']['accuracy']
+  assert source['weights'] == os.path.basename(
+      conftest.latest_backup(workdir)[0])
+
+
 def test_second_export_from_the_workdir_makes_version_2(smoke_run, tmp_path):
-  """The export command adds version 2; version 1 stays byte for byte."""
+  """The export command adds version 2; version 1 stays byte for byte. By
+  default it holds the weights of version 1 (the run's own export), and
+  says so; the issue found the default was the best epoch's."""
   workdir, _ = smoke_run
   base = tmp_path / 'export'
   shutil.copytree(conftest.version_dir(workdir), base / '1')
   before = _file_digests(base / '1')
   result = subprocess.run(
       [sys.executable, '-m', 'keras_sft.export', f'--workdir={workdir}',
-       f'--export_base={base}', '--checkpoint=last'],
+       f'--export_base={base}'],
       capture_output=True, text=True, cwd=conftest.REPO_ROOT,
       env=conftest.cli_env(), timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.strip().splitlines()[-1] == str(base / '2')
   assert sorted(os.listdir(base)) == ['1', '2']
   assert _file_digests(base / '1') == before
+  assert _source(base / '2') == _source(base / '1')
+  assert ("saved_model: checkpoint=last: " in result.stderr and
+          "the weights of the run's own export" in result.stderr), (
+              result.stderr[-3000:])
   # Rebuilt from the last checkpoint, version 2 serves what version 1 does.
   images = tf.constant(np.random.default_rng(1).integers(
       0, 256, (2, 32, 32, 3)).astype(np.uint8))
@@ -544,6 +568,22 @@ def test_last_falls_back_past_a_damaged_newest_backup(smoke_run, tmp_path):
   _, _, _, path = restore.restore_run_model(workdir, checkpoint='last')
   assert path != newest
   assert os.path.basename(path) == f'ckpt-{step - 1}.weights.h5'
+
+
+def test_best_is_an_explicit_choice_named_in_its_metadata(smoke_run,
+                                                           tmp_path):
+  """--checkpoint=best: its step and val_accuracy, and not the run's own
+  export, in the metadata and the command's line."""
+  workdir, _ = smoke_run
+  record = checkpoints.best_record(workdir_lib.Workdir(workdir).checkpoints)
+  [(_, _, path, metadata)] = formats.export_run(
+      workdir, checkpoint='best', export_base=str(tmp_path / 'export'))
+  source = metadata['source']
+  assert _source(path) == source
+  assert source['checkpoint'] == 'best'
+  assert source['step'] == record['step']
+  assert source['accuracy'] == record['value']
+  assert 'NOT the weights of the run' in restore.describe_source(source)
 
 
 def test_damaged_best_weights_are_a_user_error(smoke_run, tmp_path):

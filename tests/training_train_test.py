@@ -43,6 +43,10 @@ def no_model_built(monkeypatch):
 @pytest.mark.parametrize('key, value, message', [
     ('global_batch_size', 0, 'global_batch_size=0'),
     ('num_epochs', -1, 'num_epochs=-1'),
+    # Checked before head_only_epochs, whose range depends on it: the error
+    # names the key the user set.
+    ('num_epochs', 0, '^num_epochs must be a positive number'),
+    ('num_epochs', -1, '^num_epochs must be a positive number'),
     ('learning_rate', -0.1, 'learning_rate=-0.1'),
     ('steps_per_epoch', 0, 'steps_per_epoch=0'),
     ('distribution', 'mirored', "distribution='mirored'"),
@@ -112,6 +116,17 @@ def _weights_file(directory, kind):
     # Offline: the error names --config.weights=PATH, which must then run in
     # the same workdir.
     ('weights', 'imagenet', 'Could not download'),
+    # Values that would fail only while building the model or the input
+    # stream, after the claim (image_size: a numpy MemoryError).
+    ('image_size', 100_000_000, 'image_size must be at most 4,096'),
+    ('resize_size', 100_000_000, 'resize_size must be at most 4,096'),
+    ('global_batch_size', 100_000_000, 'global_batch_size must be at most'),
+    ('shuffle_buffer_size', 10**12, 'shuffle_buffer_size must be at most'),
+    ('randaugment_num_ops', 100_000_000, 'randaugment_num_ops must be at'),
+    ('max_image_pixels', 10**30, 'max_image_pixels must be at most'),
+    ('seed', 2**32, 'seed must be at most'),
+    ('export_representative_images', 10**12,
+     'export_representative_images must be at most'),
 ])
 def test_a_failed_start_leaves_the_workdir_unclaimed(
     tmp_path, monkeypatch, no_model_built, mock_cifar10, key, value,
@@ -205,7 +220,8 @@ def _tiny_run(workdir, steps_per_epoch=4, num_epochs=2, steps_per_execution=1,
   data = types.SimpleNamespace(
       train=lambda start_step: examples.batch(4).repeat().skip(start_step),
       eval=examples.batch(8),
-      info=types.SimpleNamespace(num_classes=3, class_names=('a', 'b', 'c')))
+      info=types.SimpleNamespace(num_classes=3, class_names=('a', 'b', 'c'),
+                                 num_train_examples=32))
   run = train._Run(  # pylint: disable=protected-access
       config=config, workdir=workdir_lib.Workdir(str(workdir)),
       strategy=tf.distribute.get_strategy(), chief=True, data=data,
@@ -274,6 +290,22 @@ def test_resumed_run_with_dropout_equals_an_uninterrupted_one(tmp_path):
   assert checkpoints.trained_steps(resumed) == 8
   for want, got in zip(uninterrupted.get_weights(), resumed.get_weights()):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_precise_bn_batches_are_capped_at_one_pass_and_logged(tmp_path,
+                                                               caplog):
+  """precise_bn_batches=10**11 took 10**11 batches of an endless stream."""
+  run, _ = _tiny_run(tmp_path / 'run')
+  run.config.precise_bn_batches = 10**11
+  run.config.global_batch_size = 4  # As the tiny run's stream batches.
+  batches = train._statistics_batches(run)  # pylint: disable=protected-access
+  # 32 examples in batches of 4 (drop_remainder): 8 batches, each image once.
+  assert int(batches.cardinality()) == 8
+  with caplog.at_level('WARNING'):
+    from keras_sft.models import precise_bn  # pylint: disable=g-import-not-at-top
+    precise_bn.log_if_capped(10**11, 32, 4)
+  assert 'precise_bn_batches=100000000000 is more than one pass' in caplog.text
+  assert 'those 8 batches' in caplog.text
 
 
 def _history_epochs(workdir):
@@ -506,6 +538,47 @@ def test_sigterm_at_an_epoch_end_keeps_the_epochs_history_row(tmp_path,
   assert _history_epochs(tmp_path / 'run') == ['0']
   monkeypatch.undo()
   train._fit_to_end(run, build())  # pylint: disable=protected-access
+  assert _history_epochs(tmp_path / 'run') == ['0', '1']
+
+
+class _SendSigtermDuringValidation(keras.callbacks.Callback):
+  """Sends SIGTERM after the first validation batch; counts those after."""
+
+  def __init__(self):
+    super().__init__()
+    self.sent = False
+    self.batches_after = 0
+
+  def on_test_batch_end(self, batch, logs=None):
+    if self.sent:
+      self.batches_after += 1
+      return
+    import signal  # pylint: disable=g-import-not-at-top
+    self.sent = True
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_during_validation_stops_at_once_and_the_rerun_redoes_it(
+    tmp_path, monkeypatch):
+  """Between steps (evaluation, precise BN, EMA swap) SIGTERM was only a
+  flag read at the epoch end, after the whole evaluation."""
+  import signal  # pylint: disable=g-import-not-at-top
+  from keras_sft import errors  # pylint: disable=g-import-not-at-top
+  run, build = _tiny_run(tmp_path / 'run', steps_per_epoch=4)
+  sender = _SendSigtermDuringValidation()
+  real_callbacks = train._callbacks  # pylint: disable=protected-access
+  monkeypatch.setattr(train, '_callbacks',
+                      lambda run: real_callbacks(run) + [sender])
+  with pytest.raises(errors.PreemptedError, match='between training steps'):
+    train._fit_to_end(run, build())  # pylint: disable=protected-access
+  assert sender.sent and sender.batches_after == 0
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+  # The epoch's last step is backed up after its evaluation: not written.
+  assert run.checkpointer.latest()[1] == 3
+  monkeypatch.undo()
+  resumed = build()
+  train._fit_to_end(run, resumed)  # pylint: disable=protected-access
+  assert checkpoints.trained_steps(resumed) == 8
   assert _history_epochs(tmp_path / 'run') == ['0', '1']
 
 

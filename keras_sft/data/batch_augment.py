@@ -29,6 +29,11 @@ import tensorflow as tf
 from keras_sft import errors
 
 
+# Keras' RandAugment unrolls its operations into the graph of every batch;
+# the RandAugment paper (Cubuk et al. 2020) uses 1 to 3 of them.
+MAX_RANDAUGMENT_NUM_OPS = 10
+
+
 def check_config(config):
   """Checks the batch augmentation keys of the config."""
   _check(config.mixup_alpha, config.cutmix_alpha, config.randaugment_num_ops,
@@ -43,6 +48,10 @@ def _check(mixup_alpha, cutmix_alpha, randaugment_num_ops,
     raise errors.ConfigError('randaugment_num_ops must be an integer >= 0. '
                              'Received: randaugment_num_ops='
                              f'{randaugment_num_ops!r}')
+  errors.check_at_most(
+      'randaugment_num_ops', randaugment_num_ops, MAX_RANDAUGMENT_NUM_OPS,
+      "unroll into every training batch's graph (Keras' RandAugment "
+      'traces each operation), which would take hours to build')
   errors.check_fraction('randaugment_magnitude', randaugment_magnitude,
                         upper_inclusive=True)
 

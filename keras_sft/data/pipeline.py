@@ -45,6 +45,18 @@ _DISTINCT_EPOCH_ORDERS = 16
 _SEED_STRIDE = 1_000_003
 # HTTP retries of a tfds download (tfds' own default retries for minutes).
 _DOWNLOAD_RETRIES = 2
+# The largest side (image_size, resize_size) of an image the pipeline makes.
+# At larger sides one training image's activations alone outgrow any
+# accelerator's memory; a typo (image_size=100000000) would otherwise first
+# fail while building the model, after the workdir is claimed.
+MAX_IMAGE_SIZE = 4096
+# The largest global batch: the largest published ImageNet batches (TPU pods)
+# are this size.
+MAX_GLOBAL_BATCH_SIZE = 65_536
+# tf.data allocates the whole shuffle buffer when the stream starts, before
+# any element arrives, and a buffer larger than the train split shuffles no
+# better; a huge value ends the process when training starts.
+MAX_SHUFFLE_BUFFER_SIZE = 10_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,16 +82,34 @@ class DatasetUnavailableError(errors.UnavailableError):
   """The dataset is neither prepared locally nor downloadable."""
 
 
+_TOO_LARGE_TO_TRAIN = ('need more memory than a machine has to train on '
+                       'one batch')
+
+
 def check_config(config):
   """Checks the data keys of the config; reads no data."""
   if not isinstance(config.dataset, str) or not config.dataset.strip():
     raise errors.ConfigError('dataset must be a tfds name or folder:PATH. '
                              f'Received: dataset={config.dataset!r}')
   errors.check_positive('image_size', config.image_size)
+  errors.check_at_most('image_size', config.image_size, MAX_IMAGE_SIZE,
+                       _TOO_LARGE_TO_TRAIN)
   errors.check_positive('global_batch_size', config.global_batch_size)
+  errors.check_at_most('global_batch_size', config.global_batch_size,
+                       MAX_GLOBAL_BATCH_SIZE,
+                       'exceed the largest published ImageNet batches (TPU '
+                       'pods) and the memory of any machine')
   errors.check_positive('shuffle_buffer_size', config.shuffle_buffer_size)
+  errors.check_at_most(
+      'shuffle_buffer_size', config.shuffle_buffer_size,
+      MAX_SHUFFLE_BUFFER_SIZE,
+      'are allocated at once when training starts (tf.data reserves the '
+      'whole buffer), and a buffer larger than the train split shuffles no '
+      'better')
   errors.check_fraction('validation_fraction', config.validation_fraction)
   errors.check_positive('resize_size', config.resize_size, optional=True)
+  errors.check_at_most('resize_size', config.resize_size, MAX_IMAGE_SIZE,
+                       _TOO_LARGE_TO_TRAIN)
   if config.resize_size is not None and config.resize_size < config.image_size:
     raise errors.ConfigError(
         'resize_size must be None or >= image_size. Received: '

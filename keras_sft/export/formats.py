@@ -24,10 +24,12 @@ no resize (ONNX Runtime has no kernel for TF's antialiased resize,
 `python -m keras_sft.predict`) does. One output `logits`, float32 `[N, C]`;
 also for litert_int8, whose graph dequantizes its last layer's int8 output.
 
-Metadata (class names, the input and output, `image_size`, the run, and for
-litert_int8 the measured accuracy) is a JSON object: in ONNX `metadata_props`
-(one entry per key, each value JSON), for LiteRT in `metadata.json` beside
-`model.tflite`. `read_metadata` reads either.
+Metadata (class names, the input and output, `image_size`, the run and
+which of its weights (`source`: checkpoint, step, EMA or raw, their
+measured accuracy; `restore.weights_source`), and for litert_int8 the
+measured accuracy) is a JSON object: in ONNX `metadata_props` (one entry per
+key, each value JSON), for LiteRT in `metadata.json` beside `model.tflite`.
+`read_metadata` reads either. The SavedModel has a `metadata.json` too.
 
 Adding a format is one `Format` entry in `FORMATS` (its module gives the
 saver, loader and metadata reader) plus its tests.
@@ -54,6 +56,7 @@ from keras_sft.export import onnx_format
 from keras_sft.export import packages
 from keras_sft.export import restore
 from keras_sft.export import saved_model
+from keras_sft.training import checkpoints
 from keras_sft.training import precision
 
 
@@ -107,11 +110,21 @@ FORMATS = {format.name: format for format in (
 )}
 
 
+# Calibration needs hundreds of images; the draw shuffles through a buffer
+# of this many, which tf.data allocates at once.
+MAX_REPRESENTATIVE_IMAGES = 100_000
+
+
 def check_config(config):
   """Checks the format export keys of the config."""
   errors.check_integer(
       'export_representative_images', config.export_representative_images, 1,
       ' (training images that calibrate the litert_int8 export)')
+  errors.check_at_most(
+      'export_representative_images', config.export_representative_images,
+      MAX_REPRESENTATIVE_IMAGES,
+      'would be held in memory and shuffled through a buffer allocated at '
+      'once, for no better calibration')
 
 
 def parse_formats(value):
@@ -168,9 +181,11 @@ def export_format(format_name, model, config, class_names, export_base,
   errors.check_choice('format', format_name, tuple(FORMATS))
   entry = FORMATS[format_name]
   if entry.saver is None:
-    version, path = saved_model.export_from_config(model, config, class_names,
-                                                   export_base)
-    return version, path, None
+    version, path = saved_model.export_from_config(
+        model, config, class_names, export_base, source=source)
+    return version, path, (saved_model.saved_model_metadata(
+        class_names, config.image_size, config.resize_size, source)
+                           if source is not None else None)
   require(format_name)  # Before any conversion work.
   module = graph.logits_module(model, config.image_size)
   metadata = graph.metadata(format_name, config, class_names, source)
@@ -181,8 +196,9 @@ def export_format(format_name, model, config, class_names, export_base,
   return version, path, metadata
 
 
-def export_run(workdir, formats=('saved_model',), checkpoint='best',
-               export_base=None, top_k=None):
+def export_run(workdir, formats=('saved_model',),
+               checkpoint=restore.DEFAULT_CHECKPOINT, export_base=None,
+               top_k=None):
   """Exports the next version of each format of the run in `workdir`.
 
   The model is restored once (`restore.restore_run_model`); twice for a
@@ -192,7 +208,8 @@ def export_run(workdir, formats=('saved_model',), checkpoint='best',
   Args:
     workdir: A run directory.
     formats: Names of `FORMATS`, or one comma-separated string.
-    checkpoint: 'best' or 'last'; see `restore.restore_run_model`.
+    checkpoint: 'last' (default: the weights of the run's own export) or
+      'best'; see `restore.restore_run_model`.
     export_base: The SavedModel's versions go here, the other formats' to
       `<export_base>/<format>/`; default `<workdir>/export`.
     top_k: Classes in the top-k outputs (the SavedModel's signatures; the
@@ -227,8 +244,8 @@ def export_run(workdir, formats=('saved_model',), checkpoint='best',
     model, config, class_names, weights = restored[override]
     if top_k is not None:
       config.export_top_k = top_k
-    source = {'workdir': os.path.abspath(workdir), 'checkpoint': checkpoint,
-              'weights': os.path.basename(weights)}
+    source = restore.weights_source(workdir, weights,
+                                    checkpoints.trained_steps(model))
     exported.append((name,) + export_format(name, model, config, class_names,
                                             base, source, data))
   return exported

@@ -14,12 +14,17 @@ import ml_collections
 from keras_sft import errors
 from keras_sft import workdir as workdir_lib
 from keras_sft.data import pipeline
+from keras_sft.models import precise_bn
 from keras_sft.training import checkpoints
 from keras_sft.training import evaluation_weights
 from keras_sft.training import recipe
 
 # Which backup of a run `restore_run_model` loads.
 CHECKPOINTS = ('best', 'last')
+# Which weights an export holds unless told otherwise, everywhere: those the
+# run's final evaluation measured and its own export (`export/1`) holds, so
+# a SavedModel and an ONNX file of one run are one classifier by default.
+DEFAULT_CHECKPOINT = 'last'
 
 
 def class_names_of_run(run):
@@ -36,7 +41,7 @@ def class_names_of_run(run):
   return list(pipeline.class_names(builder))
 
 
-def restore_run_model(workdir, checkpoint='best', precision=None):
+def restore_run_model(workdir, checkpoint=DEFAULT_CHECKPOINT, precision=None):
   """Rebuilds the model of the run in `workdir` with its trained weights.
 
   The model is built by `recipe.build_model` from the run's `config.json`,
@@ -44,14 +49,15 @@ def restore_run_model(workdir, checkpoint='best', precision=None):
 
   Args:
     workdir: A run directory (`config.json`, `checkpoints/`).
-    checkpoint: 'best' (`checkpoints/best.weights.h5`: the weights whose
-      val_accuracy was the highest, EMA and BN statistics as evaluated; the
-      last backup when the run has none) or 'last' (the newest backup that
-      verifies, as a resumed run takes it, with
-      the weights the run evaluates put in: the EMA if on, unless the run's
-      final evaluation chose the raw weights (`exported_weights` in
-      metrics.json), and BN statistics re-estimated on the run's training
-      data if `precise_bn_batches`).
+    checkpoint: 'last' (the default: the newest backup that verifies, as a
+      resumed run takes it, with the weights the run evaluates put in: the
+      EMA if on, unless the run's final evaluation chose the raw weights
+      (`exported_weights` in metrics.json), and BN statistics re-estimated
+      on the run's training data if `precise_bn_batches`; for a finished
+      run, the weights of its own export) or 'best'
+      (`checkpoints/best.weights.h5`: the weights whose val_accuracy was the
+      highest, EMA and BN statistics as evaluated; the last backup when the
+      run has none).
     precision: None (the run's `config.precision`), or another
       `config.precision` to build the model with, e.g. 'float32' for a
       run trained in mixed precision (its weights are float32 either way).
@@ -90,12 +96,76 @@ def restore_run_model(workdir, checkpoint='best', precision=None):
       # The batches training re-estimated on: tf.data's seeded shuffle
       # also depends on the global seed, which train._start sets.
       keras.utils.set_random_seed(config.seed)
-      statistics_batches = pipeline.from_config(config).train(
-          start_step=0).take(config.precise_bn_batches)
-    ema = config.ema_momentum is not None
-    if ema and os.path.exists(run.metrics_file):
-      ema = workdir_lib.read_json(run.metrics_file).get(
-          'exported_weights', 'ema') == 'ema'
-    evaluation_weights.use(model, ema=ema,
+      data = pipeline.from_config(config)
+      precise_bn.log_if_capped(config.precise_bn_batches,
+                               data.info.num_train_examples,
+                               config.global_batch_size)
+      statistics_batches = data.train(start_step=0).take(
+          precise_bn.batch_count(config.precise_bn_batches,
+                                 data.info.num_train_examples,
+                                 config.global_batch_size))
+    evaluation_weights.use(model, ema=_evaluates_ema(run, config),
                            statistics_batches=statistics_batches)
   return model, config, class_names, path
+
+
+def _evaluates_ema(run, config):
+  """Whether the run's evaluation weights are its EMA (else the raw ones)."""
+  ema = config.ema_momentum is not None
+  if ema and os.path.exists(run.metrics_file):
+    ema = workdir_lib.read_json(run.metrics_file).get(
+        'exported_weights', 'ema') == 'ema'
+  return ema
+
+
+def weights_source(workdir, path, step, config=None):
+  """Which weights of the run an export holds: its metadata's `source`.
+
+  Args:
+    workdir: The run directory.
+    path: The weights file restored: `best.weights.h5` or a backup.
+    step: The training step of those weights.
+    config: The run's ConfigDict; default read from its `config.json`.
+
+  Returns:
+    A JSON-able dict: `workdir`, `checkpoint` ('best' or 'last'),
+    `weights` (the file's name), `step`, `ema` (EMA or raw weights),
+    `accuracy` (top-1 on the eval split, None if never measured for these
+    weights) and `accuracy_from` (what measured it).
+  """
+  run = workdir_lib.Workdir(workdir)
+  if config is None:
+    config = ml_collections.ConfigDict(run.read_config())
+  source = {'workdir': os.path.abspath(workdir),
+            'weights': os.path.basename(path), 'step': int(step)}
+  if os.path.basename(path) == checkpoints.BEST_WEIGHTS:
+    record = checkpoints.best_record(run.checkpoints) or {}
+    source.update(
+        checkpoint='best', step=int(record.get('step', step)),
+        ema=config.ema_momentum is not None, accuracy=record.get('value'),
+        accuracy_from=f'{record.get("monitor", "val_accuracy")} of its '
+        'epoch')
+    return source
+  metrics = (workdir_lib.read_json(run.metrics_file)
+             if os.path.exists(run.metrics_file) else {})
+  measured = metrics.get('step') == step
+  source.update(
+      checkpoint='last', ema=_evaluates_ema(run, config),
+      accuracy=metrics['eval']['accuracy'] if measured else None,
+      accuracy_from='the final evaluation (metrics.json)' if measured
+      else None)
+  return source
+
+
+def describe_source(source):
+  """One line for the export command's output: which weights, and whether
+  they are those of the run's own export."""
+  accuracy = ('accuracy not measured' if source.get('accuracy') is None else
+              f'accuracy {source["accuracy"]:.4f} ({source["accuracy_from"]})')
+  weights = 'EMA' if source.get('ema') else 'raw'
+  text = (f'checkpoint={source["checkpoint"]}: {source["weights"]}, step '
+          f'{source["step"]}, {weights} weights, {accuracy}')
+  if source['checkpoint'] == 'last':
+    return text + "; the weights of the run's own export at that step"
+  return (text + "; NOT the weights of the run's own export (its final "
+          'weights: --checkpoint=last), a different classifier')

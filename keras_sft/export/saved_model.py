@@ -33,6 +33,7 @@ ONNX and LiteRT exports (`keras_sft.export.formats`) go beside the versions, in
 """
 
 import errno
+import json
 import logging
 import os
 import re
@@ -46,6 +47,9 @@ import tensorflow as tf
 from keras_sft import errors
 from keras_sft.data import folders
 from keras_sft.data import augment
+# The export's description of itself, beside `saved_model.pb` (TF Serving
+# ignores it), as beside a LiteRT `model.tflite`.
+METADATA_FILE = 'metadata.json'
 # TF Serving's warm-up file, in `<version>/assets.extra/`.
 WARMUP_FILE = 'tf_serving_warmup_requests'
 _DEFAULT_MAX_IMAGE_PIXELS = folders.DEFAULT_MAX_IMAGE_PIXELS
@@ -166,13 +170,21 @@ def check_config(config):
   _check_max_image_pixels(config.max_image_pixels)
 
 
+# A 65,535 x 65,535 JPEG (the format's largest) is about this many pixels;
+# decoded as RGB it takes 12 GiB. Larger values also overflow the int64
+# arithmetic of the header check.
+MAX_IMAGE_PIXELS = 2**32
+
+
 def _check_max_image_pixels(value):
   errors.check_integer('max_image_pixels', value, 1,
                        ' (width x height of the largest image decoded)')
+  errors.check_at_most('max_image_pixels', value, MAX_IMAGE_PIXELS,
+                       'admit images no machine can decode')
 
 
 def _save(model, export_dir, image_size, class_names, top_k,
-          max_image_pixels, resize_size):
+          max_image_pixels, resize_size, metadata=None):
   if not class_names:
     raise errors.ConfigError(f'class_names must not be empty. Received: '
                              f'class_names={class_names!r}')
@@ -187,6 +199,9 @@ def _save(model, export_dir, image_size, class_names, top_k,
           'serve_image_bytes': module.serve_image_bytes,
       })
   _write_warmup_requests(export_dir, image_size)
+  if metadata is not None:
+    with open(os.path.join(export_dir, METADATA_FILE), 'w') as file:
+      json.dump(metadata, file, indent=2)
 
 
 def _make_readable(directory):
@@ -356,7 +371,7 @@ def resolve_saved_model(path):
 
 def export_version(model, export_base, image_size, class_names, top_k=5,
                    max_image_pixels=_DEFAULT_MAX_IMAGE_PIXELS,
-                   resize_size=None):
+                   resize_size=None, source=None):
   """Writes `<export_base>/<next version>/`, the layout TF Serving loads.
 
   The version is one more than the largest there (1 for the first). The
@@ -376,16 +391,30 @@ def export_version(model, export_base, image_size, class_names, top_k=5,
     max_image_pixels: `serve_image_bytes` refuses an image with more pixels
       (width x height, read from its header) without decoding it.
     resize_size: As in `export_saved_model`.
+    source: None, or which weights these are (`weights_source`): written
+      with the class names and image size to `metadata.json` in the version.
 
   Returns:
     `(version, path)` of the new version.
   """
+  metadata = None
+  if source is not None:
+    metadata = saved_model_metadata(class_names, image_size, resize_size,
+                                    source)
   version, path = write_version(
       export_base, lambda directory: _save(
           model, directory, image_size, class_names, top_k, max_image_pixels,
-          resize_size))
+          resize_size, metadata))
   logging.info('Exported SavedModel version %d to %s.', version, path)
   return version, path
+
+
+def saved_model_metadata(class_names, image_size, resize_size, source):
+  """The SavedModel's `metadata.json`: what the other formats' holds that
+  is not in its signatures, and which weights it holds (`source`)."""
+  return {'format': 'saved_model', 'class_names': list(class_names),
+          'image_size': image_size, 'resize_size': resize_size,
+          'source': source}
 
 
 def write_version(export_base, save):
@@ -430,7 +459,8 @@ def write_version(export_base, save):
   return version, path
 
 
-def export_from_config(model, config, class_names, export_base, top_k=None):
+def export_from_config(model, config, class_names, export_base, top_k=None,
+                       source=None):
   """`export_version` with the run's serving keys: the one place they are read.
 
   Args:
@@ -440,6 +470,8 @@ def export_from_config(model, config, class_names, export_base, top_k=None):
     class_names: One name per class id.
     export_base: Where versions go.
     top_k: Overrides `config.export_top_k` when not None.
+    source: None, or which weights of the run these are
+      (`restore.weights_source`), written to the version's metadata.json.
 
   Returns:
     `(version, path)` of the new version.
@@ -448,4 +480,4 @@ def export_from_config(model, config, class_names, export_base, top_k=None):
       model, export_base, config.image_size, class_names,
       top_k=config.export_top_k if top_k is None else top_k,
       max_image_pixels=config.max_image_pixels,
-      resize_size=config.resize_size)
+      resize_size=config.resize_size, source=source)

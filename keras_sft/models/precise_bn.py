@@ -35,6 +35,36 @@ def check_config(config):
                        ' (0: off)')
 
 
+def batch_count(requested, num_train_examples, global_batch_size):
+  """Batches of an estimate: `requested`, at most one pass over the split.
+
+  The training stream is endless, so more batches than the split holds
+  would re-read the same images (precise_bn_batches=10**11 never ended);
+  the population statistics of one pass are already exact.
+
+  Args:
+    requested: `config.precise_bn_batches` (> 0).
+    num_train_examples: Examples in the train split.
+    global_batch_size: Images per batch.
+
+  Returns:
+    `min(requested, num_train_examples // global_batch_size)` (at least 1).
+  """
+  return max(1, min(requested, num_train_examples // global_batch_size))
+
+
+def log_if_capped(requested, num_train_examples, global_batch_size):
+  """Says in the log that `batch_count` uses fewer batches than requested."""
+  count = batch_count(requested, num_train_examples, global_batch_size)
+  if count < requested:
+    logging.warning(
+        'precise_bn_batches=%d is more than one pass over the train split '
+        '(%d examples, %d batches of %d): BN statistics are estimated on '
+        'those %d batches. Set --config.precise_bn_batches=%d or less to '
+        'silence this.', requested, num_train_examples, count,
+        global_batch_size, count, count)
+
+
 def trainable_batch_norm_layers(model):
   """The BatchNormalization layers of `model` that train (and are estimated).
   """

@@ -136,13 +136,19 @@ class StopOnDivergence(keras.callbacks.Callback):
 class PreemptionCallback(keras.callbacks.Callback):
   """On SIGTERM: a backup at the next step boundary, then `PreemptedError`.
 
-  Clusters send SIGTERM before they take a machine away. During `fit` the
-  signal only sets a flag; at the end of the current step the model is
-  backed up and `errors.PreemptedError` ends `fit`, so a rerun resumes from
-  this step. At the last step of an epoch it waits for the epoch end (the
-  evaluation, the history row and the backup of `BackupCallback`). Put it
-  last among the callbacks, and call `uninstall()` after `fit` (also when
-  `fit` raised). Outside `fit` SIGTERM keeps its default action.
+  Clusters send SIGTERM before they take a machine away. During an epoch's
+  training steps (and the backups written between them) the signal only
+  sets a flag; at the end of the current step the model is backed up and
+  `errors.PreemptedError` ends `fit`, so a rerun resumes from this step.
+  At the last step of an epoch it waits for the epoch end (the evaluation,
+  the history row and the backup of `BackupCallback`). Outside the steps (an
+  epoch's evaluation with its precise BN pass and EMA swap, the epoch-end
+  callbacks, the start of an epoch), and at a second SIGTERM while it
+  waits, the signal raises `PreemptedError` at once: those phases can take
+  minutes, and a rerun redoes them from the last backup (writes are atomic,
+  so nothing is left half-written). Put it last among the callbacks, and
+  call `uninstall()` after `fit` (also when `fit` raised). Outside `fit`
+  SIGTERM keeps its default action.
 
   Args:
     checkpointer: A `Checkpointer`; None on the workers of a multi-worker
@@ -154,10 +160,29 @@ class PreemptionCallback(keras.callbacks.Callback):
     self.checkpointer = checkpointer
     self._previous = None
     self._signaled = False
+    # True from an epoch's first step to its last: see the class doc.
+    self._in_steps = False
 
   def _handle(self, signum, frame):
     del signum, frame
-    self._signaled = True
+    if self._in_steps and not self._signaled:
+      self._signaled = True
+      return
+    self.uninstall()
+    step = checkpoints.trained_steps(self.model)
+    latest = self.checkpointer.latest() if self.checkpointer else None
+    backup = (f'its last backup, {latest[0]} (step {latest[1]})' if latest
+              else 'the start (no backup yet)')
+    logging.warning('SIGTERM between training steps at step %d: stopped at '
+                    'once, without a backup.', step)
+    raise errors.PreemptedError(
+        f'stopped on SIGTERM at step {step}, between training steps (an '
+        'evaluation, precise BN, a backup or the input pipeline), without '
+        f'a backup of this step. Rerun the same command: it resumes from '
+        f'{backup} and redoes what was interrupted.')
+
+  def on_train_batch_begin(self, batch, logs=None):
+    self._in_steps = True
 
   def on_train_begin(self, logs=None):
     if threading.current_thread() is threading.main_thread():
@@ -191,11 +216,15 @@ class PreemptionCallback(keras.callbacks.Callback):
   def on_train_batch_end(self, batch, logs=None):
     if not _is_last_batch(self, batch):
       self._stop_if_signaled()
+    else:
+      # The epoch's evaluation comes next.
+      self._in_steps = False
 
   def on_epoch_end(self, epoch, logs=None):
     self._stop_if_signaled()
 
   def on_train_end(self, logs=None):
+    self._in_steps = False
     self.uninstall()
 
 

@@ -44,12 +44,17 @@ from keras_sft.models import precise_bn
 from keras_sft.training import precision
 from keras_sft.training import progress
 from keras_sft.training import recipe
+from keras_sft.export import restore
 from keras_sft.export import saved_model
 from keras_sft import workdir as workdir_lib
 
 
 def _check_loop_config(config):
   errors.check_positive('num_epochs', config.num_epochs)
+  # numpy's limits, which keras.utils.set_random_seed enforces.
+  errors.check_integer('seed', config.seed, 0)
+  errors.check_at_most('seed', config.seed, 2**32 - 1,
+                       'are refused by numpy, which Keras seeds')
   errors.check_positive('steps_per_epoch', config.steps_per_epoch,
                         optional=True)
   errors.check_positive('eval_every_epochs', config.eval_every_epochs)
@@ -81,8 +86,11 @@ def _check_execution_divides(name, steps, steps_per_execution):
         f'{steps}.')
 
 
-# Each module checks the keys whose values it owns.
+# Each module checks the keys whose values it owns. The loop's keys first:
+# other checks compare their keys with num_epochs (head_only_epochs), whose
+# own error must come first.
 _CHECKS = (
+    _check_loop_config,
     pipeline.check_config,
     backbones.check_config,
     classifier.check_config,
@@ -95,7 +103,6 @@ _CHECKS = (
     checkpoints.check_config,
     saved_model.check_config,
     formats.check_config,
-    _check_loop_config,
 )
 
 
@@ -221,6 +228,10 @@ def _build(run):
                run.config.dataset, info.num_train_examples,
                info.num_eval_examples, info.num_classes)
   run.plan = recipe.make_plan(run.config, info.num_train_examples)
+  if run.config.precise_bn_batches:
+    precise_bn.log_if_capped(run.config.precise_bn_batches,
+                             info.num_train_examples,
+                             run.config.global_batch_size)
   with run.strategy.scope():
     model = recipe.build_model(run.config, info.num_classes, run.plan)
     run.checkpointer.restore(model)
@@ -237,7 +248,9 @@ def _statistics_batches(run):
     return None
   # The first batches of the stream: deterministic, whatever the position of
   # a resumed run.
-  return run.data.train(start_step=0).take(run.config.precise_bn_batches)
+  return run.data.train(start_step=0).take(precise_bn.batch_count(
+      run.config.precise_bn_batches, run.data.info.num_train_examples,
+      run.config.global_batch_size))
 
 
 def _fit(run, model, end_epoch, steps):
@@ -396,12 +409,17 @@ def _export(run, model):
   # The SavedModel holds each weight once.
   workdir_lib.check_free_space(run.workdir.path,
                                2 * checkpoints.weights_size(model), what)
+  # The weights left in `model` by the final evaluation: the newest backup's
+  # (EMA or raw, BN re-estimated), what `python -m keras_sft.export` exports
+  # by default; metrics.json, written before, holds their accuracy.
+  latest = run.checkpointer.latest()
+  source = restore.weights_source(
+      run.workdir.path, latest[0] if latest else '',
+      checkpoints.trained_steps(model), config=run.config)
   try:
-    saved_model.export_version(model, run.workdir.export, run.config.image_size,
-                           run.data.info.class_names,
-                           top_k=run.config.export_top_k,
-                           max_image_pixels=run.config.max_image_pixels,
-                           resize_size=run.config.resize_size)
+    saved_model.export_from_config(model, run.config,
+                                   run.data.info.class_names,
+                                   run.workdir.export, source=source)
   except (OSError, tf.errors.OpError) as error:
     if not workdir_lib.is_disk_full(error):
       raise
