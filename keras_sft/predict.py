@@ -120,7 +120,7 @@ def predict_files(signature, files, batch_size=32):
 def _serve(signature, paths, contents):
   """Records of `paths`; one call per file if the batch fails."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from keras_sft.data import folders  # pylint: disable=g-import-not-at-top
+  from keras_sft.data import images  # pylint: disable=g-import-not-at-top
   # UnicodeDecodeError: older exports put the raw bytes of a non-image into
   # their error message.
   failures = (tf.errors.OpError, UnicodeDecodeError)
@@ -136,7 +136,7 @@ def _serve(signature, paths, contents):
                               [path]))
     except failures as error:
       records.append({'file': path,
-                      'error': folders.error_message(error)})
+                      'error': images.error_message(error)})
   return records
 
 
@@ -144,7 +144,7 @@ class RuntimeSignature:
   """`serve_image_bytes` for an ONNX or LiteRT model (`formats.load`).
 
   Called as the SavedModel's signature is, with `image_bytes`, and returns
-  its top-k outputs: each image is decoded (`folders.decode_image`,
+  its top-k outputs: each image is decoded (`images.decode_image`,
   with the same checks and messages) and prepared for the model
   (`graph.prepare_images`) by TensorFlow, then the batch runs in the
   model's runtime.
@@ -152,7 +152,7 @@ class RuntimeSignature:
 
   def __init__(self, runtime, metadata):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    from keras_sft.data import folders  # pylint: disable=g-import-not-at-top
+    from keras_sft.data import images  # pylint: disable=g-import-not-at-top
     from keras_sft.export import graph  # pylint: disable=g-import-not-at-top
     self._runtime = runtime
     self._class_names = list(metadata['class_names'])
@@ -162,7 +162,7 @@ class RuntimeSignature:
     @tf.function(input_signature=[tf.TensorSpec([], tf.string),
                                   tf.TensorSpec([], tf.string)])
     def prepare(contents, name):
-      image = folders.decode_image(contents, name, max_pixels)
+      image = images.decode_image(contents, name, max_pixels)
       return graph.prepare_images(image, metadata['image_size'],
                                   metadata.get('resize_size'))
 

@@ -14,6 +14,7 @@ import tensorflow as tf
 from PIL import Image
 
 from configs import cifar10_resnet50
+from keras_sft.data import images
 from keras_sft.data import folders
 from keras_sft.data import pipeline
 from keras_sft.models import network as network_lib
@@ -362,8 +363,8 @@ def test_files_are_decoded_once_per_process_unless_they_change(folder_copy,
                                                               monkeypatch):
   root, _ = folder_copy
   calls = []
-  real = folders.find_unreadable
-  monkeypatch.setattr(folders, 'find_unreadable',
+  real = images.find_unreadable
+  monkeypatch.setattr(images, 'find_unreadable',
                       lambda paths, *args: calls.append(len(paths)) or
                       real(paths, *args))
   _create(root)

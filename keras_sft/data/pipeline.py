@@ -37,6 +37,7 @@ from tensorflow_datasets.core.download import downloader as tfds_downloader
 from keras_sft import errors
 from keras_sft.data import augment
 from keras_sft.data import batch_augment
+from keras_sft.data import images
 from keras_sft.data import folders
 
 # Epochs with distinct shuffle orders before the orders repeat.
@@ -284,7 +285,7 @@ def create_datasets(dataset='cifar10',
                     resize_size=None,
                     random_crop=True,
                     random_flip=True,
-                    max_image_pixels=folders.DEFAULT_MAX_IMAGE_PIXELS):
+                    max_image_pixels=images.DEFAULT_MAX_IMAGE_PIXELS):
   """Builds the training and evaluation datasets.
 
   Args:
@@ -346,7 +347,7 @@ def create_datasets(dataset='cifar10',
 def load_examples(dataset, *, train_split='train', eval_split='test',
                   data_dir=None, seed=0, validation_fraction=0.0,
                   skip_corrupt_images=False, global_batch_size=1,
-                  max_image_pixels=folders.DEFAULT_MAX_IMAGE_PIXELS):
+                  max_image_pixels=images.DEFAULT_MAX_IMAGE_PIXELS):
   """Reads a tfds dataset or an image folder as decoded examples.
 
   Args: as `create_datasets`; `global_batch_size` only checks that the train

@@ -45,14 +45,14 @@ import uuid
 import tensorflow as tf
 
 from keras_sft import errors
-from keras_sft.data import folders
+from keras_sft.data import images
 from keras_sft.data import augment
 # The export's description of itself, beside `saved_model.pb` (TF Serving
 # ignores it), as beside a LiteRT `model.tflite`.
 METADATA_FILE = 'metadata.json'
 # TF Serving's warm-up file, in `<version>/assets.extra/`.
 WARMUP_FILE = 'tf_serving_warmup_requests'
-_DEFAULT_MAX_IMAGE_PIXELS = folders.DEFAULT_MAX_IMAGE_PIXELS
+_DEFAULT_MAX_IMAGE_PIXELS = images.DEFAULT_MAX_IMAGE_PIXELS
 # Temporary export folders are named `<prefix><pid>@<host>.<32 hex digits>`,
 # so a later export can tell whether their writer is gone.
 _OWNER = re.compile(r'(?P<pid>\d+)@(?P<host>.*)\.[0-9a-f]{32}')
@@ -118,7 +118,7 @@ class _ServingModule(tf.Module):
     """One encoded image → `[S, S, 3]` float32, as the eval pipeline does."""
     data, index = element
     name = tf.strings.join(['image_bytes[', tf.strings.as_string(index), ']'])
-    image = folders.decode_image(data, name, self._max_image_pixels)
+    image = images.decode_image(data, name, self._max_image_pixels)
     return augment.preprocess_for_eval(image, self._image_size,
                                               self._resize_size)
 
