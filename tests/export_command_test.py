@@ -43,7 +43,7 @@ import tensorflow as tf
 export_dir, inputs_path, outputs_path = sys.argv[1:]
 with open(inputs_path, 'rb') as file:
   inputs = pickle.load(file)
-serving = tf.saved_model.load(export_dir)
+loaded = tf.saved_model.load(export_dir)
 images = loaded.signatures['serving_default']
 image_bytes = loaded.signatures['serve_image_bytes']
 def numpy(outputs):
