@@ -23,7 +23,7 @@ from absl import app
 from absl import flags
 
 from keras_sft import errors
-from keras_sft import workdir
+from keras_sft import files
 
 _VERBOSE = flags.DEFINE_bool(
     'verbose', False, 'Show the traceback of user errors too (as does '
@@ -89,7 +89,7 @@ def _call(main, started, argv):
     print(f'preempted: {error}', file=sys.stderr, flush=True)
     sys.exit(PREEMPTED_STATUS)
   except Exception as error:  # pylint: disable=broad-except
-    reason = workdir.write_failure(error)
+    reason = files.write_failure(error)
     if reason is None or _show_tracebacks():
       raise
     detail = str(error).strip().splitlines()[0][:500] if str(error) else ''

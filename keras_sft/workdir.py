@@ -1,4 +1,4 @@
-"""The workdir is the run: its layout, its config, and atomic file writes.
+"""The workdir is the run: its layout, its config, its lock.
 
 `Workdir(path)` is the one place that names the files of a run; every module
 (and the tests) asks it for a path instead of spelling the name:
@@ -17,24 +17,19 @@
 """
 
 import csv
-import errno
 import fcntl
 import hashlib
 import json
-import logging
-import math
 import os
 import re
-import shutil
 import socket
-import tempfile
 import time
 
 from keras_sft import errors
+from keras_sft import files
 
 _ABSENT = '<absent>'
 # Names of temporary files and folders start with this.
-TEMPORARY_PREFIX = '.tmp-'
 # A URL-like path (gs://, s3://, ram://, hdfs://, file://): one of
 # tf.io.gfile's file systems, not a local path.
 _SCHEME = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
@@ -129,7 +124,7 @@ class Workdir:
         if _epoch_of(line, column) is not None and
         _epoch_of(line, column) < epochs]
     if kept != lines:
-      atomic_write(self.history_csv, ''.join(kept))
+      files.atomic_write(self.history_csv, ''.join(kept))
 
   def remove_temporary_files(self):
     """Removes the temporary files and folders of killed writers.
@@ -141,7 +136,7 @@ class Workdir:
       The removed paths.
     """
     return [path for directory in (self.path, self.checkpoints, self.export)
-            for path in remove_temporary_files(directory)]
+            for path in files.remove_temporary_files(directory)]
 
   def has_run(self):
     """Whether a run has claimed this directory (its config is written)."""
@@ -161,7 +156,7 @@ class Workdir:
           f'{self.config_file} does not exist: workdir={self.path!r} holds no '
           'keras_sft run. Train first: python -m keras_sft.main '
           f'--config=CONFIG --workdir={self.path}')
-    return with_keys_added_later(read_json_object(self.config_file))
+    return with_keys_added_later(files.read_json_object(self.config_file))
 
   def lock(self):
     """Takes the run's exclusive lock; use as a context manager to release.
@@ -201,7 +196,7 @@ class Workdir:
     """
     current = config_to_dict(config)
     if self.has_run():
-      previous = with_keys_added_later(read_json_object(self.config_file),
+      previous = with_keys_added_later(files.read_json_object(self.config_file),
                                        current)
       if previous != current:
         raise errors.WorkdirError(
@@ -209,14 +204,14 @@ class Workdir:
             f'in: {_differences(previous, current)}. Use a new --workdir, or '
             'rerun with the same config to resume.')
       if dataset is not None and os.path.exists(self.dataset_file):
-        self._check_dataset(read_json_object(self.dataset_file), dataset,
+        self._check_dataset(files.read_json_object(self.dataset_file), dataset,
                             legacy_files)
     if write:
       os.makedirs(self.path, exist_ok=True)
       if not self.has_run():
-        write_json(self.config_file, current)
+        files.write_json(self.config_file, current)
       if dataset is not None:
-        write_json(self.dataset_file, dataset)
+        files.write_json(self.dataset_file, dataset)
 
   def _check_dataset(self, recorded, current, legacy_files=None):
     files = recorded.get('files')
@@ -353,9 +348,9 @@ def legacy_fingerprint_files(root):
     (relative path, size) list}`.
   """
   entries = []
-  for directory, folders, files in os.walk(root):
+  for directory, folders, file_names in os.walk(root):
     folders.sort()
-    for name in files:
+    for name in file_names:
       entries.append(_fingerprint_entry(root, os.path.join(directory, name)))
   digest = hashlib.sha256(''.join(sorted(entries)).encode('utf-8', 'replace'))
   return {'count': len(entries), 'sha256': digest.hexdigest()}
@@ -433,175 +428,3 @@ def config_to_dict(config):
   """Returns a JSON-safe dict of a ConfigDict (or dict)."""
   as_dict = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
   return json.loads(json.dumps(as_dict, default=str))
-
-
-def atomic_write(path, data):
-  """Writes `data` (str or bytes) to `path` via a flushed temporary file.
-
-  A process killed at any moment leaves the old file or the new one, never
-  a torn one; the directory is synced after the rename, so the new file is
-  on disk when this returns. The temporary file is created with `O_EXCL`
-  and `O_NOFOLLOW` under a random name (`mkstemp`), so a link planted in
-  the directory cannot redirect the write.
-  """
-  directory = os.path.dirname(os.path.abspath(path))
-  descriptor, temporary = tempfile.mkstemp(
-      prefix=f'{TEMPORARY_PREFIX}{os.path.basename(path)}.', dir=directory)
-  try:
-    os.fchmod(descriptor, 0o666 & ~_umask())  # Not mkstemp's private 0600.
-    with os.fdopen(descriptor, 'wb') as file:
-      file.write(data.encode() if isinstance(data, str) else data)
-      file.flush()
-      os.fsync(file.fileno())
-    os.replace(temporary, path)
-  except BaseException:
-    if os.path.lexists(temporary):
-      os.remove(temporary)
-    raise
-  fsync_directory(directory)
-
-
-def _umask():
-  try:
-    with open('/proc/self/status') as status:
-      for line in status:
-        if line.startswith('Umask:'):
-          return int(line.split()[1], 8)
-  except OSError:
-    pass
-  return 0o022
-
-
-def _is_temporary(name):
-  return (name.startswith(TEMPORARY_PREFIX) or name.endswith('.tmp') or
-          name.startswith('tmp-'))  # The last two: older versions' names.
-
-
-def remove_temporary_files(directory):
-  """Removes what killed writers left in `directory`; returns the paths."""
-  removed = []
-  try:
-    names = os.listdir(directory)
-  except FileNotFoundError:
-    return removed
-  for name in names:
-    if not _is_temporary(name):
-      continue
-    path = os.path.join(directory, name)
-    if os.path.isdir(path) and not os.path.islink(path):
-      shutil.rmtree(path, ignore_errors=True)
-    else:
-      os.remove(path)
-    removed.append(path)
-  return removed
-
-
-def check_free_space(directory, needed_bytes, what):
-  """Raises `WorkdirError` unless `directory`'s disk has `needed_bytes` free.
-
-  Args:
-    directory: An existing directory.
-    needed_bytes: The free space required.
-    what: What is about to be written, for the message ('a backup').
-  """
-  free = shutil.disk_usage(directory).free
-  if free < needed_bytes:
-    raise disk_full_error(directory, what, free, needed_bytes)
-
-
-def disk_full_error(directory, what, free=None, needed_bytes=None):
-  """The `WorkdirError` of a disk too full to write `what` in `directory`."""
-  amounts = ''
-  if free is not None:
-    amounts = (f': {free / 2**20:.0f} MiB free, '
-               f'{needed_bytes / 2**20:.0f} MiB needed')
-  return errors.WorkdirError(
-      f'Not enough free space in {directory} to write {what}{amounts}. Free '
-      'some space, or move the workdir to a larger disk, then rerun the '
-      'same command to resume.')
-
-
-# Why a write failed for lack of space or size, as Python's OSError (errno)
-# or TensorFlow's errors (message) say it.
-WRITE_FAILURES = {errno.ENOSPC: 'No space left on device',
-                  errno.EDQUOT: 'Disk quota exceeded',
-                  errno.EFBIG: 'File too large'}
-
-
-def write_failure(error):
-  """The reason in `WRITE_FAILURES` that `error` failed a write, or None."""
-  if isinstance(error, OSError) and error.errno in WRITE_FAILURES:
-    return WRITE_FAILURES[error.errno]
-  return next((reason for reason in WRITE_FAILURES.values()
-               if reason in str(error)), None)
-
-
-def is_disk_full(error):
-  """Whether `error` (an OSError, or TF's on a failed write) is ENOSPC."""
-  return write_failure(error) in (WRITE_FAILURES[errno.ENOSPC],
-                                  WRITE_FAILURES[errno.EDQUOT])
-
-
-def fsync_path(path, flags=os.O_NOFOLLOW):
-  """Flushes file `path` (or, with `os.O_DIRECTORY`, a directory's entries)."""
-  descriptor = os.open(path, os.O_RDONLY | flags)
-  try:
-    os.fsync(descriptor)
-  finally:
-    os.close(descriptor)
-
-
-def fsync_directory(path):
-  """Flushes the entries of directory `path` (renames, new files) to disk."""
-  fsync_path(path, os.O_DIRECTORY)
-
-
-def write_json(path, value):
-  """Atomically writes `value` as indented JSON with sorted keys.
-
-  NaN and ±inf, which JSON does not have, are written as null, with a
-  warning that names them.
-  """
-  non_finite = []
-  value = _finite_or_none(value, '', non_finite)
-  if non_finite:
-    logging.warning('%s: non-finite numbers written as null: %s', path,
-                    ', '.join(non_finite))
-  atomic_write(path, json.dumps(value, indent=2, sort_keys=True,
-                                allow_nan=False))
-
-
-def _finite_or_none(value, name, non_finite):
-  if isinstance(value, float) and not math.isfinite(value):
-    non_finite.append(f'{name}={value}')
-    return None
-  if isinstance(value, dict):
-    return {key: _finite_or_none(item, f'{name}.{key}' if name else str(key),
-                                 non_finite)
-            for key, item in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_finite_or_none(item, f'{name}[{index}]', non_finite)
-            for index, item in enumerate(value)]
-  return value
-
-
-def read_json(path):
-  """Reads a JSON file, naming the file when it is not valid JSON."""
-  with open(path) as file:
-    text = file.read()
-  try:
-    return json.loads(text)
-  except json.JSONDecodeError as error:
-    raise errors.DataError(
-        f'{path} is not valid JSON ({error}); it may have been truncated. '
-        'Restore it or delete it.') from error
-
-
-def read_json_object(path):
-  """`read_json` of a file that must hold a JSON object (a dict)."""
-  value = read_json(path)
-  if not isinstance(value, dict):
-    raise errors.DataError(
-        f'{path} holds {type(value).__name__} {str(value)[:40]!r}, not a JSON '
-        'object: it was damaged. Restore it or delete it.')
-  return value

@@ -30,6 +30,7 @@ from keras_sft.training import recipe
 from keras_sft.export import formats
 from keras_sft.export import restore
 from keras_sft.export import saved_model
+from keras_sft import files
 from keras_sft import workdir as workdir_lib
 
 # Loads the SavedModel where `import keras_sft` fails and calls both
@@ -478,10 +479,10 @@ def test_versions_are_readable_by_other_users(tmp_path):
   finally:
     os.umask(previous)
   modes = {}
-  for root, directories, files in os.walk(path):
+  for root, directories, file_names in os.walk(path):
     for name in [root] + [os.path.join(root, d) for d in directories]:
       modes[os.path.relpath(name, path) + '/'] = os.stat(name).st_mode & 0o777
-    for name in files:
+    for name in file_names:
       modes[os.path.relpath(os.path.join(root, name), path)] = (
           os.stat(os.path.join(root, name)).st_mode & 0o777)
   assert 'saved_model.pb' in modes and './' in modes, modes
@@ -492,8 +493,9 @@ def test_versions_are_readable_by_other_users(tmp_path):
 
 def _age(path, seconds):
   then = time.time() - seconds
-  for root, directories, files in os.walk(path):
-    for name in [root] + [os.path.join(root, n) for n in directories + files]:
+  for root, directories, file_names in os.walk(path):
+    for name in [root] + [os.path.join(root, n)
+                          for n in directories + file_names]:
       os.utime(name, (then, then))
 
 
@@ -604,7 +606,7 @@ def test_last_re_estimates_bn_on_the_batches_training_used(
   run = workdir_lib.Workdir(workdir)
   config = run.read_config()
   config['precise_bn_batches'] = 2
-  workdir_lib.write_json(run.config_file, config)
+  files.write_json(run.config_file, config)
   keras.utils.set_random_seed(config['seed'] + 1234)
   model, config, _, path = restore.restore_run_model(workdir, 'last')
   exported = [np.array(v) for v in model.non_trainable_weights]
@@ -626,7 +628,7 @@ def test_a_run_older_than_some_config_keys_exports(smoke_run, tmp_path,
     stored = json.load(file)
   for key in workdir_lib.KEYS_ADDED_LATER:
     stored.pop(key)
-  workdir_lib.write_json(run.config_file, stored)
+  files.write_json(run.config_file, stored)
   _, config, _, _ = restore.restore_run_model(workdir, 'last')
   for key, value in workdir_lib.KEYS_ADDED_LATER.items():
     assert config[key] == value, key

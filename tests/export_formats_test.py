@@ -31,6 +31,7 @@ from keras_sft.export import onnx_format
 from keras_sft.export import formats
 from keras_sft.models import backbones
 from keras_sft import predict
+from keras_sft import files
 from keras_sft import workdir as workdir_lib
 
 _CLASSES = ('blue', 'green', 'red')  # Sorted: the folder's class ids.
@@ -452,7 +453,7 @@ def test_the_export_command_converts_a_run_s_resnet50_in_float32(
   run = workdir_lib.Workdir(workdir)
   config = run.read_config()
   config['precision'] = 'mixed_bfloat16'
-  workdir_lib.write_json(run.config_file, config)
+  files.write_json(run.config_file, config)
   base = tmp_path / 'export'
   result = subprocess.run(
       [sys.executable, '-m', 'keras_sft.export', f'--workdir={workdir}',
@@ -476,7 +477,7 @@ def test_the_export_command_converts_a_run_s_resnet50_in_float32(
   assert np.abs(bfloat16 - reference).max() > (
       _FLOAT_RELATIVE_TOLERANCE * scale)
   metadata = formats.read_metadata('litert', path)
-  assert metadata['class_names'] == workdir_lib.read_json(
+  assert metadata['class_names'] == files.read_json(
       run.dataset_file)['class_names']
   assert metadata['source']['checkpoint'] == 'last'
 
@@ -610,7 +611,7 @@ def test_int8_data_that_is_gone_stops_the_export_before_any_format(
   run = workdir_lib.Workdir(workdir)
   config = run.read_config()
   config['dataset'] = f'folder:{tmp_path / "gone"}'
-  workdir_lib.write_json(run.config_file, config)
+  files.write_json(run.config_file, config)
   with pytest.raises(errors.UserError, match='gone'):
     formats.export_run(workdir, 'saved_model,onnx,litert_int8')
   assert not os.path.exists(run.export)
@@ -626,7 +627,7 @@ def test_an_int8_calibration_count_below_one_is_one_config_error(
   run = workdir_lib.Workdir(workdir)
   config = run.read_config()
   config['export_representative_images'] = 0
-  workdir_lib.write_json(run.config_file, config)
+  files.write_json(run.config_file, config)
   with pytest.raises(errors.ConfigError,
                      match='export_representative_images=0'):
     formats.export_run(workdir, 'litert_int8')

@@ -14,7 +14,6 @@ import conftest
 import image_fixtures
 from keras_sft import predict
 from keras_sft.export import saved_model
-from keras_sft import workdir as workdir_lib
 
 
 def _write_png(path, array):

@@ -20,6 +20,7 @@ from keras_sft.models import backbones
 from keras_sft.models import network as network_lib
 from keras_sft.training import recipe
 from keras_sft.training import train
+from keras_sft import files
 from keras_sft import workdir as workdir_lib
 
 
@@ -457,18 +458,18 @@ def test_a_run_with_the_legacy_fingerprint_resumes(tmp_path, no_model_built):
   config, workdir, root = _claim_folder_run(tmp_path)
   (root / 'notes.txt').write_text('In the folder when the run started.')
   run = workdir_lib.Workdir(workdir)
-  recorded = workdir_lib.read_json(run.dataset_file)
+  recorded = files.read_json(run.dataset_file)
   new_fingerprint = recorded['files']
   # What keras-sft wrote before: every file under the folder, notes too.
   legacy = workdir_lib.legacy_fingerprint_files(str(root))
   assert legacy['count'] == new_fingerprint['count'] + 1
-  workdir_lib.write_json(run.dataset_file, {**recorded, 'files': legacy})
+  files.write_json(run.dataset_file, {**recorded, 'files': legacy})
   with pytest.raises(AssertionError, match='A model was built'):
     train.train_and_evaluate(config, workdir)
   # The resume recorded the new fingerprint.
-  assert workdir_lib.read_json(run.dataset_file)['files'] == new_fingerprint
+  assert files.read_json(run.dataset_file)['files'] == new_fingerprint
   # A legacy record of other data is still refused.
-  workdir_lib.write_json(run.dataset_file, {**recorded, 'files': legacy})
+  files.write_json(run.dataset_file, {**recorded, 'files': legacy})
   os.remove(root / 'train' / 'cat' / '0.png')
   with pytest.raises(errors.WorkdirError, match='files'):
     train.train_and_evaluate(config, workdir)

@@ -9,6 +9,7 @@ import pytest
 
 from configs import default as default_lib
 from keras_sft import errors
+from keras_sft import files
 from keras_sft import workdir as workdir_lib
 
 
@@ -158,7 +159,7 @@ def test_truncate_history_keeps_earlier_epochs_and_drops_a_torn_line(
 def test_write_json_writes_null_for_non_finite_numbers(tmp_path, caplog):
   """metrics.json stays valid JSON: no bare NaN or Infinity."""
   path = str(tmp_path / 'metrics.json')
-  workdir_lib.write_json(path, {'eval': {'loss': float('nan'), 'top5': 1.0},
+  files.write_json(path, {'eval': {'loss': float('nan'), 'top5': 1.0},
                                 'values': [float('inf'), 2.0]})
   with open(path) as file:
     text = file.read()
@@ -256,7 +257,7 @@ def test_atomic_write_does_not_follow_a_planted_symlink(tmp_path):
   run = workdir_lib.Workdir(str(tmp_path / 'run'))
   os.makedirs(run.path)
   os.symlink(outside, run.metrics_file + '.tmp')
-  workdir_lib.write_json(run.metrics_file, {'step': 1})
+  files.write_json(run.metrics_file, {'step': 1})
   assert outside.read_text() == 'precious'
   with open(run.metrics_file) as file:
     assert json.load(file) == {'step': 1}

@@ -12,6 +12,7 @@ import keras
 import ml_collections
 
 from keras_sft import errors
+from keras_sft import files
 from keras_sft import workdir as workdir_lib
 from keras_sft.data import pipeline
 from keras_sft.models import precise_bn
@@ -34,7 +35,7 @@ def class_names_of_run(run):
   from the tfds dataset info (which needs the prepared data).
   """
   if os.path.exists(run.dataset_file):
-    return list(workdir_lib.read_json(run.dataset_file)['class_names'])
+    return list(files.read_json(run.dataset_file)['class_names'])
   config = run.read_config()
   builder = pipeline.get_builder(config['dataset'],
                                        data_dir=config['data_dir'])
@@ -113,7 +114,7 @@ def _evaluates_ema(run, config):
   """Whether the run's evaluation weights are its EMA (else the raw ones)."""
   ema = config.ema_momentum is not None
   if ema and os.path.exists(run.metrics_file):
-    ema = workdir_lib.read_json(run.metrics_file).get(
+    ema = files.read_json(run.metrics_file).get(
         'exported_weights', 'ema') == 'ema'
   return ema
 
@@ -146,7 +147,7 @@ def weights_source(workdir, path, step, config=None):
         accuracy_from=f'{record.get("monitor", "val_accuracy")} of its '
         'epoch')
     return source
-  metrics = (workdir_lib.read_json(run.metrics_file)
+  metrics = (files.read_json(run.metrics_file)
              if os.path.exists(run.metrics_file) else {})
   measured = metrics.get('step') == step
   source.update(

@@ -27,7 +27,7 @@ import threading
 import keras
 
 from keras_sft import errors
-from keras_sft import workdir as workdir_lib
+from keras_sft import files
 from keras_sft.training import checkpoints
 from keras_sft.training import evaluation_weights
 from keras_sft.training import progress
@@ -255,7 +255,7 @@ class BestWeightsCallback(keras.callbacks.Callback):
     if record is not None and (not os.path.exists(pointer) or
                                checkpoints.read_json_or_none(pointer) != record):
       # Killed between the weights and their record: repair the record.
-      workdir_lib.atomic_write(pointer, json.dumps(record))
+      files.atomic_write(pointer, json.dumps(record))
 
   def on_epoch_end(self, epoch, logs=None):
     value = (logs or {}).get(self.monitor)
@@ -278,7 +278,7 @@ class BestWeightsCallback(keras.callbacks.Callback):
                    attributes={f'{checkpoints.ATTRIBUTE_PREFIX}{key}': item
                                for key, item in record.items()})
     self._best = float(value)
-    workdir_lib.atomic_write(os.path.join(self.directory, checkpoints.BEST_POINTER),
+    files.atomic_write(os.path.join(self.directory, checkpoints.BEST_POINTER),
                              json.dumps(record))
 
 

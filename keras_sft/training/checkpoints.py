@@ -27,7 +27,7 @@ import keras
 import numpy as np
 
 from keras_sft import errors
-from keras_sft import workdir as workdir_lib
+from keras_sft import files
 
 _POINTER = 'checkpoint.json'
 BEST_WEIGHTS = 'best.weights.h5'
@@ -112,9 +112,9 @@ def write_weights(model, directory, name, attributes=None):
   """
   what = f'{name} (twice its size is kept free)'
   needed = 2 * weights_size(model, optimizer=True)
-  workdir_lib.check_free_space(directory, needed, what)
+  files.check_free_space(directory, needed, what)
   path = os.path.join(directory, name)
-  private = tempfile.mkdtemp(prefix=workdir_lib.TEMPORARY_PREFIX,
+  private = tempfile.mkdtemp(prefix=files.TEMPORARY_PREFIX,
                              dir=directory)
   try:
     temporary = os.path.join(private, name)
@@ -122,16 +122,16 @@ def write_weights(model, directory, name, attributes=None):
     if attributes:
       with h5py.File(temporary, 'a') as file:
         file.attrs.update(attributes)
-    workdir_lib.fsync_path(temporary)
+    files.fsync_path(temporary)
     os.replace(temporary, path)
   except OSError as error:
-    if workdir_lib.is_disk_full(error):
-      raise workdir_lib.disk_full_error(directory, what) from error
+    if files.is_disk_full(error):
+      raise files.disk_full_error(directory, what) from error
     raise
   finally:
     shutil.rmtree(private, ignore_errors=True)
   # On disk before anything (a pointer, a record) names the file.
-  workdir_lib.fsync_directory(directory)
+  files.fsync_directory(directory)
   return path
 
 
@@ -269,13 +269,13 @@ class Checkpointer:
         if older['step'] < step and
         os.path.exists(os.path.join(self.directory, older['file']))
     ][:self.keep - 1]
-    workdir_lib.atomic_write(self._pointer,
+    files.atomic_write(self._pointer,
                              json.dumps(dict(backup, backups=kept)))
     self._prune({older['file'] for older in kept})
     return path
 
   def _prune(self, kept):
-    workdir_lib.remove_temporary_files(self.directory)
+    files.remove_temporary_files(self.directory)
     for name in os.listdir(self.directory):
       if _PATTERN.match(name) and name not in kept:
         os.remove(os.path.join(self.directory, name))

@@ -26,6 +26,7 @@ from matplotlib import ticker  # pylint: disable=g-import-not-at-top
 import numpy as np
 import tensorflow as tf
 
+from keras_sft import files
 from keras_sft import workdir as workdir_lib
 
 # Above this many classes, the confusion matrix PNG has no numbers in cells.
@@ -228,7 +229,7 @@ def write_report(model, eval_data, class_names, workdir, steps=None,
   report = compute_report(labels, logits, class_names)
   png = plot_confusion_matrix(report['confusion_matrix'], class_names,
                               title=f'Confusion matrix at step {step}')
-  workdir_lib.atomic_write(run.confusion_matrix_png, png)
+  files.atomic_write(run.confusion_matrix_png, png)
   writer = tf.summary.create_file_writer(
       os.path.join(run.tensorboard, 'report'))
   with writer.as_default():
@@ -238,7 +239,7 @@ def write_report(model, eval_data, class_names, workdir, steps=None,
   if os.path.exists(run.history_csv):
     history = read_history(run.history_csv)
     if history['epoch']:
-      workdir_lib.atomic_write(run.curves_png, plot_curves(history))
+      files.atomic_write(run.curves_png, plot_curves(history))
   else:
     logging.info('No %s: no curves plotted.', run.history_csv)
   logging.info('Report: top-1 %.4f, top-5 %.4f on %d images; per class: %s',

@@ -46,6 +46,7 @@ from keras_sft.training import progress
 from keras_sft.training import recipe
 from keras_sft.export import restore
 from keras_sft.export import saved_model
+from keras_sft import files
 from keras_sft import workdir as workdir_lib
 
 
@@ -396,7 +397,7 @@ def _finish(run, model, export):
   metrics['report'] = evaluation.write_report(
       model, run.data.eval, run.data.info.class_names, run.workdir.path,
       steps=config.eval_steps, step=step)
-  workdir_lib.write_json(run.workdir.metrics_file, metrics)
+  files.write_json(run.workdir.metrics_file, metrics)
   logging.info('Eval at step %d: %s', step, metrics['eval'])
   if export and config.export:
     _export(run, model)
@@ -407,7 +408,7 @@ def _export(run, model):
   """The next SavedModel version; a full disk is a `WorkdirError`."""
   what = 'the export (twice its size is kept free)'
   # The SavedModel holds each weight once.
-  workdir_lib.check_free_space(run.workdir.path,
+  files.check_free_space(run.workdir.path,
                                2 * checkpoints.weights_size(model), what)
   # The weights left in `model` by the final evaluation: the newest backup's
   # (EMA or raw, BN re-estimated), what `python -m keras_sft.export` exports
@@ -421,9 +422,9 @@ def _export(run, model):
                                    run.data.info.class_names,
                                    run.workdir.export, source=source)
   except (OSError, tf.errors.OpError) as error:
-    if not workdir_lib.is_disk_full(error):
+    if not files.is_disk_full(error):
       raise
-    raise workdir_lib.disk_full_error(run.workdir.export, what) from error
+    raise files.disk_full_error(run.workdir.export, what) from error
 
 
 def train_and_evaluate(config, workdir):
