@@ -22,8 +22,12 @@ uint8 RGB `[N, S, S, 3]` (NHWC, N free) with S = `image_size`; the graph
 casts to float32 and applies the backbone's preprocessing itself. It holds
 no resize (ONNX Runtime has no kernel for TF's antialiased resize,
 `ScaleAndTranslate`), so a client resizes first, as `prepare_images` (and
-`python -m keras_sft.predict`) does. One output `logits`, float32 `[N, C]`;
-also for litert_int8, whose graph dequantizes its last layer's int8 output.
+`python -m keras_sft.predict`) does. Outputs: `logits`, float32 `[N, C]`
+(also for litert_int8, whose graph dequantizes its last layer's int8
+output), and in the float formats `probabilities`, float32 `[N, C]`: the
+softmax of those float32 logits in the same graph, as the SavedModel's (not
+in litert_int8, where TFLite would quantize the softmax to 8 bits and its
+rows would not sum to 1).
 
 Metadata (class names, the input and output, `image_size`, the run, and for
 litert_int8 the measured accuracy) is a JSON object: in ONNX `metadata_props`
@@ -125,20 +129,28 @@ def require(format_name, runtime_only=False):
 
 
 class _LogitsModule(tf.Module):
-  """`logits(images)`: uint8 `[N, S, S, 3]` → float32 logits, no resize."""
+  """`logits(images)`: uint8 `[N, S, S, 3]` → float32 logits (and
+  probabilities), no resize."""
 
-  def __init__(self, model, image_size):
+  def __init__(self, model, image_size, probabilities=True):
     super().__init__(name='logits')
     # The raw tf.Variables, tracked once (see serving._ServingModule).
     self.model_variables = [variable.value for variable in model.variables]
     self._model = model
+    self._probabilities = probabilities
     self.logits = tf.function(
         self._logits, input_signature=[tf.TensorSpec(
             [None, image_size, image_size, 3], tf.uint8, name='images')])
 
   def _logits(self, images):
-    logits = self._model(tf.cast(images, tf.float32), training=False)
-    return {'logits': tf.cast(logits, tf.float32)}
+    logits = tf.cast(
+        self._model(tf.cast(images, tf.float32), training=False), tf.float32)
+    if not self._probabilities:
+      return {'logits': logits}
+    # From the float32 logits it returns, as the SavedModel does: the two
+    # outputs agree whatever precision the network computed in.
+    return {'logits': logits,
+            'probabilities': tf.nn.softmax(logits, axis=-1)}
 
 
 def prepare_images(images, image_size, resize_size=None):
@@ -174,6 +186,12 @@ def _resize_rule(size, resize_size):
 
 def _metadata(format_name, config, class_names, source):
   size = config.image_size
+  outputs = [{'name': 'logits', 'dtype': 'float32',
+              'shape': [None, len(class_names)]}]
+  if format_name != 'litert_int8':
+    outputs.append({'name': 'probabilities', 'dtype': 'float32',
+                    'shape': [None, len(class_names)],
+                    'definition': 'softmax(logits), float32'})
   return {
       'format': format_name,
       'class_names': list(class_names),
@@ -183,8 +201,9 @@ def _metadata(format_name, config, class_names, source):
           'layout': 'NHWC', 'channels': 'RGB', 'range': [0, 255],
           'preprocessing': _resize_rule(size, config.resize_size),
       },
-      'output': {'name': 'logits', 'dtype': 'float32',
-                 'shape': [None, len(class_names)]},
+      # Kept for readers of the first metadata, which had only logits.
+      'output': outputs[0],
+      'outputs': outputs,
       'resize_size': config.resize_size,
       'top_k': config.export_top_k,
       'max_image_pixels': config.get('max_image_pixels'),
@@ -192,18 +211,21 @@ def _metadata(format_name, config, class_names, source):
   }
 
 
-def logits_module(model, image_size):
+def logits_module(model, image_size, probabilities=True):
   """The graph every format but the SavedModel converts: a `tf.Module`.
 
   Its `logits` function takes uint8 `[N, S, S, 3]` and returns
-  `{'logits': float32 [N, C]}`; `model` maps float32 images in [0, 255] to
-  logits (preprocessing inside, as the run's model does).
+  `{'logits': float32 [N, C], 'probabilities': float32 [N, C]}` (the
+  softmax of those logits; left out with `probabilities=False`); `model`
+  maps float32 images in [0, 255] to logits (preprocessing inside, as the
+  run's model does).
   """
-  return _LogitsModule(model, image_size)
+  return _LogitsModule(model, image_size, probabilities)
 
 
 def _frozen_graph(module):
-  """`(GraphDef, input name, output name)` of `module.logits`, frozen.
+  """`(GraphDef, input name, {output: tensor name})` of `module.logits`,
+  frozen.
 
   Frozen here rather than by `tf2onnx.convert.from_function`, which makes
   every captured tensor that is not a variable a graph input: Keras'
@@ -216,7 +238,10 @@ def _frozen_graph(module):
       function, lower_control_flow=False, aggressive_inlining=True)
   graph_def = frozen.graph.as_graph_def(add_shapes=True)
   _replace_erfc(graph_def)
-  return graph_def, frozen.inputs[0].name, frozen.outputs[0].name
+  # A dict's outputs are flattened in the order of its sorted keys.
+  names = sorted(function.structured_outputs)
+  return graph_def, frozen.inputs[0].name, {
+      name: tensor.name for name, tensor in zip(names, frozen.outputs)}
 
 
 def _replace_erfc(graph_def):
@@ -244,14 +269,15 @@ def _replace_erfc(graph_def):
 def onnx_model(module, metadata=None):
   """The ONNX `ModelProto` of a `logits_module`, `metadata` in its props."""
   tf2onnx = require('onnx')['tf2onnx']
-  graph_def, input_name, output_name = _frozen_graph(module)
+  graph_def, input_name, outputs = _frozen_graph(module)
+  renames = {tensor: name for name, tensor in outputs.items()}
   # tf2onnx freezes the (already frozen) graph again with TF1's
   # convert_variables_to_constants, which logs a deprecation warning.
   with deprecation.silence():
     proto, _ = tf2onnx.convert.from_graph_def(
-        graph_def, input_names=[input_name], output_names=[output_name],
+        graph_def, input_names=[input_name], output_names=list(renames),
         opset=ONNX_OPSET,
-        tensors_to_rename={input_name: 'images', output_name: 'logits'})
+        tensors_to_rename={input_name: 'images', **renames})
   for key, value in (metadata or {}).items():
     proto.metadata_props.add(key=key, value=json.dumps(value))
   return proto
@@ -421,7 +447,8 @@ def export_format(format_name, model, config, class_names, export_base,
         resize_size=config.resize_size)
     return version, path, None
   require(format_name)  # Before any conversion work.
-  module = logits_module(model, config.image_size)
+  module = logits_module(model, config.image_size,
+                         probabilities=format_name != 'litert_int8')
   metadata = _metadata(format_name, config, class_names, source)
   if format_name in ('onnx', 'litert'):
     write = _write_onnx if format_name == 'onnx' else _write_litert
@@ -594,25 +621,36 @@ def read_metadata(format_name, path):
 
 
 class OnnxModel:
-  """An `.onnx` export in ONNX Runtime: `logits(uint8 images)`."""
+  """An `.onnx` export in ONNX Runtime: `logits(uint8 images)`, and
+  `outputs(images)`, every output by name."""
 
   def __init__(self, path):
     onnxruntime = require('onnx', runtime_only=True)['onnxruntime']
     self._session = onnxruntime.InferenceSession(
         path, providers=['CPUExecutionProvider'])
     self._input = self._session.get_inputs()[0].name
-    # [N, S, S, 3] and [N, C]; a free dimension is a string or None.
+    outputs = {output.name: output for output in self._session.get_outputs()}
+    self.output_names = tuple(outputs)
+    # [N, S, S, 3] and [N, C] (the logits'); a free dimension is a string or
+    # None.
     self.input_shape = list(self._session.get_inputs()[0].shape)
-    self.output_shape = list(self._session.get_outputs()[0].shape)
+    self.output_shape = list(outputs['logits'].shape)
+
+  def outputs(self, images):
+    values = self._session.run(list(self.output_names), {self._input: images})
+    return dict(zip(self.output_names, values))
 
   def logits(self, images):
     return self._session.run(['logits'], {self._input: images})[0]
 
 
 class LiteRTModel:
-  """A `.tflite` export (path or contents) in LiteRT: `logits(images)`.
+  """A `.tflite` export (path or contents) in LiteRT: `logits(images)`, and
+  `outputs(images)`, every output by name.
 
   It runs on `num_threads` CPU threads (default: all, as TensorFlow does).
+  Outputs are found by their names in the model's signature, not by their
+  position.
   """
 
   def __init__(self, model, num_threads=None):
@@ -623,26 +661,46 @@ class LiteRTModel:
     self._interpreter = interpreter.Interpreter(
         num_threads=num_threads or os.cpu_count(), **source)
     self._input = self._interpreter.get_input_details()[0]['index']
-    self._output = self._interpreter.get_output_details()[0]['index']
+    # The signature's output names → tensor indices (the converter names
+    # the tensors themselves StatefulPartitionedCall:i).
+    self._outputs = {
+        name: self._output_index(name)
+        for name in self._interpreter.get_signature_list()[
+            'serving_default']['outputs']}
+    self.output_names = tuple(self._outputs)
     self._batch = None
-    # [N, S, S, 3] and [N, C]; the free batch dimension is -1.
+    # [N, S, S, 3] and [N, C] (the logits'); the free batch dimension is -1.
     self.input_shape = [int(side) for side in self._interpreter
                         .get_input_details()[0]['shape_signature']]
-    self.output_shape = [int(side) for side in self._interpreter
-                         .get_output_details()[0]['shape_signature']]
+    self.output_shape = [
+        int(side) for side in self._details(self._outputs['logits'])[
+            'shape_signature']]
 
-  def logits(self, images):
+  def _output_index(self, name):
+    runner = self._interpreter.get_signature_runner('serving_default')
+    return runner.get_output_details()[name]['index']
+
+  def _details(self, index):
+    return next(details for details in self._interpreter.get_output_details()
+                if details['index'] == index)
+
+  def outputs(self, images):
     if self._batch != len(images):
       self._interpreter.resize_tensor_input(self._input, list(images.shape))
       self._interpreter.allocate_tensors()
       self._batch = len(images)
     self._interpreter.set_tensor(self._input, images)
     self._interpreter.invoke()
-    return np.array(self._interpreter.get_tensor(self._output))
+    return {name: np.array(self._interpreter.get_tensor(index))
+            for name, index in self._outputs.items()}
+
+  def logits(self, images):
+    return self.outputs(images)['logits']
 
 
 def load(format_name, path):
-  """The runtime of an ONNX or LiteRT export: an object with `logits`."""
+  """The runtime of an ONNX or LiteRT export: an object with `logits` and
+  `outputs`."""
   if format_name == 'onnx':
     return OnnxModel(path)
   return LiteRTModel(path)
