@@ -25,13 +25,15 @@ import conftest
 from configs import default as default_lib
 from keras_sft.models import batch_norm
 from keras_sft import errors
+from keras_sft.export import formats
 from keras_sft.export import graph
 from keras_sft.export import litert_format
 from keras_sft.export import onnx_format
-from keras_sft.export import formats
+from keras_sft.export import saved_model
 from keras_sft.models import backbones
 from keras_sft import predict
 from keras_sft import files
+from keras_sft.training import precision
 from keras_sft import workdir as workdir_lib
 
 _CLASSES = ('blue', 'green', 'red')  # Sorted: the folder's class ids.
@@ -520,6 +522,77 @@ def test_onnx_of_every_backbone_s_preprocessing_and_ops_runs(tmp_path, mode):
   logits = runtime.logits(images)
   assert np.abs(logits - reference).max() <= (
       _FLOAT_RELATIVE_TOLERANCE * np.abs(reference).max())
+
+
+# By default the cheapest member of each family; KERAS_SFT_ALL_BACKBONES=1
+# runs every `backbones.BACKBONES` entry (as tests/models_backbones_test.py).
+_MATRIX = [name for name, spec in backbones.BACKBONES.items()
+           if spec.cheapest or os.environ.get('KERAS_SFT_ALL_BACKBONES') == '1']
+
+
+def _softmax(logits):
+  """The reference: float64 softmax of the float32 logits served."""
+  logits = np.asarray(logits, np.float64)
+  exponentials = np.exp(logits - logits.max(-1, keepdims=True))
+  return exponentials / exponentials.sum(-1, keepdims=True)
+
+
+def _check_probabilities(outputs, where):
+  assert 'probabilities' in outputs, (where, sorted(outputs))
+  logits, probabilities = outputs['logits'], outputs['probabilities']
+  assert logits.dtype == probabilities.dtype == np.float32, where
+  assert np.isfinite(logits).all(), where
+  np.testing.assert_allclose(probabilities, _softmax(logits), rtol=0,
+                             atol=1e-6, err_msg=where)
+  np.testing.assert_allclose(probabilities.sum(-1), 1.0, rtol=0, atol=1e-6,
+                             err_msg=where)
+
+
+@pytest.mark.parametrize('name', _MATRIX)
+def test_every_export_s_probabilities_are_the_softmax_of_its_logits(
+    tmp_path, name):
+  """Issue 25: `probabilities` = softmax(`logits`) to 1e-6 in the SavedModel
+  (both signatures, images of the training side and of another size), ONNX
+  and LiteRT float, for the preprocessing and ops of each family.
+
+  The SavedModel under mixed_bfloat16 (a run with precision='auto' on a CPU
+  with AVX512_BF16 exports so), the others in float32 (as
+  `formats.export_run` converts them). Outputs are read through each
+  runtime's own API, not through keras_sft.
+  """
+  mode = backbones.backbone_spec(name).preprocessing
+  keras.utils.set_random_seed(0)
+  with precision.global_policy('mixed_bfloat16'):
+    mixed = _backbone_ops_model(mode)
+  directory = str(tmp_path / 'saved_model')
+  saved_model.export_saved_model(mixed, directory, _SIDE, list(_CLASSES))
+  signatures = tf.saved_model.load(directory).signatures
+  rng = np.random.default_rng(25)
+  for shape in [(2, _SIDE, _SIDE, 3), (2, 45, 37, 3)]:
+    images = rng.integers(0, 256, shape).astype(np.uint8)
+    outputs = signatures['serving_default'](images=tf.constant(images))
+    _check_probabilities({key: value.numpy() for key, value in
+                          outputs.items()}, f'serving_default {shape}')
+    encoded = tf.constant([tf.io.encode_png(image).numpy()
+                           for image in images])
+    outputs = signatures['serve_image_bytes'](image_bytes=encoded)
+    _check_probabilities({key: value.numpy() for key, value in
+                          outputs.items()}, f'serve_image_bytes {shape}')
+  network = _backbone_ops_model(mode)
+  network.set_weights(mixed.get_weights())
+  module = graph.logits_module(network, _SIDE)
+  images = rng.integers(0, 256, (2, _SIDE, _SIDE, 3)).astype(np.uint8)
+  import onnxruntime  # pylint: disable=g-import-not-at-top
+  session = onnxruntime.InferenceSession(
+      onnx_format.onnx_model(module).SerializeToString(),
+      providers=['CPUExecutionProvider'])
+  names = [output.name for output in session.get_outputs()]
+  _check_probabilities(
+      dict(zip(names, session.run(names, {'images': images}))), 'onnx')
+  from ai_edge_litert import interpreter  # pylint: disable=g-import-not-at-top
+  runner = interpreter.Interpreter(
+      model_content=litert_format.litert_model(module)).get_signature_runner()
+  _check_probabilities(runner(images=images), 'litert')
 
 
 def test_an_export_its_runtime_does_not_reproduce_is_not_written(

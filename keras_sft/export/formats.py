@@ -78,6 +78,9 @@ class Format:
     read_metadata: `read_metadata(path)`: its metadata dict.
     kind: For formats sharing a model file name, `kind(path)` tells which.
     needs_data: Whether writing it reads the run's data (calibration).
+    serves_probabilities: Whether its graph has a `probabilities` output
+      (float32 softmax of its logits); not for int8, where TFLite would
+      quantize the softmax to 8 bits and its rows would not sum to 1.
   """
   name: str
   model_file: Optional[str] = None
@@ -89,6 +92,7 @@ class Format:
   read_metadata: Optional[Callable] = None
   kind: Optional[Callable] = None
   needs_data: bool = False
+  serves_probabilities: bool = True
 
 
 _LITERT = dict(model_file=litert_format.MODEL_FILE,
@@ -106,7 +110,7 @@ FORMATS = {format.name: format for format in (
            load=onnx_format.load, read_metadata=onnx_format.read_metadata),
     Format('litert', saver=litert_format.saver, **_LITERT),
     Format('litert_int8', saver=litert_format.int8_saver, needs_data=True,
-           **_LITERT),
+           serves_probabilities=False, **_LITERT),
 )}
 
 
@@ -187,8 +191,10 @@ def export_format(format_name, model, config, class_names, export_base,
         class_names, config.image_size, config.resize_size, source)
                            if source is not None else None)
   require(format_name)  # Before any conversion work.
-  module = graph.logits_module(model, config.image_size)
-  metadata = graph.metadata(format_name, config, class_names, source)
+  module = graph.logits_module(model, config.image_size,
+                               entry.serves_probabilities)
+  metadata = graph.metadata(format_name, config, class_names, source,
+                            entry.serves_probabilities)
   save = entry.saver(module, config, metadata, data)
   version, path = saved_model.write_version(
       os.path.join(export_base, format_name), save)
@@ -331,5 +337,6 @@ def read_metadata(format_name, path):
 
 
 def load(format_name, path):
-  """The runtime of an ONNX or LiteRT export: an object with `logits`."""
+  """The runtime of an ONNX or LiteRT export: an object with `logits` and
+  `outputs`."""
   return FORMATS[format_name].load(path)

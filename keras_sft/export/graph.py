@@ -20,20 +20,28 @@ CHECK_RELATIVE_TOLERANCE = 1e-3
 
 
 class _LogitsModule(tf.Module):
-  """`logits(images)`: uint8 `[N, S, S, 3]` → float32 logits, no resize."""
+  """`logits(images)`: uint8 `[N, S, S, 3]` → float32 logits (and
+  probabilities), no resize."""
 
-  def __init__(self, model, image_size):
+  def __init__(self, model, image_size, probabilities=True):
     super().__init__(name='logits')
     # The raw tf.Variables, tracked once (see saved_model._ServingModule).
     self.model_variables = [variable.value for variable in model.variables]
     self._model = model
+    self._probabilities = probabilities
     self.logits = tf.function(
         self._logits, input_signature=[tf.TensorSpec(
             [None, image_size, image_size, 3], tf.uint8, name='images')])
 
   def _logits(self, images):
-    logits = self._model(tf.cast(images, tf.float32), training=False)
-    return {'logits': tf.cast(logits, tf.float32)}
+    logits = tf.cast(
+        self._model(tf.cast(images, tf.float32), training=False), tf.float32)
+    if not self._probabilities:
+      return {'logits': logits}
+    # From the float32 logits it returns, as the SavedModel does: the two
+    # outputs agree whatever precision the network computed in.
+    return {'logits': logits,
+            'probabilities': tf.nn.softmax(logits, axis=-1)}
 
 
 def prepare_images(images, image_size, resize_size=None):
@@ -67,8 +75,16 @@ def _resize_rule(size, resize_size):
           'normalization are inside the graph.')
 
 
-def metadata(format_name, config, class_names, source):
+def metadata(format_name, config, class_names, source,
+             probabilities=True):
+  """The JSON metadata of a converted format (module docstring of formats)."""
   size = config.image_size
+  outputs = [{'name': 'logits', 'dtype': 'float32',
+              'shape': [None, len(class_names)]}]
+  if probabilities:
+    outputs.append({'name': 'probabilities', 'dtype': 'float32',
+                    'shape': [None, len(class_names)],
+                    'definition': 'softmax(logits), float32'})
   return {
       'format': format_name,
       'class_names': list(class_names),
@@ -78,8 +94,9 @@ def metadata(format_name, config, class_names, source):
           'layout': 'NHWC', 'channels': 'RGB', 'range': [0, 255],
           'preprocessing': _resize_rule(size, config.resize_size),
       },
-      'output': {'name': 'logits', 'dtype': 'float32',
-                 'shape': [None, len(class_names)]},
+      # Kept for readers of the first metadata, which had only logits.
+      'output': outputs[0],
+      'outputs': outputs,
       'resize_size': config.resize_size,
       'top_k': config.export_top_k,
       'max_image_pixels': config.max_image_pixels,
@@ -87,14 +104,16 @@ def metadata(format_name, config, class_names, source):
   }
 
 
-def logits_module(model, image_size):
+def logits_module(model, image_size, probabilities=True):
   """The graph every format but the SavedModel converts: a `tf.Module`.
 
   Its `logits` function takes uint8 `[N, S, S, 3]` and returns
-  `{'logits': float32 [N, C]}`; `model` maps float32 images in [0, 255] to
-  logits (preprocessing inside, as the run's model does).
+  `{'logits': float32 [N, C], 'probabilities': float32 [N, C]}` (the
+  softmax of those logits; left out with `probabilities=False`); `model`
+  maps float32 images in [0, 255] to logits (preprocessing inside, as the
+  run's model does).
   """
-  return _LogitsModule(model, image_size)
+  return _LogitsModule(model, image_size, probabilities)
 
 
 def check_runtime(format_name, path, module, image_size, load):

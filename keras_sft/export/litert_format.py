@@ -180,9 +180,12 @@ def read_metadata(path):
 
 
 class LiteRTModel:
-  """A `.tflite` export (path or contents) in LiteRT: `logits(images)`.
+  """A `.tflite` export (path or contents) in LiteRT: `logits(images)`, and
+  `outputs(images)`, every output by name.
 
   It runs on `num_threads` CPU threads (default: all, as TensorFlow does).
+  Outputs are found by their names in the model's signature, not by their
+  position.
   """
 
   def __init__(self, model, num_threads=None):
@@ -192,22 +195,41 @@ class LiteRTModel:
     self._interpreter = interpreter.Interpreter(
         num_threads=num_threads or os.cpu_count(), **source)
     self._input = self._interpreter.get_input_details()[0]['index']
-    self._output = self._interpreter.get_output_details()[0]['index']
+    # The signature's output names → tensor indices (the converter names
+    # the tensors themselves StatefulPartitionedCall:i).
+    self._outputs = {
+        name: self._output_index(name)
+        for name in self._interpreter.get_signature_list()[
+            'serving_default']['outputs']}
+    self.output_names = tuple(self._outputs)
     self._batch = None
-    # [N, S, S, 3] and [N, C]; the free batch dimension is -1.
+    # [N, S, S, 3] and [N, C] (the logits'); the free batch dimension is -1.
     self.input_shape = [int(side) for side in self._interpreter
                         .get_input_details()[0]['shape_signature']]
-    self.output_shape = [int(side) for side in self._interpreter
-                         .get_output_details()[0]['shape_signature']]
+    self.output_shape = [
+        int(side) for side in self._details(self._outputs['logits'])[
+            'shape_signature']]
 
-  def logits(self, images):
+  def _output_index(self, name):
+    runner = self._interpreter.get_signature_runner('serving_default')
+    return runner.get_output_details()[name]['index']
+
+  def _details(self, index):
+    return next(details for details in self._interpreter.get_output_details()
+                if details['index'] == index)
+
+  def outputs(self, images):
     if self._batch != len(images):
       self._interpreter.resize_tensor_input(self._input, list(images.shape))
       self._interpreter.allocate_tensors()
       self._batch = len(images)
     self._interpreter.set_tensor(self._input, images)
     self._interpreter.invoke()
-    return np.array(self._interpreter.get_tensor(self._output))
+    return {name: np.array(self._interpreter.get_tensor(index))
+            for name, index in self._outputs.items()}
+
+  def logits(self, images):
+    return self.outputs(images)['logits']
 
 
 

@@ -28,7 +28,8 @@ def _require(runtime_only=False):
 
 
 def _frozen_graph(module):
-  """`(GraphDef, input name, output name)` of `module.logits`, frozen.
+  """`(GraphDef, input name, {output: tensor name})` of `module.logits`,
+  frozen.
 
   Frozen here rather than by `tf2onnx.convert.from_function`, which makes
   every captured tensor that is not a variable a graph input: Keras'
@@ -41,7 +42,10 @@ def _frozen_graph(module):
       function, lower_control_flow=False, aggressive_inlining=True)
   graph_def = frozen.graph.as_graph_def(add_shapes=True)
   _replace_erfc(graph_def)
-  return graph_def, frozen.inputs[0].name, frozen.outputs[0].name
+  # A dict's outputs are flattened in the order of its sorted keys.
+  names = sorted(function.structured_outputs)
+  return graph_def, frozen.inputs[0].name, {
+      name: tensor.name for name, tensor in zip(names, frozen.outputs)}
 
 
 def _replace_erfc(graph_def):
@@ -69,14 +73,15 @@ def _replace_erfc(graph_def):
 def onnx_model(module, metadata=None):
   """The ONNX `ModelProto` of a `logits_module`, `metadata` in its props."""
   tf2onnx = _require()['tf2onnx']
-  graph_def, input_name, output_name = _frozen_graph(module)
+  graph_def, input_name, outputs = _frozen_graph(module)
+  renames = {tensor: name for name, tensor in outputs.items()}
   # tf2onnx freezes the (already frozen) graph again with TF1's
   # convert_variables_to_constants, which logs a deprecation warning.
   with deprecation.silence():
     proto, _ = tf2onnx.convert.from_graph_def(
-        graph_def, input_names=[input_name], output_names=[output_name],
+        graph_def, input_names=[input_name], output_names=list(renames),
         opset=OPSET,
-        tensors_to_rename={input_name: 'images', output_name: 'logits'})
+        tensors_to_rename={input_name: 'images', **renames})
   for key, value in (metadata or {}).items():
     proto.metadata_props.add(key=key, value=json.dumps(value))
   return proto
@@ -105,16 +110,24 @@ def read_metadata(path):
 
 
 class OnnxModel:
-  """An `.onnx` export in ONNX Runtime: `logits(uint8 images)`."""
+  """An `.onnx` export in ONNX Runtime: `logits(uint8 images)`, and
+  `outputs(images)`, every output by name."""
 
   def __init__(self, path):
     onnxruntime = _require(runtime_only=True)['onnxruntime']
     self._session = onnxruntime.InferenceSession(
         path, providers=['CPUExecutionProvider'])
     self._input = self._session.get_inputs()[0].name
-    # [N, S, S, 3] and [N, C]; a free dimension is a string or None.
+    outputs = {output.name: output for output in self._session.get_outputs()}
+    self.output_names = tuple(outputs)
+    # [N, S, S, 3] and [N, C] (the logits'); a free dimension is a string or
+    # None.
     self.input_shape = list(self._session.get_inputs()[0].shape)
-    self.output_shape = list(self._session.get_outputs()[0].shape)
+    self.output_shape = list(outputs['logits'].shape)
+
+  def outputs(self, images):
+    values = self._session.run(list(self.output_names), {self._input: images})
+    return dict(zip(self.output_names, values))
 
   def logits(self, images):
     return self._session.run(['logits'], {self._input: images})[0]
