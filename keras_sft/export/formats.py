@@ -21,8 +21,11 @@ uint8 RGB `[N, S, S, 3]` (NHWC, N free) with S = `image_size`; the graph
 casts to float32 and applies the backbone's preprocessing itself. It holds
 no resize (ONNX Runtime has no kernel for TF's antialiased resize,
 `ScaleAndTranslate`), so a client resizes first, as `prepare_images` (and
-`python -m keras_sft.predict`) does. One output `logits`, float32 `[N, C]`;
-also for litert_int8, whose graph dequantizes its last layer's int8 output.
+`python -m keras_sft.predict`) does (`graph.prepare_images`). Outputs:
+`logits`, float32 `[N, C]` (also for litert_int8, whose graph dequantizes
+its last layer's int8 output), and in the float formats `probabilities`,
+float32 `[N, C]`: the softmax of those float32 logits in the same graph, as
+the SavedModel's (`Format.serves_probabilities`).
 
 Metadata (class names, the input and output, `image_size`, the run and
 which of its weights (`source`: checkpoint, step, EMA or raw, their
