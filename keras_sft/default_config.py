@@ -58,11 +58,11 @@ def get_config():
   # to image_size / 0.875 (or resize_size) and cropped at random (ImageNet);
   # False: the eval view (centre crop). random_flip: horizontal flips.
   # Both on: the standard recipe for photos, where objects appear anywhere
-  # and either way round (CIFAR, ImageNet, BiT). Measured on centred,
-  # aligned images (benchmarks/ACCURACY.md, Fashion-MNIST 32px), both cost
-  # accuracy: from scratch, 10k images, 5 epochs 77.4% on, 84.3% off;
-  # fine-tuning proxy 88.1% on, 91.7% off. Switch them off for data whose
-  # objects are centred and never mirrored (digits, scans, product shots).
+  # and either way round (CIFAR, ImageNet, BiT). On centred, aligned images
+  # both cost accuracy, from scratch and fine-tuning (benchmarks/ACCURACY.md,
+  # "What the augmentation costs"): switch them off for data whose objects are centred and
+  # never mirrored (digits, scans, product shots), or let
+  # `python -m keras_sft.tune` measure it on yours.
   config.random_crop = True
   config.random_flip = True
   # Elements kept in the shuffle buffer of the training set.
@@ -88,26 +88,26 @@ def get_config():
   # 'frozen' (non-trainable: inference mode, moving statistics and γ/β kept)
   # or 'synchronized' (batch statistics all-reduced across replicas). ConvNeXt
   # has no BatchNormalization: only 'trained' (and momentum None) there.
-  # Measured (benchmarks/ACCURACY.md, fine-tuning proxy): 'frozen' 89.3%,
-  # 'trained' with precise BN 88.1%, when the pretrained statistics are
-  # right; 'trained' stays the default because with weights=None 'frozen'
-  # would train a network without normalization.
+  # 'frozen' can win when the pretrained statistics fit the new data and
+  # lose badly when they do not (benchmarks/ACCURACY.md has both cases);
+  # 'trained' stays the default because with weights=None 'frozen' would
+  # train a network without normalization.
   config.batch_norm = 'trained'
   # Momentum m of the BN moving statistics, moving = m·moving + (1 - m)·batch;
   # None: the layers' own (0.99 in Keras' ResNet50; PyTorch's momentum=0.1 is
-  # m = 0.9). Measured (benchmarks/ACCURACY.md, Fashion-MNIST from scratch,
-  # 10k images, 5 epochs, precise BN off): top-1 74.5% with None, 77.0% with
-  # 0.9; precise BN (below) gives 77.4% and makes the momentum matter only
-  # between evaluations, so the default stays Keras'.
+  # m = 0.9). A lower momentum helps short runs whose statistics lag the
+  # weights, but precise BN (below) does more and makes the momentum matter
+  # only between evaluations (benchmarks/ACCURACY.md), so the default stays
+  # Keras'.
   config.batch_norm_momentum = ml_collections.FieldReference(
       None, field_type=float)
   # Precise BN: before each evaluation, the best-checkpoint decision and the
   # export, re-estimate the moving statistics of the trained BN layers as
   # population statistics over this many training batches, computed with
-  # the weights being evaluated (keras_sft.precise_bn). 0: off. Measured
-  # (benchmarks/ACCURACY.md): from scratch 74.5% -> 77.4% top-1 with 20;
-  # from scratch on 500 images 28.5% -> 82.9%; fine-tuning proxy (100
-  # images/class) 77.1% -> 88.1%. Costs 20 forward passes per evaluation.
+  # the weights being evaluated (keras_sft.models.precise_bn). 0: off. It
+  # raised top-1 in every benchmark row (benchmarks/ACCURACY.md), most on
+  # short runs and small data. Costs that many forward passes
+  # per evaluation.
   # At most one pass over the train split: a larger value is capped (logged).
   config.precise_bn_batches = 20
   # None, or a stage of the model (ResNets: 'conv1'..'conv5'; others in
@@ -151,7 +151,7 @@ def get_config():
   # ε of label smoothing: targets (1 - ε)·one_hot + ε / num_classes. 0: off.
   config.label_smoothing = 0.0
   # Training-batch augmentation with Keras' own layers, after batching
-  # (keras_sft.batch_augment). MixUp: α of Beta(α, α); 0: off.
+  # (keras_sft.data.batch_augment). MixUp: α of Beta(α, α); 0: off.
   config.mixup_alpha = 0.0
   # CutMix: α of Beta(α, α), in [0, 1]; 0: off. With MixUp also on, one of
   # the two per batch.
@@ -182,12 +182,12 @@ def get_config():
   # --- Distribution and compilation -----------------------------------------
   # 'float32', 'mixed_bfloat16', 'mixed_float16' (with dynamic loss scaling)
   # or 'auto': bf16 on GPUs with compute capability >= 8.0 and on CPUs with
-  # AVX512_BF16/AMX, else float32 (keras_sft.precision).
+  # AVX512_BF16/AMX, else float32 (keras_sft.training.precision).
   config.precision = 'float32'
   # 'auto' (TPU, else TF_CONFIG with several tasks: multi_worker_mirrored,
   # else several GPUs: mirrored, else default), 'default' (no strategy),
   # 'one_device', 'mirrored' (all local GPUs), 'multi_worker_mirrored' (all
-  # GPUs of the machines in $TF_CONFIG), 'tpu'. See keras_sft/distribution.py.
+  # GPUs of the machines in $TF_CONFIG), 'tpu'. See keras_sft/training/distribution.py.
   config.distribution = 'auto'
   # multi_worker_mirrored: seconds to wait for every task of TF_CONFIG to
   # start before failing with the missing ones named.
