@@ -14,8 +14,8 @@ import tensorflow as tf
 from keras_sft.data import augment
 
 # A float export is refused when its runtime's logits on random images differ
-# from TensorFlow's by more than this x max |logits| (benchmarks/FORMATS.md
-# has the measured differences; tests hold them to 1e-4).
+# from TensorFlow's by more than this x max |logits| (README "ONNX, LiteRT:
+# input contract" has the measured differences; tests hold them to 1e-4).
 CHECK_RELATIVE_TOLERANCE = 1e-3
 
 
