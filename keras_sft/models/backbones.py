@@ -221,20 +221,20 @@ MIN_IMAGE_SIZE = 32
 
 
 
-def backbone_spec(model):
-  """The `Backbone` row of `config.model` value `model`."""
-  errors.check_choice('model', model, tuple(BACKBONES))
-  return BACKBONES[model]
+def backbone_spec(name):
+  """The `Backbone` row of `config.model` value `name`."""
+  errors.check_choice('model', name, tuple(BACKBONES))
+  return BACKBONES[name]
 
 
-def family_of(model):
-  """The `Family` row of `config.model` value `model`."""
-  return FAMILIES[backbone_spec(model).family]
+def family_of(name):
+  """The `Family` row of `config.model` value `name`."""
+  return FAMILIES[backbone_spec(name).family]
 
 
-def stages(model):
-  """`freeze_until`'s stage names for `model`, in order."""
-  return family_of(model).stages
+def stages(name):
+  """`freeze_until`'s stage names for `name`, in order."""
+  return family_of(name).stages
 
 
 # The first bytes of every HDF5 file (Keras' .h5 and .weights.h5 formats).
@@ -263,33 +263,33 @@ def check_config(config):
                            config.batch_norm_momentum)
 
 
-def check_image_size(model, image_size):
+def check_image_size(name, image_size):
   """`image_size` is at least `MIN_IMAGE_SIZE` (Keras' constructors refuse
   smaller inputs with a ValueError only when the model is built)."""
   if image_size < MIN_IMAGE_SIZE:
     raise errors.ConfigError(
-        f'image_size={image_size!r} is too small for model={model!r}: '
+        f'image_size={image_size!r} is too small for model={name!r}: '
         f'keras.applications backbones take images of at least '
         f'{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}. Use --config.image_size='
         f'{MIN_IMAGE_SIZE} or more (small images are resized up).')
 
 
-def check_freeze_until(model, stage):
-  """`stage` is None or one of `model`'s stage names."""
-  if stage is not None and stage not in stages(model):
+def check_freeze_until(name, stage):
+  """`stage` is None or one of `name`'s stage names."""
+  if stage is not None and stage not in stages(name):
     raise errors.ConfigError(
-        f'Unknown freeze_until for model={model!r}: freeze_until={stage!r}. '
-        f'Expected None or one of {stages(model)}.')
+        f'Unknown freeze_until for model={name!r}: freeze_until={stage!r}. '
+        f'Expected None or one of {stages(name)}.')
 
 
-def check_batch_norm_support(model, policy, momentum):
+def check_batch_norm_support(name, policy, momentum):
   """Refuses BN settings for a family without BatchNormalization layers."""
-  if family_of(model).has_batch_norm:
+  if family_of(name).has_batch_norm:
     return
   if policy != 'trained' or momentum is not None:
     raise errors.ConfigError(
-        f'model={model!r} has no BatchNormalization layers (its family '
-        f'{family_of(model).name!r} normalizes with LayerNormalization), so '
+        f'model={name!r} has no BatchNormalization layers (its family '
+        f'{family_of(name).name!r} normalizes with LayerNormalization), so '
         f'batch_norm={policy!r} and batch_norm_momentum={momentum!r} would '
         "do nothing. Use batch_norm='trained' and batch_norm_momentum=None.")
 
@@ -354,24 +354,24 @@ class Preprocessing(keras.layers.Layer):
     return {**super().get_config(), 'mode': self.mode}
 
 
-def _imagenet_weights_help(model):
+def _imagenet_weights_help(name):
   keras_home = os.environ.get('KERAS_HOME',
                               os.path.join(os.path.expanduser('~'), '.keras'))
-  file_name = backbone_spec(model).weights_file
+  file_name = backbone_spec(name).weights_file
   return (
-      f'Could not download the ImageNet weights of {model}. Routes that need '
+      f'Could not download the ImageNet weights of {name}. Routes that need '
       'no network: (1) pass a local file with --config.weights=/path/to/'
       f'{file_name}; (2) put that file in '
       f'{os.path.join(keras_home, "models")}/ where Keras looks before '
       'downloading; (3) --config.weights=None to start from random weights.')
 
 
-def resolve_weights(weights, model=DEFAULT_MODEL):
+def resolve_weights(weights, name=DEFAULT_MODEL):
   """Checks a `weights` setting and returns what the constructor should get.
 
   Args:
     weights: 'imagenet', None (or 'none'/'') or a path to a local file.
-    model: The `config.model` the file is for (named in errors).
+    name: The `config.model` the file is for (named in errors).
 
   Raises:
     PathNotFoundError: a path that does not exist.
@@ -382,17 +382,17 @@ def resolve_weights(weights, model=DEFAULT_MODEL):
     return None
   if weights == 'imagenet':
     return 'imagenet'
-  expected = backbone_spec(model).weights_file
+  expected = backbone_spec(name).weights_file
   if not os.path.isfile(weights):
     raise errors.PathNotFoundError(
         f'weights={weights!r} is neither "imagenet", None, nor an existing '
-        f'file. Expected a local {model} no-top weights file such as '
+        f'file. Expected a local {name} no-top weights file such as '
         f'{expected}.')
   with open(weights, 'rb') as file:
     if file.read(len(_HDF5_SIGNATURE)) != _HDF5_SIGNATURE:
       raise errors.ConfigError(
           f'weights={weights!r} is not an HDF5 weights file (.h5 or '
-          f'.weights.h5, as Keras saves them). Expected a {model} no-top '
+          f'.weights.h5, as Keras saves them). Expected a {name} no-top '
           f'weights file such as {expected}.')
   try:
     layers = _file_layers(weights)
@@ -401,18 +401,18 @@ def resolve_weights(weights, model=DEFAULT_MODEL):
     # download or copy) when opening it.
     raise errors.ConfigError(
         f'weights={weights!r} cannot be read as a Keras weights file: it is '
-        f'truncated or damaged ({error}). Copy the {model} no-top weights '
+        f'truncated or damaged ({error}). Copy the {name} no-top weights '
         f'file {expected} again.') from error
   if not layers:
     raise errors.ConfigError(
         f'weights={weights!r} is an HDF5 file without layer weights, not a '
-        f'Keras weights file. Expected a {model} no-top weights file such '
+        f'Keras weights file. Expected a {name} no-top weights file such '
         f'as {expected}.')
   return weights
 
 
-def check_weights_fit(model, image_size, weights):
-  """Fails unless `weights` can be loaded into `model`'s backbone.
+def check_weights_fit(name, image_size, weights):
+  """Fails unless `weights` can be loaded into `name`'s backbone.
 
   Builds the backbone with them (`load_backbone`), so a start refuses a
   file of another model, or ImageNet weights that cannot be downloaded,
@@ -420,10 +420,10 @@ def check_weights_fit(model, image_size, weights):
   runs there). 'imagenet' is downloaded now, into Keras' cache, where the
   later build finds it. Nothing to do for None.
   """
-  if resolve_weights(weights, model) is None:
+  if resolve_weights(weights, name) is None:
     return
-  check_image_size(model, image_size)
-  load_backbone(model, image_size, weights)
+  check_image_size(name, image_size)
+  load_backbone(name, image_size, weights)
 
 
 def _file_layers(path):
@@ -461,7 +461,7 @@ def _model_layers(backbone):
           for layer in backbone.layers if layer.weights]
 
 
-def check_weights_file(backbone, path, model):
+def check_weights_file(backbone, path, name):
   """Fails unless the weights file at `path` fits `backbone`, layer by layer.
 
   A legacy `.h5` file must hold as many weighted layers as `backbone`, with
@@ -469,7 +469,7 @@ def check_weights_file(backbone, path, model):
   `.weights.h5` file the same multiset of weight shapes.
 
   Raises:
-    ConfigError: naming the file's layers and the ones `model` expects.
+    ConfigError: naming the file's layers and the ones `name` expects.
   """
   expected = _model_layers(backbone)
   found = _file_layers(path)
@@ -489,46 +489,46 @@ def check_weights_file(backbone, path, model):
     return f'{len(names)} weighted layers ({", ".join(shown)})'
 
   raise errors.ConfigError(
-      f'weights={path!r} does not fit model={model!r}: the file holds '
-      f'{listing(found)}, {model} expects {listing(expected)} with other '
+      f'weights={path!r} does not fit model={name!r}: the file holds '
+      f'{listing(found)}, {name} expects {listing(expected)} with other '
       f'weight shapes. Is it the weights file of another model? Expected '
-      f'the {model} no-top weights file {backbone_spec(model).weights_file}'
+      f'the {name} no-top weights file {backbone_spec(name).weights_file}'
       ' (or one saved from a keras-sft run of the same model).')
 
 
-def build_backbone(model, image_size, weights=None):
-  """`keras.applications.<constructor>(include_top=False, ...)` of `model`.
+def build_backbone(name, image_size, weights=None):
+  """`keras.applications.<constructor>(include_top=False, ...)` of `name`.
 
   With `include_preprocessing=False` where the constructor has it (the
   network preprocesses). `weights` as the constructor's.
   """
-  spec = backbone_spec(model)
+  spec = backbone_spec(name)
   kwargs = {}
-  if family_of(model).include_preprocessing:
+  if family_of(name).include_preprocessing:
     kwargs['include_preprocessing'] = False
   constructor = getattr(keras.applications, spec.constructor)
   return constructor(include_top=False, weights=weights,
                      input_shape=(image_size, image_size, 3), **kwargs)
 
 
-def load_backbone(model, image_size, weights):
+def load_backbone(name, image_size, weights):
   """`build_backbone` with `weights` ('imagenet', None or a local file).
 
   Raises:
     WeightsUnavailableError: 'imagenet' neither cached nor downloadable.
-    ConfigError: a local file that does not fit `model`
+    ConfigError: a local file that does not fit `name`
       (`check_weights_file`), checked before it is loaded.
   """
-  weights = resolve_weights(weights, model)
+  weights = resolve_weights(weights, name)
   try:
     backbone = build_backbone(
-        model, image_size, 'imagenet' if weights == 'imagenet' else None)
+        name, image_size, 'imagenet' if weights == 'imagenet' else None)
   except Exception as error:  # urllib raises several types when offline.
     if weights == 'imagenet':
-      raise WeightsUnavailableError(_imagenet_weights_help(model)) from error
+      raise WeightsUnavailableError(_imagenet_weights_help(name)) from error
     raise
   if weights not in (None, 'imagenet'):
     # What the constructors do with a path, after our check of the file.
-    check_weights_file(backbone, weights, model)
+    check_weights_file(backbone, weights, name)
     backbone.load_weights(weights)
   return backbone

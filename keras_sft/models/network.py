@@ -53,38 +53,41 @@ def set_batch_norm_policy(model, policy, momentum=None):
   return count
 
 
-def stage_of(layer_name, backbone_name, model=backbones.DEFAULT_MODEL):
-  """The stage of `model` a layer belongs to, or None."""
-  return backbones.family_of(model).stage_of(layer_name, backbone_name)
+def stage_of(layer_name, backbone_name, name=backbones.DEFAULT_MODEL):
+  """The stage of backbone `name` a layer belongs to, or None.
+
+  `backbone_name` is the Keras model's own name (its layers' prefix).
+  """
+  return backbones.family_of(name).stage_of(layer_name, backbone_name)
 
 
-def freeze_until(backbone, stage, model=backbones.DEFAULT_MODEL):
-  """Makes the layers of `model`'s stages up to `stage` non-trainable.
+def freeze_until(backbone, stage, name=backbones.DEFAULT_MODEL):
+  """Makes the layers of `name`'s stages up to `stage` non-trainable.
 
   Args:
-    backbone: The Keras model `build_backbone(model, ...)` returns.
-    stage: None (nothing frozen) or one of `backbones.stages(model)`,
+    backbone: The Keras model `build_backbone(name, ...)` returns.
+    stage: None (nothing frozen) or one of `backbones.stages(name)`,
       inclusive.
-    model: A `BACKBONES` name.
+    name: A `BACKBONES` name.
 
   Returns:
     The names of the layers frozen.
   """
   if stage is None:
     return []
-  backbones.check_freeze_until(model, stage)
-  names = backbones.stages(model)
+  backbones.check_freeze_until(name, stage)
+  names = backbones.stages(name)
   last = names.index(stage)
   frozen = []
   for layer in backbone.layers:
-    layer_stage = stage_of(layer.name, backbone.name, model)
+    layer_stage = stage_of(layer.name, backbone.name, name)
     if layer_stage is not None and names.index(layer_stage) <= last:
       layer.trainable = False
       frozen.append(layer.name)
   if not frozen:
     raise errors.ConfigError(
         f'freeze_until={stage!r} matched no layer of '
-        f'{backbone.name!r}: not a Keras {model}?')
+        f'{backbone.name!r}: not a Keras {name}?')
   return frozen
 
 
@@ -93,20 +96,21 @@ class Spec:
   """Everything that shapes the network: one value from config to builder.
 
   Attributes:
-    model: The backbone, one of `backbones.BACKBONES` (config.model).
+    backbone: The backbone's name, one of `backbones.BACKBONES`
+      (`config.model`).
     image_size: Side of the square input images.
     weights: 'imagenet', None or a path to a local no-top weights file of
-      `model`.
+      `backbone`.
     dropout_rate: Dropout before the head; 0 disables it.
     seed: Seeds the head's initializer and dropout.
     batch_norm: One of `backbones.BATCH_NORM_POLICIES`.
     batch_norm_momentum: None or the BN layers' momentum (see
       `set_batch_norm_policy`).
-    freeze_until: None or one of `backbones.stages(model)`: freeze the
+    freeze_until: None or one of `backbones.stages(backbone)`: freeze the
       backbone up to and including that stage (its BN layers then run in
       inference mode).
   """
-  model: str = backbones.DEFAULT_MODEL
+  backbone: str = backbones.DEFAULT_MODEL
   image_size: int = 224
   weights: object = 'imagenet'
   dropout_rate: float = 0.0
@@ -118,7 +122,7 @@ class Spec:
   @classmethod
   def from_config(cls, config, pretrained=True):
     """The run's spec; `pretrained=False` builds without loading weights."""
-    return cls(model=config.model, image_size=config.image_size,
+    return cls(backbone=config.model, image_size=config.image_size,
                weights=config.weights if pretrained else None,
                dropout_rate=config.dropout_rate, seed=config.seed,
                batch_norm=config.batch_norm,
@@ -142,18 +146,18 @@ def build_network(num_classes, spec):
         'num_classes and image_size must be positive. Received: '
         f'num_classes={num_classes}, image_size={spec.image_size}')
   errors.check_fraction('dropout_rate', spec.dropout_rate)
-  backbone_row = backbones.backbone_spec(spec.model)
-  backbones.check_image_size(spec.model, spec.image_size)
-  backbones.check_freeze_until(spec.model, spec.freeze_until)
-  backbones.check_batch_norm_support(spec.model, spec.batch_norm,
+  backbone_row = backbones.backbone_spec(spec.backbone)
+  backbones.check_image_size(spec.backbone, spec.image_size)
+  backbones.check_freeze_until(spec.backbone, spec.freeze_until)
+  backbones.check_batch_norm_support(spec.backbone, spec.batch_norm,
                                      spec.batch_norm_momentum)
-  weights = backbones.resolve_weights(spec.weights, spec.model)
+  weights = backbones.resolve_weights(spec.weights, spec.backbone)
   inputs = keras.Input(shape=(spec.image_size, spec.image_size, 3),
                        name='images')
   x = backbones.Preprocessing(backbone_row.preprocessing,
                               name='preprocessing')(inputs)
-  backbone = backbones.load_backbone(spec.model, spec.image_size, weights)
-  if backbones.family_of(spec.model).has_batch_norm:
+  backbone = backbones.load_backbone(spec.backbone, spec.image_size, weights)
+  if backbones.family_of(spec.backbone).has_batch_norm:
     # Same weights and arithmetic, one kernel per BatchNormalization layer
     # (keras_sft.models.batch_norm).
     backbone = batch_norm_module.fuse(backbone)
@@ -161,7 +165,7 @@ def build_network(num_classes, spec):
   # one XLA function each (keras_sft.models.depthwise); same weights.
   backbone = depthwise.replace(backbone)
   set_batch_norm_policy(backbone, spec.batch_norm, spec.batch_norm_momentum)
-  frozen = freeze_until(backbone, spec.freeze_until, spec.model)
+  frozen = freeze_until(backbone, spec.freeze_until, spec.backbone)
   if frozen:
     logging.info('Froze %d backbone layers up to stage %s.', len(frozen),
                  spec.freeze_until)
@@ -178,7 +182,7 @@ def build_network(num_classes, spec):
       name='head')(x)
   network = keras.Model(inputs, outputs, name='network')
   logging.info('Built %s (weights=%s) + Dense(%d): %d parameters.',
-               spec.model, weights, num_classes, network.count_params())
+               spec.backbone, weights, num_classes, network.count_params())
   return network
 
 
@@ -188,7 +192,7 @@ def create_network(num_classes, image_size, weights='imagenet',
                    model=backbones.DEFAULT_MODEL):
   """`build_network` with the `Spec` given as keywords, for library use."""
   return build_network(num_classes, Spec(
-      model=model, image_size=image_size, weights=weights,
+      backbone=model, image_size=image_size, weights=weights,
       dropout_rate=dropout_rate, seed=seed, batch_norm=batch_norm,
       batch_norm_momentum=batch_norm_momentum,
       freeze_until=freeze_until_stage))
