@@ -56,17 +56,17 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import default as default_lib  # pylint: disable=g-import-not-at-top
-from keras_sft.training import distribution  # pylint: disable=g-import-not-at-top
+from keras_sft.data import pipeline  # pylint: disable=g-import-not-at-top
 from keras_sft import errors  # pylint: disable=g-import-not-at-top
+from keras_sft.export import formats  # pylint: disable=g-import-not-at-top
 from keras_sft.export import graph  # pylint: disable=g-import-not-at-top
 from keras_sft.export import litert_format  # pylint: disable=g-import-not-at-top
 from keras_sft.export import onnx_format  # pylint: disable=g-import-not-at-top
-from keras_sft.export import formats  # pylint: disable=g-import-not-at-top
-from keras_sft.data import pipeline  # pylint: disable=g-import-not-at-top
+from keras_sft.export import saved_model  # pylint: disable=g-import-not-at-top
 from keras_sft.models import backbones  # pylint: disable=g-import-not-at-top
 from keras_sft.models import precise_bn  # pylint: disable=g-import-not-at-top
+from keras_sft.training import distribution  # pylint: disable=g-import-not-at-top
 from keras_sft.training import recipe  # pylint: disable=g-import-not-at-top
-from keras_sft.export import saved_model  # pylint: disable=g-import-not-at-top
 
 _NUM_CLASSES = 10
 

@@ -14,11 +14,11 @@ import tensorflow as tf
 from PIL import Image
 
 from configs import cifar10_resnet50
-from keras_sft.data import images
 from keras_sft.data import folders
+from keras_sft.data import images
 from keras_sft.data import pipeline
-from keras_sft.models import network as network_lib
 from keras_sft.export import saved_model
+from keras_sft.models import network as network_lib
 from keras_sft.training import train
 
 import image_fixtures

@@ -21,16 +21,16 @@ from PIL import Image
 import conftest
 import image_fixtures
 from configs import cifar10_resnet50
-from keras_sft.training import checkpoints
-from keras_sft import errors
 from keras_sft.data import augment
 from keras_sft.data import pipeline
-from keras_sft.models import precise_bn
-from keras_sft.training import recipe
+from keras_sft import errors
 from keras_sft.export import formats
 from keras_sft.export import restore
 from keras_sft.export import saved_model
 from keras_sft import files
+from keras_sft.models import precise_bn
+from keras_sft.training import checkpoints
+from keras_sft.training import recipe
 from keras_sft import workdir as workdir_lib
 
 # Loads the SavedModel where `import keras_sft` fails and calls both

@@ -23,16 +23,16 @@ from PIL import Image
 
 import conftest
 from configs import default as default_lib
-from keras_sft.models import batch_norm
 from keras_sft import errors
 from keras_sft.export import formats
 from keras_sft.export import graph
 from keras_sft.export import litert_format
 from keras_sft.export import onnx_format
 from keras_sft.export import saved_model
-from keras_sft.models import backbones
-from keras_sft import predict
 from keras_sft import files
+from keras_sft.models import backbones
+from keras_sft.models import batch_norm
+from keras_sft import predict
 from keras_sft.training import precision
 from keras_sft import workdir as workdir_lib
 

@@ -15,17 +15,17 @@ import tensorflow as tf
 
 import conftest
 from configs import default as default_lib
+from keras_sft.data import pipeline
+from keras_sft import errors
+from keras_sft.export import saved_model
+from keras_sft.models import backbones
 from keras_sft.models import batch_norm
 from keras_sft.models import classifier
 from keras_sft.models import depthwise
-from keras_sft import errors
-from keras_sft.data import pipeline
-from keras_sft.models import backbones
 from keras_sft.models import network as network_lib
 from keras_sft.models import precise_bn
 from keras_sft.training import precision
 from keras_sft.training import recipe
-from keras_sft.export import saved_model
 
 
 def _network():

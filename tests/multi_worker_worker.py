@@ -17,8 +17,8 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 from keras_sft.models import batch_norm  # pylint: disable=g-import-not-at-top
 from keras_sft.models import classifier  # pylint: disable=g-import-not-at-top
-from keras_sft.training import multi_worker  # pylint: disable=g-import-not-at-top
 from keras_sft.models import precise_bn  # pylint: disable=g-import-not-at-top
+from keras_sft.training import multi_worker  # pylint: disable=g-import-not-at-top
 
 
 def main(out, patch):

@@ -12,8 +12,8 @@ from PIL import Image
 
 import conftest
 import image_fixtures
-from keras_sft import predict
 from keras_sft.export import saved_model
+from keras_sft import predict
 
 
 def _write_png(path, array):

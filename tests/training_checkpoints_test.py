@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_sft.models import classifier
 from keras_sft.training import callbacks
 from keras_sft.training import checkpoints
-from keras_sft.models import classifier
 
 _SHAPE = (6, 6, 3)
 _NUM_CLASSES = 3

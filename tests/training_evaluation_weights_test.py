@@ -10,13 +10,13 @@ import tensorflow as tf
 
 import conftest
 from configs import cifar10_resnet50
+from keras_sft.export import restore
 from keras_sft.models import batch_norm
+from keras_sft.models import classifier
 from keras_sft.training import callbacks
 from keras_sft.training import checkpoints
-from keras_sft.models import classifier
 from keras_sft.training import evaluation_weights
 from keras_sft.training import optimizers
-from keras_sft.export import restore
 from keras_sft.training import train
 from keras_sft import workdir as workdir_lib
 

@@ -12,15 +12,15 @@ import pytest
 import tensorflow as tf
 
 from configs import cifar10_resnet50
-from keras_sft.training import checkpoints
-from keras_sft.models import classifier
-from keras_sft import errors
 from keras_sft.data import pipeline
+from keras_sft import errors
+from keras_sft import files
 from keras_sft.models import backbones
+from keras_sft.models import classifier
 from keras_sft.models import network as network_lib
+from keras_sft.training import checkpoints
 from keras_sft.training import recipe
 from keras_sft.training import train
-from keras_sft import files
 from keras_sft import workdir as workdir_lib
 
 

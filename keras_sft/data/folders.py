@@ -36,8 +36,8 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from keras_sft import errors
 from keras_sft.data import images
+from keras_sft import errors
 
 PREFIX = 'folder:'
 # Lower-case file extensions read as images; other files are ignored.

@@ -34,11 +34,11 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import downloader as tfds_downloader
 
-from keras_sft import errors
 from keras_sft.data import augment
 from keras_sft.data import batch_augment
-from keras_sft.data import images
 from keras_sft.data import folders
+from keras_sft.data import images
+from keras_sft import errors
 
 # Epochs with distinct shuffle orders before the orders repeat.
 _DISTINCT_EPOCH_ORDERS = 16

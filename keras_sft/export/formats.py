@@ -50,9 +50,8 @@ from typing import Callable, Optional
 
 import ml_collections
 
-from keras_sft import errors
-from keras_sft import workdir as workdir_lib
 from keras_sft.data import pipeline
+from keras_sft import errors
 from keras_sft.export import graph
 from keras_sft.export import litert_format
 from keras_sft.export import onnx_format
@@ -61,6 +60,7 @@ from keras_sft.export import restore
 from keras_sft.export import saved_model
 from keras_sft.training import checkpoints
 from keras_sft.training import precision
+from keras_sft import workdir as workdir_lib
 
 
 @dataclasses.dataclass(frozen=True)

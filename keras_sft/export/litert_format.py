@@ -14,8 +14,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from keras_sft import errors
 from keras_sft.data import pipeline
+from keras_sft import errors
 from keras_sft.export import graph
 from keras_sft.export import packages
 

@@ -11,14 +11,14 @@ import os
 import keras
 import ml_collections
 
+from keras_sft.data import pipeline
 from keras_sft import errors
 from keras_sft import files
-from keras_sft import workdir as workdir_lib
-from keras_sft.data import pipeline
 from keras_sft.models import precise_bn
 from keras_sft.training import checkpoints
 from keras_sft.training import evaluation_weights
 from keras_sft.training import recipe
+from keras_sft import workdir as workdir_lib
 
 # Which backup of a run `restore_run_model` loads.
 CHECKPOINTS = ('best', 'last')

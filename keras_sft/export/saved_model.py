@@ -44,9 +44,9 @@ import uuid
 
 import tensorflow as tf
 
-from keras_sft import errors
-from keras_sft.data import images
 from keras_sft.data import augment
+from keras_sft.data import images
+from keras_sft import errors
 # The export's description of itself, beside `saved_model.pb` (TF Serving
 # ignores it), as beside a LiteRT `model.tflite`.
 METADATA_FILE = 'metadata.json'

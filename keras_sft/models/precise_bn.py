@@ -25,8 +25,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_sft.models import batch_norm
 from keras_sft import errors
+from keras_sft.models import batch_norm
 
 
 def check_config(config):

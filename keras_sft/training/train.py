@@ -27,26 +27,26 @@ import numpy as np
 import tensorflow as tf
 
 from keras_sft.data import batch_augment
-from keras_sft.training import callbacks
-from keras_sft.training import checkpoints
-from keras_sft.models import classifier
-from keras_sft.training import distribution
-from keras_sft import errors
-from keras_sft.training import evaluation
-from keras_sft.training import evaluation_weights
-from keras_sft.export import formats
 from keras_sft.data import folders
 from keras_sft.data import pipeline
-from keras_sft.models import losses
-from keras_sft.models import backbones
-from keras_sft.training import optimizers
-from keras_sft.models import precise_bn
-from keras_sft.training import precision
-from keras_sft.training import progress
-from keras_sft.training import recipe
+from keras_sft import errors
+from keras_sft.export import formats
 from keras_sft.export import restore
 from keras_sft.export import saved_model
 from keras_sft import files
+from keras_sft.models import backbones
+from keras_sft.models import classifier
+from keras_sft.models import losses
+from keras_sft.models import precise_bn
+from keras_sft.training import callbacks
+from keras_sft.training import checkpoints
+from keras_sft.training import distribution
+from keras_sft.training import evaluation
+from keras_sft.training import evaluation_weights
+from keras_sft.training import optimizers
+from keras_sft.training import precision
+from keras_sft.training import progress
+from keras_sft.training import recipe
 from keras_sft import workdir as workdir_lib
 
 
