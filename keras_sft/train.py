@@ -121,6 +121,8 @@ class _Run:
   checkpointer: checkpointing.Checkpointer
   # Held for the run's life on the chief (workdir_lib.Lock).
   lock: object = dataclasses.field(default_factory=contextlib.nullcontext)
+  # Callbacks of the caller (train_and_evaluate's `callbacks`).
+  extra_callbacks: tuple = ()
 
 
 @contextlib.contextmanager
@@ -255,7 +257,9 @@ def _callbacks(run):
         checkpointing.BackupCallback(run.checkpointer,
                                      run.config.checkpoint_every_steps),
     ]
-  return callbacks
+  # Last: they see each epoch's row logged and backed up, so one that stops
+  # training (an exception, e.g. a pruned tuning trial) loses nothing.
+  return callbacks + list(run.extra_callbacks)
 
 
 def _fit(run, model, end_epoch, steps):
@@ -429,7 +433,7 @@ def _export(run, model):
     raise workdir_lib.disk_full_error(run.workdir.export, what) from error
 
 
-def train_and_evaluate(config, workdir):
+def train_and_evaluate(config, workdir, callbacks=()):
   """Trains, evaluates and exports; resumes the run found in `workdir`.
 
   Under multi-worker training every worker calls this with the same workdir,
@@ -438,11 +442,16 @@ def train_and_evaluate(config, workdir):
   Args:
     config: A ConfigDict with the keys of `configs/default.py`.
     workdir: Directory of the run.
+    callbacks: More Keras callbacks for `fit`, called after the run's own
+      at each epoch end (its history row and backup are written): e.g.
+      `keras_sft.tune` reads each epoch's val_accuracy and stops a pruned
+      trial by raising.
 
   Returns:
     The dict written to `<workdir>/metrics.json`.
   """
   run = _start(config, workdir)
+  run.extra_callbacks = tuple(callbacks)
   with run.lock, _log_to(run):
     model = _build(run)
     trained = _fit_to_end(run, model)
