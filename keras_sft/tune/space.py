@@ -362,5 +362,6 @@ def validate(space, config, check_config):
                          assignment.items())
       raise errors.ConfigError(
           f'The search space {space.path} can pick values that a run '
-          f'refuses ({picked}): {error} Narrow the space so that every '
+          f'refuses ({picked}): {str(error).rstrip(".")}. Narrow the space '
+          'so that every '
           'value it holds is valid.') from error

@@ -26,6 +26,8 @@ import threading
 import time
 import uuid
 
+import warnings
+
 import optuna
 
 from keras_sft import errors
@@ -74,15 +76,15 @@ def open_storage(url, workdir, grace_seconds):
     engine_kwargs['connect_args'] = {
         'connect_timeout': _CONNECT_TIMEOUT_SECONDS}
   try:
-    return optuna.storages.RDBStorage(
-        url, engine_kwargs=engine_kwargs,
-        heartbeat_interval=HEARTBEAT_SECONDS, grace_period=grace_seconds,
-        heartbeat_stale_trial_callback=retry_callback())
-  except ModuleNotFoundError as error:
+    return _rdb_storage(_with_driver(url), engine_kwargs, grace_seconds)
+  except ImportError as error:
+    # Optuna re-raises the driver's ModuleNotFoundError as an ImportError.
+    missing = getattr(error.__cause__, 'name', None) or getattr(
+        error, 'name', None)
     raise errors.MissingDependencyError(
-        f'--storage={redact(url)} needs the database driver {error.name!r}, '
+        f'--storage={redact(url)} needs the database driver {missing!r}, '
         'which is not installed: pip install keras-sft[tune] (PostgreSQL: '
-        'psycopg2-binary).') from error
+        'psycopg[binary]).') from error
   except Exception as error:  # SQLAlchemy's errors have many types.
     reason = str(error).strip().splitlines()[0] if str(error) else ''
     raise errors.UnavailableError(
@@ -92,9 +94,37 @@ def open_storage(url, workdir, grace_seconds):
         'nothing was changed.') from error
 
 
+def _with_driver(url):
+  """`postgresql://` as psycopg 3's URL, whatever SQLAlchemy's default
+  driver (psycopg2 before SQLAlchemy 2.1)."""
+  if url.startswith('postgresql://'):
+    return 'postgresql+psycopg://' + url[len('postgresql://'):]
+  return url
+
+
+def _rdb_storage(url, engine_kwargs, grace_seconds, attempts=5):
+  """Optuna's RDBStorage; retried while another worker creates the tables
+  (workers starting together on an empty database race in CREATE TABLE)."""
+  for attempt in range(attempts):
+    try:
+      return optuna.storages.RDBStorage(
+          url, engine_kwargs=engine_kwargs,
+          heartbeat_interval=HEARTBEAT_SECONDS, grace_period=grace_seconds,
+          heartbeat_stale_trial_callback=retry_callback())
+    except Exception as error:  # pylint: disable=broad-except
+      racing = (type(error).__name__ in ('IntegrityError', 'ProgrammingError')
+                and ('already exists' in str(error) or
+                     'duplicate key' in str(error)))
+      if not racing or attempt == attempts - 1:
+        raise
+      time.sleep(1 + attempt)
+
+
 def retry_callback():
   """Requeues a dead trial with its values, up to 3 times (Optuna's)."""
-  return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', optuna.exceptions.ExperimentalWarning)
+    return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
 
 
 @contextlib.contextmanager
@@ -150,11 +180,14 @@ class Worker:
       with contextlib.suppress(OSError):
         os.utime(self.path)
 
-  def close(self):
+  def close(self, running_trial=False):
+    """Releases the lock; the file stays if this worker left a trial
+    RUNNING (an exception), so that the next worker sees it is gone."""
     self._stop.set()
     self._lock.release()
-    with contextlib.suppress(OSError):
-      os.remove(self.path)
+    if not running_trial:
+      with contextlib.suppress(OSError):
+        os.remove(self.path)
 
 
 def worker_file(workdir, name):
@@ -173,8 +206,9 @@ def is_dead(workdir, name, grace_seconds):
     return False
   path = worker_file(workdir, name)
   if not os.path.exists(path):
-    # Closed cleanly (its trial ended), or never on this file system.
-    return name.split(':')[0] == socket.gethostname()
+    # Closed cleanly, or of another workdir (a study in a database shared
+    # by workers with their own workdirs): the heartbeat tells.
+    return False
   if name.split(':')[0] != socket.gethostname():
     try:
       return time.time() - os.stat(path).st_mtime > grace_seconds

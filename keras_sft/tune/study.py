@@ -139,13 +139,18 @@ def open_study(storage, name, study_identity, sampler, pruner, where):
     WorkdirError: the storage holds a study of that name with another
       space, config, data or settings (left as it is).
   """
+  # Loaded first: an existing study, even another one, is only read.
   try:
-    study = optuna.create_study(storage=storage, study_name=name,
-                                direction='maximize', sampler=sampler,
-                                pruner=pruner)
-  except optuna.exceptions.DuplicatedStudyError:
     study = optuna.load_study(storage=storage, study_name=name,
                               sampler=sampler, pruner=pruner)
+  except KeyError:
+    try:
+      study = optuna.create_study(storage=storage, study_name=name,
+                                  direction='maximize', sampler=sampler,
+                                  pruner=pruner)
+    except optuna.exceptions.DuplicatedStudyError:  # Another worker's.
+      study = optuna.load_study(storage=storage, study_name=name,
+                                sampler=sampler, pruner=pruner)
   recorded = study.user_attrs.get(IDENTITY_ATTR)
   if recorded is None:
     # New, or created by a worker killed before it wrote this: ours.
@@ -330,6 +335,7 @@ def run_worker(config, workdir, space, options):
   progress = Progress(total=len(counted(study.get_trials(deepcopy=False))))
   deadline = (None if options.timeout_seconds is None else
               time.monotonic() + options.timeout_seconds)
+  running_trial = True  # Until the loop ends normally.
   try:
     while True:
       if deadline is not None and time.monotonic() > deadline:
@@ -347,8 +353,9 @@ def run_worker(config, workdir, space, options):
         continue
       _run_one(study, storage, trial, worker, space, config, workdir,
                options, progress)
+    running_trial = False
   finally:
-    worker.close()
+    worker.close(running_trial)
   return study
 
 
