@@ -92,7 +92,8 @@ def test_the_test_split_is_read_only_by_the_final_run(shared_study):
   assert lines[:final] and not [line for line in lines[:final]
                                 if line.startswith(test_folder)]
   assert [line for line in lines[final:] if line.startswith(test_folder)]
-  [final_run] = os.listdir(os.path.join(workdir, 'final'))
+  [final_run] = [name for name in os.listdir(os.path.join(workdir, 'final'))
+                 if not name.startswith('.')]
   with open(os.path.join(workdir, 'final', final_run, 'metrics.json')) as f:
     # The whole test split: 2 images of each of 3 classes (eval_steps=1
     # of batch 4 reads 4 of them).

@@ -219,6 +219,10 @@ def is_dead(workdir, name, grace_seconds):
   except errors.WorkdirError:
     return False  # Held: alive.
   lock.release()
-  with contextlib.suppress(OSError):
-    os.remove(path)
   return True
+
+
+def forget(workdir, name):
+  """Removes the lock file of a worker found dead (its trial requeued)."""
+  with contextlib.suppress(OSError):
+    os.remove(worker_file(workdir, name))

@@ -234,6 +234,7 @@ def _recover_dead(study, storage, workdir, name, grace_seconds):
         continue
       failed = storage.get_trial(trial._trial_id)  # pylint: disable=protected-access
       storage_lib.retry_callback()(study, failed)
+      storage_lib.forget(workdir, worker)
       dead.append(trial.number)
   for number in dead:
     print(f'Trial {number}: its worker is gone (killed?); requeued with the '
