@@ -13,7 +13,9 @@ them (a list built otherwise fails at once, not by a subtle resume bug):
 3. `BackupCallback` after both and after the loggers: a backup at an epoch
    end means the epoch's evaluation and history row are written, and it
    holds the training state.
-4. `PreemptionCallback` last: on SIGTERM it backs up after all the others
+4. The caller's callbacks (`train_and_evaluate(callbacks=...)`) after the
+   run's own, so a pruned tuning trial that stops by raising loses nothing.
+5. `PreemptionCallback` last: on SIGTERM it backs up after all the others
    acted on the step.
 """
 
@@ -309,7 +311,7 @@ def check_order(callbacks):
 
 
 def create(*, chief, checkpointer, workdir, config, plan, strategy,
-           statistics_batches):
+           statistics_batches, extra=()):
   """The callbacks of one `fit` of a run, in their checked order.
 
   Args:
@@ -322,6 +324,10 @@ def create(*, chief, checkpointer, workdir, config, plan, strategy,
     strategy: The run's `tf.distribute` strategy.
     statistics_batches: None, or a function returning the precise-BN
       batches.
+    extra: The caller's callbacks (`train_and_evaluate(callbacks=...)`),
+      after the run's own: they see each epoch's history row and backup
+      written, so one that stops training by raising (a pruned tuning
+      trial) loses nothing.
 
   Returns:
     `(callbacks, divergence, preemption)`: the list, and its
@@ -345,5 +351,6 @@ def create(*, chief, checkpointer, workdir, config, plan, strategy,
         keras.callbacks.TensorBoard(workdir.tensorboard),
         BackupCallback(checkpointer, config.checkpoint_every_steps),
     ]
+  callbacks += list(extra)
   callbacks.append(preemption)
   return check_order(callbacks), divergence, preemption

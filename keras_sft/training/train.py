@@ -129,6 +129,8 @@ class _Run:
   checkpointer: checkpoints.Checkpointer
   # Held for the run's life on the chief (workdir_lib.Lock).
   lock: object = dataclasses.field(default_factory=contextlib.nullcontext)
+  # Callbacks of the caller (train_and_evaluate's `callbacks`).
+  extra_callbacks: tuple = ()
 
 
 @contextlib.contextmanager
@@ -261,7 +263,8 @@ def _fit(run, model, end_epoch, steps):
       chief=run.chief, checkpointer=run.checkpointer, workdir=run.workdir,
       config=run.config, plan=run.plan, strategy=run.strategy,
       statistics_batches=((lambda: _statistics_batches(run))
-                          if run.config.precise_bn_batches else None))
+                          if run.config.precise_bn_batches else None),
+      extra=run.extra_callbacks)
   try:
     model.fit(run.data.train(start_step=step),
               initial_epoch=step // run.plan.steps_per_epoch,
@@ -427,7 +430,7 @@ def _export(run, model):
     raise files.disk_full_error(run.workdir.export, what) from error
 
 
-def train_and_evaluate(config, workdir):
+def train_and_evaluate(config, workdir, callbacks=()):
   """Trains, evaluates and exports; resumes the run found in `workdir`.
 
   Under multi-worker training every worker calls this with the same workdir,
@@ -436,11 +439,16 @@ def train_and_evaluate(config, workdir):
   Args:
     config: A ConfigDict with the keys of `keras_sft/default_config.py`.
     workdir: Directory of the run.
+    callbacks: More Keras callbacks for `fit`, called after the run's own
+      at each epoch end (its history row and backup are written): e.g.
+      `keras_sft.tune` reads each epoch's val_accuracy and stops a pruned
+      trial by raising.
 
   Returns:
     The dict written to `<workdir>/metrics.json`.
   """
   run = _start(config, workdir)
+  run.extra_callbacks = tuple(callbacks)
   with run.lock, _log_to(run):
     model = _build(run)
     trained = _fit_to_end(run, model)

@@ -1,0 +1,205 @@
+"""One trial: an ordinary run in `<workdir>/trials/<n>/`, pruned on its
+per-epoch validation accuracy.
+
+The run is `train.train_and_evaluate` on the trial's config (the study's
+config with the trial's values and the validation split of `splits`), so
+every check and guarantee of a run holds: a rerun resumes it, a workdir of
+another config is refused. A trial that is retried after its worker died
+(`RetryHeartbeatStaleTrialCallback` records the first trial's number) runs
+in the first trial's workdir and resumes its last backup; the epochs that
+were already run are reported again from `history.csv`, so the pruner sees
+the whole curve.
+"""
+
+import csv
+import dataclasses
+import logging
+import math
+import os
+import time
+
+import keras
+import optuna
+
+from keras_sft import errors
+from keras_sft import files
+from keras_sft import workdir as workdir_lib
+from keras_sft.tune import space as space_lib
+from keras_sft.tune import splits
+
+TRIALS = 'trials'
+# Trial user attributes (shown in Optuna's dashboard too).
+WORKDIR_ATTR = 'workdir'
+WORKER_ATTR = 'worker'
+EPOCHS_ATTR = 'epochs_run'
+FAILURE_ATTR = 'failure'
+SECONDS_ATTR = 'wall_seconds'
+# The metric a trial is scored on (the validation part of the training
+# split; see `splits`).
+METRIC = 'val_accuracy'
+
+
+def trial_number_of_run(frozen_trial):
+  """The number whose workdir the trial runs in: its first attempt's."""
+  first = frozen_trial.system_attrs.get('failed_trial')
+  return frozen_trial.number if first is None else first
+
+
+def trial_workdir(workdir, number):
+  return os.path.join(workdir, TRIALS, str(number))
+
+
+def history_accuracies(run_workdir):
+  """`[(epoch, val_accuracy)]` of a run's history.csv (1-based epochs)."""
+  path = workdir_lib.Workdir(run_workdir).history_csv
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path, newline='') as file:
+    for row in csv.DictReader(file):
+      try:
+        value = float(row.get(METRIC) or 'nan')
+        rows.append((int(row['epoch']) + 1, value))
+      except (KeyError, ValueError):
+        continue  # A torn last line.
+  return [(epoch, value) for epoch, value in rows if math.isfinite(value)]
+
+
+class PruningCallback(keras.callbacks.Callback):
+  """Reports each epoch's val_accuracy; raises `optuna.TrialPruned` to stop.
+
+  Raising (rather than `stop_training`) ends the run at once: the run's own
+  callbacks have logged and backed up the epoch before this one runs.
+  """
+
+  def __init__(self, trial, reported):
+    super().__init__()
+    self.trial = trial
+    self.reported = reported
+
+  def on_epoch_end(self, epoch, logs=None):
+    value = (logs or {}).get(METRIC)
+    if value is None or not math.isfinite(float(value)):
+      return
+    report(self.trial, epoch + 1, float(value), self.reported)
+
+
+def report(trial, epoch, value, reported):
+  """Reports `value` at `epoch` (kept in the dict `reported` too); raises
+  `TrialPruned` if the pruner says so."""
+  trial.report(value, epoch)
+  reported[epoch] = value
+  if trial.should_prune():
+    raise optuna.TrialPruned(
+        f'{METRIC}={value:.4f} after epoch {epoch}: below the trials that '
+        'reached this epoch')
+
+
+@dataclasses.dataclass
+class Outcome:
+  """How a trial ended.
+
+  Attributes:
+    state: An `optuna.trial.TrialState`.
+    value: The score (COMPLETE), else the last reported val_accuracy.
+    epochs: Epochs in the run's history.
+    message: Why it was pruned or failed.
+  """
+  state: object
+  value: float = None
+  epochs: int = 0
+  message: str = ''
+
+
+def _write_hparams(run_workdir, number, values):
+  """The trial's session for TensorBoard's HParams dashboard.
+
+  Written once into the run's `tensorboard/`, whose `validation/` run holds
+  the per-epoch `epoch_accuracy` the dashboard shows for the session.
+  """
+  directory = os.path.join(workdir_lib.Workdir(run_workdir).tensorboard)
+  marker = os.path.join(directory, '.hparams')
+  if os.path.exists(marker):
+    return
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tensorboard.plugins.hparams import api as hparams_api  # pylint: disable=g-import-not-at-top
+  os.makedirs(directory, exist_ok=True)
+  writer = tf.summary.create_file_writer(directory)
+  with writer.as_default():
+    hparams_api.hparams({key: _hparam_value(value)
+                         for key, value in values.items()},
+                        trial_id=f'trial {number}')
+  writer.close()
+  files.atomic_write(marker, '')
+
+
+def _hparam_value(value):
+  # The HParams plugin takes bool, int, float and str; None is a choice too.
+  return 'None' if value is None else value
+
+
+def run(trial, frozen, space, config, workdir, validation_fraction):
+  """Runs (or resumes) one trial; returns its `Outcome`.
+
+  Args:
+    trial: The `optuna.Trial` (RUNNING, owned by this worker).
+    frozen: Its `FrozenTrial` as popped (attributes of a retried trial).
+    space: The study's `space.Space`.
+    config: The study's base config.
+    workdir: The study's directory.
+    validation_fraction: See `splits.search_config`.
+
+  Raises:
+    Exceptions of bugs (the trial stays RUNNING: the next worker finds its
+    worker gone and retries it).
+  """
+  # Imported here: it loads TensorFlow, and the command's `--help` must not.
+  from keras_sft.training import train  # pylint: disable=g-import-not-at-top
+  number = trial_number_of_run(frozen)
+  run_workdir = trial_workdir(workdir, number)
+  values = space.suggest(trial)
+  trial.set_user_attr(WORKDIR_ATTR, os.path.relpath(run_workdir, workdir))
+  trial_config = splits.search_config(space_lib.apply(config, values),
+                                      validation_fraction)
+  os.makedirs(run_workdir, exist_ok=True)
+  _write_hparams(run_workdir, number, values)
+  started = time.monotonic()
+  previous_seconds = float(frozen.user_attrs.get(SECONDS_ATTR) or 0)
+
+  def finish(outcome):
+    outcome.epochs = len(history_accuracies(run_workdir))
+    trial.set_user_attr(EPOCHS_ATTR, outcome.epochs)
+    trial.set_user_attr(SECONDS_ATTR, round(
+        previous_seconds + time.monotonic() - started, 1))
+    if outcome.message:
+      trial.set_user_attr(FAILURE_ATTR, outcome.message)
+    return outcome
+
+  # Clean state per trial: the previous trial's model and tracing are not
+  # kept, and the layer names restart as in a fresh process.
+  keras.backend.clear_session()
+  reported = {}
+  try:
+    # A resumed trial: report the epochs already run (their rows are kept
+    # by the run), then go on.
+    for epoch, value in history_accuracies(run_workdir):
+      report(trial, epoch, value, reported)
+    metrics = train.train_and_evaluate(
+        trial_config, run_workdir,
+        callbacks=[PruningCallback(trial, reported)])
+  except optuna.TrialPruned as pruned:
+    logging.info('Trial %d pruned: %s', trial.number, pruned)
+    last = reported[max(reported)] if reported else None
+    return finish(Outcome(optuna.trial.TrialState.PRUNED, last,
+                          message=f'pruned: {pruned}'))
+  except errors.DivergedError as error:
+    # An outcome of the values (a learning rate too high), not a fault.
+    return finish(Outcome(optuna.trial.TrialState.FAIL,
+                          message=f'diverged: {error}'))
+  except errors.ConfigError as error:
+    # A combination the space's check could not foresee (values inside
+    # the ranges); the study goes on with the other trials.
+    return finish(Outcome(optuna.trial.TrialState.FAIL,
+                          message=f'refused: {error}'))
+  value = float(metrics['eval']['accuracy'])
+  return finish(Outcome(optuna.trial.TrialState.COMPLETE, value))

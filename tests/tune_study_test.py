@@ -1,0 +1,153 @@
+"""Two workers share one study (the journal file in the workdir): every
+trial runs once, the report is written, the test split is read only by the
+final run, and the best trial reruns as an ordinary run to the same score.
+A pruned trial stops after its first epoch."""
+
+import csv
+import json
+import os
+import re
+import shlex
+import sys
+
+import optuna
+import pytest
+
+import conftest
+import tune_fixtures
+
+from configs import cifar10_resnet50
+from keras_sft.tune import report
+from keras_sft.tune import space as space_lib
+from keras_sft.tune import study as study_lib
+
+TRIALS = 2
+
+
+@pytest.fixture(scope='module')
+def shared_study(tmp_path_factory):
+  """2 trials by 2 worker processes started together, then the final run."""
+  directory = str(tmp_path_factory.mktemp('tune'))
+  folder = tune_fixtures.write_folder(directory)
+  space = tune_fixtures.write_space(directory)
+  workdir = os.path.join(directory, 'study')
+  access_log = os.path.join(directory, 'access.log')
+  env = dict(conftest.cli_env(), TUNE_ACCESS_LOG=access_log)
+  command = tune_fixtures.tune_command(workdir, folder, space,
+                                       f'--trials={TRIALS}', harness=True)
+  workers = [tune_fixtures.start(command, env) for _ in range(2)]
+  outputs = [worker.communicate(timeout=900)[0] for worker in workers]
+  for worker, output in zip(workers, outputs):
+    assert worker.returncode == 0, output[-5000:]
+  return workdir, folder, access_log, outputs
+
+
+def test_two_workers_run_every_trial_once(shared_study):
+  workdir, _, _, outputs = shared_study
+  study = tune_fixtures.load_study(workdir)
+  trials = study.trials
+  assert len(trials) == TRIALS
+  assert all(trial.state in (optuna.trial.TrialState.COMPLETE,
+                             optuna.trial.TrialState.PRUNED)
+             for trial in trials), [trial.state for trial in trials]
+  assert sorted(tune_fixtures.run_numbers(study)) == list(range(TRIALS))
+  # Both workers took trials.
+  assert len({trial.user_attrs['worker'] for trial in trials}) == 2
+  for number in range(TRIALS):
+    with open(os.path.join(workdir, 'trials', str(number), 'train.log')) as f:
+      # One start per trial workdir: no trial ran twice.
+      assert f.read().count('INFO Strategy ') == 1
+  # Trial 0 ran the config's own values.
+  assert trials[0].params['learning_rate'] == 0.01
+  assert trials[0].user_attrs[study_lib.DEFAULTS_ATTR]
+  assert sum('Trial 0 of 2 starts' in output for output in outputs) == 1
+
+
+def test_the_report_is_written(shared_study):
+  workdir, _, _, outputs = shared_study
+  with open(os.path.join(workdir, report.LEADERBOARD)) as file:
+    rows = list(csv.DictReader(file))
+  assert sorted(int(row['trial']) for row in rows) == list(range(TRIALS))
+  for column in ('learning_rate', 'random_flip', 'val_accuracy',
+                 'epochs_run', 'wall_seconds', 'pruned', 'state'):
+    assert column in rows[0]
+  for name in ('optimization_history', 'parallel_coordinate',
+               'val_accuracy_vs_each_key'):
+    assert os.path.getsize(os.path.join(workdir, report.PLOTS,
+                                        f'{name}.png')) > 1000
+  assert any(name.startswith('events.out.tfevents')
+             for name in os.listdir(os.path.join(workdir, 'trials')))
+  printed = '\n'.join(outputs)
+  assert 'Best: trial' in printed and 'for the defaults' in printed
+  assert re.search(r'Trial \d \(\d of 2 finished\)', printed)
+  assert 'Final: test accuracy' in printed
+
+
+def test_the_test_split_is_read_only_by_the_final_run(shared_study):
+  workdir, folder, access_log, _ = shared_study
+  with open(access_log) as file:
+    lines = file.read().splitlines()
+  test_folder = os.path.join(folder, 'test') + os.sep
+  final = lines.index('FINAL')
+  assert lines[:final] and not [line for line in lines[:final]
+                                if line.startswith(test_folder)]
+  assert [line for line in lines[final:] if line.startswith(test_folder)]
+  [final_run] = [name for name in os.listdir(os.path.join(workdir, 'final'))
+                 if not name.startswith('.')]
+  with open(os.path.join(workdir, 'final', final_run, 'metrics.json')) as f:
+    # The whole test split: 2 images of each of 3 classes (eval_steps=1
+    # of batch 4 reads 4 of them).
+    assert json.load(f)['report']['per_class_count']
+  assert os.path.isdir(os.path.join(workdir, 'final', final_run, 'export',
+                                    '1'))
+
+
+def test_the_best_trial_reruns_as_an_ordinary_run_to_its_score(
+    shared_study, tmp_path):
+  workdir, _, _, outputs = shared_study
+  printed = '\n'.join(outputs)
+  command = re.search(r'Rerun the best trial as an ordinary run: (.*)',
+                      printed).group(1)
+  rerun = str(tmp_path / 'rerun')
+  arguments = shlex.split(command.replace('NEW_DIR', rerun))
+  assert arguments[:3] == ['python', '-m', 'keras_sft.main']
+  tune_fixtures.run([sys.executable] + arguments[1:])
+  study = tune_fixtures.load_study(workdir)
+  best = study.best_trial
+  with open(os.path.join(workdir, 'trials', str(best.number),
+                         'metrics.json')) as file:
+    trial_metrics = json.load(file)
+  rerun_metrics = conftest.read_metrics(rerun)
+  assert rerun_metrics['eval']['accuracy'] == study.best_value
+  assert rerun_metrics['eval']['loss'] == pytest.approx(
+      trial_metrics['eval']['loss'], rel=1e-5)
+
+
+def test_a_pruned_trial_stops_early(tmp_path, monkeypatch):
+  config = cifar10_resnet50.get_config('smoke')
+  folder = tune_fixtures.write_folder(str(tmp_path))
+  with config.unlocked():
+    config.dataset = f'folder:{folder}'
+    config.global_batch_size = 4
+    config.eval_steps = 1
+    config.num_epochs = 3
+  path = tune_fixtures.write_space(str(tmp_path))
+  space = space_lib.parse(*space_lib.load(path), config)
+  # Prunes every trial at its first report: the mechanism under test is the
+  # trial's, not the pruner's.
+  monkeypatch.setattr(study_lib, 'create_pruner',
+                      lambda *_: optuna.pruners.ThresholdPruner(lower=2.0))
+  workdir = str(tmp_path / 'study')
+  study = study_lib.run_worker(
+      config, workdir, space,
+      study_lib.Options(trials=1, validation_fraction=0.25))
+  [trial] = study.trials
+  assert trial.state == optuna.trial.TrialState.PRUNED
+  assert trial.user_attrs['epochs_run'] == 1
+  assert list(trial.intermediate_values) == [1]
+  run = os.path.join(workdir, 'trials', '0')
+  assert len(conftest.history_rows(run)) == 1
+  # Stopped before the run's end: no final evaluation.
+  assert not os.path.exists(os.path.join(run, 'metrics.json'))
+  [row] = report.rows(study, space)
+  assert row['pruned'] and row['state'] == 'pruned'
