@@ -373,9 +373,10 @@ def test_a_missing_extra_is_one_error_naming_it(exported, monkeypatch,
 
 
 def _blocked_command(module, command, *arguments):
-  """`python -m command` where `import module` fails."""
-  code = (f'import sys; sys.modules[{module!r}] = None; '
-          f'from keras_sft import {command}; {command}.run()')
+  """`python -m keras_sft.<command>` where `import module` fails."""
+  code = (f'import sys; sys.modules[{module!r}] = None; import runpy; '
+          f'runpy.run_module("keras_sft.{command}", run_name="__main__", '
+          'alter_sys=True)')
   return subprocess.run([sys.executable, '-c', code, *arguments],
                         capture_output=True, text=True,
                         cwd=conftest.REPO_ROOT, env=conftest.cli_env(),
@@ -605,7 +606,7 @@ def test_an_export_its_runtime_does_not_reproduce_is_not_written(
   config = default_lib.get_config()
   config.image_size = _SIDE
   base = str(tmp_path / 'export')
-  monkeypatch.setattr(formats, '_replace_erfc', lambda graph_def: None)
+  monkeypatch.setattr(onnx_format, '_replace_erfc', lambda graph_def: None)
   with pytest.raises(RuntimeError, match=r'onnx.*Erfc'):
     formats.export_format('onnx', model, config, list(_CLASSES), base)
   # A LiteRT model of another network: it runs, with other logits.

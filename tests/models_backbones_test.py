@@ -15,7 +15,7 @@ import tensorflow as tf
 
 import conftest
 from configs import default as default_lib
-from keras_sft.data import pipeline
+from keras_sft.data import augment
 from keras_sft import errors
 from keras_sft.export import saved_model
 from keras_sft.models import backbones
@@ -226,7 +226,7 @@ def families(tmp_path_factory):
     reestimated = precise_bn.reestimate(model, data)
     saved_model.export_saved_model(model, str(directory / name), _SIZE,
                                [str(i) for i in range(_CLASSES)])
-    logits = model(pipeline.preprocess_for_eval(serve_images, _SIZE),
+    logits = model(augment.preprocess_for_eval(serve_images, _SIZE),
                    training=False)
     results[name] = {
         'model': model, 'losses': losses, 'before': before, 'after': after,

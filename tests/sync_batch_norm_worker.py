@@ -2,7 +2,7 @@
 
 One SGD step of a small Conv-BN network with BN in training mode, on one
 device and under MirroredStrategy on 2 logical CPUs (one strategy for both
-policies). Run by tests/models_test.py in its own process.
+policies). Run by tests/models_backbones_test.py in its own process.
 """
 
 import json
@@ -18,20 +18,20 @@ tf.config.set_logical_device_configuration(
     tf.config.list_physical_devices('CPU')[0],
     [tf.config.LogicalDeviceConfiguration()] * 2)
 
-import models_test  # pylint: disable=g-import-not-at-top
+import models_backbones_test  # pylint: disable=g-import-not-at-top
 
 
 def _one_step(strategy, policy, initial_weights):
-  images, labels = models_test._data()  # pylint: disable=protected-access
+  images, labels = models_backbones_test._data()  # pylint: disable=protected-access
   dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(16)
   with strategy.scope():
-    model = models_test._model(policy, initial_weights)  # pylint: disable=protected-access
+    model = models_backbones_test._model(policy, initial_weights)  # pylint: disable=protected-access
   model.fit(dataset, epochs=1, verbose=0)
   return model.get_weights()
 
 
 def main():
-  initial = models_test._model('trained').get_weights()  # pylint: disable=protected-access
+  initial = models_backbones_test._model('trained').get_weights()  # pylint: disable=protected-access
   one = _one_step(tf.distribute.get_strategy(), 'trained', initial)
   devices = [d.name for d in tf.config.list_logical_devices('CPU')[:2]]
   mirrored = tf.distribute.MirroredStrategy(devices)

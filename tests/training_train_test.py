@@ -511,14 +511,13 @@ def test_sigterm_backs_up_at_the_next_step_and_stops(tmp_path, monkeypatch):
   train._fit_to_end(run, uninterrupted)  # pylint: disable=protected-access
 
   run, build = _tiny_run(tmp_path / 'run', checkpoint_every_steps=1000)
-  real_callbacks = train._callbacks  # pylint: disable=protected-access
-  monkeypatch.setattr(train, '_callbacks',
-                      lambda run: real_callbacks(run) + [_SendSigterm(3)])
+  # After the run's own callbacks, before PreemptionCallback.
+  run.extra_callbacks = (_SendSigterm(3),)
   with pytest.raises(errors.PreemptedError, match='step 3'):
     train._fit_to_end(run, build())  # pylint: disable=protected-access
   assert run.checkpointer.latest()[1] == 3
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-  monkeypatch.undo()
+  run.extra_callbacks = ()
   resumed = build()
   train._fit_to_end(run, resumed)  # pylint: disable=protected-access
   for want, got in zip(uninterrupted.get_weights(), resumed.get_weights()):
@@ -531,13 +530,12 @@ def test_sigterm_at_an_epoch_end_keeps_the_epochs_history_row(tmp_path,
   before the backup of that step, so no epoch goes missing from history."""
   from keras_sft import errors  # pylint: disable=g-import-not-at-top
   run, build = _tiny_run(tmp_path / 'run', steps_per_epoch=4)
-  real_callbacks = train._callbacks  # pylint: disable=protected-access
-  monkeypatch.setattr(train, '_callbacks',
-                      lambda run: real_callbacks(run) + [_SendSigterm(4)])
+  # After the run's own callbacks, before PreemptionCallback.
+  run.extra_callbacks = (_SendSigterm(4),)
   with pytest.raises(errors.PreemptedError, match='step 4'):
     train._fit_to_end(run, build())  # pylint: disable=protected-access
   assert _history_epochs(tmp_path / 'run') == ['0']
-  monkeypatch.undo()
+  run.extra_callbacks = ()
   train._fit_to_end(run, build())  # pylint: disable=protected-access
   assert _history_epochs(tmp_path / 'run') == ['0', '1']
 
@@ -567,16 +565,15 @@ def test_sigterm_during_validation_stops_at_once_and_the_rerun_redoes_it(
   from keras_sft import errors  # pylint: disable=g-import-not-at-top
   run, build = _tiny_run(tmp_path / 'run', steps_per_epoch=4)
   sender = _SendSigtermDuringValidation()
-  real_callbacks = train._callbacks  # pylint: disable=protected-access
-  monkeypatch.setattr(train, '_callbacks',
-                      lambda run: real_callbacks(run) + [sender])
+  # After the run's own callbacks, before PreemptionCallback.
+  run.extra_callbacks = (sender,)
   with pytest.raises(errors.PreemptedError, match='between training steps'):
     train._fit_to_end(run, build())  # pylint: disable=protected-access
   assert sender.sent and sender.batches_after == 0
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
   # The epoch's last step is backed up after its evaluation: not written.
   assert run.checkpointer.latest()[1] == 3
-  monkeypatch.undo()
+  run.extra_callbacks = ()
   resumed = build()
   train._fit_to_end(run, resumed)  # pylint: disable=protected-access
   assert checkpoints.trained_steps(resumed) == 8
@@ -600,9 +597,8 @@ def test_epoch_end_backup_comes_after_the_epochs_evaluation(tmp_path,
   the rerun evaluates the epoch and writes its row (backups every step)."""
   run, build = _tiny_run(tmp_path / 'run', steps_per_epoch=4)
   recorder = _RecordBackupAtValidation(run.checkpointer)
-  real_callbacks = train._callbacks  # pylint: disable=protected-access
-  monkeypatch.setattr(train, '_callbacks',
-                      lambda run: real_callbacks(run) + [recorder])
+  # After the run's own callbacks, before PreemptionCallback.
+  run.extra_callbacks = (recorder,)
   train._fit_to_end(run, build())  # pylint: disable=protected-access
   assert recorder.steps == [3, 7]
   assert run.checkpointer.latest()[1] == 8
