@@ -611,7 +611,7 @@ def test_an_export_its_runtime_does_not_reproduce_is_not_written(
     formats.export_format('onnx', model, config, list(_CLASSES), base)
   # A LiteRT model of another network: it runs, with other logits.
   other = litert_format.litert_model(graph.logits_module(_small_model(), _SIDE))
-  monkeypatch.setattr(formats, 'litert_model', lambda module: other)
+  monkeypatch.setattr(litert_format, 'litert_model', lambda module: other)
   with pytest.raises(RuntimeError, match=r'litert.*logits'):
     formats.export_format('litert', model, config, list(_CLASSES), base)
   for name in ('onnx', 'litert'):
