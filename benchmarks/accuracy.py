@@ -668,8 +668,8 @@ def benchmark(args):
       json.dump(results, file, indent=1, default=str)
     print(f'Wrote {args.out}')
   failed = [name for name, row in [*row1.items(),
-                                    ('pretrain', results.get('pretrain')),
-                                    *proxy.items()]
+                                   ('pretrain', results.get('pretrain')),
+                                   *proxy.items()]
             if row is not None and 'error' in row]
   if failed:
     sys.exit(f'FAILED: {", ".join(failed)} (see the log files in {work_dir})')

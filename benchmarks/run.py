@@ -229,7 +229,7 @@ def _backbone_rows(args, batch, uint8_batch, add):
       timers[f'train {model}'] = fit_seconds(ours, batch, args.steps)
       export_dir = os.path.join(directory, model)
       saved_model.export_saved_model(ours, export_dir, args.image_size,
-                                 [str(i) for i in range(_NUM_CLASSES)])
+                                     [str(i) for i in range(_NUM_CLASSES)])
       signature = tf.saved_model.load(
           export_dir).signatures['serving_default']
       timers[f'serving {model}'] = call_seconds(
@@ -305,7 +305,7 @@ def run(args):
   with tempfile.TemporaryDirectory() as directory:
     export_dir = os.path.join(directory, 'export')
     saved_model.export_saved_model(ours, export_dir, size,
-                              [str(i) for i in range(_NUM_CLASSES)])
+                                   [str(i) for i in range(_NUM_CLASSES)])
     signature = tf.saved_model.load(export_dir).signatures['serving_default']
     uint8_batch = tf.constant(images[:batch_size])
     inference = interleaved({
@@ -396,7 +396,7 @@ def _format_rows(args, model, images):
       return [], notes
     export_dir = os.path.join(directory, 'saved_model')
     saved_model.export_saved_model(model, export_dir, args.image_size,
-                               [str(i) for i in range(_NUM_CLASSES)])
+                                   [str(i) for i in range(_NUM_CLASSES)])
     signature = tf.saved_model.load(export_dir).signatures['serving_default']
     reference = signature(images=tf.constant(batch))['logits'].numpy()
     timers = {'saved_model': call_seconds(

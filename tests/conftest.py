@@ -28,7 +28,7 @@ _real_connect = socket.socket.connect
 def _loopback_only_connect(self, address):
   host = address[0] if isinstance(address, tuple) else address
   if isinstance(host, str) and not (host.startswith('127.') or
-                                     host in ('localhost', '::1')) and (
+                                    host in ('localhost', '::1')) and (
                                          self.family != socket.AF_UNIX):
     raise OSError(f'Tests must not touch the network (tried {address!r}).')
   return _real_connect(self, address)

@@ -285,8 +285,8 @@ def test_a_validation_fraction_that_takes_a_whole_class_says_so(tmp_path):
 def test_validation_fraction_with_tfds_points_to_slices():
   with pytest.raises(ValueError, match=r'train\[:90%\]'):
     pipeline.create_datasets('cifar10', image_size=32,
-                                   global_batch_size=4,
-                                   validation_fraction=0.1)
+                             global_batch_size=4,
+                             validation_fraction=0.1)
 
 
 def test_empty_class_folder_is_named(folder_copy):
@@ -360,7 +360,7 @@ def test_parse_split_rejects_garbage():
 
 
 def test_files_are_decoded_once_per_process_unless_they_change(folder_copy,
-                                                              monkeypatch):
+                                                               monkeypatch):
   root, _ = folder_copy
   calls = []
   real = images.find_unreadable

@@ -345,7 +345,7 @@ def test_non_rgb_images_of_unknown_shape_raise_at_run_time():
                         tf.TensorSpec([], tf.int64)))
   with pytest.raises(tf.errors.InvalidArgumentError, match='channels'):
     _take(pipeline.make_eval_dataset(examples, image_size=_SIDE,
-                                           global_batch_size=2), 1)
+                                     global_batch_size=2), 1)
 
 
 # --- augment_for_training -----------------------------------------------------
@@ -535,7 +535,7 @@ def test_small_images_are_cached_unchanged(monkeypatch):
   cached = _cached_datasets(monkeypatch)
   images, labels = _raw_examples(num_examples=2, side=60)
   pipeline.make_eval_dataset(_dataset(images, labels), image_size=_SIDE,
-                                   global_batch_size=2)
+                             global_batch_size=2)
   stored = np.stack([image for image, _ in cached[0].as_numpy_iterator()])
   np.testing.assert_array_equal(stored, images)
 
@@ -550,7 +550,7 @@ def test_augment_without_random_crop_is_the_eval_view_or_its_mirror(
   """random_crop=False: the eval geometry; with random_flip, some mirrored."""
   image = _raw_examples(num_examples=1)[0][0]
   view = augment.preprocess_for_eval(image, image_size,
-                                            resize_size).numpy()
+                                     resize_size).numpy()
   flipped = []
   for i in range(8):
     seed = tf.constant([3, i], tf.int64)

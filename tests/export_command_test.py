@@ -208,7 +208,7 @@ def test_export_version_takes_the_next_integer_version(tmp_path):
   os.makedirs(os.path.join(base, 'not-a-version'))
   model = _tiny_model()
   version, path = saved_model.export_version(model, base, 8, ['a', 'b', 'c'],
-                                        top_k=5)
+                                             top_k=5)
   assert (version, path) == (8, os.path.join(base, '8'))
   assert os.path.exists(os.path.join(path, 'saved_model.pb'))
   assert saved_model.list_versions(base) == [7, 8]
@@ -364,7 +364,7 @@ def test_export_saved_model_keeps_the_old_export_when_the_rename_fails(
   """A failure between removing the old and renaming the new loses nothing."""
   export_dir = str(tmp_path / 'model')
   saved_model.export_saved_model(_tiny_model(), export_dir, 8, ['a', 'b', 'c'],
-                             top_k=1)
+                                 top_k=1)
   real_replace, real_rename = os.replace, os.rename
   failures = []
 
@@ -382,7 +382,7 @@ def test_export_saved_model_keeps_the_old_export_when_the_rename_fails(
   monkeypatch.setattr(os, 'rename', fail_into_target(real_rename))
   with pytest.raises(OSError, match='simulated'):
     saved_model.export_saved_model(_tiny_model(), export_dir, 8, ['a', 'b', 'c'],
-                               top_k=2)
+                                   top_k=2)
   monkeypatch.undo()
   assert failures, 'the export never renamed into export_dir'
   # The previous export is still there, complete, and nothing else is left.
@@ -390,7 +390,7 @@ def test_export_saved_model_keeps_the_old_export_when_the_rename_fails(
   assert os.listdir(tmp_path) == ['model']
   # Without the fault, the export is replaced.
   saved_model.export_saved_model(_tiny_model(), export_dir, 8, ['a', 'b', 'c'],
-                             top_k=2)
+                                 top_k=2)
   assert _export_dir_version(export_dir) == 2
   assert os.listdir(tmp_path) == ['model']
 
@@ -446,7 +446,7 @@ def test_a_decompression_bomb_is_refused_from_its_header(tiny_export):
 def test_max_image_pixels_is_set_at_export(tmp_path):
   export_dir = str(tmp_path / 'model')
   saved_model.export_saved_model(_tiny_model(), export_dir, 8, ['a', 'b', 'c'],
-                             max_image_pixels=100)
+                                 max_image_pixels=100)
   signature = tf.saved_model.load(export_dir).signatures['serve_image_bytes']
   square = np.zeros((10, 10, 3), np.uint8)
   for image_format in ('PNG', 'JPEG'):
@@ -461,7 +461,7 @@ def test_max_image_pixels_is_set_at_export(tmp_path):
     assert 'max_image_pixels=100' in str(error), str(error)
   with pytest.raises(ValueError, match='max_image_pixels'):
     saved_model.export_saved_model(_tiny_model(), export_dir, 8, ['a'],
-                               max_image_pixels=0)
+                                   max_image_pixels=0)
   config = cifar10_resnet50.get_config('smoke')
   saved_model.check_config(config)
   for value in (0, -1):
@@ -475,7 +475,7 @@ def test_versions_are_readable_by_other_users(tmp_path):
   previous = os.umask(0o022)
   try:
     _, path = saved_model.export_version(_tiny_model(), str(tmp_path / 'export'),
-                                     8, ['a', 'b', 'c'])
+                                         8, ['a', 'b', 'c'])
   finally:
     os.umask(previous)
   modes = {}
@@ -525,7 +525,7 @@ def test_stale_temporary_exports_are_removed_live_ones_kept(tmp_path):
     _age(base / names[key], 2 * 3600)
   _age(base / names['other_recent'], 60)
   version, _ = saved_model.export_version(_tiny_model(), str(base), 8,
-                                      ['a', 'b', 'c'])
+                                          ['a', 'b', 'c'])
   assert version == 1
   assert sorted(os.listdir(base)) == sorted(
       ['1', names['live'], names['other_recent']])
@@ -536,7 +536,7 @@ def test_a_crash_between_the_renames_is_repaired_by_the_next_export(
   """kill -9 after the old export was renamed aside, before the new one in."""
   export_dir = tmp_path / 'model'
   saved_model.export_saved_model(_tiny_model(), str(export_dir), 8,
-                             ['a', 'b', 'c'], top_k=1)
+                                 ['a', 'b', 'c'], top_k=1)
   dead = subprocess.Popen(['true'])
   dead.wait()
   aside = tmp_path / f'.model.old-{dead.pid}@{socket.gethostname()}.{"e" * 32}'
@@ -548,7 +548,7 @@ def test_a_crash_between_the_renames_is_repaired_by_the_next_export(
   monkeypatch.setattr(saved_model, '_save', fail)
   with pytest.raises(OSError, match='simulated'):
     saved_model.export_saved_model(_tiny_model(), str(export_dir), 8,
-                               ['a', 'b', 'c'], top_k=2)
+                                   ['a', 'b', 'c'], top_k=2)
   # The previous export is back in place; nothing else is left.
   assert _export_dir_version(str(export_dir)) == 1
   assert os.listdir(tmp_path) == ['model']
@@ -573,7 +573,7 @@ def test_last_falls_back_past_a_damaged_newest_backup(smoke_run, tmp_path):
 
 
 def test_best_is_an_explicit_choice_named_in_its_metadata(smoke_run,
-                                                           tmp_path):
+                                                          tmp_path):
   """--checkpoint=best: its step and val_accuracy, and not the run's own
   export, in the metadata and the command's line."""
   workdir, _ = smoke_run

@@ -62,7 +62,7 @@ def test_best_weights_are_those_of_the_best_val_accuracy_epoch(smoke_run):
 
 
 def test_same_command_again_resumes_instead_of_starting_over(smoke_run,
-                                                            tmp_path):
+                                                             tmp_path):
   """A finished run rerun with the same command neither retrains nor fails."""
   workdir, _ = smoke_run
   before = conftest.backup_arrays(conftest.latest_backup(workdir)[0])

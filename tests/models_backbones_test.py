@@ -103,7 +103,7 @@ def test_synchronized_batch_norm_matches_one_device():
 
 def test_resnet50_freeze_until_and_batch_norm_policy():
   network = network_lib.create_network(10, 32, weights=None, batch_norm='frozen',
-                                  freeze_until_stage='conv3')
+                                       freeze_until_stage='conv3')
   backbone = network.get_layer('resnet50')
   for layer in backbone.layers:
     if not layer.weights:
@@ -123,7 +123,7 @@ def test_resnet50_freeze_until_and_batch_norm_policy():
   assert backbone.get_layer('conv4_block1_1_conv').kernel.path in decayed
 
   synchronized = network_lib.create_network(10, 32, weights=None,
-                                       batch_norm='synchronized')
+                                            batch_norm='synchronized')
   bns = [layer for layer in synchronized.get_layer('resnet50').layers
          if isinstance(layer, keras.layers.BatchNormalization)]
   assert len(bns) == 53 and all(layer.synchronized for layer in bns)
@@ -225,7 +225,7 @@ def families(tmp_path_factory):
     data = tf.data.Dataset.from_tensors((images.astype(np.float32), labels))
     reestimated = precise_bn.reestimate(model, data)
     saved_model.export_saved_model(model, str(directory / name), _SIZE,
-                               [str(i) for i in range(_CLASSES)])
+                                   [str(i) for i in range(_CLASSES)])
     logits = model(augment.preprocess_for_eval(serve_images, _SIZE),
                    training=False)
     results[name] = {
@@ -439,7 +439,7 @@ def test_a_weights_file_of_another_family_fails_before_training(tmp_path):
   _save_legacy_h5(source, path)
   # The same family loads, weight for weight.
   network = network_lib.create_network(_CLASSES, _SIZE, weights=path,
-                                  model='mobilenetv3_large')
+                                       model='mobilenetv3_large')
   loaded = network.get_layer(source.name)
   for expected, actual in zip(source.weights, loaded.weights):
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(expected),
@@ -447,7 +447,7 @@ def test_a_weights_file_of_another_family_fails_before_training(tmp_path):
   # Another family's model refuses it, listing what it expected.
   with pytest.raises(errors.ConfigError, match='does not fit') as error:
     network_lib.create_network(_CLASSES, _SIZE, weights=path,
-                          model='efficientnetv2_b0')
+                               model='efficientnetv2_b0')
   message = str(error.value)
   assert 'efficientnetv2-b0_notop.h5' in message
   assert 'stem_conv' in message and 'expanded_conv' in message
@@ -456,4 +456,4 @@ def test_a_weights_file_of_another_family_fails_before_training(tmp_path):
   source.save_weights(other)
   with pytest.raises(errors.ConfigError, match='does not fit'):
     network_lib.create_network(_CLASSES, _SIZE, weights=other,
-                          model='resnet50v2')
+                               model='resnet50v2')

@@ -213,7 +213,7 @@ def _expected_backup_steps(steps_per_epoch, epochs, every_steps):
 
 
 def test_backup_callback_saves_every_n_steps_and_at_epoch_end(tmp_path,
-                                                               monkeypatch):
+                                                              monkeypatch):
   """During fit, backups are written every N steps and at each epoch end."""
   directory = str(tmp_path / 'ckpt')
   checkpointer = checkpoints.Checkpointer(directory, keep=100)
@@ -531,7 +531,7 @@ def test_non_finite_backup_is_not_resumed(tmp_path, caplog):
 
 
 def test_truncated_pointer_falls_back_to_the_backups_on_disk(tmp_path,
-                                                            caplog):
+                                                             caplog):
   directory = str(tmp_path / 'ckpt')
   _, (_, second_weights) = _two_backups(directory)
   pointer = os.path.join(directory, 'checkpoint.json')

@@ -128,7 +128,7 @@ def ema_run(tmp_path_factory):
 
 
 def test_run_measures_raw_and_ema_and_exports_what_it_evaluated(ema_run,
-                                                                 mock_cifar10):
+                                                                mock_cifar10):
   workdir, metrics = ema_run
   assert set(metrics) >= {'eval_raw', 'eval_ema', 'exported_weights'}
   assert metrics['eval'] == metrics[f'eval_{metrics["exported_weights"]}']

@@ -80,7 +80,7 @@ def test_batch_not_divisible_by_replicas(tmp_path, no_model_built,
 
 
 def test_workdir_of_another_run_is_refused(tmp_path, no_model_built,
-                                          mock_cifar10):
+                                           mock_cifar10):
   workdir = str(tmp_path)
   # This start claims the workdir, then stops where the model is built.
   with pytest.raises(AssertionError, match='A model was built'):
@@ -294,7 +294,7 @@ def test_resumed_run_with_dropout_equals_an_uninterrupted_one(tmp_path):
 
 
 def test_precise_bn_batches_are_capped_at_one_pass_and_logged(tmp_path,
-                                                               caplog):
+                                                              caplog):
   """precise_bn_batches=10**11 took 10**11 batches of an endless stream."""
   run, _ = _tiny_run(tmp_path / 'run')
   run.config.precise_bn_batches = 10**11

@@ -160,7 +160,7 @@ def test_write_json_writes_null_for_non_finite_numbers(tmp_path, caplog):
   """metrics.json stays valid JSON: no bare NaN or Infinity."""
   path = str(tmp_path / 'metrics.json')
   files.write_json(path, {'eval': {'loss': float('nan'), 'top5': 1.0},
-                                'values': [float('inf'), 2.0]})
+                          'values': [float('inf'), 2.0]})
   with open(path) as file:
     text = file.read()
   assert json.loads(text, parse_constant=lambda name: pytest.fail(name)) == {

@@ -57,7 +57,7 @@ def prepare_images(images, image_size, resize_size=None):
     resize_size: The run's `resize_size` (in the metadata).
   """
   prepared = augment.preprocess_for_eval(images, image_size,
-                                                resize_size)
+                                         resize_size)
   return tf.cast(tf.clip_by_value(tf.round(prepared), 0, 255), tf.uint8)
 
 

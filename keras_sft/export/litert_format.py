@@ -74,7 +74,7 @@ def int8_saver(module, config, metadata, data):
   data = data or pipeline.from_config(config)
   # All of the train split if it holds fewer.
   images = representative_images(data, config,
-                                  config.export_representative_images)
+                                 config.export_representative_images)
   contents = quantize_int8(module, images)
   metadata['quantization'] = dict(
       representative_images=len(images),

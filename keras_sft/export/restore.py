@@ -38,7 +38,7 @@ def class_names_of_run(run):
     return list(files.read_json(run.dataset_file)['class_names'])
   config = run.read_config()
   builder = pipeline.get_builder(config['dataset'],
-                                       data_dir=config['data_dir'])
+                                 data_dir=config['data_dir'])
   return list(pipeline.class_names(builder))
 
 

@@ -102,7 +102,7 @@ class _ServingModule(tf.Module):
   def serve_images(self, images):
     return self._outputs(
         augment.preprocess_for_eval(images, self._image_size,
-                                           self._resize_size))
+                                    self._resize_size))
 
   @tf.function(input_signature=[
       tf.TensorSpec([None], tf.string, name='image_bytes')])
@@ -120,7 +120,7 @@ class _ServingModule(tf.Module):
     name = tf.strings.join(['image_bytes[', tf.strings.as_string(index), ']'])
     image = images.decode_image(data, name, self._max_image_pixels)
     return augment.preprocess_for_eval(image, self._image_size,
-                                              self._resize_size)
+                                       self._resize_size)
 
 
 def _varint(value):

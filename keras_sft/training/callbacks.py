@@ -277,11 +277,11 @@ class BestWeightsCallback(keras.callbacks.Callback):
     record = {'file': checkpoints.BEST_WEIGHTS, 'monitor': self.monitor,
               'value': float(value), 'step': checkpoints.trained_steps(self.model)}
     checkpoints.write_weights(self.model, self.directory, checkpoints.BEST_WEIGHTS,
-                   attributes={f'{checkpoints.ATTRIBUTE_PREFIX}{key}': item
-                               for key, item in record.items()})
+                              attributes={f'{checkpoints.ATTRIBUTE_PREFIX}{key}': item
+                                          for key, item in record.items()})
     self._best = float(value)
     files.atomic_write(os.path.join(self.directory, checkpoints.BEST_POINTER),
-                             json.dumps(record))
+                       json.dumps(record))
 
 
 # (earlier, later): every callback of the first type must come before every

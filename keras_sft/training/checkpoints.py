@@ -76,7 +76,7 @@ def non_finite_variables(model):
 
 def describe_non_finite(bad):
   shown = ', '.join(bad[:3]) + (f' and {len(bad) - 3} more' if len(bad) > 3
-                               else '')
+                                else '')
   return f'{len(bad)} variable(s) not finite (NaN or inf): {shown}'
 
 
@@ -270,7 +270,7 @@ class Checkpointer:
         os.path.exists(os.path.join(self.directory, older['file']))
     ][:self.keep - 1]
     files.atomic_write(self._pointer,
-                             json.dumps(dict(backup, backups=kept)))
+                       json.dumps(dict(backup, backups=kept)))
     self._prune({older['file'] for older in kept})
     return path
 

@@ -412,7 +412,7 @@ def _export(run, model):
   what = 'the export (twice its size is kept free)'
   # The SavedModel holds each weight once.
   files.check_free_space(run.workdir.path,
-                               2 * checkpoints.weights_size(model), what)
+                         2 * checkpoints.weights_size(model), what)
   # The weights left in `model` by the final evaluation: the newest backup's
   # (EMA or raw, BN re-estimated), what `python -m keras_sft.export` exports
   # by default; metrics.json, written before, holds their accuracy.
