@@ -16,7 +16,8 @@ any working directory and any path, also copied into another project:
 The returned ConfigDict is locked, so a typo such as `--config.num_epoch=3` is
 an error rather than a silently ignored flag. Values that are derived (the
 learning rate actually used, steps per epoch, the total number of steps) are
-computed by `keras_sft.training.recipe.make_plan` from these and logged at start.
+computed by `keras_sft.training.recipe.make_plan` from these and logged at
+start.
 """
 
 import ml_collections
@@ -187,7 +188,8 @@ def get_config():
   # 'auto' (TPU, else TF_CONFIG with several tasks: multi_worker_mirrored,
   # else several GPUs: mirrored, else default), 'default' (no strategy),
   # 'one_device', 'mirrored' (all local GPUs), 'multi_worker_mirrored' (all
-  # GPUs of the machines in $TF_CONFIG), 'tpu'. See keras_sft/training/distribution.py.
+  # GPUs of the machines in $TF_CONFIG), 'tpu'. See
+  # keras_sft/training/distribution.py.
   config.distribution = 'auto'
   # multi_worker_mirrored: seconds to wait for every task of TF_CONFIG to
   # start before failing with the missing ones named.

@@ -9,8 +9,8 @@ r"""Command line: top-k labels of image files from an export of any format.
 `.onnx` or `.tflite` file, a version directory of any format, or a folder of
 versions whose newest one is used: the SavedModel export base
 (`<workdir>/export`) or `<workdir>/export/<format>` (see
-`keras_sft.export.formats`). Folders are searched recursively for .jpg/.jpeg/.png
-files. Prints one JSON line per image, in input order:
+`keras_sft.export.formats`). Folders are searched recursively for
+.jpg/.jpeg/.png files. Prints one JSON line per image, in input order:
 
     {"file": "cat.jpg", "top_k": [{"class_id": 3, "class_name": "cat",
      "probability": 0.91}, ...]}
@@ -21,8 +21,8 @@ reason, the other files are still served, and the command exits 1 after
 printing all lines. A SavedModel serves the images through its
 `serve_image_bytes` signature; for ONNX (ONNX Runtime) and LiteRT models,
 whose graphs hold no resize, the images are decoded and resized here first,
-as the SavedModel does inside (`keras_sft.export.graph.prepare_images`), and top-k comes
-from the model's logits and the class names in its metadata. Those formats
+as the SavedModel does inside (`keras_sft.export.graph.prepare_images`), and
+top-k comes from the model's logits and the class names in its metadata. Those formats
 need their extra (`pip install keras-sft[onnx]` or `keras-sft[litert]`).
 """
 

@@ -11,7 +11,8 @@
                    fingerprint of the files (read by the export, checked
                    on every start)
   run.lock         locked by the process that runs the run (its PID, host)
-  metrics.json     final evaluation, with the report of keras_sft.training.evaluation
+  metrics.json     final evaluation, with the report of
+                   keras_sft.training.evaluation
   confusion_matrix.png, curves.png   the report's pictures
   export/<n>/      SavedModels for TF Serving, versions 1, 2, ...
 """

@@ -254,8 +254,9 @@ class BestWeightsCallback(keras.callbacks.Callback):
     record = checkpoints.best_record(self.directory)
     self._best = None if record is None else record['value']
     pointer = os.path.join(self.directory, checkpoints.BEST_POINTER)
-    if record is not None and (not os.path.exists(pointer) or
-                               checkpoints.read_json_or_none(pointer) != record):
+    if record is not None and (
+        not os.path.exists(pointer) or
+        checkpoints.read_json_or_none(pointer) != record):
       # Killed between the weights and their record: repair the record.
       files.atomic_write(pointer, json.dumps(record))
 
@@ -275,10 +276,12 @@ class BestWeightsCallback(keras.callbacks.Callback):
       return
     os.makedirs(self.directory, exist_ok=True)
     record = {'file': checkpoints.BEST_WEIGHTS, 'monitor': self.monitor,
-              'value': float(value), 'step': checkpoints.trained_steps(self.model)}
-    checkpoints.write_weights(self.model, self.directory, checkpoints.BEST_WEIGHTS,
-                              attributes={f'{checkpoints.ATTRIBUTE_PREFIX}{key}': item
-                                          for key, item in record.items()})
+              'value': float(value),
+              'step': checkpoints.trained_steps(self.model)}
+    prefix = checkpoints.ATTRIBUTE_PREFIX
+    checkpoints.write_weights(
+        self.model, self.directory, checkpoints.BEST_WEIGHTS,
+        attributes={f'{prefix}{key}': item for key, item in record.items()})
     self._best = float(value)
     files.atomic_write(os.path.join(self.directory, checkpoints.BEST_POINTER),
                        json.dumps(record))

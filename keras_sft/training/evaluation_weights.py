@@ -3,8 +3,8 @@
 With `ema_momentum` set they are the optimizer's moving averages of the
 weights (EMA), else the weights themselves; with `precise_bn_batches` > 0
 their BatchNormalization statistics are re-estimated for them
-(`keras_sft.models.precise_bn`) first. Keras' EMA averages trainable variables only,
-so without re-estimation EMA weights would be evaluated with the raw
+(`keras_sft.models.precise_bn`) first. Keras' EMA averages trainable
+variables only, so without re-estimation EMA weights would be evaluated with the raw
 weights' statistics.
 
 `EvaluationWeights` puts them in place for each validation inside `fit`
