@@ -12,7 +12,7 @@ needed, or tfds mock data in the tests):
         --workdir=workdirs/smoke
 
 Recipe: BiT-HyperRule (Kolesnikov et al. 2020, "Big Transfer (BiT)", arXiv
-1912.11370v3, Sec. 3.3), applied by `keras_sft.hyperrule` for 50,000 train
+1912.11370v3, Sec. 3.3), applied by `keras_sft.training.hyperrule` for 50,000 train
 images of 32x32 (area < 96x96, 20k <= n < 500k: a "medium" task): resize to
 160 and random-crop 128 (plus flips), SGD momentum 0.9, batch 512, LR 0.003,
 10,000 steps with the LR x0.1 at 30%, 60% and 90%, MixUp α = 0.1, no weight

@@ -18,11 +18,10 @@ the command lines answer `--help` at once.
 
 import importlib
 
-__version__ = '0.1.0'
+__version__ = '0.2.0'
 
 # Public name: (module, attribute).
 _PUBLIC = {
-    'default_config': ('keras_sft.default_config', 'get_config'),
     'train_and_evaluate': ('keras_sft.training.train', 'train_and_evaluate'),
     'evaluate': ('keras_sft.training.train', 'evaluate'),
     'create_datasets': ('keras_sft.data.pipeline', 'create_datasets'),
@@ -39,7 +38,9 @@ _PUBLIC = {
     'export_run': ('keras_sft.export.formats', 'export_run'),
     'UserError': ('keras_sft.errors', 'UserError'),
 }
-_SUBPACKAGES = ('data', 'models', 'training', 'export')
+# Modules of the public surface: the subpackages, and the default config
+# (`keras_sft.default_config.get_config()`, what experiment configs import).
+_SUBPACKAGES = ('data', 'models', 'training', 'export', 'default_config')
 __all__ = sorted(_PUBLIC) + list(_SUBPACKAGES)
 
 

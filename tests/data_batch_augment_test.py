@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_sft import errors
 from keras_sft.data import batch_augment
 from keras_sft.data import pipeline
 
@@ -106,3 +107,18 @@ def test_resumed_stream_sees_the_same_augmented_batches():
     np.testing.assert_array_equal(a_images, b_images)
     np.testing.assert_array_equal(a_labels, b_labels)
   assert fresh[0][1].shape == (8, _NUM_CLASSES)
+
+
+def test_every_entry_has_its_own_stream_and_config_keys():
+  """Streams are never shared (a new entry leaves the others' randomness
+  as it was) and every key is one of the default config's."""
+  from keras_sft import default_config  # pylint: disable=g-import-not-at-top
+  config = default_config.get_config()
+  streams = [entry.stream for entry in batch_augment.BATCH_AUGMENTATIONS]
+  assert len(set(streams)) == len(streams)
+  assert batch_augment._CHOICE_STREAM not in streams  # pylint: disable=protected-access
+  for entry in batch_augment.BATCH_AUGMENTATIONS:
+    for key, off in entry.keys.items():
+      assert config[key] == off, key  # Off by default.
+  with pytest.raises(errors.ConfigError, match='mixup_aplha'):
+    batch_augment.create_batch_augmenter(_NUM_CLASSES, mixup_aplha=0.2)

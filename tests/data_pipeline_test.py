@@ -9,6 +9,7 @@ import tensorflow as tf
 import urllib3
 
 from configs import default as default_lib
+from keras_sft import errors
 from keras_sft.data import augment
 from keras_sft.data import pipeline
 
@@ -622,3 +623,9 @@ def test_every_augmentation_entry_has_a_config_key_and_can_be_switched_off():
       augment.preprocess_for_eval(image, _SIDE).numpy())
   with pytest.raises(ValueError, match='random_rotate'):
     augment.augment_for_training(image, _SIDE, seed, random_rotate=True)
+
+
+def test_create_datasets_refuses_a_batch_augmentation_that_is_no_dict():
+  with pytest.raises(errors.ConfigError, match=r'batch_augmentation=\[1\]'):
+    pipeline.create_datasets('cifar10', image_size=32, global_batch_size=4,
+                             batch_augmentation=[1])

@@ -15,13 +15,20 @@ layer gets a `_BatchSeeds` generator instead, which hands out stateless seeds
 derived from `(seed, index of the batch in the stream)`; the augmentation of
 a batch then depends on nothing else, and `start_step` resumes exactly.
 
-Order per batch: RandAugment first (on the un-mixed images; Keras' layer picks
-the same `num_ops` operations for the whole batch, with per-image strengths),
-then MixUp or CutMix (both on: one of the two per batch, chosen by a fair
-seeded coin, as timm's `switch_prob=0.5`). Mixing makes the labels soft
-one-hot `[N, num_classes]` float32 rows that sum to 1; without mixing they
-stay class ids.
+Each augmentation is one `BatchAugmentation` entry of `BATCH_AUGMENTATIONS`
+(its config keys, its Keras layer, its own random stream); adding one is an
+entry plus its tests, and `pipeline.from_config` passes its keys through.
+Order per batch: the image entries first, in table order (RandAugment, on
+the un-mixed images; Keras' layer picks the same `num_ops` operations for the
+whole batch, with per-image strengths), then one mixing entry (MixUp or
+CutMix; several on: one per batch, chosen uniformly by a seeded draw, as
+timm's `switch_prob=0.5` for two). Mixing makes the labels soft one-hot
+`[N, num_classes]` float32 rows that sum to 1; without mixing they stay
+class ids.
 """
+
+import dataclasses
+from typing import Callable
 
 import keras
 import tensorflow as tf
@@ -97,53 +104,114 @@ def _with_batch_seeds(layer):
   return seeds
 
 
-def create_batch_augmenter(num_classes, *, mixup_alpha=0.0, cutmix_alpha=0.0,
-                           randaugment_num_ops=0, randaugment_magnitude=0.0,
-                           seed=0):
+def _randaugment(options, seed):
+  if not (options['randaugment_num_ops'] and
+          options['randaugment_magnitude']):
+    return None
+  return keras.layers.RandAugment(
+      value_range=(0, 255), num_ops=options['randaugment_num_ops'],
+      factor=options['randaugment_magnitude'], seed=seed)
+
+
+def _mixup(options, seed):
+  if not options['mixup_alpha']:
+    return None
+  return keras.layers.MixUp(alpha=options['mixup_alpha'], seed=seed)
+
+
+def _cutmix(options, seed):
+  if not options['cutmix_alpha']:
+    return None
+  alpha = options['cutmix_alpha']
+  return keras.layers.CutMix(factor=(alpha, alpha), seed=seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchAugmentation:
+  """One augmentation of training batches.
+
+  Attributes:
+    name: Its name in logs and errors.
+    keys: Its config keys with their "off" values.
+    create: `create(options, seed)`: its Keras layer, or None when its keys
+      switch it off (`options` maps config keys to values).
+    stream: A fixed id of its random stream, folded into the batch's seed
+      (never reused: a new entry takes a new id, so the others' randomness
+      stays as it was).
+    mixes: Whether it mixes images and labels (MixUp, CutMix): one mixing
+      entry per batch, after the others.
+  """
+  name: str
+  keys: dict
+  create: Callable
+  stream: int
+  mixes: bool = False
+
+
+BATCH_AUGMENTATIONS = (
+    BatchAugmentation('randaugment', {'randaugment_num_ops': 0,
+                                      'randaugment_magnitude': 0.0},
+                      _randaugment, stream=1),
+    BatchAugmentation('mixup', {'mixup_alpha': 0.0}, _mixup, stream=2,
+                      mixes=True),
+    BatchAugmentation('cutmix', {'cutmix_alpha': 0.0}, _cutmix, stream=3,
+                      mixes=True),
+)
+# The stream of the draw that picks one mixing entry per batch.
+_CHOICE_STREAM = 4
+# Every entry's config keys, with their "off" values.
+OFF = {key: value for entry in BATCH_AUGMENTATIONS
+       for key, value in entry.keys.items()}
+
+
+def options_from_config(config):
+  """`{key: value}` of every entry's config keys."""
+  return {key: config[key] for key in OFF}
+
+
+def create_batch_augmenter(num_classes, *, seed=0, **options):
   """Returns the batch augmentation function, or None if all are off.
 
   Args:
     num_classes: Width of the one-hot labels produced when mixing.
-    mixup_alpha: α of MixUp's Beta(α, α) mixing weight; 0: off.
-    cutmix_alpha: α of CutMix's Beta(α, α) area weight, in (0, 1]
-      (`keras.layers.CutMix(factor=(α, α))`); 0: off.
-    randaugment_num_ops: Operations RandAugment applies per batch; 0: off.
-    randaugment_magnitude: RandAugment's `factor` in [0, 1] (timm's magnitude
-      m corresponds to m / 10).
     seed: Seeds every random choice, together with the batch index.
+    **options: The entries' config keys (default: off):
+      randaugment_num_ops: Operations RandAugment applies per batch; 0: off.
+      randaugment_magnitude: RandAugment's `factor` in [0, 1] (timm's
+        magnitude m corresponds to m / 10).
+      mixup_alpha: α of MixUp's Beta(α, α) mixing weight; 0: off.
+      cutmix_alpha: α of CutMix's Beta(α, α) area weight, in (0, 1]
+        (`keras.layers.CutMix(factor=(α, α))`); 0: off.
 
   Returns:
     `augment(batch_index, images, labels) -> (images, labels)` for images
     float32 `[N, H, W, 3]` in [0, 255] and int labels `[N]`, or None.
+
+  Raises:
+    ConfigError: An unknown key or a bad value.
   """
-  _check(mixup_alpha, cutmix_alpha, randaugment_num_ops,
-         randaugment_magnitude)
-  layers = []  # (name, layer, its _BatchSeeds)
-  if randaugment_num_ops and randaugment_magnitude:
-    layer = keras.layers.RandAugment(
-        value_range=(0, 255), num_ops=randaugment_num_ops,
-        factor=randaugment_magnitude, seed=seed)
-    layers.append(('randaugment', layer, _with_batch_seeds(layer)))
-  if mixup_alpha:
-    layer = keras.layers.MixUp(alpha=mixup_alpha, seed=seed)
-    layers.append(('mixup', layer, _with_batch_seeds(layer)))
-  if cutmix_alpha:
-    layer = keras.layers.CutMix(factor=(cutmix_alpha, cutmix_alpha),
-                                seed=seed)
-    layers.append(('cutmix', layer, _with_batch_seeds(layer)))
+  for key in options:
+    errors.check_choice('batch augmentation key', key, tuple(OFF))
+  options = {**OFF, **options}
+  _check(options['mixup_alpha'], options['cutmix_alpha'],
+         options['randaugment_num_ops'], options['randaugment_magnitude'])
+  layers = []  # (entry, layer, its _BatchSeeds)
+  for entry in BATCH_AUGMENTATIONS:
+    layer = entry.create(options, seed)
+    if layer is not None:
+      layers.append((entry, layer, _with_batch_seeds(layer)))
   if not layers:
     return None
-  by_name = {name: (layer, seeds) for name, layer, seeds in layers}
-  mixing = bool(mixup_alpha or cutmix_alpha)
+  transforms = [item for item in layers if not item[0].mixes]
+  mixers = [item for item in layers if item[0].mixes]
 
-  def layer_seed(batch_seed, name):
-    # A different stream per layer: fold in a fixed id for each.
-    ids = {'randaugment': 1, 'mixup': 2, 'cutmix': 3, 'coin': 4}
-    return tf.random.experimental.stateless_fold_in(batch_seed, ids[name])
+  def stream_seed(batch_seed, stream):
+    # A different stream per entry: fold in its fixed id.
+    return tf.random.experimental.stateless_fold_in(batch_seed, stream)
 
-  def mix(name, batch_seed, images, labels):
-    layer, seeds = by_name[name]
-    seeds.batch_seed = layer_seed(batch_seed, name)
+  def mix(item, batch_seed, images, labels):
+    entry, layer, seeds = item
+    seeds.batch_seed = stream_seed(batch_seed, entry.stream)
     out = layer({'images': images, 'labels': labels}, training=True)
     return (tf.cast(out['images'], tf.float32),
             tf.cast(out['labels'], tf.float32))
@@ -152,20 +220,21 @@ def create_batch_augmenter(num_classes, *, mixup_alpha=0.0, cutmix_alpha=0.0,
     batch_seed = tf.stack([tf.cast(seed, tf.int64),
                            tf.cast(batch_index, tf.int64)])
     images = tf.cast(images, tf.float32)
-    if 'randaugment' in by_name:
-      layer, seeds = by_name['randaugment']
-      seeds.batch_seed = layer_seed(batch_seed, 'randaugment')
+    for entry, layer, seeds in transforms:
+      seeds.batch_seed = stream_seed(batch_seed, entry.stream)
       images = tf.cast(layer(images, training=True), tf.float32)
-    if not mixing:
+    if not mixers:
       return images, labels
     labels = tf.one_hot(tf.cast(labels, tf.int32), num_classes,
                         dtype=tf.float32)
-    if 'mixup' in by_name and 'cutmix' in by_name:
-      coin = tf.random.stateless_uniform([], layer_seed(batch_seed, 'coin'))
-      return tf.cond(coin < 0.5,
-                     lambda: mix('mixup', batch_seed, images, labels),
-                     lambda: mix('cutmix', batch_seed, images, labels))
-    return mix('mixup' if 'mixup' in by_name else 'cutmix', batch_seed,
-               images, labels)
+    if len(mixers) == 1:
+      return mix(mixers[0], batch_seed, images, labels)
+    draw = tf.random.stateless_uniform(
+        [], stream_seed(batch_seed, _CHOICE_STREAM))
+    index = tf.minimum(tf.cast(draw * len(mixers), tf.int32),
+                       len(mixers) - 1)
+    return tf.switch_case(index, [
+        (lambda item=item: mix(item, batch_seed, images, labels))
+        for item in mixers])
 
   return augment

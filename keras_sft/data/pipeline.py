@@ -138,12 +138,6 @@ class Data:
                               **self.train_options)
 
 
-# `batch_augment.create_batch_augmenter`'s keys with everything off.
-_NO_BATCH_AUGMENTATION = dict(mixup_alpha=0.0, cutmix_alpha=0.0,
-                              randaugment_num_ops=0,
-                              randaugment_magnitude=0.0)
-
-
 def from_config(config):
   """Loads the config's dataset; returns a `Data`.
 
@@ -158,10 +152,8 @@ def from_config(config):
       global_batch_size=config.global_batch_size,
       max_image_pixels=config.max_image_pixels)
   augmenter = batch_augment.create_batch_augmenter(
-      info.num_classes, seed=config.seed, mixup_alpha=config.mixup_alpha,
-      cutmix_alpha=config.cutmix_alpha,
-      randaugment_num_ops=config.randaugment_num_ops,
-      randaugment_magnitude=config.randaugment_magnitude)
+      info.num_classes, seed=config.seed,
+      **batch_augment.options_from_config(config))
   return Data(
       info=info,
       eval=make_eval_dataset(eval_examples, image_size=config.image_size,
@@ -326,10 +318,15 @@ def create_datasets(dataset='cifar10',
   """
   errors.check_positive('image_size', image_size)
   errors.check_positive('global_batch_size', global_batch_size)
-  augmentation = dict(_NO_BATCH_AUGMENTATION)
+  if not isinstance(batch_augmentation or {}, dict):
+    raise errors.ConfigError(
+        'batch_augmentation must be a dict of batch augmentation keys '
+        f'({sorted(batch_augment.OFF)}). Received: '
+        f'batch_augmentation={batch_augmentation!r}')
+  augmentation = dict(batch_augment.OFF)
   for key, value in (batch_augmentation or {}).items():
     errors.check_choice('batch_augmentation key', key,
-                        tuple(_NO_BATCH_AUGMENTATION))
+                        tuple(batch_augment.OFF))
     augmentation[key] = value
   # The keys `from_config` reads: a run and a library caller get their data
   # from the same wiring.
