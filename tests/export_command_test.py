@@ -243,8 +243,10 @@ def test_the_runs_own_export_names_its_weights(smoke_run):
   assert source['checkpoint'] == 'last'
   assert source['step'] == metrics['step'] == metrics['total_steps']
   assert source['accuracy'] == metrics['eval']['accuracy']
-  assert source['weights'] == os.path.basename(
-      conftest.latest_backup(workdir)[0])
+  # The final evaluation's weights of the last backup's step.
+  assert source['weights'] == checkpoints.FINAL_WEIGHTS
+  assert conftest.latest_backup(workdir)[1] == source['step']
+  assert source['own_export']
 
 
 def test_second_export_from_the_workdir_makes_version_2(smoke_run, tmp_path):
@@ -604,6 +606,8 @@ def test_last_re_estimates_bn_on_the_batches_training_used(
   those the run computed (its train stream under `config.seed`)."""
   workdir = _copy_of_run(smoke_run[0], tmp_path)
   run = workdir_lib.Workdir(workdir)
+  # A run without the final evaluation's weights (unfinished, or older).
+  os.remove(os.path.join(run.checkpoints, checkpoints.FINAL_WEIGHTS))
   config = run.read_config()
   config['precise_bn_batches'] = 2
   files.write_json(run.config_file, config)
@@ -632,3 +636,32 @@ def test_a_run_older_than_some_config_keys_exports(smoke_run, tmp_path,
   _, config, _, _ = restore.restore_run_model(workdir, 'last')
   for key, value in workdir_lib.KEYS_ADDED_LATER.items():
     assert config[key] == value, key
+
+
+def test_the_default_export_of_a_precise_bn_run_needs_no_data(
+    smoke_run, tmp_path, monkeypatch):
+  """--checkpoint=last repeats the run's own export from final.weights.h5:
+  the hostile pass found it re-read the training data for precise BN (and
+  failed where the data had gone, which README says it never needs)."""
+  workdir = _copy_of_run(smoke_run[0], tmp_path)
+  run = workdir_lib.Workdir(workdir)
+  assert checkpoints.final_record(run.checkpoints) == {
+      'step': 4, 'weights': 'raw'}
+  config = run.read_config()
+  config['precise_bn_batches'] = 2  # Would need the data to re-estimate.
+  files.write_json(run.config_file, config)
+
+  def no_data(config):
+    raise AssertionError('the export read the training data')
+
+  monkeypatch.setattr(pipeline, 'from_config', no_data)
+  [(_, _, path, metadata)] = formats.export_run(
+      workdir, export_base=str(tmp_path / 'export'))
+  assert metadata['source']['weights'] == checkpoints.FINAL_WEIGHTS
+  assert metadata['source']['own_export']
+  images = tf.constant(np.random.default_rng(2).integers(
+      0, 256, (2, 32, 32, 3)).astype(np.uint8))
+  own, again = (tf.saved_model.load(str(p)).signatures['serving_default'](
+      images=images)['logits']
+                 for p in (conftest.version_dir(smoke_run[0]), path))
+  np.testing.assert_allclose(again, own, atol=1e-5)

@@ -90,8 +90,20 @@ def restore_run_model(workdir, checkpoint=DEFAULT_CHECKPOINT, precision=None):
           'written one yet.')
     # The newest backup that verifies, as a resumed run takes.
     path = checkpointer.backup_path(checkpointer.restore(model))
+    final = os.path.join(run.checkpoints, checkpoints.FINAL_WEIGHTS)
+    record = checkpoints.final_record(run.checkpoints)
+    if record and record['step'] == checkpoints.trained_steps(model):
+      # The final evaluation's weights of this step, BN statistics
+      # included: no data needed to re-estimate them.
+      try:
+        checkpoints.load_weights(model, final)
+        path = final
+      except errors.WorkdirError as error:
+        logging.warning('%s Re-deriving its weights from the backup.', error)
+        checkpointer.restore(model)
   logging.info('Restored %s.', path)
-  if path != best:
+  if path not in (best, os.path.join(run.checkpoints,
+                                     checkpoints.FINAL_WEIGHTS)):
     statistics_batches = None
     if config.precise_bn_batches:
       # The batches training re-estimated on: tf.data's seeded shuffle
@@ -154,7 +166,10 @@ def weights_source(workdir, path, step, config=None):
       checkpoint='last', ema=_evaluates_ema(run, config),
       accuracy=metrics['eval']['accuracy'] if measured else None,
       accuracy_from='the final evaluation (metrics.json)' if measured
-      else None)
+      else None,
+      # The run exported these weights itself when its final evaluation
+      # measured them and export was on.
+      own_export=bool(measured and config.export))
   return source
 
 
@@ -167,6 +182,9 @@ def describe_source(source):
   text = (f'checkpoint={source["checkpoint"]}: {source["weights"]}, step '
           f'{source["step"]}, {weights} weights, {accuracy}')
   if source['checkpoint'] == 'last':
-    return text + "; the weights of the run's own export at that step"
+    if source.get('own_export'):
+      return text + "; the weights of the run's own export at that step"
+    return text + ('; the newest backup: the run has not finished (or was '
+                   'not exported) at that step')
   return (text + "; NOT the weights of the run's own export (its final "
           'weights: --checkpoint=last), a different classifier')

@@ -31,6 +31,10 @@ from keras_sft import files
 
 _POINTER = 'checkpoint.json'
 BEST_WEIGHTS = 'best.weights.h5'
+# The weights the run's final evaluation measured (EMA or raw, BN
+# re-estimated) and its export holds, so an export needs no data to repeat
+# them.
+FINAL_WEIGHTS = 'final.weights.h5'
 BEST_POINTER = 'best.json'
 # HDF5 attributes of best.weights.h5 start with this.
 ATTRIBUTE_PREFIX = 'keras_sft_'
@@ -343,6 +347,33 @@ def read_json_or_none(path):
       return json.load(file)
   except (OSError, ValueError):
     return None
+
+
+def write_final_weights(model, directory, step, weights):
+  """Writes `final.weights.h5`: the weights the final evaluation measured.
+
+  Args:
+    model: The model holding them.
+    directory: The run's checkpoint directory.
+    step: The training step they are of.
+    weights: 'ema' or 'raw'.
+  """
+  return write_weights(model, directory, FINAL_WEIGHTS, attributes={
+      f'{ATTRIBUTE_PREFIX}step': int(step),
+      f'{ATTRIBUTE_PREFIX}weights': weights})
+
+
+def final_record(directory):
+  """`{'step', 'weights'}` of `directory/final.weights.h5`, or None."""
+  path = os.path.join(directory, FINAL_WEIGHTS)
+  if not os.path.exists(path):
+    return None
+  try:
+    with h5py.File(path, 'r') as file:
+      return {'step': int(file.attrs[f'{ATTRIBUTE_PREFIX}step']),
+              'weights': str(file.attrs[f'{ATTRIBUTE_PREFIX}weights'])}
+  except (OSError, KeyError, ValueError):
+    return None  # Damaged: the export re-derives them from the backup.
 
 
 def best_record(directory):

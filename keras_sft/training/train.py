@@ -397,6 +397,11 @@ def _finish(run, model, export):
                weights_checksum(model))
   if not run.chief:
     return metrics
+  # Before metrics.json names their step: what `python -m keras_sft.export`
+  # exports by default, then without reading the data again.
+  checkpoints.write_final_weights(
+      model, run.checkpointer.directory, step,
+      metrics.get('exported_weights', 'raw'))
   metrics['report'] = evaluation.write_report(
       model, run.data.eval, run.data.info.class_names, run.workdir.path,
       steps=config.eval_steps, step=step)
@@ -413,12 +418,13 @@ def _export(run, model):
   # The SavedModel holds each weight once.
   files.check_free_space(run.workdir.path,
                          2 * checkpoints.weights_size(model), what)
-  # The weights left in `model` by the final evaluation: the newest backup's
-  # (EMA or raw, BN re-estimated), what `python -m keras_sft.export` exports
-  # by default; metrics.json, written before, holds their accuracy.
-  latest = run.checkpointer.latest()
+  # The weights left in `model` by the final evaluation (EMA or raw, BN
+  # re-estimated), saved as final.weights.h5 just before: what
+  # `python -m keras_sft.export` exports by default; metrics.json, written
+  # before, holds their accuracy.
   source = restore.weights_source(
-      run.workdir.path, latest[0] if latest else '',
+      run.workdir.path,
+      os.path.join(run.checkpointer.directory, checkpoints.FINAL_WEIGHTS),
       checkpoints.trained_steps(model), config=run.config)
   try:
     saved_model.export_from_config(model, run.config,
