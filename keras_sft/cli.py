@@ -39,6 +39,11 @@ DIVERGED_STATUS = 1
 PREEMPTED_STATUS = 143
 # The Keras backend the commands run on (`keras.backend.backend()`).
 KERAS_BACKEND = 'tensorflow'
+# What a config written for keras-sft 0.1 must change.
+_UPGRADE_HINT = (
+    ' keras-sft 0.2 moved its modules into folders (README "Upgrading from '
+    '0.1"): a config imports `from keras_sft import default_config` and '
+    '`from keras_sft.training import hyperrule`.')
 # absl's help flags, which print the help and exit 1.
 _HELP_FLAGS = ('help', 'helpshort', 'helpfull', 'helpxml', '?')
 
@@ -143,6 +148,12 @@ def run(main):
   try:
     app.run(functools.partial(_call, main, started),
             flags_parser=_parse_flags)
+  except ImportError as error:
+    # Raised while the --config file is loaded (at flag parsing).
+    if started or os.environ.get('KERAS_SFT_TRACEBACK'):
+      raise
+    _fail(f'the --config file cannot be imported: {error}.'
+          + (_UPGRADE_HINT if 'keras_sft' in str(error) else ''))
   except (KeyError, AttributeError, TypeError, ValueError) as error:
     # absl reports most flag errors itself; ml_collections raises these for
     # a `--config.KEY` override that names no key or has the wrong type.

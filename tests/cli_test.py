@@ -227,3 +227,20 @@ def test_configs_load_from_any_directory_and_any_path(tmp_path):
   assert result.stdout.split('\n')[:3] == [
       'IMAGE_SIZE 32', 'IMAGE_SIZE 224', 'IMAGE_SIZE 32'], (
           result.stdout + result.stderr[-3000:])
+
+
+def test_a_config_written_for_0_1_is_one_error_line_naming_the_upgrade(
+    tmp_path):
+  """The hostile pass ran 0.1.0's own config: an ImportError traceback."""
+  config = tmp_path / 'old_config.py'
+  config.write_text('from keras_sft import hyperrule\n'
+                    'from configs import default as default_lib\n'
+                    'def get_config():\n'
+                    '  return default_lib.get_config()\n')
+  result = _command('keras_sft.main', f'--config={config}',
+                    f'--workdir={tmp_path / "run"}')
+  assert result.returncode == 2, result.stderr
+  assert 'Traceback' not in result.stderr
+  assert ("cannot import name 'hyperrule'" in result.stderr and
+          'Upgrading from 0.1' in result.stderr), result.stderr
+  assert not (tmp_path / 'run').exists()
