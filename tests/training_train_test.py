@@ -315,6 +315,26 @@ def _history_epochs(workdir):
     return [row['epoch'] for row in csv.DictReader(file)]
 
 
+def test_history_columns_hold_after_a_resume_with_sparse_validation(
+    tmp_path):
+  """eval_every_epochs=2, stopped after epoch 1 (no validation yet), resumed:
+  the hostile pass found the resumed rows shifted under the first header
+  (which also had a val_learning_rate column)."""
+  import csv  # pylint: disable=g-import-not-at-top
+  run, build = _tiny_run(tmp_path / 'run', steps_per_epoch=2, num_epochs=2)
+  run.config.eval_every_epochs = 2
+  train._fit(run, build(), 1, 2)  # pylint: disable=protected-access
+  train._fit_to_end(run, build())  # pylint: disable=protected-access
+  with open(run.workdir.history_csv, newline='') as file:
+    rows = list(csv.reader(file))
+  header = rows[0]
+  assert 'val_learning_rate' not in header and 'val_loss' in header
+  assert all(len(row) == len(header) for row in rows), rows
+  last = dict(zip(header, rows[-1]))
+  assert last['epoch'] == '1'
+  assert float(last['val_loss']) > 0 and last['learning_rate'] != 'NA'
+
+
 def test_resume_does_not_repeat_rows_of_history_csv(tmp_path):
   """Rows of epochs the resumed run trains again are replaced, not added."""
   run, build = _tiny_run(tmp_path / 'run', steps_per_epoch=4)

@@ -19,6 +19,7 @@ them (a list built otherwise fails at once, not by a subtle resume bug):
    acted on the step.
 """
 
+import csv
 import json
 import logging
 import math
@@ -287,6 +288,38 @@ class BestWeightsCallback(keras.callbacks.Callback):
                        json.dumps(record))
 
 
+
+class HistoryLogger(keras.callbacks.CSVLogger):
+  """Keras' CSVLogger (`history.csv`, appended to) with one header per run.
+
+  Keras' logger takes its columns from the first epoch each process logs:
+  a run whose first epoch had no validation wrote a header with `val_` of
+  every key (`val_learning_rate` too), and a resumed process whose first
+  epoch had validation then wrote rows of other columns under it. Here a
+  process appending to a history goes on with its header's columns, and
+  the first header names `val_` columns only for the evaluated metrics.
+  """
+
+  def on_train_begin(self, logs=None):
+    super().on_train_begin(logs)
+    if self.append and os.path.exists(self.filename):
+      with open(self.filename, newline='') as file:
+        header = next(csv.reader(file, delimiter=self.sep), None)
+      if header and header[0] == 'epoch':
+        self.keys = header[1:]
+
+  def on_epoch_end(self, epoch, logs=None):
+    if self.keys is None and logs:
+      keys = sorted(logs)
+      if not any(key.startswith('val_') for key in keys):
+        # What an evaluation will log: the compiled metrics, not the
+        # learning rate that progress.LearningRateLogger adds.
+        keys = sorted(keys + [f'val_{key}' for key in keys
+                              if key != 'learning_rate'])
+      self.keys = keys
+    super().on_epoch_end(epoch, logs)
+
+
 # (earlier, later): every callback of the first type must come before every
 # one of the second (module docstring).
 _ORDER_RULES = (
@@ -350,7 +383,7 @@ def create(*, chief, checkpointer, workdir, config, plan, strategy,
         progress.LearningRateLogger(),
         progress.StepLogger(config.log_every_steps, plan.total_steps,
                             config.global_batch_size),
-        keras.callbacks.CSVLogger(workdir.history_csv, append=True),
+        HistoryLogger(workdir.history_csv, append=True),
         keras.callbacks.TensorBoard(workdir.tensorboard),
         BackupCallback(checkpointer, config.checkpoint_every_steps),
     ]
