@@ -629,3 +629,10 @@ def test_create_datasets_refuses_a_batch_augmentation_that_is_no_dict():
   with pytest.raises(errors.ConfigError, match=r'batch_augmentation=\[1\]'):
     pipeline.create_datasets('cifar10', image_size=32, global_batch_size=4,
                              batch_augmentation=[1])
+
+
+@pytest.mark.parametrize('name', ['cifar10:9.9.9', 'cifar10/x', '123'])
+def test_a_malformed_dataset_name_is_a_config_error(name):
+  """The hostile pass: tfds' ValueError/AssertionError tracebacks."""
+  with pytest.raises(errors.ConfigError, match='dataset='):
+    pipeline.get_builder(name)

@@ -212,6 +212,12 @@ def get_builder(name, data_dir=None):
     raise errors.ConfigError(
         f'Unknown tfds dataset: dataset={name!r}. See '
         'tfds.list_builders() for names.') from error
+  except (ValueError, AssertionError, KeyError) as error:
+    # A malformed name or a version tfds does not have ('cifar10:9.9.9').
+    raise errors.ConfigError(
+        f'Not a tfds dataset name: dataset={name!r} ({error}). Expected '
+        "'name', 'name/config' or 'name:version' (tfds.list_builders() "
+        "lists names), or 'folder:PATH' for an image folder.") from error
   # Offline, tfds retries a failed download for minutes; a couple of quick
   # retries still ride out a flaky server, and an offline machine fails in
   # about a second.
