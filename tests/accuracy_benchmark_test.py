@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import conftest
 
@@ -57,6 +58,7 @@ def test_read_idx_round_trip(tmp_path):
   assert rgb[:2].max() == 0
 
 
+@pytest.mark.benchmark
 def test_quick_mode_end_to_end(tmp_path):
   source = tmp_path / 'idx'
   source.mkdir()

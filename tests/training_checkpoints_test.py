@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_sft import files
 from keras_sft.models import classifier
 from keras_sft.training import callbacks
 from keras_sft.training import checkpoints
@@ -413,7 +414,7 @@ def test_crash_after_best_weights_keeps_them_from_a_worse_epoch(tmp_path,
   def crash(*args, **kwargs):
     raise _Crash()
 
-  monkeypatch.setattr(checkpoints.workdir_lib, 'atomic_write', crash)
+  monkeypatch.setattr(files, 'atomic_write', crash)
   with pytest.raises(_Crash):
     callback.on_epoch_end(1, {'val_accuracy': 0.6})
   monkeypatch.undo()
