@@ -358,6 +358,7 @@ def write_final_weights(model, directory, step, weights):
     step: The training step they are of.
     weights: 'ema' or 'raw'.
   """
+  os.makedirs(directory, exist_ok=True)
   return write_weights(model, directory, FINAL_WEIGHTS, attributes={
       f'{ATTRIBUTE_PREFIX}step': int(step),
       f'{ATTRIBUTE_PREFIX}weights': weights})
