@@ -413,6 +413,17 @@ def _shard_by_data(dataset):
   return dataset.with_options(options)
 
 
+def _checked_and_cached(examples, image_size, resize_size, cache):
+  """RGB checked, large images shrunk to what the pipeline resizes to, then
+  cached when `cache`: the shared start of the train and eval pipelines."""
+  side = augment.stored_side(image_size, resize_size)
+  examples = examples.map(
+      lambda image, label: (augment.shrink(_check_image_shape(image), side),
+                            label),
+      num_parallel_calls=tf.data.AUTOTUNE)
+  return examples.cache() if cache else examples
+
+
 def make_train_dataset(examples, *, image_size, global_batch_size, seed=0,
                        shuffle_buffer_size=10_000, cache=True, start_step=0,
                        batch_augmenter=None, resize_size=None,
@@ -428,13 +439,8 @@ def make_train_dataset(examples, *, image_size, global_batch_size, seed=0,
   # element, not after hours. Large images are shrunk to what the
   # augmentation needs first (whether cached or not, so the stream is the
   # same either way).
-  side = augment.stored_side(image_size, resize_size)
-  examples = examples.map(
-      lambda image, label: (augment.shrink(_check_image_shape(image), side), label),
-      num_parallel_calls=tf.data.AUTOTUNE)
   # Cache decoded, un-augmented examples: augmentation must differ per epoch.
-  if cache:
-    examples = examples.cache()
+  examples = _checked_and_cached(examples, image_size, resize_size, cache)
   # One shuffle per epoch, so every epoch sees each example exactly once, in
   # an order seeded by (seed, epoch); the orders repeat after
   # _DISTINCT_EPOCH_ORDERS epochs (the augmentation still differs, being
@@ -486,12 +492,7 @@ def make_eval_dataset(examples, *, image_size, global_batch_size, cache=True,
   # Cache the decoded uint8 images, before the final resize (at 224px the
   # resized float32 CIFAR-10 test set would take 6 GB instead of 30 MB),
   # but large ones shrunk to what the resize needs.
-  side = augment.stored_side(image_size, resize_size)
-  examples = examples.map(
-      lambda image, label: (augment.shrink(_check_image_shape(image), side), label),
-      num_parallel_calls=tf.data.AUTOTUNE)
-  if cache:
-    examples = examples.cache()
+  examples = _checked_and_cached(examples, image_size, resize_size, cache)
   examples = examples.map(
       lambda image, label: (augment.preprocess_for_eval(image, image_size,
                                                         resize_size), label),
