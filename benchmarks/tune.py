@@ -66,7 +66,7 @@ Where the time goes: each trial is an ordinary run inside the study's
 process, so beside its epochs it pays a fixed cost (model build, tracing,
 precise BN, backups, evaluation: ~20 s per trial on the 2-core CPU under
 load, from --quick's tiny trials), and every trial runs at least one epoch
-(successive halving prunes at epochs 1, 3, 9). 12 trials therefore cost
+(successive halving prunes at epochs r, 3r, 9r, r = max(2, epochs / 4)). 12 trials therefore cost
 ~4 minutes whatever the data, and a study can stay within 4x one default
 run only when that run is long against it: a measurement, not a promise of
 these sizes. Full run, estimated (not measured) from --quick's fixed costs
@@ -125,8 +125,8 @@ PREFIXES = {'fashion_mnist': 'fmnist32', 'mnist': 'mnist32'}
 # digits per class. From scratch: 8 epochs of 1,000 images rather than 3 of
 # 2,000 (the same cost): every trial runs at least 1 epoch, so with 3 the 12
 # trials plus the final run cost >= 5x the defaults' epochs whatever the
-# tuner does, and the pruner (epochs 1, 3, 9) could stop trials at epoch 1
-# only.
+# tuner does, and the pruner (first at epoch 2) could stop trials at
+# epoch 2 only.
 FULL = dict(trials=12, train_images=1_000, test_images=1_000, epochs=8,
             batch_size=64, pretrain_per_class=400, pretrain_test_per_class=50,
             pretrain_epochs=3, finetune_per_class=100,

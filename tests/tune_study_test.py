@@ -147,7 +147,39 @@ def test_a_pruned_trial_stops_early(tmp_path, monkeypatch):
   assert list(trial.intermediate_values) == [1]
   run = os.path.join(workdir, 'trials', '0')
   assert len(conftest.history_rows(run)) == 1
-  # Stopped before the run's end: no final evaluation.
+  # Stopped before the run's end: no final evaluation; its backups are
+  # gone (it never runs again), its history stays.
   assert not os.path.exists(os.path.join(run, 'metrics.json'))
+  assert not os.path.exists(os.path.join(run, 'checkpoints'))
   [row] = report.rows(study, space)
   assert row['pruned'] and row['state'] == 'pruned'
+
+
+@pytest.mark.parametrize('name', ['successive_halving', 'hyperband', 'median'])
+def test_no_trial_is_pruned_before_the_first_pruning_epoch(name):
+  """Epoch-1 accuracies (the end of the warmup) judge no trial."""
+  max_epochs = 8
+  first = study_lib.first_pruning_epoch(max_epochs)
+  assert first == 2
+  study = optuna.create_study(
+      direction='maximize', pruner=study_lib.create_pruner(name, max_epochs),
+      sampler=optuna.samplers.RandomSampler(seed=0))
+  # Good trials that ran the whole budget (asked, as a trial does, after
+  # every report: successive halving records its rungs then). Enough of
+  # them that each Hyperband bracket holds some.
+  for _ in range(12):
+    trial = study.ask()
+    for epoch in range(1, max_epochs + 1):
+      trial.report(0.9, epoch)
+      assert not trial.should_prune()
+    study.tell(trial, 0.9)
+  bad = study.ask()
+  bad.report(0.1, 1)
+  assert not bad.should_prune()
+  bad.report(0.1, first)
+  assert bad.should_prune()
+
+
+def test_first_pruning_epoch_is_a_quarter_of_the_epochs_at_least_two():
+  assert [study_lib.first_pruning_epoch(n) for n in (1, 2, 3, 8, 9, 40)] == [
+      1, 2, 2, 2, 3, 10]

@@ -123,9 +123,11 @@ def main(argv):
   result = final.run(study, config, workdir, _FINAL.value)
   if result is not None:
     run_workdir, metrics = result
+    export = os.path.join(run_workdir, 'export')
+    exported = (f'; export in {export}' if os.path.isdir(export) else
+                '; not exported (export=False)')
     print(f'Final: test accuracy {100 * metrics["eval"]["accuracy"]:.1f}% '
-          f'({run_workdir}/metrics.json; export in {run_workdir}/export).',
-          flush=True)
+          f'({run_workdir}/metrics.json{exported}).', flush=True)
 
 
 def run():

@@ -74,19 +74,35 @@ class Options:
 PRUNERS = ('successive_halving', 'hyperband', 'median', 'none')
 
 
+def first_pruning_epoch(max_epochs):
+  """The first epoch after which a trial may be pruned.
+
+  A quarter of the epochs, at least 2 (1 for runs of one epoch): with the
+  default 1-epoch warmup, epoch 1 ends the warmup, and from scratch its
+  validation accuracies sat near chance (benchmarks/tune.py's first study:
+  9 of 10 trials pruned after epoch 1, the defaults kept), so they ranked
+  trials by noise, not promise.
+  """
+  return min(max_epochs, max(2, -(-max_epochs // 4)))
+
+
 def create_pruner(name, max_epochs):
   """Optuna's pruner `name`, with epochs as its resource."""
   errors.check_choice('pruner', name, PRUNERS)
+  first = first_pruning_epoch(max_epochs)
   if name == 'successive_halving':
-    # Asynchronous successive halving: at epochs 1, 3, 9, ... a trial goes
-    # on only if it is in the best third of the trials that got there.
+    # Asynchronous successive halving: at epochs r, 3r, 9r, ... (r =
+    # first_pruning_epoch) a trial goes on only if it is in the best third
+    # of the trials that got there.
     return optuna.pruners.SuccessiveHalvingPruner(
-        min_resource=1, reduction_factor=3)
+        min_resource=first, reduction_factor=3)
   if name == 'hyperband':
     return optuna.pruners.HyperbandPruner(
-        min_resource=1, max_resource=max_epochs, reduction_factor=3)
+        min_resource=first, max_resource=max_epochs, reduction_factor=3)
   if name == 'median':
-    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    # Steps are epochs (1-based); the first prunable step is n_warmup_steps.
+    return optuna.pruners.MedianPruner(n_startup_trials=2,
+                                       n_warmup_steps=first)
   return optuna.pruners.NopPruner()
 
 
@@ -380,4 +396,8 @@ def _run_one(study, storage, trial, worker, space, config, workdir, options,
     study.tell(trial, outcome.value)
   else:
     study.tell(trial, state=outcome.state)
+    # Once told, a pruned or failed trial never runs again: its backups
+    # (two of a ResNet50 with its optimizer state: ~0.4 GB) would only fill
+    # the disk over a long study. Its history, logs and TensorBoard stay.
+    trial_lib.discard_backups(workdir, frozen)
   print(progress.line(study, trial, outcome), flush=True)

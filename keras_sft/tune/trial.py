@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import math
 import os
+import shutil
 import time
 
 import keras
@@ -93,6 +94,13 @@ def report(trial, epoch, value, reported):
     raise optuna.TrialPruned(
         f'{METRIC}={value:.4f} after epoch {epoch}: below the trials that '
         'reached this epoch')
+
+
+def discard_backups(workdir, frozen):
+  """Removes the backups of a finished trial's run (not its history)."""
+  run_workdir = trial_workdir(workdir, trial_number_of_run(frozen))
+  shutil.rmtree(workdir_lib.Workdir(run_workdir).checkpoints,
+                ignore_errors=True)
 
 
 @dataclasses.dataclass
