@@ -147,6 +147,27 @@ def get_config():
   # LayerNorm and ConvNeXt's LayerScale excluded). The gradient of the
   # term is 2λw, so λ = wd / 2 for an SGD "weight_decay" of wd.
   config.weight_decay = 5e-5
+  # What the L2 term pulls the backbone's kernels toward: 'zero' (the sum
+  # above) or 'pretrained' (L2-SP, Li et al. 2018: λ·Σ‖w − w₀‖² with w₀ the
+  # pretrained kernels, saved in every backup; the head still toward 0),
+  # which keeps a fine-tuned backbone near what it learned. Refused with
+  # weights=None (w₀ would be random). Default 'zero': the usual decay, and
+  # what runs before this key did.
+  config.weight_decay_target = 'zero'
+  # None, or c > 0: scale the gradient (of CE + λ·R) by min(1, c / ‖g‖),
+  # ‖g‖ its global norm summed over replicas and unscaled (mixed_float16),
+  # before the backbone multiplier. Default None: no clipping, as before;
+  # on several replicas it costs one more all-reduce of the gradients.
+  config.clip_global_norm = ml_collections.FieldReference(
+      None, field_type=float)
+  # k micro-batches per optimizer step: each replica's share of
+  # global_batch_size (still the images per optimizer step) is split into k
+  # micro-batches run one after another, and the mean of their gradients is
+  # applied once. Same step as one batch, except for BatchNorm's batch
+  # statistics (per micro-batch) and its moving statistics (k updates per
+  # step). Less activation memory, same steps, LR schedule and EMA. Must
+  # divide global_batch_size / replicas. Default 1: no accumulation.
+  config.gradient_accumulation_steps = 1
 
   # --- Fine-tuning recipe (README "Recipe") -----------------------------------
   # ε of label smoothing: targets (1 - ε)·one_hot + ε / num_classes. 0: off.

@@ -79,6 +79,11 @@ def make_plan(config, num_train_examples):
                'backbone LR multiplier %g.', config.batch_norm,
                config.freeze_until, plan.head_only_steps,
                config.backbone_learning_rate_multiplier)
+  logging.info('Optimizer step: L2 toward %s, gradient clipping at global '
+               'norm %s, %d micro-batch(es) of %g images per step.',
+               config.weight_decay_target, config.clip_global_norm,
+               config.gradient_accumulation_steps,
+               config.global_batch_size / config.gradient_accumulation_steps)
   return plan
 
 
@@ -146,6 +151,9 @@ def build_model(config, num_classes, plan=None, pretrained=True):
         weight_decay=config.weight_decay,
         backbone_multiplier=config.backbone_learning_rate_multiplier,
         head_only_steps=plan.head_only_steps if plan else 0,
+        weight_decay_target=config.weight_decay_target,
+        clip_global_norm=config.clip_global_norm,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
         name='classifier')
     if plan is None:
       # A schedule, as in training, so the optimizer has no learning-rate
