@@ -200,6 +200,14 @@ def get_config():
   # Gradient multiplier of the backbone; the head uses the base LR. For SGD
   # it is exactly an LR multiplier; refused with AdamW unless 1.0.
   config.backbone_learning_rate_multiplier = 1.0
+  # None, or d in (0, 1]: layer-wise learning-rate decay (timm's
+  # layer_decay, by stage): stage i of the backbone's n (README
+  # "Backbones": ResNets conv1..conv5) learns at d^(n - i) times the LR,
+  # the head and the last stage at 1. A true per-variable learning rate for
+  # SGD and AdamW (AdamW's decoupled decay scaled too). For SGD it
+  # multiplies with backbone_learning_rate_multiplier. Default None: one
+  # learning rate for all, as before.
+  config.layer_decay = ml_collections.FieldReference(None, field_type=float)
 
   # --- Distribution and compilation -----------------------------------------
   # 'float32', 'mixed_bfloat16', 'mixed_float16' (with dynamic loss scaling)

@@ -16,6 +16,7 @@ import logging
 import keras
 import numpy as np
 
+from keras_sft.models import backbones
 from keras_sft.models import classifier
 from keras_sft.models import losses
 from keras_sft.models import network
@@ -98,6 +99,24 @@ def create_schedule(config, plan):
                                     plan.warmup_steps)
 
 
+def _layer_decay_scales(config, network_model):
+  """`config.layer_decay`'s scale per trainable variable (None: off); logs
+  one line per stage."""
+  if config.layer_decay is None:
+    return None
+  stages_of = network.variable_stages(network_model, config.model)
+  stages = backbones.stages(config.model)
+  scales = optimizers.layer_decay_scales(stages_of, stages,
+                                         config.layer_decay)
+  for stage in stages + (None,):
+    paths = [path for path, s in stages_of.items() if s == stage]
+    if paths:
+      logging.info('Layer decay %g: %s learning rate x %.6g (%d variables).',
+                   config.layer_decay, stage or 'head', scales[paths[0]],
+                   len(paths))
+  return scales
+
+
 def compile_model(model, optimizer, jit_compile=False, steps_per_execution=1,
                   label_smoothing=0.0):
   """Compiles with from-logits cross-entropy, top-1 and top-5 accuracy.
@@ -161,7 +180,9 @@ def build_model(config, num_classes, plan=None, pretrained=True):
       schedule = optimizers.create_schedule(0.0, total_steps=1)
     else:
       schedule = create_schedule(config, plan)
-    optimizer = optimizers.from_config(config, schedule)
+    optimizer = optimizers.from_config(
+        config, schedule, learning_rate_scales=_layer_decay_scales(
+            config, model.network))
     compile_model(
         model, optimizer,
         jit_compile=distribution.resolve_jit_compile(config.jit_compile),
