@@ -535,7 +535,11 @@ def test_accumulated_micro_batches_equal_one_batch():
         optimizer=keras.optimizers.SGD(0.1, momentum=0.9, use_ema=True,
                                        ema_momentum=0.5),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name='accuracy')])
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name='accuracy')],
+        # Keras then runs the steps in a tf.while_loop, around the micro-
+        # batches: a nested tf.while_loop failed there (Grappler's
+        # TemporaryVariable "already exists").
+        steps_per_execution=2)
     history = model.fit(dataset, epochs=1, shuffle=False, verbose=0)
     assert int(model.optimizer.iterations.numpy()) == 2
     assert int(model.step_counter.numpy()) == 2

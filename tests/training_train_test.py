@@ -65,6 +65,9 @@ def no_model_built(monkeypatch):
      'backbone_learning_rate_multiplier=-1.0'),
     ('cutmix_alpha', 2.0, 'cutmix_alpha=2.0'),
     ('randaugment_magnitude', 3.0, 'randaugment_magnitude=3.0'),
+    ('layer_decay', 1.5, 'layer_decay=1.5'),
+    ('clip_global_norm', -1.0, 'clip_global_norm=-1.0'),
+    ('weight_decay_target', 'pretrained', 'weights=None'),
 ])
 def test_bad_values_are_named(tmp_path, no_model_built, key, value, message):
   with pytest.raises((ValueError, FileNotFoundError), match=message):
@@ -76,6 +79,16 @@ def test_batch_not_divisible_by_replicas(tmp_path, no_model_built,
   """Two replicas cannot split a global batch of 7."""
   config = _smoke_config(distribution='mirrored', global_batch_size=7)
   with pytest.raises(ValueError, match='global_batch_size=7.*2 replicas'):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_micro_batches_not_dividing_the_replica_batch(tmp_path,
+                                                     no_model_built,
+                                                     mock_cifar10):
+  """8 images on 2 replicas are 4 each: k=8 divides 8 but not 4."""
+  config = _smoke_config(distribution='mirrored', global_batch_size=8,
+                         gradient_accumulation_steps=8)
+  with pytest.raises(ValueError, match=r'2 replica\(s\) = 4'):
     train.train_and_evaluate(config, str(tmp_path))
 
 

@@ -50,8 +50,8 @@ scaling, or caught by the divergence check). It costs one more all-reduce of
 the gradients per step on several replicas.
 
 `gradient_accumulation_steps=k` splits each replica's batch into k
-micro-batches inside one train step and applies the mean of their
-gradients once: one optimizer step, one step of `step_counter`, of the LR
+micro-batches inside one train step (run in turn) and applies the mean of
+their gradients once: one optimizer step, one step of `step_counter`, of the LR
 schedule and of the EMA per batch, as without accumulation. It equals the
 step on the whole batch except for BatchNormalization's batch statistics,
 which are those of each micro-batch (and the moving statistics take k
@@ -323,10 +323,12 @@ class Classifier(keras.Model):
     """The sum of the k micro-batches' gradients (k = 1: the batch's own).
 
     Micro-batch i holds rows [i·b, (i + 1)·b) of the replica's batch of k·b
-    rows. The first runs outside the loop (its gradient structure, None
-    for an unconnected variable, is kept); the others run one after
-    another in a `tf.while_loop`, so one micro-batch's activations are
-    alive at a time.
+    rows. The k forward and backward passes are unrolled in the graph, each
+    micro-batch's slice of the input depending on the previous one's
+    gradients, so they run one after another and one micro-batch's
+    activations are alive at a time. (A `tf.while_loop` failed on ResNet50:
+    Grappler's rewrite of its gradient sums into temporary variables raised
+    AlreadyExistsError in the loop.)
     """
     k = self.gradient_accumulation_steps
     if k == 1:
@@ -336,27 +338,18 @@ class Classifier(keras.Model):
         rows % k, 0, message='gradient_accumulation_steps must divide each '
         "replica's batch")
     size = rows // k
-
-    def micro_batch(index):
-      return tf.nest.map_structure(
-          lambda t: None if t is None else t[index * size:(index + 1) * size],
-          data)
-
-    gradients = self._micro_step(micro_batch(0), variables)
-    connected = [i for i, g in enumerate(gradients) if g is not None]
-
-    def body(index, sums):
-      more = self._micro_step(micro_batch(index), variables)
-      return index + 1, [s + more[i] for s, i in zip(sums, connected)]
-
-    _, sums = tf.while_loop(
-        lambda index, _: index < k, body,
-        (tf.constant(1), [gradients[i] for i in connected]),
-        parallel_iterations=1)
-    gradients = list(gradients)
-    for i, total in zip(connected, sums):
-      gradients[i] = total
-    return gradients
+    sums = None
+    for index in range(k):
+      previous = [] if sums is None else [g for g in sums if g is not None]
+      with tf.control_dependencies(previous):
+        micro_batch = tf.nest.map_structure(
+            lambda t, i=index: None if t is None else
+            t[i * size:(i + 1) * size], data)
+      gradients = self._micro_step(micro_batch, variables)
+      sums = gradients if sums is None else [
+          None if total is None else total + more
+          for total, more in zip(sums, gradients)]
+    return sums
 
   def train_step(self, data):
     variables = self.trainable_variables
