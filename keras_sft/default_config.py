@@ -147,6 +147,27 @@ def get_config():
   # LayerNorm and ConvNeXt's LayerScale excluded). The gradient of the
   # term is 2λw, so λ = wd / 2 for an SGD "weight_decay" of wd.
   config.weight_decay = 5e-5
+  # What the L2 term pulls the backbone's kernels toward: 'zero' (the sum
+  # above) or 'pretrained' (L2-SP, Li et al. 2018: λ·Σ‖w − w₀‖² with w₀ the
+  # pretrained kernels, saved in every backup; the head still toward 0),
+  # which keeps a fine-tuned backbone near what it learned. Refused with
+  # weights=None (w₀ would be random). Default 'zero': the usual decay, and
+  # what runs before this key did.
+  config.weight_decay_target = 'zero'
+  # None, or c > 0: scale the gradient (of CE + λ·R) by min(1, c / ‖g‖),
+  # ‖g‖ its global norm summed over replicas and unscaled (mixed_float16),
+  # before the backbone multiplier. Default None: no clipping, as before;
+  # on several replicas it costs one more all-reduce of the gradients.
+  config.clip_global_norm = ml_collections.FieldReference(
+      None, field_type=float)
+  # k micro-batches per optimizer step: each replica's share of
+  # global_batch_size (still the images per optimizer step) is split into k
+  # micro-batches run one after another, and the mean of their gradients is
+  # applied once. Same step as one batch, except for BatchNorm's batch
+  # statistics (per micro-batch) and its moving statistics (k updates per
+  # step). Less activation memory, same steps, LR schedule and EMA. Must
+  # divide global_batch_size / replicas. Default 1: no accumulation.
+  config.gradient_accumulation_steps = 1
 
   # --- Fine-tuning recipe (README "Recipe") -----------------------------------
   # ε of label smoothing: targets (1 - ε)·one_hot + ε / num_classes. 0: off.
@@ -179,6 +200,14 @@ def get_config():
   # Gradient multiplier of the backbone; the head uses the base LR. For SGD
   # it is exactly an LR multiplier; refused with AdamW unless 1.0.
   config.backbone_learning_rate_multiplier = 1.0
+  # None, or d in (0, 1]: layer-wise learning-rate decay (timm's
+  # layer_decay, by stage): stage i of the backbone's n (README
+  # "Backbones": ResNets conv1..conv5) learns at d^(n - i) times the LR,
+  # the head and the last stage at 1. A true per-variable learning rate for
+  # SGD and AdamW (AdamW's decoupled decay scaled too). For SGD it
+  # multiplies with backbone_learning_rate_multiplier. Default None: one
+  # learning rate for all, as before.
+  config.layer_decay = ml_collections.FieldReference(None, field_type=float)
 
   # --- Distribution and compilation -----------------------------------------
   # 'float32', 'mixed_bfloat16', 'mixed_float16' (with dynamic loss scaling)

@@ -401,6 +401,12 @@ KEYS_ADDED_LATER = {
     'model': 'resnet50',
     # Only read by the litert_int8 export, which came with it.
     'export_representative_images': 200,
+    # Added together: L2 toward zero, no clipping, no accumulation,
+    # one learning rate for all variables.
+    'weight_decay_target': 'zero',
+    'clip_global_norm': None,
+    'gradient_accumulation_steps': 1,
+    'layer_decay': None,
 }
 
 

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from configs import default as default_lib
+from keras_sft import errors
 from keras_sft.models import classifier
 from keras_sft.models import network as network_lib
 from keras_sft.training import precision
@@ -42,9 +43,12 @@ def _compile(model, learning_rate=0.1, momentum=0.0):
       metrics=[keras.metrics.SparseCategoricalAccuracy(name='accuracy')])
 
 
-def _model(initial_weights=None, freeze_batchnorm=False, **compile_kwargs):
-  keras.utils.set_random_seed(1)
-  model = classifier.Classifier(_network(freeze_batchnorm), _LAMBDA)
+def _model(initial_weights=None, freeze_batchnorm=False, options=None,
+           seed=1, **compile_kwargs):
+  """A compiled Classifier; `options`: more of its arguments."""
+  keras.utils.set_random_seed(seed)
+  model = classifier.Classifier(_network(freeze_batchnorm), _LAMBDA,
+                                **(options or {}))
   _compile(model, **compile_kwargs)
   model(np.zeros((1, 8, 8, 3), np.float32))
   if initial_weights is not None:
@@ -123,11 +127,12 @@ def test_logs_split_loss_into_ce_and_l2_in_fit_and_evaluate():
   np.testing.assert_allclose(results['ce'], float(ce), rtol=1e-5)
 
 
-def _train_three_steps(strategy, initial_weights, scale_l2=True):
+def _train_three_steps(strategy, initial_weights, options=None):
   images, labels = _batch(seed=3, size=24)
   dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
   with strategy.scope():
-    model = _model(initial_weights, freeze_batchnorm=True, momentum=0.9)
+    model = _model(initial_weights, freeze_batchnorm=True, options=options,
+                   momentum=0.9)
   history = model.fit(dataset, epochs=1, shuffle=False, verbose=0)
   return model, history.history
 
@@ -362,3 +367,231 @@ def test_head_only_phase_moves_bn_statistics_unless_frozen(freeze_batchnorm):
     expected = (not freeze_batchnorm and
                 variable.name in ('moving_mean', 'moving_variance'))
     assert moved == expected, variable.name
+
+
+# --- L2-SP, gradient clipping, gradient accumulation ---------------------------
+
+_PRETRAINED = {'weight_decay_target': 'pretrained'}
+
+
+def _numpy(variable):
+  return np.array(keras.ops.convert_to_numpy(variable))
+
+
+def test_l2_sp_value_and_gradient_follow_the_hand_computation():
+  """λ·(‖conv − conv₀‖² + ‖head‖²); gradient 2λ(w − w₀) and 2λw."""
+  model = _model(options=_PRETRAINED)
+  conv = model.network.get_layer('conv').kernel
+  head = model.network.get_layer('head').kernel
+  assert list(model.anchors) == [conv.path]  # the head has no anchor
+  anchor = _numpy(model.anchors[conv.path])
+  np.testing.assert_array_equal(anchor, _numpy(conv))  # w₀ = w at build
+  rng = np.random.default_rng(0)
+  conv.assign(anchor + rng.normal(0, 0.1, anchor.shape).astype(np.float32))
+  with tf.GradientTape() as tape:
+    penalty = model.regularization()
+  gradients = tape.gradient(penalty, [conv.value, head.value])
+  expected = _LAMBDA * (np.sum(np.square(_numpy(conv) - anchor)) +
+                        np.sum(np.square(_numpy(head))))
+  np.testing.assert_allclose(float(penalty), expected, rtol=1e-6)
+  np.testing.assert_allclose(gradients[0], 2 * _LAMBDA * (_numpy(conv) - anchor),
+                             rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(gradients[1], 2 * _LAMBDA * _numpy(head),
+                             rtol=1e-6)
+  # 'zero' decays the conv kernel toward 0: a different value.
+  zero = _model()
+  zero.set_weights([w for w, v in zip(model.get_weights(), model.weights)
+                    if not v.name.startswith('anchor_')])
+  assert abs(float(zero.regularization()) - expected) > 1e-3
+
+
+def test_l2_sp_anchors_are_in_backups_and_not_in_exports(tmp_path):
+  """A resumed run decays toward the saved w₀, not its own build's."""
+  reference = _model(options=_PRETRAINED)
+  first = _model(options=_PRETRAINED)
+  for seed in range(4):
+    _step(reference, seed)
+  _step(first, 0)
+  path = str(tmp_path / 'ckpt.weights.h5')
+  first.save_weights(path)
+  # Built from other initial weights: its own anchors differ.
+  resumed = _model(options=_PRETRAINED, seed=2)
+  resumed.optimizer.build(resumed.trainable_variables)
+  [anchor] = resumed.anchors.values()
+  assert not np.allclose(_numpy(anchor),
+                         _numpy(list(reference.anchors.values())[0]))
+  resumed.load_weights(path)
+  for seed in range(1, 4):
+    _step(resumed, seed)
+  for a, b in zip(reference.get_weights(), resumed.get_weights()):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  served = {id(v) for v in classifier.serving_variables(resumed)}
+  assert id(anchor) not in served
+  assert len(served) == len(resumed.variables) - 1
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(weight_decay_target='pretrained', weights=None), 'weights=None'),
+    (dict(weight_decay_target='sp'), "weight_decay_target='sp'"),
+    (dict(clip_global_norm=0.0), 'clip_global_norm=0.0'),
+    (dict(gradient_accumulation_steps=0), 'gradient_accumulation_steps=0'),
+    (dict(gradient_accumulation_steps=3, global_batch_size=128),
+     'Use a divisor of 128'),
+])
+def test_bad_values_are_refused(overrides, message):
+  with pytest.raises(errors.ConfigError, match=message):
+    classifier.check_config(_config(**overrides))
+
+
+def _gradient_of_loss(model, images, labels):
+  """∂(CE + λ·R)/∂v for each trainable variable, by a plain tape."""
+  variables = model.trainable_variables
+  with tf.GradientTape() as tape:
+    logits = model.network(images, training=True)
+    loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels, logits)) + model.regularization()
+  return [g.numpy() for g in tape.gradient(loss, [v.value for v in variables])]
+
+
+@pytest.mark.parametrize('multiplier, head_only_steps', [(0.5, 0), (1.0, 1)])
+def test_clipped_sgd_step_follows_the_hand_computation(multiplier,
+                                                       head_only_steps):
+  """w ← w − lr·s·min(1, c/‖g‖)·g, ‖g‖ over what the phase trains.
+
+  s is the backbone multiplier on the backbone, 1 on the head; in the
+  head-only phase the backbone is out of the norm and does not move.
+  """
+  learning_rate, clip = 0.1, 0.05
+  keras.utils.set_random_seed(1)
+  model = classifier.Classifier(
+      _network(freeze_batchnorm=True), _LAMBDA, clip_global_norm=clip,
+      backbone_multiplier=multiplier, head_only_steps=head_only_steps)
+  _compile(model, learning_rate=learning_rate)
+  model(np.zeros((1, 8, 8, 3), np.float32))
+  images, labels = _batch()
+  variables = model.trainable_variables
+  before = [_numpy(v) for v in variables]
+  gradients = _gradient_of_loss(model, images, labels)
+  head = {id(v) for v in model.network.get_layer('head').weights}
+  trains_backbone = 0.0 if head_only_steps else 1.0
+  squared = sum(np.sum(np.square(g)) * (1.0 if id(v) in head else
+                                        trains_backbone)
+                for g, v in zip(gradients, variables))
+  factor = min(1.0, clip / np.sqrt(squared))
+  assert factor < 0.5  # the clip is active
+
+  model.train_on_batch(images, labels)
+
+  for variable, old, gradient in zip(variables, before, gradients):
+    scale = 1.0 if id(variable) in head else trains_backbone * multiplier
+    np.testing.assert_allclose(
+        _numpy(variable), old - learning_rate * scale * factor * gradient,
+        atol=1e-6, err_msg=variable.path)
+
+
+def _scale_model(policy, clip):
+  with precision.global_policy(policy):
+    inputs = keras.Input((2,))
+    outputs = _Scale(dtype='float32', name='head')(inputs)
+    model = classifier.Classifier(keras.Model(inputs, outputs),
+                                  clip_global_norm=clip)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model(np.zeros((1, 2), np.float32))
+  return model
+
+
+def test_clipping_under_loss_scaling_clips_the_unscaled_gradient():
+  """mixed_float16 (loss scale 2^15) clips as float32 does."""
+  images = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+  labels = np.array([0, 1])
+  results = []
+  for policy in ('float32', 'mixed_float16'):
+    model = _scale_model(policy, clip=0.01)
+    model.train_on_batch(images, labels)
+    results.append(_numpy(model.network.get_layer('head').w))
+  unclipped = _scale_model('float32', clip=None)
+  unclipped.train_on_batch(images, labels)
+  step = np.linalg.norm(results[0] - 1.0)
+  # lr · c; the weights are ~1, so float32 leaves ~1e-4 of a 1e-3 step.
+  np.testing.assert_allclose(step, 0.1 * 0.01, rtol=1e-4)
+  assert np.linalg.norm(
+      _numpy(unclipped.network.get_layer('head').w) - 1.0) > 2 * step
+  np.testing.assert_allclose(results[1], results[0], rtol=1e-6)
+
+
+def test_accumulated_micro_batches_equal_one_batch():
+  """k = 4 micro-batches of 2 = one batch of 8 (BN frozen), EMA included."""
+  images, labels = _batch(seed=5, size=16)
+  dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
+  results = []
+  initial_weights = _model(freeze_batchnorm=True).get_weights()
+  for steps in (1, 4):
+    model = _model(initial_weights, freeze_batchnorm=True,
+                   options=dict(gradient_accumulation_steps=steps,
+                                clip_global_norm=0.5))
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1, momentum=0.9, use_ema=True,
+                                       ema_momentum=0.5),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name='accuracy')],
+        # Keras then runs the steps in a tf.while_loop, around the micro-
+        # batches: a nested tf.while_loop failed there (Grappler's
+        # TemporaryVariable "already exists").
+        steps_per_execution=2)
+    history = model.fit(dataset, epochs=1, shuffle=False, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 2
+    assert int(model.step_counter.numpy()) == 2
+    averages = [_numpy(v) for v in
+                model.optimizer._model_variables_moving_average]  # pylint: disable=protected-access
+    results.append((model.get_weights(), averages, history.history))
+  (one, one_ema, one_log), (four, four_ema, four_log) = results
+  for a, b in zip(one + one_ema, four + four_ema):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  for key in ('loss', 'ce', 'l2', 'accuracy'):
+    np.testing.assert_allclose(one_log[key], four_log[key], rtol=1e-6,
+                               err_msg=key)
+
+
+def test_two_replicas_match_one_replica_with_l2_sp_clip_and_accumulation():
+  """2 replicas = 1 device after 3 momentum steps, within 1e-5.
+
+  Each of the three scales by the replica count somewhere (λ·R once, the
+  norm of the summed gradient, the micro-batch mean): one run checks them
+  together (per-feature runs cost ~4 s each).
+  """
+  options = dict(weight_decay_target='pretrained', clip_global_norm=0.05,
+                 gradient_accumulation_steps=2)
+  model = _model(options=options)
+  initial_weights = model.get_weights()
+  [anchor] = [i for i, v in enumerate(model.weights)
+              if v.name.startswith('anchor_')]
+  # w₀ away from the weights, so the term's gradient is large.
+  initial_weights[anchor] = initial_weights[anchor] + 0.5
+  one = _train_three_steps(tf.distribute.get_strategy(), initial_weights,
+                           options)
+  two = _train_three_steps(_two_replicas(), initial_weights, options)
+  for a, b in zip(one[0].get_weights(), two[0].get_weights()):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  for key in ('loss', 'ce', 'l2'):
+    np.testing.assert_allclose(one[1][key], two[1][key], rtol=1e-5,
+                               err_msg=key)
+
+
+def test_keras_global_clipnorm_clips_each_replica_apart():
+  """Why the Classifier clips itself: Keras' own differs on 2 replicas."""
+  images, labels = _batch(seed=3, size=8)
+  results = []
+  initial_weights = _model(freeze_batchnorm=True).get_weights()
+  for strategy in (tf.distribute.get_strategy(), _two_replicas()):
+    with strategy.scope():
+      model = _model(initial_weights, freeze_batchnorm=True)
+      model.compile(
+          optimizer=keras.optimizers.SGD(0.1, global_clipnorm=0.05),
+          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(tf.data.Dataset.from_tensor_slices((images, labels)).batch(8),
+              verbose=0)
+    results.append(model.get_weights())
+  difference = max(np.max(np.abs(a - b)) for a, b in zip(*results))
+  assert difference > 1e-4

@@ -366,3 +366,83 @@ def _config(**overrides):
   for key, value in overrides.items():
     config[key] = value
   return config
+
+
+def test_layer_decay_scales_follow_the_stage_index():
+  """Stage i of n at d^(n − i); outside the backbone (None) at 1."""
+  scales = optimizers.layer_decay_scales(
+      {'a/kernel': 'conv1', 'b/kernel': 'conv2', 'c/kernel': 'conv3',
+       'head/kernel': None}, ('conv1', 'conv2', 'conv3'), 0.5)
+  assert scales == {'a/kernel': 0.25, 'b/kernel': 0.5, 'c/kernel': 1.0,
+                    'head/kernel': 1.0}
+
+
+@pytest.mark.parametrize('value', [0.0, 1.5, -0.5])
+def test_bad_layer_decay_is_refused(value):
+  with pytest.raises(errors.ConfigError, match=f'layer_decay={value!r}'):
+    optimizers.check_config(_config(layer_decay=value))
+
+
+@pytest.mark.parametrize('name, steps', [('sgd', 2), ('adamw', 1)])
+def test_layer_decay_is_a_true_learning_rate_per_variable(name, steps):
+  """Each variable's update = scale × its update at scale 1: SGD with
+  momentum over 2 steps, AdamW (decoupled decay included) over 1."""
+  rng = np.random.default_rng(0)
+  initial = {'early': rng.normal(size=(3, 4)), 'late': rng.normal(size=4)}
+  gradients = [[rng.normal(size=value.shape) for value in initial.values()]
+               for _ in range(steps)]
+
+  def updates(scales):
+    optimizer = optimizers.create_optimizer(
+        name, 0.1, adamw_weight_decay=0.5, learning_rate_scales=scales)
+    variables = [keras.Variable(value.astype(np.float32), name=key)
+                 for key, value in initial.items()]
+    optimizer.build(variables)
+    for step_gradients in gradients:
+      optimizer.apply([tf.constant(g, tf.float32) for g in step_gradients],
+                      variables)
+    return [np.asarray(v) - value.astype(np.float32)
+            for v, value in zip(variables, initial.values())]
+
+  base = updates(None)
+  scaled = updates({'early': 0.25})
+  assert np.abs(base[0]).min() > 1e-4
+  np.testing.assert_allclose(scaled[0], 0.25 * base[0], rtol=1e-5,
+                             atol=1e-7)
+  np.testing.assert_allclose(scaled[1], base[1], rtol=1e-6)
+
+
+def _named_model_variables(strategy, optimizer):
+  """Variables of a Conv/BN/Dense model with fixed layer names, 2 steps."""
+  with strategy.scope():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((6, 6, 3)),
+        keras.layers.Conv2D(4, 3, name='conv'),
+        keras.layers.BatchNormalization(name='bn', trainable=False),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(5, name='dense'),
+    ])
+    model.compile(optimizer=optimizer(model), loss=keras.losses.
+                  SparseCategoricalCrossentropy(from_logits=True))
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(16, 6, 6, 3)).astype(np.float32)
+  labels = rng.integers(0, 5, 16)
+  model.fit(images, labels, batch_size=8, epochs=1, shuffle=False, verbose=0)
+  return [np.asarray(v) for v in model.variables]
+
+
+def test_layer_decay_with_adamw_on_two_replicas_equals_one_device():
+  def optimizer(model):
+    return optimizers.create_optimizer(
+        'adamw', 0.05, adamw_weight_decay=0.5,
+        learning_rate_scales={v.path: 0.25 for v in
+                              model.get_layer('conv').trainable_variables})
+
+  one = _named_model_variables(tf.distribute.get_strategy(), optimizer)
+  two = _named_model_variables(
+      tf.distribute.MirroredStrategy(
+          ['/cpu:0', '/cpu:1'],
+          cross_device_ops=tf.distribute.ReductionToOneDevice()), optimizer)
+  for a, b in zip(one, two):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -1,5 +1,7 @@
 """Tests of keras_sft.training.recipe: derived numbers, schedule choice, the builder."""
 
+import logging
+
 import pytest
 import tensorflow as tf
 
@@ -45,9 +47,12 @@ def test_step_schedule_is_picked_and_follows_the_fractions():
       0.1 * (1 - 2 ** -0.5), rel=1e-5)
 
 
-def test_build_model_applies_the_recipe_keys():
-  """The one builder: frozen stages, BN policy, EMA slots, dtype policy."""
+def test_build_model_applies_the_recipe_keys(caplog):
+  """The one builder: frozen stages, BN policy, EMA slots, dtype policy,
+  layer decay (logged per stage)."""
+  caplog.set_level(logging.INFO)
   config = default_lib.get_config()
+  config.layer_decay = 0.5
   config.weights = None
   config.image_size = 32
   config.freeze_until = 'conv2'
@@ -62,6 +67,18 @@ def test_build_model_applies_the_recipe_keys():
   assert not backbone.get_layer('conv5_block1_1_bn').trainable
   assert backbone.get_layer('conv3_block1_1_conv').compute_dtype == 'bfloat16'
   assert model.network.get_layer('head').compute_dtype == 'float32'
+  # conv1 and conv2 are frozen: not trained, no learning rate.
+  scales = model.optimizer.learning_rate_scales
+  assert backbone.get_layer('conv1_conv').kernel.path not in scales
+  assert scales[backbone.get_layer('conv3_block1_1_conv').kernel.path] == 0.25
+  assert scales[backbone.get_layer('conv4_block1_1_conv').bias.path] == 0.5
+  assert scales[backbone.get_layer('conv5_block3_3_conv').kernel.path] == 1.0
+  assert scales[model.network.get_layer('head').kernel.path] == 1.0
+  lines = [r.getMessage() for r in caplog.records
+           if r.getMessage().startswith('Layer decay')]
+  assert len(lines) == 4  # conv3, conv4, conv5 and the head
+  assert 'conv3 learning rate x 0.25' in lines[0]
   # The global policy is left as it was.
   import keras  # pylint: disable=g-import-not-at-top
   assert keras.config.dtype_policy().name == 'float32'
+

@@ -65,6 +65,9 @@ def no_model_built(monkeypatch):
      'backbone_learning_rate_multiplier=-1.0'),
     ('cutmix_alpha', 2.0, 'cutmix_alpha=2.0'),
     ('randaugment_magnitude', 3.0, 'randaugment_magnitude=3.0'),
+    ('layer_decay', 1.5, 'layer_decay=1.5'),
+    ('clip_global_norm', -1.0, 'clip_global_norm=-1.0'),
+    ('weight_decay_target', 'pretrained', 'weights=None'),
 ])
 def test_bad_values_are_named(tmp_path, no_model_built, key, value, message):
   with pytest.raises((ValueError, FileNotFoundError), match=message):
@@ -76,6 +79,16 @@ def test_batch_not_divisible_by_replicas(tmp_path, no_model_built,
   """Two replicas cannot split a global batch of 7."""
   config = _smoke_config(distribution='mirrored', global_batch_size=7)
   with pytest.raises(ValueError, match='global_batch_size=7.*2 replicas'):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_micro_batches_not_dividing_the_replica_batch(tmp_path,
+                                                     no_model_built,
+                                                     mock_cifar10):
+  """8 images on 2 replicas are 4 each: k=8 divides 8 but not 4."""
+  config = _smoke_config(distribution='mirrored', global_batch_size=8,
+                         gradient_accumulation_steps=8)
+  with pytest.raises(ValueError, match=r'2 replica\(s\) = 4'):
     train.train_and_evaluate(config, str(tmp_path))
 
 
@@ -204,11 +217,14 @@ _TINY_SHAPE = (6, 6, 3)
 
 
 def _tiny_run(workdir, steps_per_epoch=4, num_epochs=2, steps_per_execution=1,
-              learning_rate=0.1, dropout_rate=0.0, checkpoint_every_steps=1):
+              learning_rate=0.1, dropout_rate=0.0, checkpoint_every_steps=1,
+              options=None):
   """A `train._Run` of a tiny Classifier on 8 random batches of 4, cycled.
 
-  Returns `(run, build)`: `build()` makes the run's compiled model and
-  restores its newest backup, as `train._build` does for ResNet50.
+  Returns `(run, build)`: `build(seed=0)` makes the run's compiled model
+  (initialized from `seed`) and restores its newest backup, as
+  `train._build` does for ResNet50. `options`: more `Classifier` arguments;
+  then a hidden Dense layer (a "backbone" kernel) comes before the head.
   """
   config = _smoke_config(steps_per_epoch=steps_per_epoch,
                          num_epochs=num_epochs, eval_steps=None,
@@ -234,14 +250,17 @@ def _tiny_run(workdir, steps_per_epoch=4, num_epochs=2, steps_per_execution=1,
           os.path.join(str(workdir), 'checkpoints')))
   os.makedirs(str(workdir), exist_ok=True)
 
-  def build():
-    keras.utils.set_random_seed(0)
+  def build(seed=0):
+    keras.utils.set_random_seed(seed)
     inputs = keras.Input(_TINY_SHAPE)
     x = keras.layers.Flatten()(inputs)
+    if options:
+      x = keras.layers.Dense(5, name='hidden')(x)
     if dropout_rate:
       x = keras.layers.Dropout(dropout_rate, seed=0)(x)
     outputs = keras.layers.Dense(3, name='head')(x)
-    model = classifier.Classifier(keras.Model(inputs, outputs))
+    model = classifier.Classifier(keras.Model(inputs, outputs),
+                                  **(options or {}))
     recipe.compile_model(model, keras.optimizers.SGD(learning_rate),
                          steps_per_execution=steps_per_execution)
     model(np.zeros((1,) + _TINY_SHAPE, np.float32))
@@ -291,6 +310,33 @@ def test_resumed_run_with_dropout_equals_an_uninterrupted_one(tmp_path):
   assert checkpoints.trained_steps(resumed) == 8
   for want, got in zip(uninterrupted.get_weights(), resumed.get_weights()):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_resumed_run_with_l2_sp_clipping_and_accumulation_is_exact(tmp_path):
+  """The backup restores L2-SP's w₀: a rebuild from other weights (other
+  anchors) resumes to the uninterrupted run's weights."""
+  options = dict(weight_decay=0.05, weight_decay_target='pretrained',
+                 clip_global_norm=0.1, gradient_accumulation_steps=2)
+  run, build = _tiny_run(tmp_path / 'whole', options=options)
+  uninterrupted = build()
+  train._fit_to_end(run, uninterrupted)  # pylint: disable=protected-access
+
+  run, build = _tiny_run(tmp_path / 'resumed', options=options)
+  first = build()
+  train._fit(run, first, end_epoch=1, steps=3)  # pylint: disable=protected-access
+  resumed = build(seed=1)
+  [anchor] = resumed.anchors.values()
+  [uninterrupted_anchor] = uninterrupted.anchors.values()
+  np.testing.assert_array_equal(anchor, uninterrupted_anchor)
+  assert checkpoints.trained_steps(resumed) == 3
+  train._fit_to_end(run, resumed)  # pylint: disable=protected-access
+
+  assert checkpoints.trained_steps(resumed) == 8
+  assert int(resumed.optimizer.iterations.numpy()) == 8
+  for want, got in zip(uninterrupted.get_weights(), resumed.get_weights()):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  # The run moved away from w₀, so the anchors mattered.
+  assert not np.allclose(resumed.network.get_layer('hidden').kernel, anchor)
 
 
 def test_precise_bn_batches_are_capped_at_one_pass_and_logged(tmp_path,

@@ -58,6 +58,11 @@ def test_the_shipped_space_is_valid_for_resnet50(tmp_path):
      "model='convnext_tiny'"),
     ({'dataset': {'choices': ['cifar10', 'mnist']}}, 'keeps fixed'),
     ({'learning_rate': {'low': -1.0, 'high': 0.1}}, 'learning_rate=-1.0'),
+    # Keys added later are searchable and checked like the others.
+    ({'gradient_accumulation_steps': {'choices': [1, 3]}},
+     'gradient_accumulation_steps=3'),
+    ({'weight_decay_target': {'choices': ['zero', 'pretrained']}},
+     'weights=None'),
 ])
 def test_a_bad_space_is_one_config_error_naming_the_value(tmp_path, raw,
                                                           expected):
@@ -74,6 +79,11 @@ def test_ranges_become_optuna_parameters_of_the_key_type(tmp_path):
   kinds = {parameter.key: parameter.kind for parameter in space.parameters}
   assert kinds == {'learning_rate': 'float', 'log_every_steps': 'int',
                    'freeze_until': 'categorical'}
+  space = _space(tmp_path, {'clip_global_norm': {'choices': [None, 1.0]},
+                            'gradient_accumulation_steps': {'low': 1,
+                                                            'high': 2}})
+  assert {p.key: p.kind for p in space.parameters} == {
+      'clip_global_norm': 'categorical', 'gradient_accumulation_steps': 'int'}
   config = space_lib.apply(cifar10_resnet50.get_config('smoke'),
                            {'freeze_until': 'conv3', 'learning_rate': 0.02})
   assert config.freeze_until == 'conv3' and config.learning_rate == 0.02

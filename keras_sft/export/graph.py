@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_sft.data import augment
+from keras_sft.models import classifier
 
 # A float export is refused when its runtime's logits on random images differ
 # from TensorFlow's by more than this x max |logits| (README "ONNX, LiteRT:
@@ -26,7 +27,8 @@ class _LogitsModule(tf.Module):
   def __init__(self, model, image_size, probabilities=True):
     super().__init__(name='logits')
     # The raw tf.Variables, tracked once (see saved_model._ServingModule).
-    self.model_variables = [variable.value for variable in model.variables]
+    self.model_variables = [variable.value for variable in
+                            classifier.serving_variables(model)]
     self._model = model
     self._probabilities = probabilities
     self.logits = tf.function(

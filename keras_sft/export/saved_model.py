@@ -47,6 +47,7 @@ import tensorflow as tf
 from keras_sft.data import augment
 from keras_sft.data import images
 from keras_sft import errors
+from keras_sft.models import classifier
 # The export's description of itself, beside `saved_model.pb` (TF Serving
 # ignores it), as beside a LiteRT `model.tflite`.
 METADATA_FILE = 'metadata.json'
@@ -72,7 +73,8 @@ class _ServingModule(tf.Module):
     # The raw tf.Variables, tracked once. The Keras model itself must not be
     # an attribute: tracking it would store every weight a second time (and
     # a compiled model's optimizer state with it).
-    self.model_variables = [variable.value for variable in model.variables]
+    self.model_variables = [variable.value for variable in
+                            classifier.serving_variables(model)]
     self._class_names = tf.constant(list(class_names), dtype=tf.string)
     self._image_size = image_size
     self._resize_size = resize_size

@@ -91,6 +91,39 @@ def freeze_until(backbone, stage, name=backbones.DEFAULT_MODEL):
   return frozen
 
 
+def variable_stages(network, name=backbones.DEFAULT_MODEL):
+  """The backbone stage of each trainable variable of `network`.
+
+  A backbone layer of no stage (padding, the stem before the first named
+  stage, a layer after the last) belongs to the stage of the layer before
+  it, in the backbone's layer order; layers before the first stage belong
+  to the first. Variables outside the backbone (the head) map to None.
+
+  Args:
+    network: A network of `build_network` (one `keras.Model` layer, the
+      backbone).
+    name: Its `BACKBONES` name.
+
+  Returns:
+    A dict from variable path to stage name or None, for every trainable
+    variable.
+  """
+  [backbone] = [layer for layer in network.layers
+                if isinstance(layer, keras.Model)]
+  names = backbones.stages(name)
+  stages = {}
+  current = names[0]
+  for layer in backbone.layers:
+    current = stage_of(layer.name, backbone.name, name) or current
+    for variable in layer.trainable_variables:
+      stages[variable.path] = current
+  result = {variable.path: stages.get(variable.path)
+            for variable in network.trainable_variables}
+  if len(result) != len(network.trainable_variables):
+    raise ValueError('Trainable variables of the network share a path.')
+  return result
+
+
 @dataclasses.dataclass(frozen=True)
 class Spec:
   """Everything that shapes the network: one value from config to builder.

@@ -30,7 +30,18 @@ def check_config(config):
   errors.check_choice('lr_schedule', config.lr_schedule, SCHEDULES)
   _check_boundary_fractions(config.lr_boundary_fractions)
   errors.check_non_negative('lr_decay_factor', config.lr_decay_factor)
+  check_layer_decay(config.layer_decay)
   _check_capabilities(config)
+
+
+def check_layer_decay(layer_decay):
+  """None, or a float in (0, 1]."""
+  if layer_decay is None:
+    return
+  if not (errors.is_number(layer_decay) and 0 < layer_decay <= 1):
+    raise errors.ConfigError(
+        'layer_decay must be None or in (0, 1]. Received: '
+        f'layer_decay={layer_decay!r}')
 
 
 def _check_capabilities(config):
@@ -176,9 +187,82 @@ class _WarmUpEMA:
                        (1 - momentum_of_variable) * variable)
 
 
+class _ScaledLearningRates:
+  """Mixin: a learning rate per variable, the schedule's × its scale.
+
+  `learning_rate_scales` maps a variable's path to its scale (1 for a path
+  not in it): layer decay. The scaled rate is what the optimizer's update
+  takes, so SGD (momentum included) and Adam steps are exactly `scale` times
+  those at scale 1, whatever the gradient's scale (unlike a gradient
+  multiplier, which Adam normalizes away).
+  """
+
+  def __init__(self, *args, learning_rate_scales=None, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.learning_rate_scales = {
+        str(path): float(scale)
+        for path, scale in (learning_rate_scales or {}).items()}
+    self._scale_of_index = ()
+
+  def build(self, variables):
+    super().build(variables)
+    paths = [variable.path for variable in variables]
+    unknown = sorted(set(self.learning_rate_scales) - set(paths))
+    if unknown:
+      raise ValueError(
+          f'learning_rate_scales names variables the optimizer does not '
+          f'train: {unknown[:3]}')
+    self._scale_of_index = tuple(
+        self.learning_rate_scales.get(path, 1.0) for path in paths)
+
+  def scaled_learning_rate(self, learning_rate, variable):
+    """`learning_rate` × the scale of `variable` (of its index)."""
+    if not self.learning_rate_scales:
+      return learning_rate
+    scale = self._scale_of_index[self._get_variable_index(variable)]
+    if scale == 1.0:
+      return learning_rate
+    return learning_rate * scale
+
+  def get_config(self):
+    config = super().get_config()
+    config['learning_rate_scales'] = dict(self.learning_rate_scales)
+    return config
+
+
 @keras.saving.register_keras_serializable(package='keras_sft')
-class AdamW(_WarmUpEMA, keras.optimizers.AdamW):
-  """`keras.optimizers.AdamW` whose EMA (if on) warms up."""
+class AdamW(_WarmUpEMA, _ScaledLearningRates, keras.optimizers.AdamW):
+  """`keras.optimizers.AdamW` whose EMA (if on) warms up, with per-variable
+  learning-rate scales (the decoupled decay w·wd·lr scaled too, as a
+  PyTorch parameter group's learning rate does)."""
+
+  def update_step(self, gradient, variable, learning_rate):
+    return super().update_step(
+        gradient, variable, self.scaled_learning_rate(learning_rate, variable))
+
+  def _apply_weight_decay(self, variables):
+    """Keras' TensorFlow decoupled decay, w ← w − w·wd·lr·scale."""
+    if self.weight_decay is None:
+      return
+
+    def distributed_apply_weight_decay(distribution, variables):
+
+      def weight_decay_fn(variable):
+        if self._use_weight_decay(variable):
+          learning_rate = tf.cast(
+              self.scaled_learning_rate(self.learning_rate, variable),
+              variable.dtype)
+          decay = tf.cast(self.weight_decay, variable.dtype)
+          variable.assign_sub(variable * decay * learning_rate)
+
+      for variable in variables:
+        if isinstance(variable, keras.Variable):
+          variable = variable.value
+        distribution.extended.update(variable, weight_decay_fn, group=False)
+
+    tf.__internal__.distribute.interim.maybe_merge_call(
+        distributed_apply_weight_decay, self._distribution_strategy,
+        variables)
 
 
 def _handle(variable):
@@ -190,7 +274,7 @@ def _handle(variable):
 
 
 @keras.saving.register_keras_serializable(package='keras_sft')
-class FusedSGD(_WarmUpEMA, keras.optimizers.SGD):
+class FusedSGD(_WarmUpEMA, _ScaledLearningRates, keras.optimizers.SGD):
   """`keras.optimizers.SGD` whose momentum update is one TensorFlow kernel.
 
   Same variables, config and formula as Keras' SGD: m ← μ·m − lr·g, then
@@ -199,10 +283,12 @@ class FusedSGD(_WarmUpEMA, keras.optimizers.SGD):
   the variable's memory; `ResourceApplyKerasMomentum`, the kernel Keras 2 used,
   reads w, m and g once and writes w and m once (README "Performance").
   Without momentum, or for sparse gradients, Keras' code runs. Its EMA, if
-  on, warms up (`ema_momentum_at`).
+  on, warms up (`ema_momentum_at`); `learning_rate_scales` scales the rate
+  per variable (`_ScaledLearningRates`).
   """
 
   def update_step(self, gradient, variable, learning_rate):
+    learning_rate = self.scaled_learning_rate(learning_rate, variable)
     if not self.momentum or isinstance(gradient, tf.IndexedSlices):
       return super().update_step(gradient, variable, learning_rate)
     momentum = self.momentums[self._get_variable_index(variable)]
@@ -215,14 +301,16 @@ class FusedSGD(_WarmUpEMA, keras.optimizers.SGD):
     return None
 
 
-def _create_sgd(learning_rate, options, ema):
+def _create_sgd(learning_rate, options, ema, scales):
   return FusedSGD(learning_rate=learning_rate, momentum=options['momentum'],
-                  nesterov=options['nesterov'], **ema)
+                  nesterov=options['nesterov'], learning_rate_scales=scales,
+                  **ema)
 
 
-def _create_adamw(learning_rate, options, ema):
+def _create_adamw(learning_rate, options, ema, scales):
   optimizer = AdamW(learning_rate=learning_rate,
-                    weight_decay=options['adamw_weight_decay'], **ema)
+                    weight_decay=options['adamw_weight_decay'],
+                    learning_rate_scales=scales, **ema)
   # Decay kernels only, like the L2 term: not biases, not BatchNorm.
   optimizer.exclude_from_weight_decay(
       var_names=['bias', 'gamma', 'beta', 'moving_mean', 'moving_variance'])
@@ -234,10 +322,13 @@ class Optimizer:
   """One optimizer of `config.optimizer`, and what it can do.
 
   Attributes:
-    create: `create(learning_rate, options, ema)` returns the Keras
-      optimizer; `options` maps config keys (its own, such as `momentum`)
-      to values; `ema` holds Keras' `use_ema` and `ema_momentum` arguments
-      (its class must mix in `_WarmUpEMA`).
+    create: `create(learning_rate, options, ema, scales)` returns the
+      Keras optimizer; `options` maps config keys (its own, such as
+      `momentum`) to values; `ema` holds Keras' `use_ema` and
+      `ema_momentum` arguments (its class must mix in `_WarmUpEMA`);
+      `scales` maps variable paths to learning-rate scales (layer decay;
+      its class must mix in `_ScaledLearningRates` and scale the rate its
+      update and any decoupled decay use).
     gradient_scale_invariant: Whether its update ignores the gradient's
       scale (Adam, Lion): `backbone_learning_rate_multiplier`, which scales
       the backbone's gradients, would then do nothing and is refused.
@@ -270,7 +361,8 @@ OPTIMIZERS = {
 
 
 def create_optimizer(name, learning_rate, momentum=0.9, nesterov=False,
-                     adamw_weight_decay=0.0, ema_momentum=None):
+                     adamw_weight_decay=0.0, ema_momentum=None,
+                     learning_rate_scales=None):
   """Returns the optimizer `name` of `OPTIMIZERS`, with its EMA if on.
 
   With `ema_momentum`, the optimizer keeps an exponential moving average of
@@ -287,22 +379,46 @@ def create_optimizer(name, learning_rate, momentum=0.9, nesterov=False,
     adamw_weight_decay: AdamW's decoupled weight decay, applied to the same
       variables as the L2 term (kernels only).
     ema_momentum: None (no EMA) or m in [0, 1).
+    learning_rate_scales: None, or a dict from variable path to the scale
+      of its learning rate (`layer_decay_scales`).
   """
   return _create(name, learning_rate, dict(
       momentum=momentum, nesterov=nesterov,
-      adamw_weight_decay=adamw_weight_decay, ema_momentum=ema_momentum))
+      adamw_weight_decay=adamw_weight_decay, ema_momentum=ema_momentum),
+                 learning_rate_scales)
 
 
-def from_config(config, learning_rate):
+def from_config(config, learning_rate, learning_rate_scales=None):
   """The run's optimizer: `create_optimizer` with the config's keys."""
-  return _create(config.optimizer, learning_rate, config)
+  return _create(config.optimizer, learning_rate, config,
+                 learning_rate_scales)
 
 
-def _create(name, learning_rate, options):
+def layer_decay_scales(variable_stages, stages, layer_decay):
+  """timm's layer-wise learning-rate decay over a backbone's stages.
+
+  Args:
+    variable_stages: A dict from variable path to its stage (a name of
+      `stages`), or None for a variable outside the backbone (the head).
+    stages: The backbone's stage names, in order (n of them).
+    layer_decay: d in (0, 1].
+
+  Returns:
+    A dict from variable path to d^(n − i) for a variable of stage i
+    (1-based; the last stage 1), 1.0 outside the backbone.
+  """
+  check_layer_decay(layer_decay)
+  exponent = {stage: len(stages) - 1 - i for i, stage in enumerate(stages)}
+  return {path: 1.0 if stage is None else layer_decay**exponent[stage]
+          for path, stage in variable_stages.items()}
+
+
+def _create(name, learning_rate, options, learning_rate_scales=None):
   errors.check_fraction('ema_momentum', options['ema_momentum'],
                         optional=True)
   errors.check_choice('optimizer', name, tuple(OPTIMIZERS))
   ema_momentum = options['ema_momentum']
   ema = dict(use_ema=ema_momentum is not None,
              ema_momentum=0.99 if ema_momentum is None else ema_momentum)
-  return OPTIMIZERS[name].create(learning_rate, options, ema)
+  return OPTIMIZERS[name].create(learning_rate, options, ema,
+                                 learning_rate_scales)

@@ -16,6 +16,7 @@ import logging
 import keras
 import numpy as np
 
+from keras_sft.models import backbones
 from keras_sft.models import classifier
 from keras_sft.models import losses
 from keras_sft.models import network
@@ -79,6 +80,11 @@ def make_plan(config, num_train_examples):
                'backbone LR multiplier %g.', config.batch_norm,
                config.freeze_until, plan.head_only_steps,
                config.backbone_learning_rate_multiplier)
+  logging.info('Optimizer step: L2 toward %s, gradient clipping at global '
+               'norm %s, %d micro-batch(es) of %g images per step.',
+               config.weight_decay_target, config.clip_global_norm,
+               config.gradient_accumulation_steps,
+               config.global_batch_size / config.gradient_accumulation_steps)
   return plan
 
 
@@ -91,6 +97,24 @@ def create_schedule(config, plan):
         factor=config.lr_decay_factor)
   return optimizers.create_schedule(plan.peak_learning_rate, plan.total_steps,
                                     plan.warmup_steps)
+
+
+def _layer_decay_scales(config, network_model):
+  """`config.layer_decay`'s scale per trainable variable (None: off); logs
+  one line per stage."""
+  if config.layer_decay is None:
+    return None
+  stages_of = network.variable_stages(network_model, config.model)
+  stages = backbones.stages(config.model)
+  scales = optimizers.layer_decay_scales(stages_of, stages,
+                                         config.layer_decay)
+  for stage in stages + (None,):
+    paths = [path for path, s in stages_of.items() if s == stage]
+    if paths:
+      logging.info('Layer decay %g: %s learning rate x %.6g (%d variables).',
+                   config.layer_decay, stage or 'head', scales[paths[0]],
+                   len(paths))
+  return scales
 
 
 def compile_model(model, optimizer, jit_compile=False, steps_per_execution=1,
@@ -146,6 +170,9 @@ def build_model(config, num_classes, plan=None, pretrained=True):
         weight_decay=config.weight_decay,
         backbone_multiplier=config.backbone_learning_rate_multiplier,
         head_only_steps=plan.head_only_steps if plan else 0,
+        weight_decay_target=config.weight_decay_target,
+        clip_global_norm=config.clip_global_norm,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
         name='classifier')
     if plan is None:
       # A schedule, as in training, so the optimizer has no learning-rate
@@ -153,7 +180,9 @@ def build_model(config, num_classes, plan=None, pretrained=True):
       schedule = optimizers.create_schedule(0.0, total_steps=1)
     else:
       schedule = create_schedule(config, plan)
-    optimizer = optimizers.from_config(config, schedule)
+    optimizer = optimizers.from_config(
+        config, schedule, learning_rate_scales=_layer_decay_scales(
+            config, model.network))
     compile_model(
         model, optimizer,
         jit_compile=distribution.resolve_jit_compile(config.jit_compile),

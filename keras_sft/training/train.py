@@ -160,6 +160,9 @@ def _start(config, workdir):
       startup_timeout_seconds=config.startup_timeout_seconds,
       collective_timeout_seconds=config.collective_timeout_seconds)
   distribution.check_global_batch_size(config.global_batch_size, strategy)
+  classifier.check_micro_batches(config.global_batch_size,
+                                 config.gradient_accumulation_steps,
+                                 strategy.num_replicas_in_sync)
   chief = distribution.is_chief(strategy)
   # A weights file of another model, or ImageNet weights offline, are
   # refused before the claim too. Before the seed is set: building the
