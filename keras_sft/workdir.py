@@ -102,6 +102,14 @@ class Workdir:
     return self._join('curves.png')
 
   @property
+  def reliability_png(self):
+    return self._join('reliability.png')
+
+  @property
+  def calibration_file(self):
+    return self._join('calibration.json')
+
+  @property
   def export(self):
     return self._join('export')
 
@@ -401,6 +409,8 @@ KEYS_ADDED_LATER = {
     'model': 'resnet50',
     # Only read by the litert_int8 export, which came with it.
     'export_representative_images': 200,
+    # Runs before temperature scaling served softmax(logits) (T = 1).
+    'calibration_split': None,
 }
 
 
