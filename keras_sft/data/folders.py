@@ -45,8 +45,10 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 # Unreadable files listed in an error message (all of them are counted).
 _MAX_LISTED = 20
 # find_unreadable results by (path, size, mtime) of every file: a resumed run
-# builds its datasets twice in one process and need not decode twice.
+# builds its datasets twice in one process and need not decode twice. Two
+# entries: the train and eval splits, and the calibration split (`load_split`).
 _CHECKED = {}
+_CHECKED_KEPT = 2
 
 _SPLIT_PATTERN = re.compile(
     r'^(?P<name>[^\[\]]+?)\s*(\[\s*(?P<start>-?[\d.]+%?)?\s*:\s*'
@@ -366,7 +368,8 @@ def check_files(splits, root, skip_corrupt_images=False, max_pixels=None):
   every_path = [path for split in splits for path in split.paths]
   key = (max_pixels,) + tuple(_signature(path) for path in every_path)
   if key not in _CHECKED:
-    _CHECKED.clear()  # Keep one entry: the dataset of this run.
+    while len(_CHECKED) >= _CHECKED_KEPT:  # The oldest goes.
+      _CHECKED.pop(next(iter(_CHECKED)))
     _CHECKED[key] = images.find_unreadable(every_path, max_pixels)
   bad = _CHECKED[key]
   if not bad:

@@ -134,7 +134,7 @@ class _Run:
   lock: object = dataclasses.field(default_factory=contextlib.nullcontext)
   # Callbacks of the caller (train_and_evaluate's `callbacks`).
   extra_callbacks: tuple = ()
-  # On the chief with calibration_split: `(batches, num_examples)`.
+  # With calibration_split: `(batches, num_examples)` of that split.
   calibration: object = None
 
 
@@ -173,9 +173,10 @@ def _start(config, workdir):
   keras.utils.set_random_seed(config.seed)
   data = pipeline.from_config(config)
   calibration_data = None
-  if config.calibration_split is not None and chief:
-    # Read (a folder's files decoded) now: a missing split fails before
-    # training, not after it.
+  if config.calibration_split is not None:
+    # Read (a folder's files decoded) now, on every worker as the other
+    # splits: a missing split fails before training, not after it. Only the
+    # chief fits the temperature.
     calibration_data = pipeline.split_dataset(
         config, config.calibration_split, data.info.class_names)
   _check_execution_divides(
