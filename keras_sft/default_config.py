@@ -270,6 +270,19 @@ def get_config():
   # quantization. Its accuracy cost is then measured on eval_steps batches
   # of the eval split (all if None) and written into the export's metadata.
   config.export_representative_images = 200
+  # Temperature scaling (Guo et al. 2017; keras_sft.training.calibration):
+  # None, or a split held out from both train_split and eval_split (a
+  # folder's `val`, or a tfds slice such as `train[90%:]` with
+  # train_split='train[:90%]'). After training, one T > 0 minimizing the NLL
+  # of softmax(logits / T) on it is fitted; every export's probabilities
+  # are then softmax(logits / T) (logits unchanged), and the report gives
+  # the ECE on the eval split before and after. None (T = 1) by default:
+  # the default data (CIFAR-10's train and test) has no third split, and
+  # one carved from the train split by default would either train on fewer
+  # images or fit T on images the model was trained on (over-confident
+  # there, so T too low); a split that may overlap either is refused.
+  config.calibration_split = ml_collections.FieldReference(None,
+                                                           field_type=str)
 
   config.lock()
   return config

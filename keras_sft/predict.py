@@ -157,6 +157,7 @@ class RuntimeSignature:
     self._runtime = runtime
     self._class_names = list(metadata['class_names'])
     self._top_k = min(metadata.get('top_k') or 5, len(self._class_names))
+    self._temperature = metadata.get('temperature') or 1.0
     max_pixels = metadata.get('max_image_pixels')
 
     @tf.function(input_signature=[tf.TensorSpec([], tf.string),
@@ -173,7 +174,10 @@ class RuntimeSignature:
     images = np.stack([
         self._prepare(data, f'image_bytes[{index}]').numpy()
         for index, data in enumerate(image_bytes.numpy())])
-    logits = self._runtime.logits(images).astype(np.float64)
+    # The run's temperature (1 for older exports and uncalibrated runs),
+    # as the float graphs' `probabilities` and the SavedModel apply it.
+    logits = self._runtime.logits(images).astype(np.float64) / float(
+        self._temperature)
     exponentials = np.exp(logits - logits.max(-1, keepdims=True))
     probabilities = exponentials / exponentials.sum(-1, keepdims=True)
     top_ids = np.argsort(-probabilities, axis=-1, kind='stable')[

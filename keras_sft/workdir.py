@@ -102,6 +102,14 @@ class Workdir:
     return self._join('curves.png')
 
   @property
+  def reliability_png(self):
+    return self._join('reliability.png')
+
+  @property
+  def calibration_file(self):
+    return self._join('calibration.json')
+
+  @property
   def export(self):
     return self._join('export')
 
@@ -407,6 +415,8 @@ KEYS_ADDED_LATER = {
     'clip_global_norm': None,
     'gradient_accumulation_steps': 1,
     'layer_decay': None,
+    # Runs before temperature scaling served softmax(logits) (T = 1).
+    'calibration_split': None,
 }
 
 

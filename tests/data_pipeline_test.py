@@ -636,3 +636,46 @@ def test_a_malformed_dataset_name_is_a_config_error(name):
   """The hostile pass: tfds' ValueError/AssertionError tracebacks."""
   with pytest.raises(errors.ConfigError, match='dataset='):
     pipeline.get_builder(name)
+
+
+def test_split_dataset_of_a_tfds_split_is_its_eval_view_in_order(
+    mock_cifar10):
+  """The calibration split: preprocess_for_eval of the raw split, in order,
+  with its size."""
+  del mock_cifar10
+  config = default_lib.get_config()
+  config.image_size = _SIDE
+  config.global_batch_size = 5
+  dataset, count = pipeline.split_dataset(config, 'test', None)
+  raw_images, raw_labels = _raw_split('test')
+  assert count == len(raw_labels)
+  got = list(_take(dataset, -1))
+  np.testing.assert_array_equal(
+      np.concatenate([labels for _, labels in got]), raw_labels)
+  np.testing.assert_allclose(
+      np.concatenate([images for images, _ in got]),
+      np.stack([augment.preprocess_for_eval(image, _SIDE).numpy()
+                for image in raw_images]), rtol=0, atol=1e-4)
+
+
+def test_split_dataset_of_a_folder_reads_its_split_folder(tmp_path):
+  import image_fixtures  # pylint: disable=g-import-not-at-top
+  root = str(tmp_path)
+  written = image_fixtures.write_image_folder(
+      root, counts={'train': 2, 'val': 3})
+  config = default_lib.get_config()
+  config.dataset = f'folder:{root}'
+  config.image_size = _SIDE
+  config.global_batch_size = 4
+  dataset, count = pipeline.split_dataset(config, 'val',
+                                          image_fixtures.CLASSES)
+  labels = np.concatenate([labels for _, labels in _take(dataset, -1)])
+  val_labels = [label for path, (label, _) in written.items()
+                if path.startswith('val/')]
+  assert count == len(val_labels) == 9
+  assert sorted(labels) == sorted(val_labels)
+  # Slices count files of the split's fixed order, as train_split's do.
+  _, count = pipeline.split_dataset(config, 'val[:7]', image_fixtures.CLASSES)
+  assert count == 7
+  with pytest.raises(errors.DataError, match='differ'):
+    pipeline.split_dataset(config, 'val', ('cat', 'dog'))

@@ -665,3 +665,23 @@ def test_the_default_export_of_a_precise_bn_run_needs_no_data(
       images=images)['logits']
                  for p in (conftest.version_dir(smoke_run[0]), path))
   np.testing.assert_allclose(again, own, atol=1e-5)
+
+
+def test_the_export_command_serves_the_run_s_fitted_temperature(
+    smoke_run, tmp_path, monkeypatch):
+  """Issue 23: a run's calibration.json (T fitted for its final weights)
+  is handed to every format the command exports (what each format does
+  with it: export_formats_test). Other weights (best, another step) get
+  none: training_calibration_test."""
+  from keras_sft.training import calibration  # pylint: disable=g-import-not-at-top
+  workdir = _copy_of_run(smoke_run[0], tmp_path)
+  step = conftest.read_metrics(workdir)['step']
+  record = {'temperature': 3.0, 'split': 'val', 'num_examples': 10,
+            'step': step, 'weights': 'raw'}
+  calibration.write_record(workdir, record)
+  handed = []
+  monkeypatch.setattr(
+      formats, 'export_format',
+      lambda name, *args: handed.append((name, args[-1])) or (1, 'x', {}))
+  formats.export_run(workdir, formats='saved_model,litert')
+  assert handed == [('saved_model', record), ('litert', record)]

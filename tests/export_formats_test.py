@@ -706,3 +706,78 @@ def test_an_int8_calibration_count_below_one_is_one_config_error(
                      match='export_representative_images=0'):
     formats.export_run(workdir, 'litert_int8')
   assert not os.path.exists(run.export)
+
+
+_TEMPERATURE = 2.5
+
+
+def _check_scaled_probabilities(outputs, where):
+  """`probabilities` = softmax(`logits` / T) to 1e-6, in float32."""
+  logits, probabilities = outputs['logits'], outputs['probabilities']
+  assert logits.dtype == probabilities.dtype == np.float32, where
+  np.testing.assert_allclose(probabilities, _softmax(logits / _TEMPERATURE),
+                             rtol=0, atol=1e-6, err_msg=where)
+  # Not the uncalibrated softmax: the test could fail.
+  assert np.abs(probabilities - _softmax(logits)).max() > 1e-3, where
+
+
+def test_a_calibrated_export_serves_softmax_of_logits_over_t_in_every_format(
+    exported, tmp_path):
+  """Issue 23: with a fitted temperature T, every format's probabilities are
+  softmax(logits / T) to 1e-6 (the SavedModel's two signatures, ONNX and
+  LiteRT float in their runtimes, litert_int8 through predict, which
+  divides by the T of its metadata), the logits stay those of the
+  uncalibrated export, and every metadata records T and its split."""
+  record = {'temperature': _TEMPERATURE, 'split': 'val', 'num_examples': 9,
+            'step': 3, 'weights': 'raw'}
+  base = str(tmp_path / 'export')
+  paths, metadata = {}, {}
+  for name in formats.FORMATS:
+    _, paths[name], metadata[name] = formats.export_format(
+        name, exported['model'], exported['config'], list(_CLASSES), base,
+        source={'test': True}, calibration=record)
+    assert metadata[name]['temperature'] == _TEMPERATURE, name
+    assert metadata[name]['calibration'] == record, name
+  with open(os.path.join(paths['saved_model'],
+                         saved_model.METADATA_FILE)) as file:
+    assert json.load(file)['temperature'] == _TEMPERATURE
+  images = exported['images'][:6]
+  signatures = tf.saved_model.load(paths['saved_model']).signatures
+  outputs = signatures['serving_default'](images=tf.constant(images))
+  _check_scaled_probabilities(
+      {key: value.numpy() for key, value in outputs.items()},
+      'serving_default')
+  np.testing.assert_allclose(
+      outputs['logits'].numpy(),
+      _saved_model_logits(exported['paths']['saved_model'], images),
+      rtol=0, atol=1e-6)
+  np.testing.assert_allclose(outputs['top_k_probabilities'].numpy()[:, 0],
+                             outputs['probabilities'].numpy().max(-1),
+                             rtol=0, atol=1e-7)
+  encoded = tf.constant([tf.io.encode_png(image).numpy() for image in images])
+  _check_scaled_probabilities(
+      {key: value.numpy() for key, value in signatures['serve_image_bytes'](
+          image_bytes=encoded).items()}, 'serve_image_bytes')
+  for name in ('onnx', 'litert'):
+    runtime = formats.load(name, os.path.join(
+        paths[name], formats.FORMATS[name].model_file))
+    _check_scaled_probabilities(runtime.outputs(images), name)
+    assert formats.read_metadata(name, os.path.join(
+        paths[name], formats.FORMATS[name].model_file))[
+            'temperature'] == _TEMPERATURE
+  int8_file = os.path.join(paths['litert_int8'], litert_format.MODEL_FILE)
+  int8_logits = formats.load('litert_int8', int8_file).logits(images)
+  served = predict.load_signature(paths['litert_int8'])(
+      image_bytes=encoded)
+  np.testing.assert_allclose(
+      served['top_k_probabilities'].numpy(),
+      np.sort(_softmax(int8_logits / _TEMPERATURE), -1)[:, ::-1][:, :3],
+      rtol=0, atol=1e-6)
+
+
+def test_a_temperature_that_is_not_positive_is_refused(exported, tmp_path):
+  for value in (0.0, -1.0, float('nan')):
+    with pytest.raises(errors.ConfigError, match='temperature'):
+      formats.export_format('litert', exported['model'], exported['config'],
+                            list(_CLASSES), str(tmp_path),
+                            calibration={'temperature': value})

@@ -690,3 +690,73 @@ def test_export_on_a_full_disk_is_a_clear_error(tmp_path, monkeypatch):
                       lambda path: usage._replace(free=1000))
   with pytest.raises(errors.WorkdirError, match='free space'):
     train._finish(run, model, export=True)  # pylint: disable=protected-access
+
+
+def test_finish_fits_the_temperature_on_the_calibration_split(
+    tmp_path, monkeypatch):
+  """Issue 23: T is fitted on the calibration batches (not the eval split)
+  with the final weights, recorded in calibration.json and metrics.json,
+  the report gives the eval split's ECE before and after, and the export
+  is handed the record."""
+  from keras_sft.export import saved_model  # pylint: disable=g-import-not-at-top
+  from keras_sft.training import calibration  # pylint: disable=g-import-not-at-top
+  from keras_sft.training import evaluation  # pylint: disable=g-import-not-at-top
+  run, build = _tiny_run(tmp_path / 'run')
+  model = build()
+  kernel = model.network.get_layer('head').kernel
+  # Large weights: over-confident logits, so T is well above 1.
+  kernel.assign(np.random.default_rng(5).normal(
+      0, 3, kernel.shape).astype(np.float32))
+  rng = np.random.default_rng(6)
+  images = rng.normal(size=(40,) + _TINY_SHAPE).astype(np.float32)
+  labels = rng.integers(0, 3, 40).astype(np.int64)
+  run.config.calibration_split = 'val'
+  run.calibration = (tf.data.Dataset.from_tensor_slices(
+      (images, labels)).batch(16), 40)
+  exported = {}
+  monkeypatch.setattr(saved_model, 'export_from_config',
+                      lambda *args, **kwargs: exported.update(kwargs))
+  metrics = train._finish(run, model, export=True)  # pylint: disable=protected-access
+
+  logits = model.predict(images, verbose=0)
+  temperature = calibration.fit_temperature(logits, labels)
+  record = metrics['calibration']
+  assert record['temperature'] == pytest.approx(temperature, rel=1e-5)
+  assert record['temperature'] > 1.5
+  assert record['split'] == 'val' and record['num_examples'] == 40
+  assert record['step'] == metrics['step']
+  assert files.read_json(run.workdir.calibration_file) == record
+  eval_labels, eval_logits = evaluation.predict(model, run.data.eval)
+  report = metrics['report']['calibration']
+  assert report['temperature'] == record['temperature']
+  assert report['ece'] == pytest.approx(
+      calibration.expected_calibration_error(
+          calibration.softmax(eval_logits), eval_labels))
+  assert report['ece_calibrated'] == pytest.approx(
+      calibration.expected_calibration_error(
+          calibration.softmax(eval_logits, temperature), eval_labels),
+      abs=1e-5)
+  assert os.path.exists(run.workdir.reliability_png)
+  assert exported['calibration'] == record
+
+  # Off: no T, no record left behind, the export gets none.
+  run.config.calibration_split = None
+  run.calibration = None
+  exported.clear()
+  metrics = train._finish(run, model, export=True)  # pylint: disable=protected-access
+  assert 'calibration' not in metrics
+  assert 'ece_calibrated' not in metrics['report']['calibration']
+  assert not os.path.exists(run.workdir.calibration_file)
+  assert exported['calibration'] is None
+
+
+def test_a_missing_calibration_split_fails_before_training(
+    tmp_path, no_model_built):
+  import image_fixtures  # pylint: disable=g-import-not-at-top
+  root = str(tmp_path / 'images')
+  image_fixtures.write_image_folder(root)
+  config = _smoke_config(dataset=f'folder:{root}', global_batch_size=4,
+                         calibration_split='val')
+  with pytest.raises(errors.PathNotFoundError, match='val'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run' / 'config.json')

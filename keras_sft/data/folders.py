@@ -45,8 +45,10 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 # Unreadable files listed in an error message (all of them are counted).
 _MAX_LISTED = 20
 # find_unreadable results by (path, size, mtime) of every file: a resumed run
-# builds its datasets twice in one process and need not decode twice.
+# builds its datasets twice in one process and need not decode twice. Two
+# entries: the train and eval splits, and the calibration split (`load_split`).
 _CHECKED = {}
+_CHECKED_KEPT = 2
 
 _SPLIT_PATTERN = re.compile(
     r'^(?P<name>[^\[\]]+?)\s*(\[\s*(?P<start>-?[\d.]+%?)?\s*:\s*'
@@ -366,7 +368,8 @@ def check_files(splits, root, skip_corrupt_images=False, max_pixels=None):
   every_path = [path for split in splits for path in split.paths]
   key = (max_pixels,) + tuple(_signature(path) for path in every_path)
   if key not in _CHECKED:
-    _CHECKED.clear()  # Keep one entry: the dataset of this run.
+    while len(_CHECKED) >= _CHECKED_KEPT:  # The oldest goes.
+      _CHECKED.pop(next(iter(_CHECKED)))
     _CHECKED[key] = images.find_unreadable(every_path, max_pixels)
   bad = _CHECKED[key]
   if not bad:
@@ -460,3 +463,39 @@ def load(dataset, train_split='train', eval_split='test',
   return (to_dataset(train, shuffle_seed=seed, max_pixels=max_image_pixels),
           to_dataset(evaluation, max_pixels=max_image_pixels),
           class_names, len(train), len(evaluation), files)
+
+
+def load_split(dataset, split, class_names, skip_corrupt_images=False,
+               max_image_pixels=images.DEFAULT_MAX_IMAGE_PIXELS):
+  """Lists, checks and opens one more split folder of a `folder:PATH` dataset.
+
+  For a split beside the train and eval splits (the calibration split):
+  the same class folders, slicing, file checks and fixed order.
+
+  Args:
+    dataset: `folder:PATH`.
+    split: A split folder name, optionally sliced (`val`, `val[:50%]`).
+    class_names: The train split's class names.
+    skip_corrupt_images: See `check_files`.
+    max_image_pixels: As in `load`.
+
+  Returns:
+    `(examples, num_examples)`: a dataset of `(image uint8 [H, W, 3], label
+    int64)` in the fixed order, and its size.
+  """
+  root = folder_root(dataset)
+  name, start, end = parse_split(split)
+  directory = os.path.join(root, name)
+  if not os.path.isdir(directory):
+    raise errors.PathNotFoundError(
+        f'Split folder {directory!r} ({split!r}) does not exist. Create it '
+        'with the same class folders as the train split, or name an '
+        'existing split folder.')
+  _, files = list_split(directory, class_names)
+  files = _slice(files, start, end)
+  if not len(files):  # pylint: disable=g-explicit-length-test
+    raise errors.DataError(f'The split {split!r} of {root!r} selects no '
+                           'images. Widen the slice or add images.')
+  (files,), _ = check_files([files], root, skip_corrupt_images,
+                            max_image_pixels)
+  return to_dataset(files, max_pixels=max_image_pixels), len(files)

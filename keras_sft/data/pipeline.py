@@ -169,6 +169,37 @@ def from_config(config):
           **augment.switches_from_config(config)))
 
 
+def split_dataset(config, split, class_names):
+  """One more split of the config's dataset, batched as the eval split is.
+
+  For a split beside the train and eval splits (the calibration split of
+  `keras_sft.training.calibration`): the eval view (no augmentation), in a
+  fixed order.
+
+  Args:
+    config: The run's ConfigDict.
+    split: A tfds split string or a folder split, optionally sliced.
+    class_names: The run's class names (a folder split must have them).
+
+  Returns:
+    `(dataset, num_examples)`: finite batches of `(images, labels)`.
+  """
+  if folders.is_folder_dataset(config.dataset):
+    examples, count = folders.load_split(
+        config.dataset, split, class_names,
+        skip_corrupt_images=config.skip_corrupt_images,
+        max_image_pixels=config.max_image_pixels)
+  else:
+    builder = get_builder(config.dataset, config.data_dir)
+    examples = _read_split(builder, split, shuffle_files=False,
+                           seed=config.seed)
+    count = _num_examples(examples, split)
+  dataset = make_eval_dataset(examples, image_size=config.image_size,
+                              global_batch_size=config.global_batch_size,
+                              cache=False, resize_size=config.resize_size)
+  return dataset, count
+
+
 def _offline_help(name, data_dir):
   where = data_dir or '~/tensorflow_datasets'
   return (

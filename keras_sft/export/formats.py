@@ -24,8 +24,10 @@ no resize (ONNX Runtime has no kernel for TF's antialiased resize,
 `python -m keras_sft.predict`) does (`graph.prepare_images`). Outputs:
 `logits`, float32 `[N, C]` (also for litert_int8, whose graph dequantizes
 its last layer's int8 output), and in the float formats `probabilities`,
-float32 `[N, C]`: the softmax of those float32 logits in the same graph, as
-the SavedModel's (`Format.serves_probabilities`).
+float32 `[N, C]`: the softmax of those float32 logits divided by the run's
+temperature T (1 without `calibration_split`) in the same graph, as the
+SavedModel's (`Format.serves_probabilities`). T is in every format's
+metadata (`temperature`, and `calibration`: the split it was fitted on).
 
 Metadata (class names, the input and output, `image_size`, the run and
 which of its weights (`source`: checkpoint, step, EMA or raw, their
@@ -58,6 +60,7 @@ from keras_sft.export import onnx_format
 from keras_sft.export import packages
 from keras_sft.export import restore
 from keras_sft.export import saved_model
+from keras_sft.training import calibration as calibration_lib
 from keras_sft.training import checkpoints
 from keras_sft.training import precision
 from keras_sft import workdir as workdir_lib
@@ -167,7 +170,7 @@ def require(format_name, runtime_only=False):
 
 
 def export_format(format_name, model, config, class_names, export_base,
-                  source=None, data=None):
+                  source=None, data=None, calibration=None):
   """Writes the next version of one format of a run's model.
 
   Args:
@@ -181,6 +184,8 @@ def export_format(format_name, model, config, class_names, export_base,
     source: JSON-able description of where the weights came from.
     data: For formats that read the run's data (`needs_data`), its
       `pipeline.Data`; default `pipeline.from_config(config)`.
+    calibration: None (T = 1), or the run's temperature record
+      (`calibration.fit_record`): probabilities are softmax(logits / T).
 
   Returns:
     `(version, path, metadata)`: path is the version directory.
@@ -189,15 +194,18 @@ def export_format(format_name, model, config, class_names, export_base,
   entry = FORMATS[format_name]
   if entry.saver is None:
     version, path = saved_model.export_from_config(
-        model, config, class_names, export_base, source=source)
+        model, config, class_names, export_base, source=source,
+        calibration=calibration)
     return version, path, (saved_model.saved_model_metadata(
-        class_names, config.image_size, config.resize_size, source)
-                           if source is not None else None)
+        class_names, config.image_size, config.resize_size, source,
+        calibration)
+                           if source is not None or calibration else None)
   require(format_name)  # Before any conversion work.
-  module = graph.logits_module(model, config.image_size,
-                               entry.serves_probabilities)
+  module = graph.logits_module(
+      model, config.image_size, entry.serves_probabilities,
+      saved_model.calibration_metadata(calibration)['temperature'])
   metadata = graph.metadata(format_name, config, class_names, source,
-                            entry.serves_probabilities)
+                            entry.serves_probabilities, calibration)
   save = entry.saver(module, config, metadata, data)
   version, path = saved_model.write_version(
       os.path.join(export_base, format_name), save)
@@ -253,10 +261,12 @@ def export_run(workdir, formats=('saved_model',),
     model, config, class_names, weights = restored[override]
     if top_k is not None:
       config.export_top_k = top_k
-    source = restore.weights_source(workdir, weights,
-                                    checkpoints.trained_steps(model))
+    step = checkpoints.trained_steps(model)
+    source = restore.weights_source(workdir, weights, step)
+    _, calibration = calibration_lib.temperature_for_export(workdir, weights,
+                                                            step)
     exported.append((name,) + export_format(name, model, config, class_names,
-                                            base, source, data))
+                                            base, source, data, calibration))
   return exported
 
 
@@ -323,6 +333,11 @@ def check_metadata(runtime, metadata, path, format_name):
   if not isinstance(names, list) or not names:
     raise errors.DataError(f'The metadata of {path} has no class names. '
                            f'{again}')
+  temperature = metadata.get('temperature', 1.0)
+  if not (errors.is_number(temperature) and 0 < temperature < float('inf')):
+    raise errors.DataError(
+        f'The metadata of {path} says temperature={temperature!r}; the '
+        f'probabilities need a finite temperature > 0. {again}')
   _, height, width, _ = runtime.input_shape
   if (height, width) != (size, size):
     raise errors.DataError(

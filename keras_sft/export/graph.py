@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from keras_sft.data import augment
 from keras_sft.models import classifier
+from keras_sft.export import saved_model
 
 # A float export is refused when its runtime's logits on random images differ
 # from TensorFlow's by more than this x max |logits| (README "ONNX, LiteRT:
@@ -24,13 +25,14 @@ class _LogitsModule(tf.Module):
   """`logits(images)`: uint8 `[N, S, S, 3]` → float32 logits (and
   probabilities), no resize."""
 
-  def __init__(self, model, image_size, probabilities=True):
+  def __init__(self, model, image_size, probabilities=True, temperature=1.0):
     super().__init__(name='logits')
     # The raw tf.Variables, tracked once (see saved_model._ServingModule).
     self.model_variables = [variable.value for variable in
                             classifier.serving_variables(model)]
     self._model = model
     self._probabilities = probabilities
+    self._temperature = saved_model.check_temperature(temperature)
     self.logits = tf.function(
         self._logits, input_signature=[tf.TensorSpec(
             [None, image_size, image_size, 3], tf.uint8, name='images')])
@@ -43,7 +45,9 @@ class _LogitsModule(tf.Module):
     # From the float32 logits it returns, as the SavedModel does: the two
     # outputs agree whatever precision the network computed in.
     return {'logits': logits,
-            'probabilities': tf.nn.softmax(logits, axis=-1)}
+            'probabilities': tf.nn.softmax(
+                saved_model.scaled_logits(logits, self._temperature),
+                axis=-1)}
 
 
 def prepare_images(images, image_size, resize_size=None):
@@ -78,15 +82,24 @@ def _resize_rule(size, resize_size):
 
 
 def metadata(format_name, config, class_names, source,
-             probabilities=True):
-  """The JSON metadata of a converted format (module docstring of formats)."""
+             probabilities=True, calibration=None):
+  """The JSON metadata of a converted format (module docstring of formats).
+
+  `calibration`: None, or the run's temperature record; `temperature` (1
+  without one) is what a client divides the logits by before the softmax
+  (`python -m keras_sft.predict` does, also for litert_int8, which has no
+  `probabilities` output).
+  """
   size = config.image_size
+  calibrated = saved_model.calibration_metadata(calibration)
   outputs = [{'name': 'logits', 'dtype': 'float32',
               'shape': [None, len(class_names)]}]
   if probabilities:
     outputs.append({'name': 'probabilities', 'dtype': 'float32',
                     'shape': [None, len(class_names)],
-                    'definition': 'softmax(logits), float32'})
+                    'definition': 'softmax(logits), float32'
+                                  if calibrated['temperature'] == 1.0 else
+                                  'softmax(logits / temperature), float32'})
   return {
       'format': format_name,
       'class_names': list(class_names),
@@ -103,19 +116,20 @@ def metadata(format_name, config, class_names, source,
       'top_k': config.export_top_k,
       'max_image_pixels': config.max_image_pixels,
       'source': source,
+      **calibrated,
   }
 
 
-def logits_module(model, image_size, probabilities=True):
+def logits_module(model, image_size, probabilities=True, temperature=1.0):
   """The graph every format but the SavedModel converts: a `tf.Module`.
 
   Its `logits` function takes uint8 `[N, S, S, 3]` and returns
   `{'logits': float32 [N, C], 'probabilities': float32 [N, C]}` (the
-  softmax of those logits; left out with `probabilities=False`); `model`
-  maps float32 images in [0, 255] to logits (preprocessing inside, as the
-  run's model does).
+  softmax of those logits divided by `temperature`; left out with
+  `probabilities=False`); `model` maps float32 images in [0, 255] to logits
+  (preprocessing inside, as the run's model does).
   """
-  return _LogitsModule(model, image_size, probabilities)
+  return _LogitsModule(model, image_size, probabilities, temperature)
 
 
 def check_runtime(format_name, path, module, image_size, load):

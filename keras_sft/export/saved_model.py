@@ -20,7 +20,8 @@ preprocessing (`augment.preprocess_for_eval`). Two signatures:
   image of more than `max_image_pixels` (from its header, before decoding:
   `image_bytes[i] is WxH pixels ...`).
 
-Both return `logits` `[N, C]`, `probabilities` `[N, C]`, `class_ids` `[N]`,
+Both return `logits` `[N, C]`, `probabilities` `[N, C]` (softmax(logits / T),
+T the run's fitted temperature, 1 without calibration), `class_ids` `[N]`,
 `class_names` `[N]`, and the k most probable classes: `top_k_class_ids`,
 `top_k_class_names`, `top_k_probabilities`, each `[N, k]` with
 k = min(top_k, C).
@@ -68,7 +69,7 @@ class _ServingModule(tf.Module):
   """Tracks the model's variables once and serves it in `tf.function`s."""
 
   def __init__(self, model, image_size, class_names, top_k,
-               max_image_pixels, resize_size):
+               max_image_pixels, resize_size, temperature=1.0):
     super().__init__(name='serving')
     # The raw tf.Variables, tracked once. The Keras model itself must not be
     # an attribute: tracking it would store every weight a second time (and
@@ -80,12 +81,14 @@ class _ServingModule(tf.Module):
     self._resize_size = resize_size
     self._top_k = min(top_k, len(class_names))
     self._max_image_pixels = max_image_pixels
+    self._temperature = check_temperature(temperature)
     self._call = lambda images: model(images, training=False)
 
   def _outputs(self, images):
     """Runs the model on float32 `[N, S, S, 3]` images in [0, 255]."""
     logits = tf.cast(self._call(images), tf.float32)
-    probabilities = tf.nn.softmax(logits, axis=-1)
+    probabilities = tf.nn.softmax(scaled_logits(logits, self._temperature),
+                                  axis=-1)
     class_ids = tf.argmax(logits, axis=-1, output_type=tf.int64)
     top_k = tf.math.top_k(probabilities, k=self._top_k)
     top_k_ids = tf.cast(top_k.indices, tf.int64)
@@ -123,6 +126,32 @@ class _ServingModule(tf.Module):
     image = images.decode_image(data, name, self._max_image_pixels)
     return augment.preprocess_for_eval(image, self._image_size,
                                        self._resize_size)
+
+
+def check_temperature(temperature):
+  """`temperature` as a float; raises ConfigError unless finite and > 0."""
+  errors.check_positive('temperature', temperature)
+  return float(temperature)
+
+
+def scaled_logits(logits, temperature):
+  """`logits / temperature`; `logits` itself (no op) for T = 1, so an
+  uncalibrated export's graph is the one exported before calibration."""
+  if temperature == 1.0:
+    return logits
+  return logits / tf.constant(temperature, logits.dtype)
+
+
+def calibration_metadata(calibration):
+  """The `temperature` and `calibration` keys of every export's metadata.
+
+  Args:
+    calibration: None, or the record of `calibration.fit_record` (T, the
+      split it was fitted on, its size, the weights' step, NLL and ECE there).
+  """
+  return {'temperature': float(calibration['temperature'])
+                         if calibration else 1.0,
+          'calibration': calibration}
 
 
 def _varint(value):
@@ -186,14 +215,14 @@ def _check_max_image_pixels(value):
 
 
 def _save(model, export_dir, image_size, class_names, top_k,
-          max_image_pixels, resize_size, metadata=None):
+          max_image_pixels, resize_size, metadata=None, temperature=1.0):
   if not class_names:
     raise errors.ConfigError(f'class_names must not be empty. Received: '
                              f'class_names={class_names!r}')
   errors.check_positive('top_k', top_k)
   _check_max_image_pixels(max_image_pixels)
   module = _ServingModule(model, image_size, class_names, top_k,
-                          max_image_pixels, resize_size)
+                          max_image_pixels, resize_size, temperature)
   tf.saved_model.save(
       module, export_dir,
       signatures={
@@ -222,7 +251,7 @@ def _make_readable(directory):
 
 def export_saved_model(model, export_dir, image_size, class_names, top_k=5,
                        max_image_pixels=_DEFAULT_MAX_IMAGE_PIXELS,
-                       resize_size=None):
+                       resize_size=None, temperature=1.0):
   """Writes a SavedModel of `model` to `export_dir` (no version directory).
 
   Use `export_version` for the layout TF Serving watches.
@@ -248,6 +277,7 @@ def export_saved_model(model, export_dir, image_size, class_names, top_k=5,
       (width x height, read from its header) without decoding it.
     resize_size: The run's training `resize_size` (BiT-HyperRule), which
       changes the eval preprocessing; see `augment.preprocess_for_eval`.
+    temperature: T > 0: `probabilities` are softmax(logits / T).
 
   Returns:
     `export_dir`.
@@ -265,7 +295,7 @@ def export_saved_model(model, export_dir, image_size, class_names, top_k=5,
   os.mkdir(temporary, 0o700)
   try:
     _save(model, temporary, image_size, class_names, top_k,
-          max_image_pixels, resize_size)
+          max_image_pixels, resize_size, temperature=temperature)
     _make_readable(temporary)
     aside = None
     if os.path.lexists(export_dir):
@@ -373,7 +403,7 @@ def resolve_saved_model(path):
 
 def export_version(model, export_base, image_size, class_names, top_k=5,
                    max_image_pixels=_DEFAULT_MAX_IMAGE_PIXELS,
-                   resize_size=None, source=None):
+                   resize_size=None, source=None, calibration=None):
   """Writes `<export_base>/<next version>/`, the layout TF Serving loads.
 
   The version is one more than the largest there (1 for the first). The
@@ -395,28 +425,34 @@ def export_version(model, export_base, image_size, class_names, top_k=5,
     resize_size: As in `export_saved_model`.
     source: None, or which weights these are (`weights_source`): written
       with the class names and image size to `metadata.json` in the version.
+    calibration: None (T = 1), or the run's temperature record
+      (`calibration.fit_record`): `probabilities` are softmax(logits / T),
+      and the record goes into `metadata.json`.
 
   Returns:
     `(version, path)` of the new version.
   """
   metadata = None
-  if source is not None:
+  if source is not None or calibration is not None:
     metadata = saved_model_metadata(class_names, image_size, resize_size,
-                                    source)
+                                    source, calibration)
+  temperature = calibration_metadata(calibration)['temperature']
   version, path = write_version(
       export_base, lambda directory: _save(
           model, directory, image_size, class_names, top_k, max_image_pixels,
-          resize_size, metadata))
+          resize_size, metadata, temperature))
   logging.info('Exported SavedModel version %d to %s.', version, path)
   return version, path
 
 
-def saved_model_metadata(class_names, image_size, resize_size, source):
+def saved_model_metadata(class_names, image_size, resize_size, source,
+                         calibration=None):
   """The SavedModel's `metadata.json`: what the other formats' holds that
-  is not in its signatures, and which weights it holds (`source`)."""
+  is not in its signatures, which weights it holds (`source`) and the
+  temperature of its probabilities (`calibration_metadata`)."""
   return {'format': 'saved_model', 'class_names': list(class_names),
           'image_size': image_size, 'resize_size': resize_size,
-          'source': source}
+          'source': source, **calibration_metadata(calibration)}
 
 
 def write_version(export_base, save):
@@ -462,7 +498,7 @@ def write_version(export_base, save):
 
 
 def export_from_config(model, config, class_names, export_base, top_k=None,
-                       source=None):
+                       source=None, calibration=None):
   """`export_version` with the run's serving keys: the one place they are read.
 
   Args:
@@ -474,6 +510,7 @@ def export_from_config(model, config, class_names, export_base, top_k=None,
     top_k: Overrides `config.export_top_k` when not None.
     source: None, or which weights of the run these are
       (`restore.weights_source`), written to the version's metadata.json.
+    calibration: None, or the run's temperature record (`export_version`).
 
   Returns:
     `(version, path)` of the new version.
@@ -482,4 +519,4 @@ def export_from_config(model, config, class_names, export_base, top_k=None,
       model, export_base, config.image_size, class_names,
       top_k=config.export_top_k if top_k is None else top_k,
       max_image_pixels=config.max_image_pixels,
-      resize_size=config.resize_size, source=source)
+      resize_size=config.resize_size, source=source, calibration=calibration)

@@ -7,10 +7,14 @@ eval dataset once and writes, into the workdir:
                          show counts, colored by the fraction of the row
   curves.png             loss, accuracy and learning rate per epoch, from
                          `<workdir>/history.csv` (when training wrote it)
+  reliability.png        reliability diagram: accuracy against confidence
+                         in 15 equal-width bins, before and (with a fitted
+                         temperature) after temperature scaling
   tensorboard/report/    the confusion matrix as a TensorBoard image
 
 and returns the numbers (top-1, top-5, per-class accuracy, the confusion
-matrix) for `metrics.json`.
+matrix, the expected calibration error before and after temperature
+scaling) for `metrics.json`.
 """
 
 import csv
@@ -27,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_sft import files
+from keras_sft.training import calibration
 from keras_sft import workdir as workdir_lib
 
 # Above this many classes, the confusion matrix PNG has no numbers in cells.
@@ -103,6 +108,76 @@ def compute_report(labels, logits, class_names):
       'class_names': list(class_names),
       'confusion_matrix': matrix.tolist(),
   }
+
+
+def calibration_report(labels, logits, temperature=None):
+  """ECE and NLL of softmax(logits), and of softmax(logits / T) if given.
+
+  Args:
+    labels: `[N]` int class ids.
+    logits: `[N, num_classes]` logits.
+    temperature: None (no calibration), or the T fitted on the
+      calibration split (`keras_sft.training.calibration`).
+
+  Returns:
+    A JSON-serializable dict: `ece_bins`, `ece`, `nll`, and with a
+    temperature also `temperature`, `ece_calibrated` and `nll_calibrated`.
+  """
+  report = {
+      'ece_bins': calibration.ECE_BINS,
+      'ece': calibration.expected_calibration_error(
+          calibration.softmax(logits), labels),
+      'nll': calibration.negative_log_likelihood(logits, labels),
+  }
+  if temperature is not None:
+    report.update(
+        temperature=float(temperature),
+        ece_calibrated=calibration.expected_calibration_error(
+            calibration.softmax(logits, temperature), labels),
+        nll_calibrated=calibration.negative_log_likelihood(
+            logits, labels, temperature))
+  return report
+
+
+def plot_reliability(labels, logits, temperature=None):
+  """The reliability diagram, one panel per T (1, and the fitted one).
+
+  Bars: accuracy of each equal-width confidence bin; the diagonal is
+  perfect calibration; the count of each bin is written above its bar.
+  Returns PNG bytes.
+  """
+  temperatures = [1.0] + ([temperature] if temperature is not None else [])
+  figure, all_axes = plt.subplots(1, len(temperatures),
+                                  figsize=(5.2 * len(temperatures), 5),
+                                  squeeze=False)
+  bins = calibration.ECE_BINS
+  edges = np.linspace(0, 1, bins + 1)
+  for axes, value in zip(all_axes[0], temperatures):
+    probabilities = calibration.softmax(logits, value)
+    counts, accuracy, confidence = calibration.reliability_bins(
+        probabilities, labels, bins)
+    ece = calibration.expected_calibration_error(probabilities, labels, bins)
+    used = counts > 0
+    axes.bar(edges[:-1][used], accuracy[used], width=1 / bins,
+             align='edge', edgecolor='black', alpha=0.7, label='accuracy')
+    axes.plot(confidence[used], accuracy[used], 'o', color='darkred',
+              label='(mean confidence, accuracy)')
+    axes.plot([0, 1], [0, 1], 'k--', label='perfect calibration')
+    for left, count, height in zip(edges[:-1][used], counts[used],
+                                   accuracy[used]):
+      axes.text(left + 0.5 / bins, min(height, 0.93) + 0.02, str(count),
+                ha='center', fontsize=7)
+    title = ('before temperature scaling (T = 1)' if value == 1.0 and
+             temperature is not None else f'T = {value:.3g}')
+    axes.set_title(f'{title}\nECE {ece:.4f} ({bins} bins, '
+                   f'{len(labels)} images)')
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1)
+    axes.set_xlabel('confidence (top probability)')
+    axes.set_ylabel('accuracy')
+    axes.legend(loc='upper left', fontsize=8)
+  figure.tight_layout()
+  return _png_bytes(figure)
 
 
 def plot_confusion_matrix(matrix, class_names, title='Confusion matrix'):
@@ -210,7 +285,7 @@ def plot_curves(history):
 
 
 def write_report(model, eval_data, class_names, workdir, steps=None,
-                 step=0):
+                 step=0, temperature=None):
   """Evaluates `model` and writes the report files into `workdir`.
 
   Args:
@@ -220,13 +295,19 @@ def write_report(model, eval_data, class_names, workdir, steps=None,
     workdir: Directory of the run; `history.csv` there is plotted if present.
     steps: Eval batches to use; None for all.
     step: Optimizer step, the TensorBoard step of the confusion matrix.
+    temperature: None, or the T fitted on the calibration split: the
+      report's `calibration` then holds the ECE after scaling too.
 
   Returns:
-    The report dict of `compute_report`.
+    The report dict of `compute_report`, with `calibration` (of
+    `calibration_report`).
   """
   run = workdir_lib.Workdir(workdir)
   labels, logits = predict(model, eval_data, steps)
   report = compute_report(labels, logits, class_names)
+  report['calibration'] = calibration_report(labels, logits, temperature)
+  files.atomic_write(run.reliability_png,
+                     plot_reliability(labels, logits, temperature))
   png = plot_confusion_matrix(report['confusion_matrix'], class_names,
                               title=f'Confusion matrix at step {step}')
   files.atomic_write(run.confusion_matrix_png, png)
@@ -245,4 +326,12 @@ def write_report(model, eval_data, class_names, workdir, steps=None,
   logging.info('Report: top-1 %.4f, top-5 %.4f on %d images; per class: %s',
                report['top1'], report['top5'], report['num_examples'],
                report['per_class_accuracy'])
+  if temperature is None:
+    logging.info('ECE %.4f (%d bins) on the eval split.',
+                 report['calibration']['ece'], calibration.ECE_BINS)
+  else:
+    logging.info('ECE %.4f -> %.4f (%d bins) on the eval split with T=%.4f.',
+                 report['calibration']['ece'],
+                 report['calibration']['ece_calibrated'],
+                 calibration.ECE_BINS, temperature)
   return report

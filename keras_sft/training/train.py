@@ -10,8 +10,9 @@ A run is four steps, each a function below:
 3. `_fit_to_end`: `fit` from the restored step to the last one, with
    backups, TensorBoard, CSV log, progress lines and a stop on divergence; an
    interrupted epoch is finished first, on its remaining batches.
-4. `_finish`: evaluate, write the report and `metrics.json`, export the next
-   SavedModel version to `<workdir>/export/`.
+4. `_finish`: evaluate, fit the temperature on the calibration split (if
+   `calibration_split`), write the report and `metrics.json`, export the
+   next SavedModel version to `<workdir>/export/`.
 
 Rerunning the same command continues where the last run stopped, to the
 same step. `evaluate(config, workdir)` runs steps 1, 2 and 4.
@@ -38,6 +39,7 @@ from keras_sft.models import backbones
 from keras_sft.models import classifier
 from keras_sft.models import losses
 from keras_sft.models import precise_bn
+from keras_sft.training import calibration
 from keras_sft.training import callbacks
 from keras_sft.training import checkpoints
 from keras_sft.training import distribution
@@ -104,6 +106,7 @@ _CHECKS = (
     checkpoints.check_config,
     saved_model.check_config,
     formats.check_config,
+    calibration.check_config,
 )
 
 
@@ -131,6 +134,8 @@ class _Run:
   lock: object = dataclasses.field(default_factory=contextlib.nullcontext)
   # Callbacks of the caller (train_and_evaluate's `callbacks`).
   extra_callbacks: tuple = ()
+  # With calibration_split: `(batches, num_examples)` of that split.
+  calibration: object = None
 
 
 @contextlib.contextmanager
@@ -170,6 +175,13 @@ def _start(config, workdir):
   backbones.check_weights_fit(config.model, config.image_size, config.weights)
   keras.utils.set_random_seed(config.seed)
   data = pipeline.from_config(config)
+  calibration_data = None
+  if config.calibration_split is not None:
+    # Read (a folder's files decoded) now, on every worker as the other
+    # splits: a missing split fails before training, not after it. Only the
+    # chief fits the temperature.
+    calibration_data = pipeline.split_dataset(
+        config, config.calibration_split, data.info.class_names)
   _check_execution_divides(
       'steps_per_epoch',
       recipe.steps_per_epoch(config, data.info.num_train_examples),
@@ -197,7 +209,7 @@ def _start(config, workdir):
               data=data, plan=None,
               checkpointer=checkpoints.Checkpointer(
                   workdir.checkpoints, keep=config.keep_checkpoints),
-              lock=lock)
+              lock=lock, calibration=calibration_data)
 
 
 def _dataset_identity(config, info):
@@ -405,14 +417,36 @@ def _finish(run, model, export):
   checkpoints.write_final_weights(
       model, run.checkpointer.directory, step,
       metrics.get('exported_weights', 'raw'))
+  record = _calibrate(run, model, step,
+                      metrics.get('exported_weights', 'raw'))
+  if record is not None:
+    metrics['calibration'] = record
   metrics['report'] = evaluation.write_report(
       model, run.data.eval, run.data.info.class_names, run.workdir.path,
-      steps=config.eval_steps, step=step)
+      steps=config.eval_steps, step=step,
+      temperature=record['temperature'] if record else None)
   files.write_json(run.workdir.metrics_file, metrics)
   logging.info('Eval at step %d: %s', step, metrics['eval'])
   if export and config.export:
     _export(run, model)
   return metrics
+
+
+def _calibrate(run, model, step, weights):
+  """Fits T on the calibration split (None: off); writes calibration.json.
+
+  For the weights left in `model` by the final evaluation: those
+  final.weights.h5 holds and the export serves.
+  """
+  if run.calibration is None:
+    calibration.remove_record(run.workdir.path)
+    return None
+  batches, _ = run.calibration
+  labels, logits = evaluation.predict(model, batches)
+  record = calibration.fit_record(logits, labels,
+                                  run.config.calibration_split, step, weights)
+  calibration.write_record(run.workdir.path, record)
+  return record
 
 
 def _export(run, model):
@@ -430,9 +464,11 @@ def _export(run, model):
       os.path.join(run.checkpointer.directory, checkpoints.FINAL_WEIGHTS),
       checkpoints.trained_steps(model), config=run.config)
   try:
-    saved_model.export_from_config(model, run.config,
-                                   run.data.info.class_names,
-                                   run.workdir.export, source=source)
+    saved_model.export_from_config(
+        model, run.config, run.data.info.class_names, run.workdir.export,
+        source=source,
+        calibration=calibration.temperature_for_export(
+            run.workdir.path, source['weights'], source['step'])[1])
   except (OSError, tf.errors.OpError) as error:
     if not files.is_disk_full(error):
       raise
