@@ -12,8 +12,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_sft.data import augment
-from keras_sft.models import classifier
 from keras_sft.export import saved_model
+from keras_sft.models import classifier
 
 # A float export is refused when its runtime's logits on random images differ
 # from TensorFlow's by more than this x max |logits| (README "ONNX, LiteRT:
