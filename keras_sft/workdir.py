@@ -401,6 +401,9 @@ KEYS_ADDED_LATER = {
     'model': 'resnet50',
     # Only read by the litert_int8 export, which came with it.
     'export_representative_images': 200,
+    # Runs before them trained on every example, unweighted, once per epoch.
+    'class_weight': None,
+    'sampling': 'shuffle',
 }
 
 

@@ -65,6 +65,8 @@ def no_model_built(monkeypatch):
      'backbone_learning_rate_multiplier=-1.0'),
     ('cutmix_alpha', 2.0, 'cutmix_alpha=2.0'),
     ('randaugment_magnitude', 3.0, 'randaugment_magnitude=3.0'),
+    ('class_weight', 'inverse', "class_weight='inverse'"),
+    ('sampling', 'oversample', "sampling='oversample'"),
 ])
 def test_bad_values_are_named(tmp_path, no_model_built, key, value, message):
   with pytest.raises((ValueError, FileNotFoundError), match=message):
