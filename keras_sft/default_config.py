@@ -174,6 +174,11 @@ def get_config():
   # (Keras' `factor`; timm's magnitude m is m / 10).
   config.randaugment_num_ops = 0
   config.randaugment_magnitude = 0.0
+  # Random Erasing (keras.layers.RandomErasing): the probability that an
+  # image gets a random rectangle (Keras' area range) replaced by noise, after
+  # RandAugment and before MixUp/CutMix; 0: off (timm's `reprob`, often
+  # 0.25). keras.layers.AugMix is not offered: see batch_augment.
+  config.random_erasing_probability = 0.0
   # Momentum m of an exponential moving average of the weights (Keras'
   # optimizer `use_ema`, warmed up as min(m, (1 + t) / (10 + t)) at step t);
   # None: off. When on, per-epoch validation, best.weights.h5, the final

@@ -404,6 +404,7 @@ KEYS_ADDED_LATER = {
     # Runs before them trained on every example, unweighted, once per epoch.
     'class_weight': None,
     'sampling': 'shuffle',
+    'random_erasing_probability': 0.0,
 }
 
 

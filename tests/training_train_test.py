@@ -65,6 +65,7 @@ def no_model_built(monkeypatch):
      'backbone_learning_rate_multiplier=-1.0'),
     ('cutmix_alpha', 2.0, 'cutmix_alpha=2.0'),
     ('randaugment_magnitude', 3.0, 'randaugment_magnitude=3.0'),
+    ('random_erasing_probability', 1.5, 'random_erasing_probability=1.5'),
     ('class_weight', 'inverse', "class_weight='inverse'"),
     ('sampling', 'oversample', "sampling='oversample'"),
 ])
