@@ -149,6 +149,8 @@ def from_config(config):
   Reads and checks the data (a folder's every file is decoded once), so bad
   data fails here, before any model is built.
   """
+  # A run checked it with every key; a library caller (create_datasets) not.
+  balance.check_config(config)
   train_examples, eval_examples, info = load_examples(
       config.dataset, train_split=config.train_split,
       eval_split=config.eval_split, data_dir=config.data_dir,
