@@ -98,6 +98,17 @@ def test_mapping_naming_no_class_is_refused(mapping, fragment):
     balance.class_weights(mapping, (), _NAMES)
 
 
+def test_an_id_that_is_another_class_s_name_is_refused():
+  """Folder classes '10', '2', '3' (sorted as text): the id 2 is the class
+  '3', but the stored JSON's key '2' would name the class '2'."""
+  names = ('10', '2', '3')
+  with pytest.raises(errors.ConfigError, match='ambiguous'):
+    balance.class_weights({2: 4.0}, (), names)
+  # By name it is unambiguous, before and after JSON.
+  np.testing.assert_allclose(balance.class_weights({'2': 4.0}, (), names),
+                             [1.0, 4.0, 1.0])
+
+
 def test_sample_weights_of_hard_and_soft_labels():
   weights = np.array([0.5, 1.0, 4.0])
   hard = balance.sample_weights(tf.constant([2, 0, 1], tf.int64), weights)

@@ -142,6 +142,13 @@ def class_weights(class_weight, counts, class_names):
   weights = np.ones(num_classes)
   ids = {name: index for index, name in enumerate(class_names)}
   for key, weight in _items(class_weight):
+    if isinstance(key, int) and ids.get(str(key), key) != key:
+      # The stored config (JSON) turns the id 2 into '2', which would name
+      # another class when the run's config is read back.
+      raise errors.ConfigError(
+          f'class_weight key {key!r} is ambiguous: the class named '
+          f'{str(key)!r} has id {ids[str(key)]}, not {key}. Give the keys as '
+          f'class names (str). Received: class_weight={_plain(class_weight)}')
     if isinstance(key, str) and key in ids:
       index = ids[key]
     elif isinstance(key, int) or (isinstance(key, str) and key.isdigit()):
