@@ -103,8 +103,10 @@ def count_tfds_labels(builder, split, num_classes):
       split=split, shuffle_files=False,
       decoders={image_key: tfds.decode.SkipDecoding()},
       read_config=tfds.ReadConfig(try_autocache=False))
-  labels = records.map(lambda record: record[label_key],
-                       num_parallel_calls=tf.data.AUTOTUNE)
+  def label_of(record):
+    return record[label_key]
+
+  labels = records.map(label_of, num_parallel_calls=tf.data.AUTOTUNE)
   counts = np.zeros(num_classes, np.int64)
   for batch in labels.batch(65_536).as_numpy_iterator():
     counts += np.bincount(batch, minlength=num_classes)[:num_classes]
@@ -204,10 +206,10 @@ def sample_weights(labels, weights):
 
 def with_sample_weights(batches, weights):
   """`(images, labels)` batches become `(images, labels, sample_weights)`."""
-  return batches.map(
-      lambda images, labels: (images, labels,
-                              sample_weights(labels, weights)),
-      num_parallel_calls=tf.data.AUTOTUNE)
+  def weighted(images, labels):
+    return images, labels, sample_weights(labels, weights)
+
+  return batches.map(weighted, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def class_stream_seed(seed, class_id, epoch):
