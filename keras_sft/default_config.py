@@ -68,6 +68,19 @@ def get_config():
   config.random_flip = True
   # Elements kept in the shuffle buffer of the training set.
   config.shuffle_buffer_size = 10_000
+  # Class imbalance (keras_sft.data.balance), both off by default: on
+  # balanced data they change nothing, and on imbalanced data whether they
+  # help depends on what is measured (top-1 favours the frequent classes;
+  # the report's macro-F1 and balanced accuracy do not). class_weight: None,
+  # 'balanced' (scikit-learn's n_samples / (n_classes · count_c), counted on
+  # train_split; for tfds one pass over its labels) or {class name or class
+  # id: weight} (others 1.0), applied as per-example sample weights.
+  config.class_weight = ml_collections.FieldReference(None, field_type=object)
+  # 'shuffle': each example once per epoch. 'balanced': each draw picks a
+  # class uniformly, then that class's next example (minority classes
+  # repeat); its first pass reads the split once per class (README "Your
+  # own data").
+  config.sampling = 'shuffle'
   # Keep decoded training and eval images in memory after the first epoch
   # (large ones shrunk first to twice the side the pipeline resizes to).
   # Right for CIFAR-sized data; switch off for data larger than host memory.
@@ -182,6 +195,11 @@ def get_config():
   # (Keras' `factor`; timm's magnitude m is m / 10).
   config.randaugment_num_ops = 0
   config.randaugment_magnitude = 0.0
+  # Random Erasing (keras.layers.RandomErasing): the probability that an
+  # image gets a random rectangle (Keras' area range) replaced by noise, after
+  # RandAugment and before MixUp/CutMix; 0: off (timm's `reprob`, often
+  # 0.25). keras.layers.AugMix is not offered: see batch_augment.
+  config.random_erasing_probability = 0.0
   # Momentum m of an exponential moving average of the weights (Keras'
   # optimizer `use_ema`, warmed up as min(m, (1 + t) / (10 + t)) at step t);
   # None: off. When on, per-epoch validation, best.weights.h5, the final

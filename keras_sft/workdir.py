@@ -417,6 +417,10 @@ KEYS_ADDED_LATER = {
     'layer_decay': None,
     # Runs before temperature scaling served softmax(logits) (T = 1).
     'calibration_split': None,
+    # Runs before them trained on every example, unweighted, once per epoch.
+    'class_weight': None,
+    'sampling': 'shuffle',
+    'random_erasing_probability': 0.0,
 }
 
 

@@ -122,3 +122,78 @@ def test_every_entry_has_its_own_stream_and_config_keys():
       assert config[key] == off, key  # Off by default.
   with pytest.raises(errors.ConfigError, match='mixup_aplha'):
     batch_augment.create_batch_augmenter(_NUM_CLASSES, mixup_aplha=0.2)
+
+
+def _erasing(probability=1.0, seed=0):
+  return batch_augment.create_batch_augmenter(
+      _NUM_CLASSES, random_erasing_probability=probability, seed=seed)
+
+
+def test_random_erasing_off_is_none_and_bad_probability_is_named():
+  assert _erasing(0.0) is None
+  with pytest.raises(errors.ConfigError,
+                     match='random_erasing_probability=1.5'):
+    _erasing(1.5)
+
+
+def test_random_erasing_replaces_one_rectangle_per_image_in_range():
+  augment = _erasing(1.0)
+  images, ids = _batch(size=16)
+  out, labels = augment(tf.constant(4, tf.int64), images, ids)
+  assert out.shape == images.shape and out.dtype == tf.float32
+  np.testing.assert_array_equal(labels.numpy(), ids.numpy())
+  out = out.numpy()
+  assert out.min() >= 0 and out.max() <= 255
+  for image, original in zip(out, images.numpy()):
+    changed = np.any(image != original, axis=-1)
+    assert changed.any()
+    rows, columns = np.flatnonzero(changed.any(1)), np.flatnonzero(
+        changed.any(0))
+    # The changed pixels fill one rectangle (a pixel of it rarely keeps
+    # all three values), whose sides are at most √0.33 of the image's
+    # (Keras' scale=(0.02, 0.33) per side, square-rooted), plus rounding.
+    box = changed[rows.min():rows.max() + 1, columns.min():columns.max() + 1]
+    assert box.mean() > 0.9
+    assert max(box.shape) <= np.ceil(np.sqrt(0.33) * 16) + 1
+
+
+def test_random_erasing_is_per_seed_and_step():
+  images, ids = _batch()
+  first = _erasing(seed=1)(tf.constant(5, tf.int64), images, ids)[0]
+  again = _erasing(seed=1)(tf.constant(5, tf.int64), images, ids)[0]
+  other_step = _erasing(seed=1)(tf.constant(6, tf.int64), images, ids)[0]
+  other_seed = _erasing(seed=2)(tf.constant(5, tf.int64), images, ids)[0]
+  np.testing.assert_array_equal(first.numpy(), again.numpy())
+  assert not np.array_equal(first.numpy(), other_step.numpy())
+  assert not np.array_equal(first.numpy(), other_seed.numpy())
+
+
+def test_random_erasing_erases_each_image_with_its_probability():
+  probability, draws = 0.3, 0
+  erased = 0
+  augment = _erasing(probability)
+  images, ids = _batch(size=64)
+  for index in range(10):
+    out = augment(tf.constant(index, tf.int64), images, ids)[0].numpy()
+    erased += int(np.sum(np.any(out != images.numpy(), axis=(1, 2, 3))))
+    draws += 64
+  sigma = np.sqrt(probability * (1 - probability) / draws)
+  assert abs(erased / draws - probability) < 4 * sigma, erased / draws
+
+
+def test_resumed_stream_with_random_erasing_sees_the_same_batches():
+  rng = np.random.default_rng(0)
+  examples = tf.data.Dataset.from_tensor_slices(
+      (rng.integers(0, 256, (32, 16, 16, 3)).astype(np.uint8),
+       rng.integers(0, _NUM_CLASSES, 32).astype(np.int64)))
+
+  def stream(start_step):
+    return pipeline.make_train_dataset(
+        examples, image_size=16, global_batch_size=8, seed=2,
+        shuffle_buffer_size=32, start_step=start_step,
+        batch_augmenter=_erasing(0.5, seed=2))
+
+  fresh = [b[0].numpy() for b in stream(0).take(5)]
+  resumed = [b[0].numpy() for b in stream(3).take(2)]
+  for want, got in zip(fresh[3:], resumed):
+    np.testing.assert_array_equal(want, got)

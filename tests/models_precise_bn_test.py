@@ -117,3 +117,16 @@ def test_no_batches_is_an_error():
   _, batches = _batches()
   with pytest.raises(ValueError, match='no batches'):
     precise_bn.reestimate(_model(), batches.take(0))
+
+
+def test_batches_with_sample_weights_give_the_same_statistics():
+  """Training batches carry class weights (class_weight): ignored here."""
+  images, batches = _batches()
+  model = _model()
+  precise_bn.reestimate(model, batches)
+  expected = [np.asarray(w) for w in model.weights]
+  weighted = batches.map(lambda x, y: (x, y, tf.ones_like(y, tf.float32)))
+  model = _model()
+  precise_bn.reestimate(model, weighted)
+  for want, got in zip(expected, model.weights):
+    np.testing.assert_array_equal(np.asarray(got), want)

@@ -3,6 +3,7 @@
 import csv
 import glob
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -41,6 +42,63 @@ def test_compute_report_matches_hand_counts():
       'a': 0.5, 'b': 1.0, 'c': 1.0, 'd': None, 'e': None, 'f': None,
       'g': 0.5}
   assert report['per_class_count']['a'] == 2
+
+
+def _from_matrix(matrix):
+  """Labels and one-hot logits whose confusion matrix is `matrix`."""
+  labels, predictions = [], []
+  for true, row in enumerate(matrix):
+    for predicted, count in enumerate(row):
+      labels += [true] * count
+      predictions += [predicted] * count
+  return np.array(labels), np.eye(len(matrix))[predictions]
+
+
+def test_class_scores_match_hand_computation_with_a_class_never_predicted():
+  matrix = [[3, 1, 0, 0],
+            [1, 2, 0, 0],
+            [0, 1, 1, 0],
+            [1, 0, 1, 0]]  # Class 3 has 2 examples and is never predicted.
+  report = evaluation.compute_report(*_from_matrix(matrix), 'wxyz')
+  np.testing.assert_array_equal(report['confusion_matrix'], matrix)
+  # Precision: diagonal / column sums 5, 4, 2, 0 (0/0 is 0).
+  assert report['per_class_precision'] == pytest.approx(
+      {'w': 3 / 5, 'x': 2 / 4, 'y': 1 / 2, 'z': 0.0})
+  # Recall: diagonal / row sums 4, 3, 2, 2.
+  assert report['per_class_recall'] == pytest.approx(
+      {'w': 3 / 4, 'x': 2 / 3, 'y': 1 / 2, 'z': 0.0})
+  # F1 = 2PR / (P + R): 0.9 / 1.35, (2/3) / (7/6), 0.5, 0 (0/0).
+  assert report['per_class_f1'] == pytest.approx(
+      {'w': 2 / 3, 'x': 4 / 7, 'y': 1 / 2, 'z': 0.0})
+  assert report['macro_f1'] == pytest.approx((2 / 3 + 4 / 7 + 1 / 2) / 4)
+  assert report['balanced_accuracy'] == pytest.approx(
+      (3 / 4 + 2 / 3 + 1 / 2 + 0) / 4)
+
+
+@pytest.mark.parametrize('case', ['never_predicted', 'never_true'])
+def test_class_scores_agree_with_scikit_learn(case):
+  metrics = pytest.importorskip('sklearn.metrics')
+  if case == 'never_predicted':
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 3, 3])
+    predictions = np.array([0, 1, 0, 1, 0, 2, 0, 0, 2])
+  else:  # Class 3 predicted once but absent from the labels; 4 in neither.
+    labels = np.array([0, 0, 1, 2, 2, 2])
+    predictions = np.array([0, 3, 1, 2, 0, 2])
+  matrix = evaluation.confusion_matrix(labels, predictions, 5)
+  precision, recall, f1, macro_f1, balanced = evaluation.class_scores(matrix)
+  ids = list(range(5))
+  np.testing.assert_allclose(precision, metrics.precision_score(
+      labels, predictions, labels=ids, average=None, zero_division=0))
+  np.testing.assert_allclose(recall, metrics.recall_score(
+      labels, predictions, labels=ids, average=None, zero_division=0))
+  np.testing.assert_allclose(f1, metrics.f1_score(
+      labels, predictions, labels=ids, average=None, zero_division=0))
+  assert macro_f1 == pytest.approx(metrics.f1_score(
+      labels, predictions, average='macro', zero_division=0))
+  with warnings.catch_warnings():  # "y_pred contains classes not in y_true"
+    warnings.simplefilter('ignore')
+    assert balanced == pytest.approx(metrics.balanced_accuracy_score(
+        labels, predictions))
 
 
 def test_compute_report_rejects_wrong_logit_width():

@@ -68,6 +68,9 @@ def no_model_built(monkeypatch):
     ('layer_decay', 1.5, 'layer_decay=1.5'),
     ('clip_global_norm', -1.0, 'clip_global_norm=-1.0'),
     ('weight_decay_target', 'pretrained', 'weights=None'),
+    ('random_erasing_probability', 1.5, 'random_erasing_probability=1.5'),
+    ('class_weight', 'inverse', "class_weight='inverse'"),
+    ('sampling', 'oversample', "sampling='oversample'"),
 ])
 def test_bad_values_are_named(tmp_path, no_model_built, key, value, message):
   with pytest.raises((ValueError, FileNotFoundError), match=message):

@@ -1,10 +1,11 @@
-"""MixUp, CutMix and RandAugment on training batches, from Keras 3's layers.
+"""MixUp, CutMix, RandAugment and Random Erasing on training batches, from
+Keras 3's layers.
 
 `create_batch_augmenter` returns a function `(batch_index, images, labels) ->
 (images, labels)` for `tf.data.Dataset.map` after `batch`, or None when every
 switch is off. It uses `keras.layers.RandAugment`, `keras.layers.MixUp` and
-`keras.layers.CutMix` as they are; only where their random numbers come from
-is changed:
+`keras.layers.CutMix`, `keras.layers.RandomErasing` as they are; only where
+their random numbers come from is changed:
 
 Those layers draw from a stateful `keras.random.SeedGenerator` (a variable
 that each call advances). Inside tf.data that state starts over in every
@@ -20,11 +21,17 @@ Each augmentation is one `BatchAugmentation` entry of `BATCH_AUGMENTATIONS`
 entry plus its tests, and `pipeline.from_config` passes its keys through.
 Order per batch: the image entries first, in table order (RandAugment, on
 the un-mixed images; Keras' layer picks the same `num_ops` operations for the
-whole batch, with per-image strengths), then one mixing entry (MixUp or
+whole batch, with per-image strengths; then Random Erasing, per image), then
+one mixing entry (MixUp or
 CutMix; several on: one per batch, chosen uniformly by a seeded draw, as
 timm's `switch_prob=0.5` for two). Mixing makes the labels soft one-hot
 `[N, num_classes]` float32 rows that sum to 1; without mixing they stay
 class ids.
+
+`keras.layers.AugMix` (Keras 3.15) is not offered: it picks the operations of
+its chains with Python's `random.choice` while it is traced, so inside
+tf.data every batch of a run would get the same chains (the bug Keras fixed
+for RandAugment in keras-team/keras#21499, still in AugMix).
 """
 
 import dataclasses
@@ -44,11 +51,11 @@ MAX_RANDAUGMENT_NUM_OPS = 10
 def check_config(config):
   """Checks the batch augmentation keys of the config."""
   _check(config.mixup_alpha, config.cutmix_alpha, config.randaugment_num_ops,
-         config.randaugment_magnitude)
+         config.randaugment_magnitude, config.random_erasing_probability)
 
 
 def _check(mixup_alpha, cutmix_alpha, randaugment_num_ops,
-           randaugment_magnitude):
+           randaugment_magnitude, random_erasing_probability):
   errors.check_non_negative('mixup_alpha', mixup_alpha)
   errors.check_fraction('cutmix_alpha', cutmix_alpha, upper_inclusive=True)
   if not isinstance(randaugment_num_ops, int) or randaugment_num_ops < 0:
@@ -61,6 +68,8 @@ def _check(mixup_alpha, cutmix_alpha, randaugment_num_ops,
       'traces each operation), which would take hours to build')
   errors.check_fraction('randaugment_magnitude', randaugment_magnitude,
                         upper_inclusive=True)
+  errors.check_fraction('random_erasing_probability',
+                        random_erasing_probability, upper_inclusive=True)
 
 
 class _BatchSeeds(keras.random.SeedGenerator):
@@ -113,6 +122,18 @@ def _randaugment(options, seed):
       factor=options['randaugment_magnitude'], seed=seed)
 
 
+def _random_erasing(options, seed):
+  probability = options['random_erasing_probability']
+  if not probability:
+    return None
+  # factor=(p, p): each image is erased with probability p (a single float
+  # would draw each image's probability from [0, p]). Keras' own erased
+  # area, scale=(0.02, 0.33) of each side's square, and fill (Gaussian
+  # noise · 255, clipped to [0, 255]).
+  return keras.layers.RandomErasing(factor=(probability, probability),
+                                    value_range=(0, 255), seed=seed)
+
+
 def _mixup(options, seed):
   if not options['mixup_alpha']:
     return None
@@ -152,6 +173,8 @@ BATCH_AUGMENTATIONS = (
     BatchAugmentation('randaugment', {'randaugment_num_ops': 0,
                                       'randaugment_magnitude': 0.0},
                       _randaugment, stream=1),
+    BatchAugmentation('random_erasing', {'random_erasing_probability': 0.0},
+                      _random_erasing, stream=5),
     BatchAugmentation('mixup', {'mixup_alpha': 0.0}, _mixup, stream=2,
                       mixes=True),
     BatchAugmentation('cutmix', {'cutmix_alpha': 0.0}, _cutmix, stream=3,
@@ -182,6 +205,8 @@ def create_batch_augmenter(num_classes, *, seed=0, **options):
       mixup_alpha: α of MixUp's Beta(α, α) mixing weight; 0: off.
       cutmix_alpha: α of CutMix's Beta(α, α) area weight, in (0, 1]
         (`keras.layers.CutMix(factor=(α, α))`); 0: off.
+      random_erasing_probability: Probability in [0, 1] that Random Erasing
+        replaces a random rectangle of an image with noise; 0: off.
 
   Returns:
     `augment(batch_index, images, labels) -> (images, labels)` for images
@@ -194,7 +219,8 @@ def create_batch_augmenter(num_classes, *, seed=0, **options):
     errors.check_choice('batch augmentation key', key, tuple(OFF))
   options = {**OFF, **options}
   _check(options['mixup_alpha'], options['cutmix_alpha'],
-         options['randaugment_num_ops'], options['randaugment_magnitude'])
+         options['randaugment_num_ops'], options['randaugment_magnitude'],
+         options['random_erasing_probability'])
   layers = []  # (entry, layer, its _BatchSeeds)
   for entry in BATCH_AUGMENTATIONS:
     layer = entry.create(options, seed)

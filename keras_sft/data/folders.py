@@ -446,8 +446,10 @@ def load(dataset, train_split='train', eval_split='test',
 
   Returns:
     `(train_examples, eval_examples, class_names, num_train, num_eval,
-    files)`; `files` are the paths the splits list (each file is opened,
-    unreadable ones included), which the workdir fingerprints.
+    files, train_counts)`; `files` are the paths the splits list (each file
+    is opened, unreadable ones included), which the workdir fingerprints;
+    `train_counts` the readable train images per class (int64
+    `[num_classes]`).
   """
   root = folder_root(dataset)
   class_names, train, evaluation = find_splits(
@@ -462,7 +464,9 @@ def load(dataset, train_split='train', eval_split='test',
       skipped)
   return (to_dataset(train, shuffle_seed=seed, max_pixels=max_image_pixels),
           to_dataset(evaluation, max_pixels=max_image_pixels),
-          class_names, len(train), len(evaluation), files)
+          class_names, len(train), len(evaluation), files,
+          np.bincount(np.asarray(train.labels, np.int64),
+                      minlength=len(class_names)))
 
 
 def load_split(dataset, split, class_names, skip_corrupt_images=False,

@@ -35,6 +35,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import downloader as tfds_downloader
 
 from keras_sft.data import augment
+from keras_sft.data import balance
 from keras_sft.data import batch_augment
 from keras_sft.data import folders
 from keras_sft.data import images
@@ -71,12 +72,16 @@ class DatasetInfo:
     num_eval_examples: Examples in the eval split.
     files: For an image folder, the files its splits read (see
       `folders.load`); empty for tfds datasets.
+    train_class_counts: Train examples per class: always for a folder
+      (from its file lists), for tfds only when asked (a counting pass);
+      else empty.
   """
   num_classes: int
   class_names: tuple
   num_train_examples: int
   num_eval_examples: int
   files: tuple = dataclasses.field(default=(), repr=False)
+  train_class_counts: tuple = ()
 
 
 class DatasetUnavailableError(errors.UnavailableError):
@@ -144,13 +149,18 @@ def from_config(config):
   Reads and checks the data (a folder's every file is decoded once), so bad
   data fails here, before any model is built.
   """
+  # A run checked it with every key; a library caller (create_datasets) not.
+  balance.check_config(config)
   train_examples, eval_examples, info = load_examples(
       config.dataset, train_split=config.train_split,
       eval_split=config.eval_split, data_dir=config.data_dir,
       seed=config.seed, validation_fraction=config.validation_fraction,
       skip_corrupt_images=config.skip_corrupt_images,
       global_batch_size=config.global_batch_size,
-      max_image_pixels=config.max_image_pixels)
+      max_image_pixels=config.max_image_pixels,
+      count_classes=balance.needs_counts(config))
+  weights = balance.class_weights(config.class_weight,
+                                  info.train_class_counts, info.class_names)
   augmenter = batch_augment.create_batch_augmenter(
       info.num_classes, seed=config.seed,
       **batch_augment.options_from_config(config))
@@ -166,7 +176,8 @@ def from_config(config):
           global_batch_size=config.global_batch_size, seed=config.seed,
           shuffle_buffer_size=config.shuffle_buffer_size, cache=config.cache,
           batch_augmenter=augmenter, resize_size=config.resize_size,
-          **augment.switches_from_config(config)))
+          sampling=config.sampling, class_counts=info.train_class_counts,
+          class_weights=weights, **augment.switches_from_config(config)))
 
 
 def split_dataset(config, split, class_names):
@@ -314,7 +325,9 @@ def create_datasets(dataset='cifar10',
                     resize_size=None,
                     random_crop=True,
                     random_flip=True,
-                    max_image_pixels=images.DEFAULT_MAX_IMAGE_PIXELS):
+                    max_image_pixels=images.DEFAULT_MAX_IMAGE_PIXELS,
+                    class_weight=None,
+                    sampling='shuffle'):
   """Builds the training and evaluation datasets.
 
   Args:
@@ -348,6 +361,9 @@ def create_datasets(dataset='cifar10',
     random_flip: Flip training images horizontally at random.
     max_image_pixels: Folders only: images with more pixels (from their
       header) are unreadable files, never decoded.
+    class_weight: None, 'balanced' or {class name or id: weight}: training
+      batches then carry per-example sample weights (`balance`).
+    sampling: 'shuffle' or 'balanced' (class-balanced draws; `balance`).
 
   Returns:
     `(train_dataset, eval_dataset, info)`: an infinite training dataset of
@@ -374,27 +390,32 @@ def create_datasets(dataset='cifar10',
       global_batch_size=global_batch_size, max_image_pixels=max_image_pixels,
       image_size=image_size, cache=cache, resize_size=resize_size,
       shuffle_buffer_size=shuffle_buffer_size, random_crop=random_crop,
-      random_flip=random_flip, **augmentation)))
+      random_flip=random_flip, class_weight=class_weight, sampling=sampling,
+      **augmentation)))
   return data.train(start_step), data.eval, data.info
 
 
 def load_examples(dataset, *, train_split='train', eval_split='test',
                   data_dir=None, seed=0, validation_fraction=0.0,
                   skip_corrupt_images=False, global_batch_size=1,
-                  max_image_pixels=images.DEFAULT_MAX_IMAGE_PIXELS):
+                  max_image_pixels=images.DEFAULT_MAX_IMAGE_PIXELS,
+                  count_classes=False):
   """Reads a tfds dataset or an image folder as decoded examples.
 
   Args: as `create_datasets`; `global_batch_size` only checks that the train
-    split holds at least one batch.
+    split holds at least one batch; `count_classes`: count a tfds train
+    split's classes (one pass over its labels; a folder's are always
+    counted, from its file lists).
 
   Returns:
     `(train_examples, eval_examples, info)`: datasets of `(image uint8
     [H, W, 3], label int64)` and a `DatasetInfo`.
   """
   files = ()
+  counts = ()
   if folders.is_folder_dataset(dataset):
     (train_data, eval_data, names, num_train,
-     num_eval, files) = folders.load(
+     num_eval, files, counts) = folders.load(
          dataset, train_split=train_split, eval_split=eval_split,
          validation_fraction=validation_fraction,
          skip_corrupt_images=skip_corrupt_images, seed=seed,
@@ -413,6 +434,8 @@ def load_examples(dataset, *, train_split='train', eval_split='test',
     num_train = _num_examples(train_data, train_split)
     num_eval = _num_examples(eval_data, eval_split)
     names = class_names(builder)
+    if count_classes:
+      counts = balance.count_tfds_labels(builder, train_split, len(names))
   if num_train < global_batch_size:
     raise errors.DataError(
         f'The train split {train_split!r} has {num_train} examples, fewer '
@@ -422,7 +445,8 @@ def load_examples(dataset, *, train_split='train', eval_split='test',
       class_names=tuple(names),
       num_train_examples=num_train,
       num_eval_examples=num_eval,
-      files=files)
+      files=files,
+      train_class_counts=tuple(int(count) for count in counts))
   logging.info('Dataset %s: %d train / %d eval examples, %d classes.',
                dataset, num_train, num_eval, info.num_classes)
   return train_data, eval_data, info
@@ -455,14 +479,37 @@ def _checked_and_cached(examples, image_size, resize_size, cache):
   return examples.cache() if cache else examples
 
 
+def _endless_shuffle(examples, shuffle_buffer_size, epoch_seed):
+  """`examples` in a new seeded order each epoch, repeated forever.
+
+  One shuffle per epoch, so every epoch sees each example exactly once, in
+  an order seeded by `epoch_seed(epoch)`; the orders repeat after
+  _DISTINCT_EPOCH_ORDERS epochs (the augmentation still differs, being
+  seeded by the position in the stream). Not `reshuffle_each_iteration`:
+  the seeds it draws for later epochs differ between a process and a
+  worker of MultiWorkerMirroredStrategy, whose batches would then differ.
+  """
+  epochs = [
+      examples.shuffle(shuffle_buffer_size, seed=epoch_seed(epoch),
+                       reshuffle_each_iteration=False)
+      for epoch in range(_DISTINCT_EPOCH_ORDERS)
+  ]
+  return functools.reduce(tf.data.Dataset.concatenate, epochs).repeat()
+
+
 def make_train_dataset(examples, *, image_size, global_batch_size, seed=0,
                        shuffle_buffer_size=10_000, cache=True, start_step=0,
                        batch_augmenter=None, resize_size=None,
-                       **switches):
+                       sampling='shuffle', class_counts=(),
+                       class_weights=None, **switches):
   """Turns `(image, label)` examples into an infinite stream of batches.
 
   `batch_augmenter`: None or a function from
   `batch_augment.create_batch_augmenter`, applied to whole batches.
+  `sampling`: 'shuffle' (each example once per epoch) or 'balanced' (every
+  class equally likely per draw; needs `class_counts`, examples per class).
+  `class_weights`: None, or float `[num_classes]`: the batches are then
+  `(images, labels, sample_weights)` (`balance.sample_weights`).
   `switches`: per-image augmentations on or off (`random_crop`,
   `random_flip`: `augment.AUGMENTATIONS`).
   """
@@ -471,19 +518,23 @@ def make_train_dataset(examples, *, image_size, global_batch_size, seed=0,
   # augmentation needs first (whether cached or not, so the stream is the
   # same either way).
   # Cache decoded, un-augmented examples: augmentation must differ per epoch.
-  examples = _checked_and_cached(examples, image_size, resize_size, cache)
-  # One shuffle per epoch, so every epoch sees each example exactly once, in
-  # an order seeded by (seed, epoch); the orders repeat after
-  # _DISTINCT_EPOCH_ORDERS epochs (the augmentation still differs, being
-  # seeded by the position in the stream). Not `reshuffle_each_iteration`:
-  # the seeds it draws for later epochs differ between a process and a
-  # worker of MultiWorkerMirroredStrategy, whose batches would then differ.
-  epochs = [
-      examples.shuffle(shuffle_buffer_size, seed=seed * _SEED_STRIDE + epoch,
-                       reshuffle_each_iteration=False)
-      for epoch in range(_DISTINCT_EPOCH_ORDERS)
-  ]
-  examples = functools.reduce(tf.data.Dataset.concatenate, epochs).repeat()
+  if sampling == balance.BALANCED:
+    # Per-class streams, each cached on its own (so after the first pass no
+    # class re-reads the others' examples) and shuffled like the whole
+    # split is below, drawn from by a seeded choice: as deterministic, so
+    # resuming is as exact.
+    examples = _checked_and_cached(examples, image_size, resize_size,
+                                   cache=False)
+    examples = balance.balanced_stream(
+        examples, class_counts, seed,
+        lambda class_examples, count, epoch_seed: _endless_shuffle(
+            class_examples.cache() if cache else class_examples,
+            min(shuffle_buffer_size, count), epoch_seed))
+  else:
+    examples = _checked_and_cached(examples, image_size, resize_size, cache)
+    examples = _endless_shuffle(
+        examples, shuffle_buffer_size,
+        lambda epoch: seed * _SEED_STRIDE + epoch)
   # Number the examples of the stream: the index seeds the augmentation of
   # that example, independent of parallelism and of where a run resumed.
   examples = examples.enumerate()
@@ -510,6 +561,9 @@ def make_train_dataset(examples, *, image_size, global_batch_size, seed=0,
     batches = batches.enumerate(start=start_step).map(
         lambda index, batch: batch_augmenter(index, *batch),
         num_parallel_calls=tf.data.AUTOTUNE)
+  if class_weights is not None:
+    # After mixing: a mixed example's weight follows its soft label.
+    batches = balance.with_sample_weights(batches, class_weights)
   # Overlap the input pipeline with the training step.
   return _shard_by_data(batches.prefetch(tf.data.AUTOTUNE))
 

@@ -155,7 +155,8 @@ def reestimate(model, batches, strategy=None):
   totals = None
   num_batches = 0
   try:
-    for images, _ in strategy.experimental_distribute_dataset(batches):
+    # Training batches may carry sample weights (class_weight): unused.
+    for images, *_ in strategy.experimental_distribute_dataset(batches):
       gathered = step(images)
       num_batches += 1
       if totals is None:

@@ -12,9 +12,9 @@ eval dataset once and writes, into the workdir:
                          temperature) after temperature scaling
   tensorboard/report/    the confusion matrix as a TensorBoard image
 
-and returns the numbers (top-1, top-5, per-class accuracy, the confusion
-matrix, the expected calibration error before and after temperature
-scaling) for `metrics.json`.
+and returns the numbers (top-1, top-5, per-class accuracy, precision, recall
+and F1, macro-F1, balanced accuracy, the confusion matrix, the expected
+calibration error before and after temperature scaling) for `metrics.json`.
 """
 
 import csv
@@ -70,6 +70,43 @@ def confusion_matrix(labels, predictions, num_classes):
   return matrix
 
 
+def _ratio(numerators, denominators):
+  """numerators / denominators, 0 where the denominator is 0."""
+  numerators = np.asarray(numerators, np.float64)
+  denominators = np.asarray(denominators, np.float64)
+  return np.divide(numerators, denominators,
+                   out=np.zeros_like(numerators), where=denominators > 0)
+
+
+def class_scores(matrix):
+  """Per-class precision, recall and F1, macro-F1 and balanced accuracy.
+
+  From the confusion matrix (row = true, column = predicted). A ratio whose
+  denominator is 0 is 0, as scikit-learn's `zero_division=0`: precision of
+  a class never predicted, recall of a class without examples, F1 when
+  precision + recall = 0. Macro-F1 averages F1 over the classes that occur
+  among the labels or the predictions (scikit-learn's default `labels`);
+  balanced accuracy averages recall over the classes with examples
+  (scikit-learn's `balanced_accuracy_score`).
+
+  Returns:
+    `(precision, recall, f1, macro_f1, balanced_accuracy)`: three float64
+    `[num_classes]` arrays and two floats.
+  """
+  matrix = np.asarray(matrix, np.int64)
+  hits = np.diag(matrix)
+  true = matrix.sum(axis=1)
+  predicted = matrix.sum(axis=0)
+  precision = _ratio(hits, predicted)
+  recall = _ratio(hits, true)
+  f1 = _ratio(2 * precision * recall, precision + recall)
+  occurring = (true > 0) | (predicted > 0)
+  macro_f1 = float(f1[occurring].mean()) if occurring.any() else 0.0
+  balanced_accuracy = (float(recall[true > 0].mean()) if (true > 0).any()
+                       else 0.0)
+  return precision, recall, f1, macro_f1, balanced_accuracy
+
+
 def compute_report(labels, logits, class_names):
   """Top-1, top-5, per-class accuracy and the confusion matrix.
 
@@ -81,7 +118,8 @@ def compute_report(labels, logits, class_names):
   Returns:
     A JSON-serializable dict. Top-5 counts a hit when the label is among
     the `min(5, num_classes)` highest scores; a class without eval examples
-    has accuracy None.
+    has accuracy None. Precision, recall, F1, macro-F1 and balanced
+    accuracy are those of `class_scores` (0/0 is 0 there).
   """
   labels = np.asarray(labels)
   logits = np.asarray(logits)
@@ -98,6 +136,11 @@ def compute_report(labels, logits, class_names):
       name: (float(matrix[i, i] / counts[i]) if counts[i] else None)
       for i, name in enumerate(class_names)
   }
+  precision, recall, f1, macro_f1, balanced_accuracy = class_scores(matrix)
+
+  def by_name(values):
+    return {name: float(values[i]) for i, name in enumerate(class_names)}
+
   return {
       'num_examples': int(len(labels)),
       'top1': float(np.mean(predictions == labels)),
@@ -105,6 +148,11 @@ def compute_report(labels, logits, class_names):
       'per_class_accuracy': per_class,
       'per_class_count': {name: int(counts[i])
                           for i, name in enumerate(class_names)},
+      'per_class_precision': by_name(precision),
+      'per_class_recall': by_name(recall),
+      'per_class_f1': by_name(f1),
+      'macro_f1': macro_f1,
+      'balanced_accuracy': balanced_accuracy,
       'class_names': list(class_names),
       'confusion_matrix': matrix.tolist(),
   }
@@ -323,8 +371,10 @@ def write_report(model, eval_data, class_names, workdir, steps=None,
       files.atomic_write(run.curves_png, plot_curves(history))
   else:
     logging.info('No %s: no curves plotted.', run.history_csv)
-  logging.info('Report: top-1 %.4f, top-5 %.4f on %d images; per class: %s',
-               report['top1'], report['top5'], report['num_examples'],
+  logging.info('Report: top-1 %.4f, top-5 %.4f, macro-F1 %.4f, balanced '
+               'accuracy %.4f on %d images; per class: %s', report['top1'],
+               report['top5'], report['macro_f1'],
+               report['balanced_accuracy'], report['num_examples'],
                report['per_class_accuracy'])
   if temperature is None:
     logging.info('ECE %.4f (%d bins) on the eval split.',

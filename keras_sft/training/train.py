@@ -27,6 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_sft.data import balance
 from keras_sft.data import batch_augment
 from keras_sft.data import folders
 from keras_sft.data import pipeline
@@ -95,6 +96,7 @@ def _check_execution_divides(name, steps, steps_per_execution):
 _CHECKS = (
     _check_loop_config,
     pipeline.check_config,
+    balance.check_config,
     backbones.check_config,
     classifier.check_config,
     losses.check_config,
@@ -245,6 +247,9 @@ def _build(run):
   logging.info('Dataset %s: %d train / %d eval examples, %d classes.',
                run.config.dataset, info.num_train_examples,
                info.num_eval_examples, info.num_classes)
+  balance.log_classes(info.train_class_counts,
+                      run.data.train_options['class_weights'],
+                      info.class_names, run.config.sampling)
   run.plan = recipe.make_plan(run.config, info.num_train_examples)
   if run.config.precise_bn_batches:
     precise_bn.log_if_capped(run.config.precise_bn_batches,

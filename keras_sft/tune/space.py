@@ -211,7 +211,7 @@ def _nullable(config, key):
 def _fits(value, key_type, nullable):
   if value is None:
     return nullable
-  if key_type is None:
+  if key_type is None or key_type is object:  # A key of several types.
     return isinstance(value, (bool, int, float, str))
   if key_type is bool:
     return isinstance(value, bool)
