@@ -401,6 +401,16 @@ KEYS_ADDED_LATER = {
     'model': 'resnet50',
     # Only read by the litert_int8 export, which came with it.
     'export_representative_images': 200,
+    # Runs were all supervised before semi-supervised training; the
+    # FixMatch keys are unread when it is off.
+    'unlabeled': None,
+    'semi_supervised': None,
+    'fixmatch_mu': 7,
+    'fixmatch_threshold': 0.95,
+    'fixmatch_unlabeled_weight': 1.0,
+    'fixmatch_randaugment_num_ops': 2,
+    'fixmatch_randaugment_magnitude': 0.5,
+    'fixmatch_cutout_fraction': 0.5,
 }
 
 

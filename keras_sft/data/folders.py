@@ -366,7 +366,9 @@ def check_files(splits, root, skip_corrupt_images=False, max_pixels=None):
   every_path = [path for split in splits for path in split.paths]
   key = (max_pixels,) + tuple(_signature(path) for path in every_path)
   if key not in _CHECKED:
-    _CHECKED.clear()  # Keep one entry: the dataset of this run.
+    if len(_CHECKED) >= 2:
+      # Keep two entries: the labelled and the unlabelled files of this run.
+      _CHECKED.clear()
     _CHECKED[key] = images.find_unreadable(every_path, max_pixels)
   bad = _CHECKED[key]
   if not bad:

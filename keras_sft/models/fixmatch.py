@@ -41,13 +41,15 @@ import keras
 import tensorflow as tf
 from keras.src.losses import loss as loss_module
 
+from keras_sft.data import unlabeled as unlabeled_data
 from keras_sft import errors
 from keras_sft.models import classifier
 
-# The input dict of a training step with unlabelled images.
-LABELED = 'images'
-WEAK = 'unlabeled_weak'
-STRONG = 'unlabeled_strong'
+# The input dict of a training step with unlabelled images (the input
+# pipeline's contract: `pipeline.Data.train`).
+LABELED = unlabeled_data.LABELED
+WEAK = unlabeled_data.WEAK
+STRONG = unlabeled_data.STRONG
 # Metric names; reported by training only (see `evaluate`).
 MASK_RATE = 'unlabeled_mask_rate'
 UNLABELED_CE = 'unlabeled_ce'
