@@ -391,7 +391,7 @@ def create_datasets(dataset='cifar10',
       global_batch_size=global_batch_size, max_image_pixels=max_image_pixels,
       image_size=image_size, cache=cache, resize_size=resize_size,
       shuffle_buffer_size=shuffle_buffer_size, random_crop=random_crop,
-      random_flip=random_flip, **augmentation)))
+      random_flip=random_flip, unlabeled=None, **augmentation)))
   return data.train(start_step), data.eval, data.info
 
 
