@@ -83,6 +83,9 @@ def main():
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--fixmatch_flags', default='',
                       help='extra flags of the fixmatch row, space-separated')
+  parser.add_argument('--backbone', default=None,
+                      help='a backbone file of an earlier run of this '
+                      'script (same --pretrain_* flags): skips pretraining')
   parser.add_argument('--out', default=None)
   args = parser.parse_args()
 
@@ -109,14 +112,17 @@ def main():
 
   pre_dir = os.path.join(work_dir, 'pretrain_c0-4')
   weights_file = os.path.join(work_dir, 'backbone_c0-4.weights.h5')
-  print(f'Pretraining on classes 0-4 ({args.pretrain_per_class}/class, '
-        f'{args.pretrain_epochs} epochs)', flush=True)
-  results['pretrain'] = accuracy.run_keras_sft(
-      pre_root, pre_dir, args.pretrain_epochs, args.pretrain_batch_size,
-      args.seed, keep=True)
-  results['backbone'] = accuracy._extract(pre_dir, weights_file, work_dir)  # pylint: disable=protected-access
-  print(f'  pretrain top-1 {results["pretrain"]["top1"]:.4f} in '
-        f'{results["pretrain"]["wall_seconds"]:.0f} s', flush=True)
+  if args.backbone:
+    weights_file = results['backbone'] = args.backbone
+  else:
+    print(f'Pretraining on classes 0-4 ({args.pretrain_per_class}/class, '
+          f'{args.pretrain_epochs} epochs)', flush=True)
+    results['pretrain'] = accuracy.run_keras_sft(
+        pre_root, pre_dir, args.pretrain_epochs, args.pretrain_batch_size,
+        args.seed, keep=True)
+    results['backbone'] = accuracy._extract(pre_dir, weights_file, work_dir)  # pylint: disable=protected-access
+    print(f'  pretrain top-1 {results["pretrain"]["top1"]:.4f} in '
+          f'{results["pretrain"]["wall_seconds"]:.0f} s', flush=True)
 
   rows = {
       'supervised': [],

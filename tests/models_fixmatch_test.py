@@ -246,7 +246,7 @@ def test_evaluate_reports_no_unlabeled_metrics():
 @pytest.mark.parametrize('threshold', [0, -0.1, 1.5, 'high', None])
 def test_threshold_out_of_range_is_refused(threshold):
   with pytest.raises(errors.ConfigError, match='fixmatch_threshold'):
-    fixmatch.check_threshold(threshold)
+    fixmatch.FixMatchClassifier(_network(), threshold=threshold)
 
 
 def test_keras_file_round_trip(tmp_path):

@@ -68,16 +68,19 @@ def check_config(config):
   errors.check_at_most('fixmatch_mu', config.fixmatch_mu, MAX_RATIO,
                        'push more than 129 images through the network per '
                        'labelled image (FixMatch uses 7)')
-  if not (errors.is_number(config.fixmatch_threshold) and
-          0 < config.fixmatch_threshold <= 1):
-    raise errors.ConfigError(
-        'fixmatch_threshold must be in (0, 1] (a softmax confidence; '
-        'FixMatch uses 0.95). Received: '
-        f'fixmatch_threshold={config.fixmatch_threshold!r}')
+  check_threshold(config.fixmatch_threshold)
   errors.check_positive('fixmatch_unlabeled_weight',
                         config.fixmatch_unlabeled_weight)
   errors.check_fraction('fixmatch_cutout_fraction',
                         config.fixmatch_cutout_fraction, upper_inclusive=True)
+
+
+def check_threshold(threshold):
+  """τ must be in (0, 1]."""
+  if not (errors.is_number(threshold) and 0 < threshold <= 1):
+    raise errors.ConfigError(
+        'fixmatch_threshold must be in (0, 1] (a softmax confidence; '
+        f'FixMatch uses 0.95). Received: fixmatch_threshold={threshold!r}')
 
 
 def load(config, info, train_examples, eval_examples):

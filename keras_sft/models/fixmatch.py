@@ -55,15 +55,6 @@ MASK_RATE = 'unlabeled_mask_rate'
 UNLABELED_CE = 'unlabeled_ce'
 
 
-def check_threshold(threshold):
-  """τ must be in (0, 1]."""
-  if not (errors.is_number(threshold) and 0 < threshold <= 1):
-    raise errors.ConfigError(
-        'fixmatch_threshold must be in (0, 1] (a softmax confidence; '
-        'FixMatch uses 0.95). Received: '
-        f'fixmatch_threshold={threshold!r}')
-
-
 def unlabeled_loss(weak_logits, strong_logits, threshold):
   """FixMatch's unlabelled term and mask, for one replica's images.
 
@@ -107,7 +98,7 @@ class FixMatchClassifier(classifier.Classifier):
   def __init__(self, network, threshold=0.95, unlabeled_weight=1.0,
                **kwargs):
     super().__init__(network, **kwargs)
-    check_threshold(threshold)
+    unlabeled_data.check_threshold(threshold)
     errors.check_non_negative('fixmatch_unlabeled_weight', unlabeled_weight)
     self.threshold = float(threshold)
     self.unlabeled_weight = float(unlabeled_weight)
