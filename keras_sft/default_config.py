@@ -227,6 +227,30 @@ def get_config():
   # learning rate for all, as before.
   config.layer_decay = ml_collections.FieldReference(None, field_type=float)
 
+  # --- Semi-supervised (README "Recipe": few labels, many images) ------------
+  # Unlabelled images: None (off), folder:PATH (JPEG/PNG anywhere under
+  # PATH, no class folders) or a split string of the tfds dataset above
+  # (its labels unread). Checked as labelled folders are; duplicates of
+  # labelled images are counted (all duplicates: refused).
+  config.unlabeled = ml_collections.FieldReference(None, field_type=str)
+  # None, or 'fixmatch' (Sohn et al. 2020); set with `unlabeled`, never
+  # alone. Epochs stay epochs over the labelled images.
+  config.semi_supervised = ml_collections.FieldReference(None, field_type=str)
+  # μ: unlabelled images per labelled image in a step (FixMatch's 7). A
+  # step then pushes (1 + 2μ)·global_batch_size images through the network.
+  config.fixmatch_mu = 7
+  # τ in (0, 1]: weak-view confidence above which a pseudo-label counts
+  # (FixMatch's 0.95).
+  config.fixmatch_threshold = 0.95
+  # λ_u > 0: weight of the unlabelled term (FixMatch's 1).
+  config.fixmatch_unlabeled_weight = 1.0
+  # The strong view: Keras RandAugment operations per batch and strength
+  # (FixMatch: 2 operations; 0.5 is Keras' default factor), then a cutout
+  # square of side up to this fraction of the image (FixMatch's 0.5).
+  config.fixmatch_randaugment_num_ops = 2
+  config.fixmatch_randaugment_magnitude = 0.5
+  config.fixmatch_cutout_fraction = 0.5
+
   # --- Distribution and compilation -----------------------------------------
   # 'float32', 'mixed_bfloat16', 'mixed_float16' (with dynamic loss scaling)
   # or 'auto': bf16 on GPUs with compute capability >= 8.0 and on CPUs with

@@ -421,6 +421,16 @@ KEYS_ADDED_LATER = {
     'class_weight': None,
     'sampling': 'shuffle',
     'random_erasing_probability': 0.0,
+    # Runs were all supervised before semi-supervised training; the
+    # FixMatch keys are unread when it is off.
+    'unlabeled': None,
+    'semi_supervised': None,
+    'fixmatch_mu': 7,
+    'fixmatch_threshold': 0.95,
+    'fixmatch_unlabeled_weight': 1.0,
+    'fixmatch_randaugment_num_ops': 2,
+    'fixmatch_randaugment_magnitude': 0.5,
+    'fixmatch_cutout_fraction': 0.5,
 }
 
 

@@ -237,8 +237,13 @@ def _tiny_run(workdir, steps_per_epoch=4, num_epochs=2, steps_per_execution=1,
   images = rng.normal(size=(32,) + _TINY_SHAPE).astype(np.float32)
   labels = rng.integers(0, 3, 32).astype(np.int64)
   examples = tf.data.Dataset.from_tensor_slices((images, labels))
+
+  def train_stream(start_step, labeled_only=False):
+    del labeled_only  # No unlabelled images here.
+    return examples.batch(4).repeat().skip(start_step)
+
   data = types.SimpleNamespace(
-      train=lambda start_step: examples.batch(4).repeat().skip(start_step),
+      train=train_stream,
       eval=examples.batch(8),
       info=types.SimpleNamespace(num_classes=3, class_names=('a', 'b', 'c'),
                                  num_train_examples=32))

@@ -45,10 +45,11 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 # Unreadable files listed in an error message (all of them are counted).
 _MAX_LISTED = 20
 # find_unreadable results by (path, size, mtime) of every file: a resumed run
-# builds its datasets twice in one process and need not decode twice. Two
-# entries: the train and eval splits, and the calibration split (`load_split`).
+# builds its datasets twice in one process and need not decode twice. Three
+# entries: the train and eval splits, the calibration split (`load_split`)
+# and the unlabelled images (`data.unlabeled`).
 _CHECKED = {}
-_CHECKED_KEPT = 2
+_CHECKED_KEPT = 3
 
 _SPLIT_PATTERN = re.compile(
     r'^(?P<name>[^\[\]]+?)\s*(\[\s*(?P<start>-?[\d.]+%?)?\s*:\s*'

@@ -39,6 +39,7 @@ from keras_sft.data import balance
 from keras_sft.data import batch_augment
 from keras_sft.data import folders
 from keras_sft.data import images
+from keras_sft.data import unlabeled
 from keras_sft import errors
 
 # Epochs with distinct shuffle orders before the orders repeat.
@@ -75,6 +76,7 @@ class DatasetInfo:
     train_class_counts: Train examples per class: always for a folder
       (from its file lists), for tfds only when asked (a counting pass);
       else empty.
+    num_unlabeled_examples: Images of `config.unlabeled` (0: none).
   """
   num_classes: int
   class_names: tuple
@@ -82,6 +84,7 @@ class DatasetInfo:
   num_eval_examples: int
   files: tuple = dataclasses.field(default=(), repr=False)
   train_class_counts: tuple = ()
+  num_unlabeled_examples: int = 0
 
 
 class DatasetUnavailableError(errors.UnavailableError):
@@ -120,6 +123,13 @@ def check_config(config):
     raise errors.ConfigError(
         'resize_size must be None or >= image_size. Received: '
         f'resize_size={config.resize_size!r}, image_size={config.image_size!r}')
+  unlabeled.check_config(config)
+  if config.semi_supervised is not None:
+    errors.check_at_most(
+        'fixmatch_mu * global_batch_size',
+        config.fixmatch_mu * config.global_batch_size, MAX_GLOBAL_BATCH_SIZE,
+        'exceed the largest published ImageNet batches and the memory of '
+        'any machine (every step pushes 2μ·B unlabelled images)')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,16 +141,38 @@ class Data:
     eval: The finite eval dataset of batches.
     train_examples: Decoded `(image, label)` training examples.
     train_options: Keyword arguments of `make_train_dataset`.
+    unlabeled_examples: None, or decoded unlabelled images.
+    unlabeled_options: Keyword arguments of `make_unlabeled_dataset`.
   """
   info: 'DatasetInfo'
   eval: tf.data.Dataset
   train_examples: tf.data.Dataset
   train_options: dict
+  unlabeled_examples: tf.data.Dataset = None
+  unlabeled_options: dict = None
 
-  def train(self, start_step=0):
-    """The infinite training stream, from batch `start_step` on."""
-    return make_train_dataset(self.train_examples, start_step=start_step,
-                              **self.train_options)
+  def train(self, start_step=0, labeled_only=False):
+    """The infinite training stream, from batch `start_step` on.
+
+    With unlabelled images (and not `labeled_only`), batch k is
+    `({'images': labelled, 'unlabeled_weak': weak, 'unlabeled_strong':
+    strong}, labels)`: batch k of the labelled stream zipped with batch k of
+    the unlabelled one, both resumed at `start_step`. Under tf.distribute
+    every tensor of the batch is split between the replicas, so each gets
+    its share of both streams.
+    """
+    batches = make_train_dataset(self.train_examples, start_step=start_step,
+                                 **self.train_options)
+    if labeled_only or self.unlabeled_examples is None:
+      return batches
+    views = make_unlabeled_dataset(self.unlabeled_examples,
+                                   start_step=start_step,
+                                   **self.unlabeled_options)
+    zipped = tf.data.Dataset.zip(batches, views).map(
+        lambda batch, pair: ({unlabeled.LABELED: batch[0],
+                              unlabeled.WEAK: pair[0],
+                              unlabeled.STRONG: pair[1]}, batch[1]))
+    return _shard_by_data(zipped.prefetch(tf.data.AUTOTUNE))
 
 
 def from_config(config):
@@ -164,6 +196,20 @@ def from_config(config):
   augmenter = batch_augment.create_batch_augmenter(
       info.num_classes, seed=config.seed,
       **batch_augment.options_from_config(config))
+  unlabeled_examples, unlabeled_options = None, None
+  if config.unlabeled is not None:
+    unlabeled_examples, count = unlabeled.load(config, info, train_examples,
+                                               eval_examples)
+    info = dataclasses.replace(info, num_unlabeled_examples=count)
+    unlabeled_options = dict(
+        image_size=config.image_size,
+        batch_size=config.fixmatch_mu * config.global_batch_size,
+        seed=config.seed, shuffle_buffer_size=config.shuffle_buffer_size,
+        cache=config.cache, resize_size=config.resize_size,
+        randaugment_num_ops=config.fixmatch_randaugment_num_ops,
+        randaugment_magnitude=config.fixmatch_randaugment_magnitude,
+        cutout_fraction=config.fixmatch_cutout_fraction,
+        **augment.switches_from_config(config))
   return Data(
       info=info,
       eval=make_eval_dataset(eval_examples, image_size=config.image_size,
@@ -177,7 +223,9 @@ def from_config(config):
           shuffle_buffer_size=config.shuffle_buffer_size, cache=config.cache,
           batch_augmenter=augmenter, resize_size=config.resize_size,
           sampling=config.sampling, class_counts=info.train_class_counts,
-          class_weights=weights, **augment.switches_from_config(config)))
+          class_weights=weights, **augment.switches_from_config(config)),
+      unlabeled_examples=unlabeled_examples,
+      unlabeled_options=unlabeled_options)
 
 
 def split_dataset(config, split, class_names):
@@ -391,6 +439,7 @@ def create_datasets(dataset='cifar10',
       image_size=image_size, cache=cache, resize_size=resize_size,
       shuffle_buffer_size=shuffle_buffer_size, random_crop=random_crop,
       random_flip=random_flip, class_weight=class_weight, sampling=sampling,
+      unlabeled=None,
       **augmentation)))
   return data.train(start_step), data.eval, data.info
 
@@ -566,6 +615,91 @@ def make_train_dataset(examples, *, image_size, global_batch_size, seed=0,
     batches = balance.with_sample_weights(batches, class_weights)
   # Overlap the input pipeline with the training step.
   return _shard_by_data(batches.prefetch(tf.data.AUTOTUNE))
+
+
+# Random streams of an unlabelled example, folded into its seed.
+_WEAK_STREAM, _STRONG_STREAM, _CUTOUT_STREAM = 1, 2, 3
+
+
+def make_unlabeled_dataset(images, *, image_size, batch_size, seed=0,
+                           shuffle_buffer_size=10_000, cache=True,
+                           start_step=0, resize_size=None,
+                           randaugment_num_ops=2, randaugment_magnitude=0.5,
+                           cutout_fraction=0.5, **switches):
+  """Unlabelled images as an infinite stream of `(weak, strong)` batches.
+
+  Resumable as the labelled stream is (`make_train_dataset`): the order is
+  seeded per epoch (its own seeds, not the labelled stream's), example i of
+  the stream is augmented with seeds from `(seed, i)`, and a run resumed at
+  step k skips the k·`batch_size` images it trained on. Weak view: the
+  per-image augmentation of labelled images (`switches`: random crop and
+  flip). Strong view: the same with its own draws, then
+  `keras.layers.RandAugment` on the batch (`batch_augment`'s seeded layer,
+  seeded by the batch index; Keras chooses the operations per batch, with
+  per-image strengths, where FixMatch chooses them per image), then a cutout
+  square per image (`unlabeled.cutout`).
+
+  Args:
+    images: uint8 `[H, W, 3]` images.
+    image_size: Side of the output views.
+    batch_size: Unlabelled images per step (μ × global_batch_size).
+    seed: Seeds the order and every augmentation.
+    shuffle_buffer_size: Shuffle buffer, as for labelled examples.
+    cache: Keep decoded images in memory.
+    start_step: Steps already trained.
+    resize_size: As for labelled images.
+    randaugment_num_ops: RandAugment's operations per batch; 0: none.
+    randaugment_magnitude: RandAugment's `factor` in [0, 1].
+    cutout_fraction: Largest cutout side / image side; 0: none.
+    **switches: `augment.AUGMENTATIONS` keys.
+
+  Returns:
+    A dataset of `(weak, strong)` float32 `[batch_size, image_size,
+    image_size, 3]` pairs in [0, 255].
+  """
+  examples = _checked_and_cached(images.map(lambda image: (image, 0)),
+                                 image_size, resize_size, cache)
+  # The labelled stream uses first seeds seed * _SEED_STRIDE + e, e < 16.
+  examples = _endless_shuffle(
+      examples, shuffle_buffer_size,
+      lambda epoch: seed * _SEED_STRIDE + _DISTINCT_EPOCH_ORDERS + epoch)
+  examples = examples.enumerate()
+  if start_step:
+    examples = examples.skip(start_step * batch_size)
+
+  def views(index, example):
+    image = example[0]
+    example_seed = tf.stack([tf.cast(seed, tf.int64), index])
+    stream = lambda number: tf.random.experimental.stateless_fold_in(
+        example_seed, number)
+    weak = augment.augment_for_training(image, image_size,
+                                        stream(_WEAK_STREAM), resize_size,
+                                        **switches)
+    strong = augment.augment_for_training(image, image_size,
+                                          stream(_STRONG_STREAM),
+                                          resize_size, **switches)
+    return weak, strong
+
+  pairs = examples.map(views, num_parallel_calls=tf.data.AUTOTUNE)
+  batches = pairs.batch(batch_size, drop_remainder=True)
+  randaugment = batch_augment.create_batch_augmenter(
+      1, seed=seed * _SEED_STRIDE + 1,
+      randaugment_num_ops=randaugment_num_ops,
+      randaugment_magnitude=randaugment_magnitude)
+
+  def strong_batch(index, weak, strong):
+    # Numbered from start_step: batch k is the same, resumed or not.
+    if randaugment is not None:
+      strong, _ = randaugment(index, strong, tf.zeros([batch_size], tf.int64))
+    batch_seed = tf.stack([tf.cast(seed, tf.int64), tf.cast(index, tf.int64)])
+    return weak, unlabeled.cutout(
+        strong, tf.random.experimental.stateless_fold_in(batch_seed,
+                                                         _CUTOUT_STREAM),
+        cutout_fraction)
+
+  return batches.enumerate(start=start_step).map(
+      lambda index, pair: strong_batch(index, *pair),
+      num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def make_eval_dataset(examples, *, image_size, global_batch_size, cache=True,

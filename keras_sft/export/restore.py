@@ -113,7 +113,7 @@ def restore_run_model(workdir, checkpoint=DEFAULT_CHECKPOINT, precision=None):
       precise_bn.log_if_capped(config.precise_bn_batches,
                                data.info.num_train_examples,
                                config.global_batch_size)
-      statistics_batches = data.train(start_step=0).take(
+      statistics_batches = data.train(start_step=0, labeled_only=True).take(
           precise_bn.batch_count(config.precise_bn_batches,
                                  data.info.num_train_examples,
                                  config.global_batch_size))

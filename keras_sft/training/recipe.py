@@ -18,6 +18,7 @@ import numpy as np
 
 from keras_sft.models import backbones
 from keras_sft.models import classifier
+from keras_sft.models import fixmatch
 from keras_sft.models import losses
 from keras_sft.models import network
 from keras_sft.training import distribution
@@ -140,6 +141,20 @@ def create_variables(model, image_size):
   model(np.zeros((1, image_size, image_size, 3), np.float32), training=False)
 
 
+def _model_class(config):
+  """The `Classifier`, or its FixMatch subclass (same variables)."""
+  if config.semi_supervised == 'fixmatch':
+    return fixmatch.FixMatchClassifier
+  return classifier.Classifier
+
+
+def _method_arguments(config):
+  if config.semi_supervised == 'fixmatch':
+    return dict(threshold=config.fixmatch_threshold,
+                unlabeled_weight=config.fixmatch_unlabeled_weight)
+  return {}
+
+
 def build_model(config, num_classes, plan=None, pretrained=True):
   """Builds the run's compiled model with every variable created.
 
@@ -164,7 +179,7 @@ def build_model(config, num_classes, plan=None, pretrained=True):
   logging.info('Dtype policy: %s.', policy)
   # The policy applies to the layers built here; the global is restored after.
   with precision.global_policy(policy):
-    model = classifier.Classifier(
+    model = _model_class(config)(
         network.build_network(
             num_classes, network.Spec.from_config(config, pretrained)),
         weight_decay=config.weight_decay,
@@ -173,7 +188,7 @@ def build_model(config, num_classes, plan=None, pretrained=True):
         weight_decay_target=config.weight_decay_target,
         clip_global_norm=config.clip_global_norm,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        name='classifier')
+        name='classifier', **_method_arguments(config))
     if plan is None:
       # A schedule, as in training, so the optimizer has no learning-rate
       # variable and a backup's optimizer state loads into it.

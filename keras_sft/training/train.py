@@ -250,6 +250,11 @@ def _build(run):
   balance.log_classes(info.train_class_counts,
                       run.data.train_options['class_weights'],
                       info.class_names, run.config.sampling)
+  if info.num_unlabeled_examples:
+    logging.info('Semi-supervised (%s): %d unlabelled images from %s, %d '
+                 'per step.', run.config.semi_supervised,
+                 info.num_unlabeled_examples, run.config.unlabeled,
+                 run.config.fixmatch_mu * run.config.global_batch_size)
   run.plan = recipe.make_plan(run.config, info.num_train_examples)
   if run.config.precise_bn_batches:
     precise_bn.log_if_capped(run.config.precise_bn_batches,
@@ -271,9 +276,12 @@ def _statistics_batches(run):
     return None
   # The first batches of the stream: deterministic, whatever the position of
   # a resumed run.
-  return run.data.train(start_step=0).take(precise_bn.batch_count(
-      run.config.precise_bn_batches, run.data.info.num_train_examples,
-      run.config.global_batch_size))
+  # Labelled batches only (with unlabelled images too, training BN saw
+  # both: models/fixmatch.py).
+  return run.data.train(start_step=0, labeled_only=True).take(
+      precise_bn.batch_count(run.config.precise_bn_batches,
+                             run.data.info.num_train_examples,
+                             run.config.global_batch_size))
 
 
 def _fit(run, model, end_epoch, steps):
