@@ -199,7 +199,7 @@ def from_config(config):
   unlabeled_examples, unlabeled_options = None, None
   if config.unlabeled is not None:
     unlabeled_examples, count = unlabeled.load(config, info, train_examples,
-                                               eval_examples)
+                                               eval_examples, get_builder)
     info = dataclasses.replace(info, num_unlabeled_examples=count)
     unlabeled_options = dict(
         image_size=config.image_size,

@@ -92,7 +92,7 @@ def check_threshold(threshold):
         f'FixMatch uses 0.95). Received: fixmatch_threshold={threshold!r}')
 
 
-def load(config, info, train_examples, eval_examples):
+def load(config, info, train_examples, eval_examples, get_builder):
   """Reads and checks `config.unlabeled`; returns `(images, count)`.
 
   Args:
@@ -102,6 +102,8 @@ def load(config, info, train_examples, eval_examples):
     train_examples: The labelled `(image, label)` train examples (hashed
       for tfds).
     eval_examples: The same, eval.
+    get_builder: `(name, data_dir)` -> the tfds builder
+      (`pipeline.get_builder`, passed in: the pipeline imports this module).
 
   Returns:
     A dataset of uint8 `[H, W, 3]` images and their number.
@@ -122,8 +124,8 @@ def load(config, info, train_examples, eval_examples):
         f'unlabeled={spec!r} is a tfds split, but dataset='
         f'{config.dataset!r} is an image folder. Use '
         '--config.unlabeled=folder:PATH.')
-  images, count = _load_tfds(config.dataset, spec, config.data_dir,
-                             config.seed)
+  images, count = _load_tfds(get_builder(config.dataset, config.data_dir),
+                             config.dataset, spec, config.seed)
   labeled = _pixel_hashes(train_examples.map(lambda image, label: image))
   labeled += _pixel_hashes(eval_examples.map(lambda image, label: image))
   check_duplicates(_pixel_hashes(images), labeled, spec)
@@ -178,10 +180,7 @@ def _load_folder(spec, seed, skip_corrupt_images, max_image_pixels):
   return examples.map(lambda image, label: image), list(split.paths)
 
 
-def _load_tfds(dataset, split, data_dir, seed):
-  # Imported here: pipeline imports this module.
-  from keras_sft.data import pipeline  # pylint: disable=g-import-not-at-top
-  builder = pipeline.get_builder(dataset, data_dir)
+def _load_tfds(builder, dataset, split, seed):
   features = builder.info.features
   channels = (features['image'].shape[-1] if 'image' in features.keys()
               else None)
