@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 
+import h5py
 import numpy as np
 import pytest
 
@@ -132,6 +133,36 @@ def test_choose_rows_by_name_or_work_directory():
           'fine-tuned, no augmentation', 'layer_decay=0.7')
   with pytest.raises(ValueError, match='finetune_l2sp'):
     accuracy.choose_rows('fine-tuned, no augmentation', rows, ())
+
+
+def test_every_proxy_row_passes_the_config_checks(tmp_path):
+  """Each row's flags, as run_keras_sft gives them, parse and are accepted.
+
+  A refused value would otherwise show only as a FAILED row after the
+  pretraining of a full run.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from keras_sft.training import train  # pylint: disable=g-import-not-at-top
+  accuracy = _import_accuracy()
+  # The config checks read a weights file's layer list, not its shapes.
+  backbone = tmp_path / 'backbone.weights.h5'
+  with h5py.File(backbone, 'w') as file:
+    file.create_dataset('layers/conv/vars/0', data=np.zeros(3))
+  for name, (_, pretrained, extra) in accuracy.PROXY_ROWS.items():
+    argv = ['main', '--config=configs/default.py',
+            '--config.dataset=folder:/data/root',
+            f'--config.weights={backbone if pretrained else None}',
+            '--config.global_batch_size=64', *extra]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file('config', flag_values=flag_values,
+                                    sys_argv=argv)
+    flag_values(argv)
+    config = flag_values.config
+    train.check_config(config)
+    for flag in extra:
+      key, value = flag[len('--config.'):].split('=')
+      assert str(config[key]) == value, name
 
 
 def test_table_columns_from_the_report():
