@@ -25,7 +25,30 @@ Rows:
      learned from scratch, fine-tuned (defaults), head-only
      (`freeze_until=conv5`: the whole backbone frozen, its BatchNorm in
      inference mode, only the Dense head trains), with
-     `batch_norm=frozen` and without augmentation (PROXY_ROWS).
+     `batch_norm=frozen` and without augmentation (PROXY_ROWS); then one row
+     per recipe switch of issue #23, one switch at a time against the
+     fine-tuned defaults: `weight_decay_target=pretrained` (L2-SP, at the
+     default λ), `layer_decay=0.7`, `clip_global_norm=1.0`,
+     `gradient_accumulation_steps=2`, `random_erasing_probability=0.25`,
+     `calibration_split=val` and, on the imbalanced variant only,
+     `class_weight=balanced` and `sampling=balanced` (on balanced data the
+     first is the identity, every class weight 1, and the second only
+     reorders the same distribution, so their rows there would measure the
+     seed, not the switch).
+     Variants (--proxy_variants): `balanced` (the fine-tuning train set has
+     --finetune_per_class images per class) and `imbalanced` (its per-class
+     counts fall geometrically from --finetune_per_class for class 5 to
+     1/--imbalance_ratio of it for class 9: 100, 56, 32, 18, 10). The test
+     split is balanced in both. Both share the pretrained backbone.
+     Every fine-tuning root also holds a `val/` split
+     (--finetune_val_per_class images per class, balanced, the train idx
+     file's images after the first --finetune_per_class of each class, so
+     never a train image), read only by the `calibration_split=val` row: it
+     fits the temperature there, and the other rows read train/ and test/
+     exactly as before. Each table gives top-1, macro-F1 and the expected
+     calibration error on the test split (15 bins; `ECE after T`: with the
+     fitted temperature, the calibration row only), read from each run's
+     metrics.json `report`.
 
 Timing on a shared machine: every timed process records the share of the
 CPUs other processes took while it ran (`other load`); --wait_idle_seconds
@@ -47,7 +70,13 @@ keras-sft's, install it in another venv and pass --torch_python=ITS_PYTHON).
 Usage:
   PYTHONPATH=. python benchmarks/accuracy.py [--quick] [--out=FILE.json]
 `--quick` proves the plumbing on a few hundred images in one epoch (its
-numbers mean nothing); without torch it skips the seed loop's row.
+numbers mean nothing); without torch it skips the seed loop's row. Its one
+proxy row is `calibration_split=val` on the imbalanced variant, the row
+that goes through the most of the harness (imbalanced and val exports, the
+temperature, every column), so CI runs no more processes than before.
+Rows are chosen by name or by work-directory name (the first field of
+SCRATCH_ROWS / PROXY_ROWS; names holding a comma only that way), e.g.
+`--rows=proxy --proxy_rows=finetune_defaults,finetune_l2sp`.
 """
 
 import argparse
@@ -86,12 +115,12 @@ FULL = dict(train_images=10_000, test_images=2_000, epochs=5, batch_size=128,
             pretrain_per_class=1_000, pretrain_test_per_class=200,
             pretrain_epochs=5, finetune_per_class=100,
             finetune_test_per_class=None, finetune_epochs=20,
-            finetune_batch_size=64)
+            finetune_batch_size=64, finetune_val_per_class=100)
 QUICK = dict(train_images=200, test_images=100, epochs=1, batch_size=64,
              pretrain_per_class=40, pretrain_test_per_class=10,
              pretrain_epochs=1, finetune_per_class=20,
              finetune_test_per_class=20, finetune_epochs=1,
-             finetune_batch_size=32)
+             finetune_batch_size=32, finetune_val_per_class=10)
 # The augmentation the seed loop uses: none.
 NO_AUGMENTATION = ['--config.random_crop=False', '--config.random_flip=False']
 SCRATCH_ROWS = {
@@ -114,8 +143,41 @@ PROXY_ROWS = {
                           ['--config.batch_norm=frozen']),
     'fine-tuned, no augmentation': ('finetune_no_augmentation', True,
                                     NO_AUGMENTATION),
+    # Issue #23's switches, each alone on top of the fine-tuned defaults.
+    'weight_decay_target=pretrained (L2-SP)': (
+        'finetune_l2sp', True, ['--config.weight_decay_target=pretrained']),
+    'layer_decay=0.7': ('finetune_layer_decay0.7', True,
+                        ['--config.layer_decay=0.7']),
+    'clip_global_norm=1.0': ('finetune_clip1.0', True,
+                             ['--config.clip_global_norm=1.0']),
+    'gradient_accumulation_steps=2': (
+        'finetune_accumulate2', True,
+        ['--config.gradient_accumulation_steps=2']),
+    'random_erasing_probability=0.25': (
+        'finetune_random_erasing0.25', True,
+        ['--config.random_erasing_probability=0.25']),
+    # Fits T on the root's val/ split (see export_folder); only this row
+    # reads it.
+    'calibration_split=val': ('finetune_calibrated', True,
+                              ['--config.calibration_split=val']),
+    'class_weight=balanced': ('finetune_class_weight_balanced', True,
+                              ['--config.class_weight=balanced']),
+    'sampling=balanced': ('finetune_sampling_balanced', True,
+                          ['--config.sampling=balanced']),
 }
-QUICK_PROXY_ROWS = ('fine-tuned',)
+# Rows run on the imbalanced variant only: on balanced data class_weight=
+# 'balanced' weights every class 1 (the fine-tuned row again) and balanced
+# sampling draws the same distribution in another order.
+IMBALANCED_ONLY_PROXY_ROWS = ('class_weight=balanced', 'sampling=balanced')
+QUICK_PROXY_ROWS = ('calibration_split=val',)
+PROXY_VARIANTS = ('balanced', 'imbalanced')
+QUICK_PROXY_VARIANTS = ('imbalanced',)
+# Where each variant's results go in the JSON (balanced: the key it always
+# had) and its runs under --work_dir (balanced: the directories they always
+# had).
+PROXY_RESULTS_KEYS = dict(balanced='finetune_proxy',
+                          imbalanced='finetune_proxy_imbalanced')
+PROXY_SUBDIRECTORIES = dict(balanced='', imbalanced='imbalanced')
 TARGET_ERROR_RATIO = 0.75
 TARGET_WALL_RATIO = 1.0
 
@@ -147,18 +209,46 @@ def load_split(source_dir, split):
   return images, labels
 
 
-def select(labels, classes, per_class):
-  """Indices of the first `per_class` images of each class (None: all)."""
+def select(labels, classes, per_class, skip=0):
+  """Indices of the first `per_class` images of each class (None: all).
+
+  Args:
+    labels: The label of every image, in file order.
+    classes: The labels to select.
+    per_class: One count for every class, a sequence of counts aligned
+      with `classes`, or None for all the images of each class.
+    skip: Images of each class passed over first (a split taken after
+      another: e.g. the val split after the train split's images).
+
+  Returns:
+    The sorted indices.
+  """
+  if per_class is None or np.isscalar(per_class):
+    per_class = [per_class] * len(classes)
+  if len(per_class) != len(classes):
+    raise ValueError(f'{len(per_class)} counts for {len(classes)} classes')
   chosen = []
-  for label in classes:
-    where = np.flatnonzero(labels == label)
-    if per_class is not None:
-      if len(where) < per_class:
-        raise ValueError(f'class {label} has {len(where)} images, '
-                         f'{per_class} asked')
-      where = where[:per_class]
+  for label, count in zip(classes, per_class):
+    where = np.flatnonzero(labels == label)[skip:]
+    if count is not None:
+      if len(where) < count:
+        raise ValueError(f'class {label} has {len(where)} images after the '
+                         f'first {skip}, {count} asked')
+      where = where[:count]
     chosen.extend(where.tolist())
   return sorted(chosen)
+
+
+def imbalanced_counts(largest, num_classes, ratio):
+  """Per-class counts falling geometrically from `largest` to `largest/ratio`.
+
+  Class i (0-based) of n gets round(largest · ratio^(-i / (n - 1))), at
+  least 1: with 100, 5 and 10, [100, 56, 32, 18, 10].
+  """
+  if num_classes < 2:
+    return [largest]
+  return [max(1, int(round(largest * ratio ** (-index / (num_classes - 1)))))
+          for index in range(num_classes)]
 
 
 def to_rgb32(image):
@@ -167,18 +257,43 @@ def to_rgb32(image):
 
 
 def export_folder(source_dir, data_dir, name, classes, train_per_class,
-                  test_per_class):
+                  test_per_class, val_per_class=None):
   """Writes (once) a `folder:` dataset of the given classes; returns its path.
 
-  Layout: <data_dir>/<name>/{train,test}/<class>/<idx-file index>.png,
+  Layout: <data_dir>/<name>/{train,test[,val]}/<class>/<idx-file index>.png,
   32x32 RGB PNGs. A `.complete` file holding the spec marks a finished
   export; an unfinished or different one is rewritten.
+
+  Args:
+    source_dir: The Fashion-MNIST idx files.
+    data_dir: Where exports go.
+    name: The export's folder name.
+    classes: The labels exported.
+    train_per_class: Train images per class (the first of each class in the
+      train idx file): one count, one per class (aligned with `classes`),
+      or None for all.
+    test_per_class: Test images per class, likewise (test idx file).
+    val_per_class: None (no val/ split), or the images per class of a val/
+      split taken from the train idx file after the largest train count of
+      every class, so it shares no image with train/.
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   root = os.path.join(data_dir, name)
+  if train_per_class is not None and not np.isscalar(train_per_class):
+    train_per_class = [int(count) for count in train_per_class]
   spec = dict(source=os.path.abspath(source_dir), classes=list(classes),
               train_per_class=train_per_class, test_per_class=test_per_class,
               transform=f'pad 28->{IMAGE_SIZE} with 0, gray->RGB')
+  # (source split, per-class counts, images of each class passed over)
+  splits = dict(train=('train', train_per_class, 0),
+                test=('test', test_per_class, 0))
+  if val_per_class is not None:
+    if train_per_class is None:
+      raise ValueError('a val split needs a train count (None takes all '
+                       'the train images)')
+    skip = int(np.max(train_per_class))
+    spec.update(val_per_class=val_per_class, val_after_first=skip)
+    splits['val'] = ('train', val_per_class, skip)
   marker = os.path.join(root, '.complete')
   if os.path.exists(marker):
     with open(marker) as file:
@@ -186,10 +301,9 @@ def export_folder(source_dir, data_dir, name, classes, train_per_class,
         return root
   shutil.rmtree(root, ignore_errors=True)
   counts = {}
-  for split, per_class in (('train', train_per_class),
-                           ('test', test_per_class)):
-    images, labels = load_split(source_dir, split)
-    chosen = select(labels, classes, per_class)
+  for split, (source, per_class, skip) in splits.items():
+    images, labels = load_split(source_dir, source)
+    chosen = select(labels, classes, per_class, skip)
     for label in classes:
       os.makedirs(os.path.join(root, split, CLASS_NAMES[label]))
     for index in chosen:
@@ -198,7 +312,7 @@ def export_folder(source_dir, data_dir, name, classes, train_per_class,
     counts[split] = len(chosen)
   with open(marker, 'w') as file:
     json.dump(spec, file)
-  print(f'Wrote {counts["train"]} train / {counts["test"]} test PNGs to '
+  print(f'Wrote {" / ".join(f"{n} {s}" for s, n in counts.items())} PNGs to '
         f'{root}', flush=True)
   return root
 
@@ -350,10 +464,18 @@ def run_keras_sft(root, workdir, epochs, batch_size, seed, weights=None,
   # beside the eval top-1 (moving statistics): a gap shows stale statistics.
   with open(os.path.join(workdir, 'history.csv')) as file:
     last = list(csv.DictReader(file))[-1]
-  return dict(top1=metrics['report']['top1'], **timing,
+  report = metrics['report']
+  # ECE on the test split with the network's probabilities, and (only with
+  # calibration_split) with the temperature fitted on that split.
+  calibration = report['calibration']
+  return dict(top1=report['top1'], macro_f1=report['macro_f1'],
+              balanced_accuracy=report['balanced_accuracy'],
+              ece=calibration['ece'],
+              ece_calibrated=calibration.get('ece_calibrated'),
+              temperature=calibration.get('temperature'), **timing,
               train_accuracy_last_epoch=float(last['accuracy']),
               steps=metrics['step'],
-              num_test=int(np.sum(metrics['report']['confusion_matrix'])),
+              num_test=int(np.sum(report['confusion_matrix'])),
               command=command)
 
 
@@ -446,16 +568,53 @@ def _ok(row):
   return bool(row) and 'error' not in row
 
 
+def _number(row, key):
+  """`row[key]` to 4 decimals; '' when the row has no such value."""
+  value = row.get(key)
+  return '' if value is None else f'{value:.4f}'
+
+
+def choose_rows(text, rows, default):
+  """The row names `--scratch_rows`/`--proxy_rows` choose (None: `default`).
+
+  Args:
+    text: A comma list of row names or work-directory names (the first
+      field of each entry of `rows`; the only way to name a row whose name
+      holds a comma).
+    rows: SCRATCH_ROWS or PROXY_ROWS.
+    default: The names chosen when `text` is empty.
+
+  Raises:
+    ValueError: an unknown name, naming the valid ones.
+  """
+  if not text:
+    return tuple(default)
+  by_directory = {entry[0]: name for name, entry in rows.items()}
+  chosen = []
+  for token in text.split(','):
+    token = token.strip()
+    if token in rows:
+      chosen.append(token)
+    elif token in by_directory:
+      chosen.append(by_directory[token])
+    else:
+      raise ValueError(
+          f'Unknown row {token!r}. Name rows by their work directory: '
+          f'{", ".join(by_directory)} (or by a name without a comma).')
+  return tuple(chosen)
+
+
 def _table(title, rows, reference, reference_name):
   lines = [title,
            f'| row | top-1 | top-1 error | error ratio vs {reference_name} '
-           f'| wall s | wall ratio | CPU s | other load |',
-           '|---|---|---|---|---|---|---|---|']
+           '| macro-F1 | ECE | ECE after T | wall s | wall ratio | CPU s '
+           '| other load |',
+           '|---|---|---|---|---|---|---|---|---|---|---|']
   if not _ok(reference):
     reference = None
   for name, row in rows:
     if not _ok(row):
-      lines.append(f'| {name} | FAILED | | | | | | |')
+      lines.append(f'| {name} | FAILED | | | | | | | | | |')
       continue
     error = 1.0 - row['top1']
     ref_error = 1.0 - reference['top1'] if reference else None
@@ -465,6 +624,8 @@ def _table(title, rows, reference, reference_name):
     else:
       ratios = ('n/a', 'n/a')
     lines.append(f'| {name} | {row["top1"]:.4f} | {error:.4f} | {ratios[0]} '
+                 f'| {_number(row, "macro_f1")} | {_number(row, "ece")} '
+                 f'| {_number(row, "ece_calibrated")} '
                  f'| {row["wall_seconds"]:.0f} | {ratios[1]} '
                  f'| {row["cpu_seconds"]:.0f} '
                  f'| {row["other_cpu_fraction"]:.0%} |')
@@ -494,6 +655,30 @@ def benchmark(args):
              '--source_dir.')
   if sizes['train_images'] % 10 or sizes['test_images'] % 10:
     sys.exit('--train_images and --test_images must divide by 10 (balanced).')
+  # Every choice checked before any work: a typo would otherwise surface
+  # after the runs before it.
+  try:
+    scratch_rows = choose_rows(
+        args.scratch_rows, SCRATCH_ROWS,
+        QUICK_SCRATCH_ROWS if args.quick else SCRATCH_ROWS)
+    proxy_rows = choose_rows(args.proxy_rows, PROXY_ROWS,
+                             QUICK_PROXY_ROWS if args.quick else PROXY_ROWS)
+  except ValueError as error:
+    sys.exit(str(error))
+  proxy_variants = (tuple(args.proxy_variants.split(','))
+                    if args.proxy_variants else
+                    QUICK_PROXY_VARIANTS if args.quick else PROXY_VARIANTS)
+  unknown = set(proxy_variants) - set(PROXY_VARIANTS)
+  if unknown or not proxy_variants:
+    sys.exit(f'--proxy_variants must be a comma list of '
+             f'{", ".join(PROXY_VARIANTS)}. Received: {args.proxy_variants!r}')
+  if not args.imbalance_ratio >= 1:
+    sys.exit(f'--imbalance_ratio must be >= 1. Received: '
+             f'{args.imbalance_ratio}')
+  train_counts = dict(
+      balanced=[sizes['finetune_per_class']] * 5,
+      imbalanced=imbalanced_counts(sizes['finetune_per_class'], 5,
+                                   args.imbalance_ratio))
   started = datetime.datetime.now().astimezone()
   work_dir = args.work_dir or os.path.join(
       args.data_dir, 'runs', started.strftime('%Y%m%d-%H%M%S') +
@@ -526,10 +711,7 @@ def benchmark(args):
         sizes['test_images'] // 10)
     print(f'Row 1: from scratch, {sizes["train_images"]} train images, '
           f'{sizes["epochs"]} epochs, batch {batch}, seed {seed}', flush=True)
-    names = QUICK_SCRATCH_ROWS if args.quick else tuple(SCRATCH_ROWS)
-    if args.scratch_rows:
-      names = tuple(args.scratch_rows.split(','))
-    for name in names:
+    for name in scratch_rows:
       slug, extra = SCRATCH_ROWS[name]
       ours = row1[name] = _attempt(
           name, run_keras_sft, root, os.path.join(work_dir, slug),
@@ -550,23 +732,19 @@ def benchmark(args):
             '--skip_seed_loop; run benchmarks/setup_accuracy.sh)', flush=True)
   results['from_scratch'] = row1
 
-  # Row 2: the fine-tuning proxy.
-  proxy = {}
+  # Row 2: the fine-tuning proxy, on each variant of its train set.
+  proxies = {variant: {} for variant in PROXY_VARIANTS}
   if 'proxy' in args.rows:
     pre_root = export_folder(
         args.source_dir, args.data_dir,
         f'fmnist32_c0-4_train{sizes["pretrain_per_class"]}pc_test'
         f'{sizes["pretrain_test_per_class"]}pc', range(5),
         sizes['pretrain_per_class'], sizes['pretrain_test_per_class'])
-    test_pc = sizes['finetune_test_per_class']
-    ft_root = export_folder(
-        args.source_dir, args.data_dir,
-        f'fmnist32_c5-9_train{sizes["finetune_per_class"]}pc_test'
-        f'{test_pc or "all"}', range(5, 10), sizes['finetune_per_class'],
-        test_pc)
     print(f'Row 2: pretrain on classes 0-4 ({sizes["pretrain_per_class"]}'
           f'/class, {sizes["pretrain_epochs"]} epochs, batch {batch}), '
-          f'fine-tune on classes 5-9 ({sizes["finetune_per_class"]}/class, '
+          'fine-tune on classes 5-9 (train images per class: '
+          + ', '.join(f'{variant} {train_counts[variant]}'
+                      for variant in proxy_variants) + ', '
           f'{sizes["finetune_epochs"]} epochs, batch '
           f'{sizes["finetune_batch_size"]})', flush=True)
     pre_dir = os.path.join(work_dir, 'pretrain_c0-4')
@@ -586,23 +764,44 @@ def benchmark(args):
       print(f'  backbone saved to {weights_file} '
             f'({pretrain["backbone"]["wall_seconds"]:.0f} s)', flush=True)
     results['pretrain'] = pretrain
-    names = QUICK_PROXY_ROWS if args.quick else tuple(PROXY_ROWS)
-    if args.proxy_rows:
-      names = tuple(args.proxy_rows.split(','))
-    for name in names:
-      slug, pretrained, extra = PROXY_ROWS[name]
-      if pretrained and not have_backbone:
-        proxy[name] = dict(error='no pretrained backbone (see pretrain)')
-        continue
-      proxy[name] = _attempt(
-          name, run_keras_sft, ft_root, os.path.join(work_dir, slug),
-          sizes['finetune_epochs'], sizes['finetune_batch_size'], seed,
-          weights=weights_file if pretrained else None, extra=extra,
-          keep=args.keep_checkpoints)
-      if _ok(proxy[name]):
-        print(f'  {name}: top-1 {proxy[name]["top1"]:.4f} in '
-              f'{proxy[name]["wall_seconds"]:.0f} s', flush=True)
-  results['finetune_proxy'] = proxy
+    test_pc = sizes['finetune_test_per_class']
+    val_pc = sizes['finetune_val_per_class']
+    for variant in proxy_variants:
+      counts = train_counts[variant]
+      balanced = variant == 'balanced'
+      ft_root = export_folder(
+          args.source_dir, args.data_dir,
+          f'fmnist32_c5-9_train'
+          f'{f"{counts[0]}pc" if balanced else "-".join(map(str, counts))}'
+          f'_test{test_pc or "all"}_val{val_pc}pc', range(5, 10),
+          counts[0] if balanced else counts, test_pc, val_per_class=val_pc)
+      print(f'  {variant}: train images per class {counts}', flush=True)
+      proxy = proxies[variant]
+      for name in proxy_rows:
+        slug, pretrained, extra = PROXY_ROWS[name]
+        if variant != 'imbalanced' and name in IMBALANCED_ONLY_PROXY_ROWS:
+          print(f'  {name}: not run on {variant} data (the imbalanced '
+                'variant only; see IMBALANCED_ONLY_PROXY_ROWS)', flush=True)
+          continue
+        if pretrained and not have_backbone:
+          proxy[name] = dict(error='no pretrained backbone (see pretrain)')
+          continue
+        run_dir = os.path.join(work_dir, PROXY_SUBDIRECTORIES[variant], slug)
+        os.makedirs(os.path.dirname(run_dir), exist_ok=True)
+        proxy[name] = _attempt(
+            name, run_keras_sft, ft_root, run_dir,
+            sizes['finetune_epochs'], sizes['finetune_batch_size'], seed,
+            weights=weights_file if pretrained else None, extra=extra,
+            keep=args.keep_checkpoints)
+        if _ok(proxy[name]):
+          print(f'  {name}: top-1 {proxy[name]["top1"]:.4f}, macro-F1 '
+                f'{proxy[name]["macro_f1"]:.4f}, ECE '
+                f'{proxy[name]["ece"]:.4f} in '
+                f'{proxy[name]["wall_seconds"]:.0f} s', flush=True)
+  for variant, key in PROXY_RESULTS_KEYS.items():
+    results[key] = proxies[variant]
+  results['finetune_train_per_class'] = {
+      variant: train_counts[variant] for variant in proxy_variants}
   results['total_wall_seconds'] = time.perf_counter() - total_start
 
   # Tables and targets.
@@ -625,19 +824,24 @@ def benchmark(args):
       targets[f'wall_ratio: {name}'] = dict(
           value=wall_ratio, target=TARGET_WALL_RATIO,
           met=wall_ratio <= TARGET_WALL_RATIO)
-  if proxy:
+  for variant, proxy in proxies.items():
+    if not proxy:
+      continue
     scratch = proxy.get('from scratch')
     pretrain = results['pretrain']
+    counts = train_counts[variant]
+    described = (f'{counts[0]} train images/class' if variant == 'balanced'
+                 else f'train images per class {counts}')
     tables.append(_table(
-        f'Fine-tuning proxy: classes 5-9, {sizes["finetune_per_class"]} train '
-        f'images/class, '
+        f'Fine-tuning proxy ({variant}): classes 5-9, {described}, '
         f'{sizes["finetune_test_per_class"] or "all"} test images/class, '
         f'{sizes["finetune_epochs"]} epochs, batch '
         f'{sizes["finetune_batch_size"]}; backbone pretrained on classes 0-4 '
         f'(top-1 {pretrain["top1"]:.4f} there)' if _ok(pretrain) else
-        'Fine-tuning proxy: pretraining FAILED',
+        f'Fine-tuning proxy ({variant}): pretraining FAILED',
         list(proxy.items()), scratch, 'from scratch'))
-    if _ok(scratch) and _ok(proxy.get('fine-tuned')):
+    if (variant == 'balanced' and _ok(scratch)
+        and _ok(proxy.get('fine-tuned'))):
       gain = proxy['fine-tuned']['top1'] - scratch['top1']
       targets['finetune_gain'] = dict(value=gain, target=args.clear_margin,
                                       met=gain >= args.clear_margin)
@@ -667,9 +871,10 @@ def benchmark(args):
     with open(args.out, 'w') as file:
       json.dump(results, file, indent=1, default=str)
     print(f'Wrote {args.out}')
-  failed = [name for name, row in [*row1.items(),
-                                   ('pretrain', results.get('pretrain')),
-                                   *proxy.items()]
+  failed = [name for name, row in [
+      *row1.items(), ('pretrain', results.get('pretrain')),
+      *[(f'{name} ({variant})', row)
+        for variant, proxy in proxies.items() for name, row in proxy.items()]]
             if row is not None and 'error' in row]
   if failed:
     sys.exit(f'FAILED: {", ".join(failed)} (see the log files in {work_dir})')
@@ -694,10 +899,22 @@ def parse_args(argv=None):
   parser.add_argument('--rows', default='scratch,proxy',
                       help='comma list of scratch, proxy')
   parser.add_argument('--scratch_rows', default=None,
-                      help='comma-separated names of SCRATCH_ROWS to run '
-                      '(default: all; --quick: the defaults only)')
+                      help='comma list of rows (work directories or '
+                      'names): ' + ', '.join(
+                          entry[0] for entry in SCRATCH_ROWS.values())
+                      + ' (default: all; --quick: the defaults only)')
   parser.add_argument('--proxy_rows', default=None,
-                      help='comma list of ' + ', '.join(PROXY_ROWS))
+                      help='comma list of rows (work directories or names): '
+                      + ', '.join(entry[0] for entry in PROXY_ROWS.values())
+                      + ' (default: all; --quick: '
+                      + ', '.join(QUICK_PROXY_ROWS) + ')')
+  parser.add_argument('--proxy_variants', default=None,
+                      help='comma list of ' + ', '.join(PROXY_VARIANTS)
+                      + ': the fine-tuning train sets (default: both; '
+                      '--quick: ' + ', '.join(QUICK_PROXY_VARIANTS) + ')')
+  parser.add_argument('--imbalance_ratio', type=float, default=10.0,
+                      help='imbalanced variant: most / least frequent '
+                      'class (counts fall geometrically over classes 5-9)')
   parser.add_argument('--skip_seed_loop', action='store_true')
   parser.add_argument('--torch_python', default=sys.executable,
                       help='Python with torch + torchvision that runs the '
