@@ -595,3 +595,18 @@ def test_keras_global_clipnorm_clips_each_replica_apart():
     results.append(model.get_weights())
   difference = max(np.max(np.abs(a - b)) for a, b in zip(*results))
   assert difference > 1e-4
+
+
+def test_clipping_a_gradient_whose_squared_norm_overflows_float32():
+  """‖g‖ of 1e20 (finite entries, Σg² = inf in float32) is still clipped.
+
+  Hostile pass: the norm came out inf, "clips nothing" applied the whole
+  1e20-sized gradient, where clipping exists exactly for such a step.
+  """
+  images = np.array([[1e20, -3e20], [2e20, 1e20]], np.float32)
+  labels = np.array([0, 1])
+  model = _scale_model('float32', clip=0.01)
+  model.train_on_batch(images, labels)
+  step = _numpy(model.network.get_layer('head').w) - 1.0
+  assert np.isfinite(step).all()
+  np.testing.assert_allclose(np.linalg.norm(step), 0.1 * 0.01, rtol=1e-3)
