@@ -595,3 +595,43 @@ def test_keras_global_clipnorm_clips_each_replica_apart():
     results.append(model.get_weights())
   difference = max(np.max(np.abs(a - b)) for a, b in zip(*results))
   assert difference > 1e-4
+
+
+def test_clipping_a_gradient_whose_squared_norm_overflows_float32():
+  """‖g‖ of 1e20 (finite entries, Σg² = inf in float32) is still clipped.
+
+  Hostile pass: the norm came out inf, "clips nothing" applied the whole
+  1e20-sized gradient, where clipping exists exactly for such a step.
+  """
+  images = np.array([[1e20, -3e20], [2e20, 1e20]], np.float32)
+  labels = np.array([0, 1])
+  model = _scale_model('float32', clip=0.01)
+  model.train_on_batch(images, labels)
+  step = _numpy(model.network.get_layer('head').w) - 1.0
+  assert np.isfinite(step).all()
+  np.testing.assert_allclose(np.linalg.norm(step), 0.1 * 0.01, rtol=1e-3)
+
+
+def test_head_only_clipping_ignores_an_overflowing_backbone_gradient():
+  """In the head-only phase the backbone is out of ‖g‖, even when its Σg²
+  overflows float32 (0 × inf made the norm NaN: the head went unclipped).
+  """
+  inputs = keras.Input((2,))
+  hidden = keras.layers.Dense(2, kernel_initializer='ones',
+                              bias_initializer='ones', name='backbone')(inputs)
+  outputs = _Scale(name='head')(hidden)
+  model = classifier.Classifier(keras.Model(inputs, outputs),
+                                clip_global_norm=0.01, head_only_steps=5)
+  model.compile(
+      optimizer=keras.optimizers.SGD(0.1),
+      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  # x·W = 0, so the head sees the bias (1) and its gradient is moderate;
+  # the backbone kernel's gradient is x ⊗ (∂L/∂h), of size 1e20.
+  images = np.array([[1e20, -1e20], [-2e20, 2e20]], np.float32)
+  labels = np.array([0, 0])  # The head's gradient: (-0.5, 0.5).
+  model.train_on_batch(images, labels)
+  step = _numpy(model.network.get_layer('head').w) - 1.0
+  np.testing.assert_allclose(step, 0.1 * 0.01 * np.array([1, -1]) / np.sqrt(2),
+                             rtol=1e-3)
+  np.testing.assert_array_equal(
+      _numpy(model.network.get_layer('backbone').kernel), np.ones((2, 2)))

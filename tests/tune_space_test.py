@@ -63,6 +63,12 @@ def test_the_shipped_space_is_valid_for_resnet50(tmp_path):
      'gradient_accumulation_steps=3'),
     ({'weight_decay_target': {'choices': ['zero', 'pretrained']}},
      'weights=None'),
+    # Inside a range whose ends are valid (smoke: batch 8; hostile pass:
+    # only the ends were checked, and trial after trial was refused).
+    ({'gradient_accumulation_steps': {'low': 1, 'high': 4}},
+     'gradient_accumulation_steps=3'),
+    ({'gradient_accumulation_steps': {'low': 1, 'high': 8, 'log': True}},
+     'gradient_accumulation_steps=3'),
 ])
 def test_a_bad_space_is_one_config_error_naming_the_value(tmp_path, raw,
                                                           expected):

@@ -45,8 +45,9 @@ and unscaled (the loss scale of mixed_float16 divided out). The norm is that
 of the gradient the phase trains: in the head-only phase the backbone's
 gradient (× 0) is not in it; `backbone_multiplier` scales the backbone's
 share after clipping, so it stays exactly an SGD learning-rate multiplier.
-A non-finite norm clips nothing (the step is then skipped under loss
-scaling, or caught by the divergence check). It costs one more all-reduce of
+A norm whose square overflows float32 is computed again on g / max|g|; a
+gradient with a NaN or inf entry clips nothing (the step is then skipped
+under loss scaling, or caught by the divergence check). It costs one more all-reduce of
 the gradients per step on several replicas.
 
 `gradient_accumulation_steps=k` splits each replica's batch into k
@@ -453,19 +454,40 @@ class Classifier(keras.Model):
 
     ‖g‖² = Σ_head ‖g‖² + (1 − phase)·Σ_backbone ‖g‖², divided by k² (the
     micro-batch mean) and by the loss scale² (the gradients are those of
-    the scaled loss).
+    the scaled loss). When Σg² overflows float32 (‖g‖ > 1.8e19, or 5.6e14
+    under a loss scale of 2^15) with every entry finite, it is computed
+    again on g / max|g|, so such a gradient is clipped, not applied whole.
     """
-    head_sum, backbone_sum = [], []
-    for g, is_head in zip(gradients, in_head):
-      if g is not None:
+    trains = trains_backbone > 0.0
+    counted = [(g, is_head) for g, is_head in zip(gradients, in_head)
+               if g is not None]
+
+    def squared_norm(divisor):
+      head_sum, backbone_sum = [], []
+      for g, is_head in counted:
         (head_sum if is_head else backbone_sum).append(
-            2.0 * tf.nn.l2_loss(tf.cast(g, tf.float32)))
-    squared = tf.add_n(head_sum) if head_sum else tf.constant(0.0)
-    if backbone_sum:
-      squared += trains_backbone * tf.add_n(backbone_sum)
+            2.0 * tf.nn.l2_loss(tf.cast(g, tf.float32) / divisor))
+      squared = tf.add_n(head_sum) if head_sum else tf.constant(0.0)
+      if backbone_sum:
+        # Not 0 × Σ: an overflowed backbone sum would make it NaN.
+        squared += tf.where(trains, tf.add_n(backbone_sum), 0.0)
+      return squared
+
+    def rescaled_norm():
+      largest = tf.constant(0.0)
+      for g, is_head in counted:
+        g_max = tf.reduce_max(tf.abs(tf.cast(g, tf.float32)))
+        if not is_head:
+          g_max = tf.where(trains, g_max, 0.0)
+        largest = tf.maximum(largest, g_max)
+      return largest * tf.sqrt(squared_norm(largest))
+
+    squared = squared_norm(tf.constant(1.0))
+    root = tf.cond(tf.math.is_inf(squared), rescaled_norm,
+                   lambda: tf.sqrt(squared))
     loss_scale = tf.cast(self.optimizer.scale_loss(tf.constant(1.0)),
                          tf.float32)
-    norm = tf.sqrt(squared) / (loss_scale * self.gradient_accumulation_steps)
+    norm = root / (loss_scale * self.gradient_accumulation_steps)
     clipped = tf.minimum(1.0, self.clip_global_norm / norm)
     return tf.where(tf.math.is_finite(norm) & (norm > 0.0), clipped, 1.0)
 

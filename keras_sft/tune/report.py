@@ -116,6 +116,11 @@ def importances(study):
   if len(complete) < 2:
     return (f'{len(complete)} complete trial(s): too few to rank the keys '
             '(needs 2 or more)')
+  if len({trial.value for trial in complete}) == 1:
+    # fANOVA then splits nothing and gives every key the same share (1/n):
+    # a ranking of noise.
+    return (f'all {len(complete)} complete trials scored '
+            f'{complete[0].value:.4f}: no key changed the score')
   try:
     with warnings.catch_warnings():
       warnings.simplefilter('ignore')

@@ -47,6 +47,8 @@ _FIXED_KEYS = {
 # larger space is checked key by key.
 _MAX_COMBINATIONS = 2000
 _RANGE_FIELDS = {'low', 'high', 'log', 'step'}
+# Integer ranges up to this many values are checked value by value.
+_MAX_INT_VALUES = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,18 +324,37 @@ def parse(path, raw, config):
                            for key, spec in raw.items()))
 
 
+def _discrete_values(parameter):
+  """Every value a categorical or small integer parameter can take; None
+  for a float range or an integer range of more than `_MAX_INT_VALUES`."""
+  if parameter.kind == 'categorical':
+    return list(parameter.choices)
+  if parameter.kind != 'int':
+    return None
+  step = parameter.step or 1
+  count = (parameter.high - parameter.low) // step + 1
+  if count > _MAX_INT_VALUES:
+    return None
+  return [parameter.low + i * step for i in range(count)]
+
+
 def _assignments(space):
-  """Value assignments to check: every categorical combination, with the
-  number ranges at both ends (key by key if the product is large)."""
-  categorical = [p for p in space.parameters if p.kind == 'categorical']
-  numeric = [p for p in space.parameters if p.kind != 'categorical']
-  combinations = math.prod(len(p.choices) for p in categorical)
+  """Value assignments to check: every combination of the categorical
+  values and small integer ranges (each integer: a run may refuse one
+  inside a range whose ends it accepts, e.g. gradient_accumulation_steps=3
+  of [1, 4] for a batch of 8), with the other number ranges at both ends
+  (key by key if the product is large)."""
+  discrete = [(p, _discrete_values(p)) for p in space.parameters]
+  numeric = [p for p, values in discrete if values is None]
+  discrete = [(p, values) for p, values in discrete if values is not None]
+  combinations = math.prod(len(values) for _, values in discrete)
   if combinations <= _MAX_COMBINATIONS:
-    products = itertools.product(*[[(p.key, c) for c in p.choices]
-                                   for p in categorical])
+    products = itertools.product(*[[(p.key, c) for c in values]
+                                   for p, values in discrete])
     products = [dict(product) for product in products]
   else:
-    products = [{p.key: choice} for p in categorical for choice in p.choices]
+    products = [{p.key: choice} for p, values in discrete
+                for choice in values]
   for end in ('low', 'high'):
     ends = {p.key: getattr(p, end) for p in numeric}
     for product in products:

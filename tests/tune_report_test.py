@@ -1,0 +1,32 @@
+"""Tests of the study's summary (keras_sft/tune/report.py)."""
+
+import optuna
+
+from keras_sft.tune import report
+
+
+def _study(values):
+  study = optuna.create_study(direction='maximize',
+                              sampler=optuna.samplers.RandomSampler(seed=0))
+  for value in values:
+    trial = study.ask()
+    trial.suggest_float('learning_rate', 1e-3, 1.0, log=True)
+    trial.suggest_categorical('clip_global_norm', [None, 1.0])
+    trial.suggest_int('gradient_accumulation_steps', 1, 2)
+    study.tell(trial, value)
+  return study
+
+
+def test_equal_scores_rank_no_key():
+  """Hostile pass: 4 trials all at 0.25 printed "Keys that mattered most:
+  gradient_accumulation_steps 0.20, clip_global_norm 0.20, ..."."""
+  ranked = report.importances(_study([0.25] * 4))
+  assert isinstance(ranked, str)
+  assert 'all 4 complete trials scored 0.2500' in ranked
+
+
+def test_different_scores_are_ranked():
+  ranked = report.importances(_study([0.1, 0.5, 0.3, 0.9, 0.2]))
+  assert isinstance(ranked, dict)
+  assert set(ranked) == {'learning_rate', 'clip_global_norm',
+                         'gradient_accumulation_steps'}
