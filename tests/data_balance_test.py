@@ -43,6 +43,12 @@ def test_valid_class_weights_pass(value):
     ({'cat': 0.0}, 'finite number > 0'),
     ({'cat': float('inf')}, 'finite number > 0'),
     ({'cat': '2'}, 'finite number > 0'),
+    # float32 sample weights: inf (an infinite loss) and 0.
+    ({'cat': 1e300}, 'within float32'),
+    ({'cat': 1e-300}, 'within float32'),
+    # Python's negative indexing would weight the last class.
+    ({-1: 2.0}, 'Class ids are >= 0'),
+    ({0: 2.0, -3: 2.0}, 'Class ids are >= 0'),
 ])
 def test_bad_class_weights_are_refused(value, fragment):
   with pytest.raises(errors.ConfigError, match=fragment):
