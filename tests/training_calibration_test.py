@@ -153,6 +153,9 @@ def test_disjoint_calibration_splits_are_accepted(values):
     (dict(train_split='train[:90%]', calibration_split='train[-100:]'),
      'train_split'),
     (dict(calibration_split='test+train'), None),
+    # Bounds that are no numbers: a ValueError traceback before.
+    (dict(calibration_split='val[:1.2.3]'), None),
+    (dict(calibration_split='val[..%:]'), None),
     (dict(calibration_split=''), None),
 ])
 def test_overlapping_or_unclear_calibration_splits_are_refused(values,

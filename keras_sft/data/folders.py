@@ -93,11 +93,28 @@ def parse_split(split):
     ValueError: `split` is not of that form.
   """
   match = _SPLIT_PATTERN.match(split.strip())
-  if not match:
+  if not match or not all(_is_bound(match.group(group))
+                          for group in ('start', 'end')):
     raise errors.DataError(
         f'Cannot parse the split {split!r}. Expected a folder name with an '
-        'optional slice, e.g. "train", "train[:90%]" or "train[90%:]".')
+        'optional slice of integer indices or percentages, e.g. "train", '
+        '"train[:90%]", "train[90%:]" or "train[-100:]".')
   return match.group('name'), match.group('start'), match.group('end')
+
+
+def _is_bound(text):
+  """Whether a slice bound is absent, an integer, or a number and '%'
+  (the pattern also lets through '1.2.3' and '2.5', which are neither)."""
+  if text is None:
+    return True
+  try:
+    if text.endswith('%'):
+      float(text[:-1])
+    else:
+      int(text)
+  except ValueError:
+    return False
+  return True
 
 
 def _bound(text, size):
