@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import requests
 import tensorflow as tf
+import tensorflow_datasets as tfds
 import urllib3
 
 from configs import default as default_lib
@@ -679,3 +680,27 @@ def test_split_dataset_of_a_folder_reads_its_split_folder(tmp_path):
   assert count == 7
   with pytest.raises(errors.DataError, match='differ'):
     pipeline.split_dataset(config, 'val', ('cat', 'dog'))
+
+
+def test_a_split_the_tfds_dataset_lacks_is_one_error_naming_its_splits(
+    tmp_path):
+  # Real tfds (its mock_data makes up any split): README suggests a
+  # dataset's own `validation` split for calibration_split, and CIFAR-10
+  # has none; tfds' ValueError was a traceback.
+  from tensorflow_datasets import testing as tfds_testing  # pylint: disable=g-import-not-at-top
+
+  class SupervisedDummyMnist(tfds_testing.DummyMnist):
+    """tfds' offline test dataset (train and test), with supervised keys."""
+
+    def _info(self):
+      info = super()._info()
+      return tfds.core.DatasetInfo(builder=self, features=info.features,
+                                   supervised_keys=('image', 'label'))
+
+  builder = SupervisedDummyMnist(data_dir=str(tmp_path))
+  builder.download_and_prepare()
+  with pytest.raises(errors.DataError,
+                     match=r"'validation'.*\['test', 'train'\]"):
+    pipeline._read_split(builder, 'validation', False, 0)  # pylint: disable=protected-access
+  assert int(pipeline._read_split(  # pylint: disable=protected-access
+      builder, 'train[:5]', False, 0).cardinality()) == 5

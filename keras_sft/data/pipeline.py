@@ -283,10 +283,25 @@ def class_names(builder):
 
 
 def _read_split(builder, split, shuffle_files, seed):
+  """The split's `(image, label)` records.
+
+  Raises:
+    DataError: the dataset has no such split (tfds' ValueError, a
+      traceback before): e.g. `calibration_split='validation'` on CIFAR-10.
+  """
   read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=False)
-  return builder.as_dataset(
-      split=split, shuffle_files=shuffle_files, as_supervised=True,
-      read_config=read_config)
+  try:
+    return builder.as_dataset(
+        split=split, shuffle_files=shuffle_files, as_supervised=True,
+        read_config=read_config)
+  except ValueError as error:
+    if 'split' not in str(error).lower():
+      raise
+    raise errors.DataError(
+        f'The split {split!r} cannot be read from the tfds dataset '
+        f'{builder.name!r} ({str(error).strip().splitlines()[0][:300]}). Its '
+        f'splits: {sorted(builder.info.splits)}; name one of them, '
+        'optionally sliced (e.g. "train[90%:]").') from error
 
 
 def _num_examples(dataset, split):
