@@ -104,6 +104,12 @@ def test_mapping_naming_no_class_is_refused(mapping, fragment):
     balance.class_weights(mapping, (), _NAMES)
 
 
+def test_a_class_given_twice_by_name_and_json_id_is_refused():
+  # _NAMES[0] is 'cat': one of the two weights would silently win.
+  with pytest.raises(errors.ConfigError, match="'cat'.*twice"):
+    balance.class_weights({'cat': 2.0, '0': 3.0}, (), _NAMES)
+
+
 def test_an_id_that_is_another_class_s_name_is_refused():
   """Folder classes '10', '2', '3' (sorted as text): the id 2 is the class
   '3', but the stored JSON's key '2' would name the class '2'."""

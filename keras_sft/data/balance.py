@@ -152,6 +152,7 @@ def class_weights(class_weight, counts, class_names):
     weights[present] = counts.sum() / (present.sum() * counts[present])
     return weights
   weights = np.ones(num_classes)
+  named = {}
   ids = {name: index for index, name in enumerate(class_names)}
   for key, weight in _items(class_weight):
     if isinstance(key, int) and ids.get(str(key), key) != key:
@@ -175,6 +176,13 @@ def class_weights(class_weight, counts, class_names):
           f'class_weight names the class {key!r}, which the data does not '
           f'have. Its classes: {list(class_names)[:20]}. Received: '
           f'class_weight={_plain(class_weight)}')
+    if index in named:
+      # E.g. {'cat': 2.0, '0': 3.0}: one would silently win.
+      raise errors.ConfigError(
+          f'class_weight gives the class {class_names[index]!r} (id '
+          f'{index}) twice, as {named[index]!r} and {key!r}. Give each class '
+          f'once. Received: class_weight={_plain(class_weight)}')
+    named[index] = key
     weights[index] = float(weight)
   return weights
 
