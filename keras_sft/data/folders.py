@@ -487,7 +487,8 @@ def load(dataset, train_split='train', eval_split='test',
 
 
 def load_split(dataset, split, class_names, skip_corrupt_images=False,
-               max_image_pixels=images.DEFAULT_MAX_IMAGE_PIXELS):
+               max_image_pixels=images.DEFAULT_MAX_IMAGE_PIXELS,
+               held_out_from=()):
   """Lists, checks and opens one more split folder of a `folder:PATH` dataset.
 
   For a split beside the train and eval splits (the calibration split):
@@ -499,10 +500,17 @@ def load_split(dataset, split, class_names, skip_corrupt_images=False,
     class_names: The train split's class names.
     skip_corrupt_images: See `check_files`.
     max_image_pixels: As in `load`.
+    held_out_from: Paths of files this split must not share (the run's
+      train and eval files, `load`'s `files`), compared after resolving
+      symbolic links: a `val` that is a link to `test` (or holds links to
+      its files) passes the config's check of the split names.
 
   Returns:
     `(examples, num_examples)`: a dataset of `(image uint8 [H, W, 3], label
     int64)` in the fixed order, and its size.
+
+  Raises:
+    DataError: among others, the split shares files with `held_out_from`.
   """
   root = folder_root(dataset)
   name, start, end = parse_split(split)
@@ -517,6 +525,15 @@ def load_split(dataset, split, class_names, skip_corrupt_images=False,
   if not len(files):  # pylint: disable=g-explicit-length-test
     raise errors.DataError(f'The split {split!r} of {root!r} selects no '
                            'images. Widen the slice or add images.')
+  others = {os.path.realpath(path) for path in held_out_from}
+  shared = [path for path in files.paths if os.path.realpath(path) in others]
+  if shared:
+    raise errors.DataError(
+        f'The split {split!r} of {root!r} shares {len(shared)} of its '
+        f'{len(files)} files with the train or eval split (after following '
+        f'symbolic links), e.g. {shared[0]!r} is '
+        f'{os.path.realpath(shared[0])!r}. '
+        'Hold out images of its own: copy them into a real folder.')
   (files,), _ = check_files([files], root, skip_corrupt_images,
                             max_image_pixels)
   return to_dataset(files, max_pixels=max_image_pixels), len(files)

@@ -180,7 +180,7 @@ def from_config(config):
           class_weights=weights, **augment.switches_from_config(config)))
 
 
-def split_dataset(config, split, class_names):
+def split_dataset(config, split, class_names, held_out_from=()):
   """One more split of the config's dataset, batched as the eval split is.
 
   For a split beside the train and eval splits (the calibration split of
@@ -191,6 +191,8 @@ def split_dataset(config, split, class_names):
     config: The run's ConfigDict.
     split: A tfds split string or a folder split, optionally sliced.
     class_names: The run's class names (a folder split must have them).
+    held_out_from: For a folder, the files it must not share (the run's
+      `info.files`; `folders.load_split`).
 
   Returns:
     `(dataset, num_examples)`: finite batches of `(images, labels)`.
@@ -199,7 +201,8 @@ def split_dataset(config, split, class_names):
     examples, count = folders.load_split(
         config.dataset, split, class_names,
         skip_corrupt_images=config.skip_corrupt_images,
-        max_image_pixels=config.max_image_pixels)
+        max_image_pixels=config.max_image_pixels,
+        held_out_from=held_out_from)
   else:
     builder = get_builder(config.dataset, config.data_dir)
     examples = _read_split(builder, split, shuffle_files=False,
