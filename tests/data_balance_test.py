@@ -43,6 +43,12 @@ def test_valid_class_weights_pass(value):
     ({'cat': 0.0}, 'finite number > 0'),
     ({'cat': float('inf')}, 'finite number > 0'),
     ({'cat': '2'}, 'finite number > 0'),
+    # float32 sample weights: inf (an infinite loss) and 0.
+    ({'cat': 1e300}, 'within float32'),
+    ({'cat': 1e-300}, 'within float32'),
+    # Python's negative indexing would weight the last class.
+    ({-1: 2.0}, 'Class ids are >= 0'),
+    ({0: 2.0, -3: 2.0}, 'Class ids are >= 0'),
 ])
 def test_bad_class_weights_are_refused(value, fragment):
   with pytest.raises(errors.ConfigError, match=fragment):
@@ -96,6 +102,12 @@ def test_mapping_by_name_id_or_json_id(mapping):
 def test_mapping_naming_no_class_is_refused(mapping, fragment):
   with pytest.raises(errors.ConfigError, match=fragment):
     balance.class_weights(mapping, (), _NAMES)
+
+
+def test_a_class_given_twice_by_name_and_json_id_is_refused():
+  # _NAMES[0] is 'cat': one of the two weights would silently win.
+  with pytest.raises(errors.ConfigError, match="'cat'.*twice"):
+    balance.class_weights({'cat': 2.0, '0': 3.0}, (), _NAMES)
 
 
 def test_an_id_that_is_another_class_s_name_is_refused():

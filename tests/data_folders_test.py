@@ -17,6 +17,7 @@ from configs import cifar10_resnet50
 from keras_sft.data import folders
 from keras_sft.data import images
 from keras_sft.data import pipeline
+from keras_sft import errors
 from keras_sft.export import saved_model
 from keras_sft.models import network as network_lib
 from keras_sft.training import train
@@ -357,6 +358,19 @@ def test_parse_split_rejects_garbage():
   assert folders.parse_split('val') == ('val', None, None)
   with pytest.raises(ValueError, match='Cannot parse'):
     folders.parse_split('train[:90%')
+
+
+@pytest.mark.parametrize('split', ['train[:1.2.3]', 'train[:2.5]',
+                                   'train[..%:]', 'train[1.2.3%:]'])
+def test_parse_split_rejects_bounds_that_are_no_numbers(split):
+  # The pattern lets these through; int()/float() of them was a traceback.
+  with pytest.raises(errors.DataError, match='Cannot parse'):
+    folders.parse_split(split)
+
+
+def test_parse_split_takes_fractional_percents_and_negative_indices():
+  assert folders.parse_split('train[:2.5%]') == ('train', None, '2.5%')
+  assert folders.parse_split('train[-100:]') == ('train', '-100', None)
 
 
 def test_files_are_decoded_once_per_process_unless_they_change(folder_copy,

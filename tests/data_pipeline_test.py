@@ -1,11 +1,13 @@
 """Tests of keras_sft.data.pipeline on mock tfds data and in-memory data."""
 
+import os
 import time
 
 import numpy as np
 import pytest
 import requests
 import tensorflow as tf
+import tensorflow_datasets as tfds
 import urllib3
 
 from configs import default as default_lib
@@ -679,3 +681,71 @@ def test_split_dataset_of_a_folder_reads_its_split_folder(tmp_path):
   assert count == 7
   with pytest.raises(errors.DataError, match='differ'):
     pipeline.split_dataset(config, 'val', ('cat', 'dog'))
+
+
+@pytest.mark.parametrize('link', ['folder', 'file'])
+def test_a_calibration_folder_linked_to_the_eval_split_is_refused(tmp_path,
+                                                                  link):
+  """`val -> test` (or a val/ of links to test/'s files) passes the config's
+  check of the split names; the run's calibration would then be fitted on
+  its eval images, silently."""
+  import image_fixtures  # pylint: disable=g-import-not-at-top
+  root = str(tmp_path)
+  image_fixtures.write_image_folder(root, counts={'train': 2, 'test': 2})
+  if link == 'folder':
+    os.symlink(os.path.join(root, 'test'), os.path.join(root, 'val'))
+  else:
+    for name in image_fixtures.CLASSES:
+      os.makedirs(os.path.join(root, 'val', name))
+      first = sorted(os.listdir(os.path.join(root, 'test', name)))[0]
+      os.symlink(os.path.join(root, 'test', name, first),
+                 os.path.join(root, 'val', name, first))
+  config = default_lib.get_config()
+  config.dataset = f'folder:{root}'
+  config.image_size = _SIDE
+  config.global_batch_size = 4
+  config.calibration_split = 'val'
+  data = pipeline.from_config(config)
+  with pytest.raises(errors.DataError, match='shares 3 of its'
+                     if link == 'file' else 'shares 6 of its'):
+    pipeline.split_dataset(config, 'val', data.info.class_names,
+                           held_out_from=data.info.files)
+
+
+def test_a_real_calibration_folder_beside_the_others_is_read(tmp_path):
+  import image_fixtures  # pylint: disable=g-import-not-at-top
+  root = str(tmp_path)
+  image_fixtures.write_image_folder(root, counts={'train': 2, 'test': 2,
+                                                  'val': 1})
+  config = default_lib.get_config()
+  config.dataset = f'folder:{root}'
+  config.image_size = _SIDE
+  config.global_batch_size = 4
+  data = pipeline.from_config(config)
+  _, count = pipeline.split_dataset(config, 'val', data.info.class_names,
+                                    held_out_from=data.info.files)
+  assert count == 3
+
+
+def test_a_split_the_tfds_dataset_lacks_is_one_error_naming_its_splits(
+    tmp_path):
+  # Real tfds (its mock_data makes up any split): README suggests a
+  # dataset's own `validation` split for calibration_split, and CIFAR-10
+  # has none; tfds' ValueError was a traceback.
+  from tensorflow_datasets import testing as tfds_testing  # pylint: disable=g-import-not-at-top
+
+  class SupervisedDummyMnist(tfds_testing.DummyMnist):
+    """tfds' offline test dataset (train and test), with supervised keys."""
+
+    def _info(self):
+      info = super()._info()
+      return tfds.core.DatasetInfo(builder=self, features=info.features,
+                                   supervised_keys=('image', 'label'))
+
+  builder = SupervisedDummyMnist(data_dir=str(tmp_path))
+  builder.download_and_prepare()
+  with pytest.raises(errors.DataError,
+                     match=r"'validation'.*\['test', 'train'\]"):
+    pipeline._read_split(builder, 'validation', False, 0)  # pylint: disable=protected-access
+  assert int(pipeline._read_split(  # pylint: disable=protected-access
+      builder, 'train[:5]', False, 0).cardinality()) == 5

@@ -775,6 +775,19 @@ def test_a_calibrated_export_serves_softmax_of_logits_over_t_in_every_format(
       rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize('value', [1e-300, 1e-30, 1e30, True, '2'])
+def test_a_temperature_outside_the_fitted_range_is_refused(value):
+  """float32(1e-300) is 0 and logits / 1e-30 overflow float32: either
+  would serve NaN probabilities."""
+  with pytest.raises(errors.ConfigError, match='temperature'):
+    saved_model.check_temperature(value)
+
+
+def test_a_temperature_at_the_ends_of_the_fitted_range_is_served():
+  assert saved_model.check_temperature(0.01) == 0.01
+  assert saved_model.check_temperature(100) == 100.0
+
+
 def test_a_temperature_that_is_not_positive_is_refused(exported, tmp_path):
   for value in (0.0, -1.0, float('nan')):
     with pytest.raises(errors.ConfigError, match='temperature'):

@@ -153,6 +153,9 @@ def test_disjoint_calibration_splits_are_accepted(values):
     (dict(train_split='train[:90%]', calibration_split='train[-100:]'),
      'train_split'),
     (dict(calibration_split='test+train'), None),
+    # Bounds that are no numbers: a ValueError traceback before.
+    (dict(calibration_split='val[:1.2.3]'), None),
+    (dict(calibration_split='val[..%:]'), None),
     (dict(calibration_split=''), None),
 ])
 def test_overlapping_or_unclear_calibration_splits_are_refused(values,
@@ -200,6 +203,42 @@ def test_the_record_is_served_only_with_the_weights_it_was_fitted_for(
   calibration.remove_record(workdir)
   assert calibration.temperature_for_export(
       workdir, 'final.weights.h5', 40) == (1.0, None)
+
+
+@pytest.mark.parametrize('text', [
+    '{"temperature": 0, "step": 40}',
+    '{"temperature": NaN, "step": 40}',
+    '{"temperature": Infinity, "step": 40}',
+    '{"temperature": -2.0, "step": 40}',
+    # float32(1e-300) is 0: the export would divide the logits by 0.
+    '{"temperature": 1e-300, "step": 40}',
+    '{"temperature": 1e30, "step": 40}',
+    '{"temperature": "2.0", "step": 40}',
+    '{"temperature": true, "step": 40}',
+    '{"step": 40}',
+    '{"temperature": 2.0, "step": "40"}',
+    '[2.0, 40]',
+    '{"temperature": 2.0, "st',
+])
+def test_a_damaged_or_edited_record_is_one_error_naming_the_file(tmp_path,
+                                                                 text):
+  workdir = str(tmp_path)
+  with open(calibration.record_path(workdir), 'w') as file:
+    file.write(text)
+  with pytest.raises(errors.DataError,
+                     match='calibration.json') as raised:
+    calibration.temperature_for_export(workdir, 'final.weights.h5', 40)
+  assert 'Delete it' in str(raised.value) or 'delete it' in str(raised.value)
+
+
+def test_a_record_at_the_search_bounds_is_served(tmp_path):
+  workdir = str(tmp_path)
+  for temperature in (calibration.MIN_TEMPERATURE,
+                      calibration.MAX_TEMPERATURE):
+    calibration.write_record(workdir, {'temperature': temperature,
+                                       'step': 40})
+    assert calibration.temperature_for_export(
+        workdir, 'final.weights.h5', 40)[0] == temperature
 
 
 def test_the_report_gives_ece_before_and_after_and_draws_both(tmp_path):

@@ -70,11 +70,21 @@ def check_config(config):
     raise errors.ConfigError(
         'The keys of class_weight must be all class names (str) or all class '
         f'ids (int), not a mix. Received: class_weight={_plain(class_weight)}')
+  negative = [key for key in ids if key < 0]
+  if negative:
+    # Python's negative indexing would weight the last classes instead.
+    raise errors.ConfigError(
+        f'Class ids are >= 0; class_weight has {negative}. Received: '
+        f'class_weight={_plain(class_weight)}')
+  float32 = np.finfo(np.float32)
   for key, weight in _items(class_weight):
     if not (errors.is_number(weight) and math.isfinite(weight) and
-            weight > 0):
+            float32.tiny <= weight <= float32.max):
+      # The sample weights are float32: a larger weight is inf there (an
+      # infinite loss), a smaller positive one 0 or subnormal.
       raise errors.ConfigError(
-          'Each class weight must be a finite number > 0. Received: '
+          'Each class weight must be a finite number > 0 within float32 '
+          f'({float32.tiny:.3g} to {float32.max:.3g}). Received: '
           f'class_weight[{key!r}]={weight!r}')
 
 
@@ -142,6 +152,7 @@ def class_weights(class_weight, counts, class_names):
     weights[present] = counts.sum() / (present.sum() * counts[present])
     return weights
   weights = np.ones(num_classes)
+  named = {}
   ids = {name: index for index, name in enumerate(class_names)}
   for key, weight in _items(class_weight):
     if isinstance(key, int) and ids.get(str(key), key) != key:
@@ -165,6 +176,13 @@ def class_weights(class_weight, counts, class_names):
           f'class_weight names the class {key!r}, which the data does not '
           f'have. Its classes: {list(class_names)[:20]}. Received: '
           f'class_weight={_plain(class_weight)}')
+    if index in named:
+      # E.g. {'cat': 2.0, '0': 3.0}: one would silently win.
+      raise errors.ConfigError(
+          f'class_weight gives the class {class_names[index]!r} (id '
+          f'{index}) twice, as {named[index]!r} and {key!r}. Give each class '
+          f'once. Received: class_weight={_plain(class_weight)}')
+    named[index] = key
     weights[index] = float(weight)
   return weights
 

@@ -94,11 +94,28 @@ def parse_split(split):
     ValueError: `split` is not of that form.
   """
   match = _SPLIT_PATTERN.match(split.strip())
-  if not match:
+  if not match or not all(_is_bound(match.group(group))
+                          for group in ('start', 'end')):
     raise errors.DataError(
         f'Cannot parse the split {split!r}. Expected a folder name with an '
-        'optional slice, e.g. "train", "train[:90%]" or "train[90%:]".')
+        'optional slice of integer indices or percentages, e.g. "train", '
+        '"train[:90%]", "train[90%:]" or "train[-100:]".')
   return match.group('name'), match.group('start'), match.group('end')
+
+
+def _is_bound(text):
+  """Whether a slice bound is absent, an integer, or a number and '%'
+  (the pattern also lets through '1.2.3' and '2.5', which are neither)."""
+  if text is None:
+    return True
+  try:
+    if text.endswith('%'):
+      float(text[:-1])
+    else:
+      int(text)
+  except ValueError:
+    return False
+  return True
 
 
 def _bound(text, size):
@@ -471,7 +488,8 @@ def load(dataset, train_split='train', eval_split='test',
 
 
 def load_split(dataset, split, class_names, skip_corrupt_images=False,
-               max_image_pixels=images.DEFAULT_MAX_IMAGE_PIXELS):
+               max_image_pixels=images.DEFAULT_MAX_IMAGE_PIXELS,
+               held_out_from=()):
   """Lists, checks and opens one more split folder of a `folder:PATH` dataset.
 
   For a split beside the train and eval splits (the calibration split):
@@ -483,10 +501,17 @@ def load_split(dataset, split, class_names, skip_corrupt_images=False,
     class_names: The train split's class names.
     skip_corrupt_images: See `check_files`.
     max_image_pixels: As in `load`.
+    held_out_from: Paths of files this split must not share (the run's
+      train and eval files, `load`'s `files`), compared after resolving
+      symbolic links: a `val` that is a link to `test` (or holds links to
+      its files) passes the config's check of the split names.
 
   Returns:
     `(examples, num_examples)`: a dataset of `(image uint8 [H, W, 3], label
     int64)` in the fixed order, and its size.
+
+  Raises:
+    DataError: among others, the split shares files with `held_out_from`.
   """
   root = folder_root(dataset)
   name, start, end = parse_split(split)
@@ -501,6 +526,15 @@ def load_split(dataset, split, class_names, skip_corrupt_images=False,
   if not len(files):  # pylint: disable=g-explicit-length-test
     raise errors.DataError(f'The split {split!r} of {root!r} selects no '
                            'images. Widen the slice or add images.')
+  others = {os.path.realpath(path) for path in held_out_from}
+  shared = [path for path in files.paths if os.path.realpath(path) in others]
+  if shared:
+    raise errors.DataError(
+        f'The split {split!r} of {root!r} shares {len(shared)} of its '
+        f'{len(files)} files with the train or eval split (after following '
+        f'symbolic links), e.g. {shared[0]!r} is '
+        f'{os.path.realpath(shared[0])!r}. '
+        'Hold out images of its own: copy them into a real folder.')
   (files,), _ = check_files([files], root, skip_corrupt_images,
                             max_image_pixels)
   return to_dataset(files, max_pixels=max_image_pixels), len(files)

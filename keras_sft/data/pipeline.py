@@ -228,7 +228,7 @@ def from_config(config):
       unlabeled_options=unlabeled_options)
 
 
-def split_dataset(config, split, class_names):
+def split_dataset(config, split, class_names, held_out_from=()):
   """One more split of the config's dataset, batched as the eval split is.
 
   For a split beside the train and eval splits (the calibration split of
@@ -239,6 +239,8 @@ def split_dataset(config, split, class_names):
     config: The run's ConfigDict.
     split: A tfds split string or a folder split, optionally sliced.
     class_names: The run's class names (a folder split must have them).
+    held_out_from: For a folder, the files it must not share (the run's
+      `info.files`; `folders.load_split`).
 
   Returns:
     `(dataset, num_examples)`: finite batches of `(images, labels)`.
@@ -247,7 +249,8 @@ def split_dataset(config, split, class_names):
     examples, count = folders.load_split(
         config.dataset, split, class_names,
         skip_corrupt_images=config.skip_corrupt_images,
-        max_image_pixels=config.max_image_pixels)
+        max_image_pixels=config.max_image_pixels,
+        held_out_from=held_out_from)
   else:
     builder = get_builder(config.dataset, config.data_dir)
     examples = _read_split(builder, split, shuffle_files=False,
@@ -331,10 +334,25 @@ def class_names(builder):
 
 
 def _read_split(builder, split, shuffle_files, seed):
+  """The split's `(image, label)` records.
+
+  Raises:
+    DataError: the dataset has no such split (tfds' ValueError, a
+      traceback before): e.g. `calibration_split='validation'` on CIFAR-10.
+  """
   read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=False)
-  return builder.as_dataset(
-      split=split, shuffle_files=shuffle_files, as_supervised=True,
-      read_config=read_config)
+  try:
+    return builder.as_dataset(
+        split=split, shuffle_files=shuffle_files, as_supervised=True,
+        read_config=read_config)
+  except ValueError as error:
+    if 'split' not in str(error).lower():
+      raise
+    raise errors.DataError(
+        f'The split {split!r} cannot be read from the tfds dataset '
+        f'{builder.name!r} ({str(error).strip().splitlines()[0][:300]}). Its '
+        f'splits: {sorted(builder.info.splits)}; name one of them, '
+        'optionally sliced (e.g. "train[90%:]").') from error
 
 
 def _num_examples(dataset, split):

@@ -49,6 +49,7 @@ from keras_sft.data import augment
 from keras_sft.data import images
 from keras_sft import errors
 from keras_sft.models import classifier
+from keras_sft.training import calibration
 # The export's description of itself, beside `saved_model.pb` (TF Serving
 # ignores it), as beside a LiteRT `model.tflite`.
 METADATA_FILE = 'metadata.json'
@@ -129,8 +130,17 @@ class _ServingModule(tf.Module):
 
 
 def check_temperature(temperature):
-  """`temperature` as a float; raises ConfigError unless finite and > 0."""
+  """`temperature` as a float; raises ConfigError unless it is a T the fit
+  can return, in [MIN_TEMPERATURE, MAX_TEMPERATURE] (calibration): a
+  positive T far below would make float32 logits / T overflow (1e-300 is 0
+  in float32) and every `probabilities` NaN."""
   errors.check_positive('temperature', temperature)
+  if not (calibration.MIN_TEMPERATURE * (1 - 1e-9) <= temperature <=
+          calibration.MAX_TEMPERATURE * (1 + 1e-9)):
+    raise errors.ConfigError(
+        f'temperature must be in [{calibration.MIN_TEMPERATURE:g}, '
+        f'{calibration.MAX_TEMPERATURE:g}], the range temperature scaling '
+        f'fits it in. Received: temperature={temperature!r}')
   return float(temperature)
 
 

@@ -280,6 +280,37 @@ def remove_record(workdir):
     os.remove(record_path(workdir))
 
 
+def read_record(path):
+  """The record in `path` (calibration.json), checked before it is served.
+
+  A hand-edited or damaged file must not reach an export: a temperature
+  of 0, NaN, a string, or one so small that float32 logits / T overflow
+  would make every `probabilities` NaN. The fit only returns T in
+  [MIN_TEMPERATURE, MAX_TEMPERATURE], so anything else was not fitted.
+
+  Raises:
+    DataError: not a JSON object, or its temperature or step is not one
+      the fit writes; the message names the file and the fixes.
+  """
+  record = files.read_json_object(path)
+  temperature, step = record.get('temperature'), record.get('step')
+  fix = ('It was damaged or edited. Delete it to export uncalibrated '
+         '(T = 1), or rerun the run\'s training command, which fits T '
+         'again without training.')
+  if not (errors.is_number(temperature) and math.isfinite(temperature) and
+          MIN_TEMPERATURE * (1 - 1e-9) <= temperature <=
+          MAX_TEMPERATURE * (1 + 1e-9)):
+    raise errors.DataError(
+        f'{path} holds temperature={temperature!r}; a fitted temperature is '
+        f'a number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]. {fix}')
+  if not (isinstance(step, int) and not isinstance(step, bool) and
+          step >= 0):
+    raise errors.DataError(
+        f'{path} holds step={step!r}, not the training step the temperature '
+        f'was fitted for (an integer >= 0). {fix}')
+  return record
+
+
 def temperature_for_export(workdir, weights_file, step):
   """`(T, record)` an export of these weights serves; `(1.0, None)` if none.
 
@@ -295,7 +326,7 @@ def temperature_for_export(workdir, weights_file, step):
   path = record_path(workdir)
   if not os.path.exists(path):
     return 1.0, None
-  record = files.read_json(path)
+  record = read_record(path)
   if (os.path.basename(weights_file) == checkpoints.BEST_WEIGHTS or
       record.get('step') != step):
     logging.warning(

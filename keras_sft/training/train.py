@@ -183,7 +183,8 @@ def _start(config, workdir):
     # splits: a missing split fails before training, not after it. Only the
     # chief fits the temperature.
     calibration_data = pipeline.split_dataset(
-        config, config.calibration_split, data.info.class_names)
+        config, config.calibration_split, data.info.class_names,
+        held_out_from=data.info.files)
   _check_execution_divides(
       'steps_per_epoch',
       recipe.steps_per_epoch(config, data.info.num_train_examples),
