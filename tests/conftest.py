@@ -35,6 +35,21 @@ def _loopback_only_connect(self, address):
 
 
 @pytest.fixture(autouse=True)
+def fresh_collective_keys():
+  """Gives each test's MirroredStrategy collective keys of its own.
+
+  TensorFlow caches a collective's parameters (its shape) by group and
+  instance key, and every strategy made in a process starts from the same
+  keys (`_collective_key_base`, which TensorFlow says to set only in
+  tests). So the all-reduce of a second strategy's variables of other
+  shapes failed with "Shape mismatch in the collective instance", depending
+  on which tests had run before in the same process.
+  """
+  tf.distribute.MirroredStrategy._collective_key_base += 100_000  # pylint: disable=protected-access
+  yield
+
+
+@pytest.fixture(autouse=True)
 def no_network(monkeypatch):
   """Fails any test that opens a connection off this machine."""
   monkeypatch.setattr(socket.socket, 'connect', _loopback_only_connect)

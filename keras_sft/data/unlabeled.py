@@ -61,8 +61,8 @@ def check_config(config):
         f'{config.semi_supervised!r}. Set both (e.g. '
         '--config.unlabeled=folder:PATH --config.semi_supervised=fixmatch) '
         'or neither.')
-  if config.semi_supervised is None:
-    return
+  # The FixMatch keys are checked even when it is off (as every key is):
+  # a NaN there is a typo to name now, not when FixMatch is switched on.
   errors.check_integer('fixmatch_mu', config.fixmatch_mu, 1,
                        ' (unlabelled images per labelled image in a step)')
   errors.check_at_most('fixmatch_mu', config.fixmatch_mu, MAX_RATIO,
@@ -73,7 +73,13 @@ def check_config(config):
                         config.fixmatch_unlabeled_weight)
   errors.check_fraction('fixmatch_cutout_fraction',
                         config.fixmatch_cutout_fraction, upper_inclusive=True)
-  if config.gradient_accumulation_steps != 1:
+  errors.check_integer('fixmatch_randaugment_num_ops',
+                       config.fixmatch_randaugment_num_ops, 0)
+  errors.check_fraction('fixmatch_randaugment_magnitude',
+                        config.fixmatch_randaugment_magnitude,
+                        upper_inclusive=True)
+  if (config.semi_supervised is not None and
+      config.gradient_accumulation_steps != 1):
     # The step splits every input by the labelled batch's rows; the
     # unlabelled views (μ times as many) would be cut wrongly.
     raise errors.ConfigError(
