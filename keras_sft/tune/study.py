@@ -74,22 +74,10 @@ class Options:
 PRUNERS = ('successive_halving', 'hyperband', 'median', 'none')
 
 
-def first_pruning_epoch(max_epochs):
-  """The first epoch after which a trial may be pruned.
-
-  A quarter of the epochs, at least 2 (1 for runs of one epoch): with the
-  default 1-epoch warmup, epoch 1 ends the warmup, and from scratch its
-  validation accuracies sat near chance (benchmarks/tune.py's first study:
-  9 of 10 trials pruned after epoch 1, the defaults kept), so they ranked
-  trials by noise, not promise.
-  """
-  return min(max_epochs, max(2, -(-max_epochs // 4)))
-
-
 def create_pruner(name, max_epochs):
   """Optuna's pruner `name`, with epochs as its resource."""
   errors.check_choice('pruner', name, PRUNERS)
-  first = first_pruning_epoch(max_epochs)
+  first = trial_lib.first_pruning_epoch(max_epochs)
   if name == 'successive_halving':
     # Asynchronous successive halving: at epochs r, 3r, 9r, ... (r =
     # first_pruning_epoch) a trial goes on only if it is in the best third

@@ -66,6 +66,31 @@ def history_accuracies(run_workdir):
   return [(epoch, value) for epoch, value in rows if math.isfinite(value)]
 
 
+def first_pruning_epoch(max_epochs):
+  """The first epoch after which a trial may be pruned.
+
+  A quarter of the epochs, at least 2 (1 for runs of one epoch): with the
+  default 1-epoch warmup, epoch 1 ends the warmup, and from scratch its
+  validation accuracies sat near chance (benchmarks/tune.py's first study:
+  9 of 10 trials pruned after epoch 1, the defaults kept), so they ranked
+  trials by noise, not promise.
+  """
+  return min(max_epochs, max(2, -(-max_epochs // 4)))
+
+
+def last_pruning_epoch(max_epochs):
+  """The last epoch after which a trial may be pruned.
+
+  Pruning later saves fewer epochs than the first pruning epoch, and a
+  trial within that reach of its end is judged on the noise of a small
+  validation part for little gain (the fine-tuning study of
+  benchmarks/tune-2026-12-06-fashion_mnist.txt pruned a trial that tied the
+  defaults at epoch 9 of 10).
+  """
+  return max(first_pruning_epoch(max_epochs),
+             max_epochs - first_pruning_epoch(max_epochs))
+
+
 class PruningCallback(keras.callbacks.Callback):
   """Reports each epoch's val_accuracy; raises `optuna.TrialPruned` to stop.
 
@@ -73,24 +98,27 @@ class PruningCallback(keras.callbacks.Callback):
   callbacks have logged and backed up the epoch before this one runs.
   """
 
-  def __init__(self, trial, reported):
+  def __init__(self, trial, reported, last_epoch):
     super().__init__()
     self.trial = trial
     self.reported = reported
+    self.last_epoch = last_epoch
 
   def on_epoch_end(self, epoch, logs=None):
     value = (logs or {}).get(METRIC)
     if value is None or not math.isfinite(float(value)):
       return
-    report(self.trial, epoch + 1, float(value), self.reported)
+    report(self.trial, epoch + 1, float(value), self.reported,
+           self.last_epoch)
 
 
-def report(trial, epoch, value, reported):
+def report(trial, epoch, value, reported, last_epoch):
   """Reports `value` at `epoch` (kept in the dict `reported` too); raises
-  `TrialPruned` if the pruner says so."""
+  `TrialPruned` if the pruner says so, up to `last_epoch` (see
+  `last_pruning_epoch`)."""
   trial.report(value, epoch)
   reported[epoch] = value
-  if trial.should_prune():
+  if epoch <= last_epoch and trial.should_prune():
     raise optuna.TrialPruned(
         f'{METRIC}={value:.4f} after epoch {epoch}: below the trials that '
         'reached this epoch')
@@ -190,11 +218,12 @@ def run(trial, frozen, space, config, workdir, validation_fraction):
   try:
     # A resumed trial: report the epochs already run (their rows are kept
     # by the run), then go on.
+    last_epoch = last_pruning_epoch(trial_config.num_epochs)
     for epoch, value in history_accuracies(run_workdir):
-      report(trial, epoch, value, reported)
+      report(trial, epoch, value, reported, last_epoch)
     metrics = train.train_and_evaluate(
         trial_config, run_workdir,
-        callbacks=[PruningCallback(trial, reported)])
+        callbacks=[PruningCallback(trial, reported, last_epoch)])
   except optuna.TrialPruned as pruned:
     logging.info('Trial %d pruned: %s', trial.number, pruned)
     last = reported[max(reported)] if reported else None
