@@ -5,26 +5,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import models_classifier_test
+
 from keras_sft import errors
 from keras_sft.models import classifier
 from keras_sft.models import fixmatch
 
 _LAMBDA = 0.05
-_NUM_CLASSES = 5
+_NUM_CLASSES = models_classifier_test._NUM_CLASSES  # pylint: disable=protected-access
+# The classifier test's tiny network (conv, BN, head of _NUM_CLASSES).
+_network = models_classifier_test._network  # pylint: disable=protected-access
 _LEARNING_RATE = 0.1
-
-
-def _network(freeze_batchnorm=False):
-  inputs = keras.Input((8, 8, 3))
-  x = keras.layers.Conv2D(4, 3, name='conv')(inputs)
-  x = keras.layers.BatchNormalization(name='bn')(x)
-  x = keras.layers.ReLU()(x)
-  x = keras.layers.GlobalAveragePooling2D()(x)
-  outputs = keras.layers.Dense(_NUM_CLASSES, name='head')(x)
-  network = keras.Model(inputs, outputs)
-  if freeze_batchnorm:
-    network.get_layer('bn').trainable = False
-  return network
 
 
 def _model(kind='fixmatch', initial_weights=None, freeze_batchnorm=False,
