@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import keras
 import numpy as np
@@ -121,10 +122,12 @@ def _config(**overrides):
 @pytest.fixture(scope='module')
 def ema_run(tmp_path_factory):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  workdir = str(tmp_path_factory.mktemp('ema') / 'run')
+  directory = tmp_path_factory.mktemp('ema')
+  workdir = str(directory / 'run')
   with tfds.testing.mock_data(num_examples=64):
     metrics = train.train_and_evaluate(_config(), workdir)
-  return workdir, metrics
+  yield workdir, metrics
+  shutil.rmtree(directory, ignore_errors=True)  # ~1.2 GB of backups.
 
 
 def test_run_measures_raw_and_ema_and_exports_what_it_evaluated(ema_run,
