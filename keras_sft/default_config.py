@@ -237,8 +237,12 @@ def get_config():
   # (its labels unread). Checked as labelled folders are; duplicates of
   # labelled images are counted (all duplicates: refused).
   config.unlabeled = ml_collections.FieldReference(None, field_type=str)
-  # None, or 'fixmatch' (Sohn et al. 2020); set with `unlabeled`, never
-  # alone. Epochs stay epochs over the labelled images.
+  # None, 'fixmatch' (Sohn et al. 2020) or 'self_training' (a teacher on
+  # the labelled images labels the unlabelled ones, a student trains on
+  # both: keras_sft/training/self_training.py); set with `unlabeled`, never
+  # alone. At 10 labels per class on the fine-tuning proxy self-training
+  # helped and FixMatch hurt (benchmarks/ACCURACY.md). FixMatch's epochs
+  # stay epochs over the labelled images.
   config.semi_supervised = ml_collections.FieldReference(None, field_type=str)
   # μ: unlabelled images per labelled image in a step (FixMatch's 7). A
   # step then pushes (1 + 2μ)·global_batch_size images through the network.
@@ -254,6 +258,19 @@ def get_config():
   config.fixmatch_randaugment_num_ops = 2
   config.fixmatch_randaugment_magnitude = 0.5
   config.fixmatch_cutout_fraction = 0.5
+  # Self-training: a teacher prediction is used when its confidence is >=
+  # this (0: any); per class at most this fraction of the class's share of
+  # the unlabelled images, U / C, the most confident first (0.5: the
+  # proxy's pseudo-labels were 95% right at 0.5, 84% over all images).
+  config.self_training_threshold = 0.5
+  config.self_training_fraction = 0.5
+  # Teacher -> student rounds; each student teaches the next (Noisy
+  # Student: 3).
+  config.self_training_rounds = 1
+  # Epochs of each student over labelled + pseudo-labelled images. None:
+  # as many steps as the teacher's run (the cost of one more run).
+  config.self_training_epochs = ml_collections.FieldReference(None,
+                                                              field_type=int)
 
   # --- Distribution and compilation -----------------------------------------
   # 'float32', 'mixed_bfloat16', 'mixed_float16' (with dynamic loss scaling)

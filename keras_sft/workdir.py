@@ -431,6 +431,10 @@ KEYS_ADDED_LATER = {
     'fixmatch_randaugment_num_ops': 2,
     'fixmatch_randaugment_magnitude': 0.5,
     'fixmatch_cutout_fraction': 0.5,
+    'self_training_threshold': 0.5,
+    'self_training_fraction': 0.5,
+    'self_training_rounds': 1,
+    'self_training_epochs': None,
 }
 
 

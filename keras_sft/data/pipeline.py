@@ -30,6 +30,7 @@ import functools
 import logging
 
 import ml_collections
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import downloader as tfds_downloader
@@ -46,6 +47,9 @@ from keras_sft import errors
 _DISTINCT_EPOCH_ORDERS = 16
 # Separates the shuffle seeds of different `seed`s: seed * stride + epoch.
 _SEED_STRIDE = 1_000_003
+# The random stream that mixes pseudo-labelled images into the labelled
+# ones (`_with_pseudo_labels`), beside the seed's other uses.
+_PSEUDO_LABEL_MIX_STREAM = 7
 # HTTP retries of a tfds download (tfds' own default retries for minutes).
 _DOWNLOAD_RETRIES = 2
 # The largest side (image_size, resize_size) of an image the pipeline makes.
@@ -142,7 +146,10 @@ class Data:
     train_examples: Decoded `(image, label)` training examples.
     train_options: Keyword arguments of `make_train_dataset`.
     unlabeled_examples: None, or decoded unlabelled images.
-    unlabeled_options: Keyword arguments of `make_unlabeled_dataset`.
+    unlabeled_options: Keyword arguments of `make_unlabeled_dataset`
+      (FixMatch's stream), or None: `train` yields labelled batches only.
+    unlabeled_names: The files of `unlabeled_examples` in their order (a
+      folder), or None.
   """
   info: 'DatasetInfo'
   eval: tf.data.Dataset
@@ -150,6 +157,7 @@ class Data:
   train_options: dict
   unlabeled_examples: tf.data.Dataset = None
   unlabeled_options: dict = None
+  unlabeled_names: tuple = None
 
   def train(self, start_step=0, labeled_only=False):
     """The infinite training stream, from batch `start_step` on.
@@ -163,7 +171,7 @@ class Data:
     """
     batches = make_train_dataset(self.train_examples, start_step=start_step,
                                  **self.train_options)
-    if labeled_only or self.unlabeled_examples is None:
+    if labeled_only or self.unlabeled_options is None:
       return batches
     views = make_unlabeled_dataset(self.unlabeled_examples,
                                    start_step=start_step,
@@ -175,11 +183,18 @@ class Data:
     return _shard_by_data(zipped.prefetch(tf.data.AUTOTUNE))
 
 
-def from_config(config):
+def from_config(config, pseudo_labels=None):
   """Loads the config's dataset; returns a `Data`.
 
   Reads and checks the data (a folder's every file is decoded once), so bad
   data fails here, before any model is built.
+
+  Args:
+    config: A ConfigDict with the keys of `keras_sft/default_config.py`.
+    pseudo_labels: None, or `(indices, labels)` int arrays: those of the
+      unlabelled images (`config.unlabeled`, by position in their stream)
+      join the training examples with those labels (self-training's
+      student, `keras_sft.training.self_training`).
   """
   # A run checked it with every key; a library caller (create_datasets) not.
   balance.check_config(config)
@@ -191,16 +206,21 @@ def from_config(config):
       global_batch_size=config.global_batch_size,
       max_image_pixels=config.max_image_pixels,
       count_classes=balance.needs_counts(config))
+  unlabeled_examples, unlabeled_options, names = None, None, None
+  if config.unlabeled is not None:
+    unlabeled_examples, count, names = unlabeled.load(
+        config, info, train_examples, eval_examples, get_builder)
+    info = dataclasses.replace(info, num_unlabeled_examples=count)
+  if pseudo_labels is not None:
+    train_examples, info = _with_pseudo_labels(
+        train_examples, info, unlabeled_examples, *pseudo_labels,
+        seed=config.seed)
   weights = balance.class_weights(config.class_weight,
                                   info.train_class_counts, info.class_names)
   augmenter = batch_augment.create_batch_augmenter(
       info.num_classes, seed=config.seed,
       **batch_augment.options_from_config(config))
-  unlabeled_examples, unlabeled_options = None, None
-  if config.unlabeled is not None:
-    unlabeled_examples, count = unlabeled.load(config, info, train_examples,
-                                               eval_examples, get_builder)
-    info = dataclasses.replace(info, num_unlabeled_examples=count)
+  if config.semi_supervised == 'fixmatch':
     unlabeled_options = dict(
         image_size=config.image_size,
         batch_size=config.fixmatch_mu * config.global_batch_size,
@@ -225,7 +245,53 @@ def from_config(config):
           sampling=config.sampling, class_counts=info.train_class_counts,
           class_weights=weights, **augment.switches_from_config(config)),
       unlabeled_examples=unlabeled_examples,
-      unlabeled_options=unlabeled_options)
+      unlabeled_options=unlabeled_options,
+      unlabeled_names=names)
+
+
+def _with_pseudo_labels(train_examples, info, images, indices, labels, seed):
+  """The labelled examples and the pseudo-labelled images, mixed.
+
+  The two are interleaved in a seeded random order before the pipeline's
+  shuffle, so a shuffle buffer smaller than the set still mixes them (a
+  concatenation would start every epoch with the labelled images).
+  """
+  indices = np.asarray(indices, np.int64)
+  labels = np.asarray(labels, np.int64)
+  if indices.size and indices.max() >= info.num_unlabeled_examples:
+    raise errors.DataError(
+        f'The pseudo-labels name unlabelled image {int(indices.max())}, but '
+        f'the unlabelled set holds {info.num_unlabeled_examples} images: '
+        'it changed since the teacher labelled it. Delete the run\'s '
+        'self_training/pseudo_labels_*.json and rerun: the teacher labels '
+        'the images again.')
+  if labels.size and labels.max() >= info.num_classes:
+    raise errors.DataError(
+        f'The pseudo-labels hold label {int(labels.max())}, but the dataset '
+        f'has {info.num_classes} classes: they were made for other data. '
+        "Delete the run's self_training/pseudo_labels_*.json and rerun: the "
+        'teacher labels the images again.')
+  table = tf.lookup.StaticHashTable(
+      tf.lookup.KeyValueTensorInitializer(
+          tf.constant(indices, tf.int64), tf.constant(labels, tf.int64)),
+      default_value=-1)
+  pseudo = images.enumerate().map(
+      lambda index, image: (image, table.lookup(index))).filter(
+          lambda image, label: label >= 0)
+  # 0: a labelled example next, 1: a pseudo-labelled one; as many of each
+  # as there are.
+  choices = np.random.default_rng([seed, _PSEUDO_LABEL_MIX_STREAM]).permutation(
+      np.repeat(np.array([0, 1], np.int64),
+                [info.num_train_examples, len(indices)]))
+  mixed = tf.data.Dataset.choose_from_datasets(
+      [train_examples, pseudo], tf.data.Dataset.from_tensor_slices(choices))
+  counts = info.train_class_counts
+  if counts:
+    counts = tuple(int(count) for count in np.asarray(counts) + np.bincount(
+        labels, minlength=info.num_classes))
+  return mixed, dataclasses.replace(
+      info, num_train_examples=info.num_train_examples + len(indices),
+      train_class_counts=counts)
 
 
 def split_dataset(config, split, class_names, held_out_from=()):
@@ -457,7 +523,7 @@ def create_datasets(dataset='cifar10',
       image_size=image_size, cache=cache, resize_size=resize_size,
       shuffle_buffer_size=shuffle_buffer_size, random_crop=random_crop,
       random_flip=random_flip, class_weight=class_weight, sampling=sampling,
-      unlabeled=None,
+      unlabeled=None, semi_supervised=None,
       **augmentation)))
   return data.train(start_step), data.eval, data.info
 

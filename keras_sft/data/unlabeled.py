@@ -31,7 +31,7 @@ import tensorflow_datasets as tfds
 from keras_sft.data import folders
 from keras_sft import errors
 
-METHODS = ('fixmatch',)
+METHODS = ('fixmatch', 'self_training')
 # The keys of a training step's input dict when it carries unlabelled
 # images (`pipeline.Data.train`; read by `models.fixmatch`).
 LABELED = 'images'
@@ -78,7 +78,7 @@ def check_config(config):
   errors.check_fraction('fixmatch_randaugment_magnitude',
                         config.fixmatch_randaugment_magnitude,
                         upper_inclusive=True)
-  if (config.semi_supervised is not None and
+  if (config.semi_supervised == 'fixmatch' and
       config.gradient_accumulation_steps != 1):
     # The step splits every input by the labelled batch's rows; the
     # unlabelled views (μ times as many) would be cut wrongly.
@@ -99,7 +99,7 @@ def check_threshold(threshold):
 
 
 def load(config, info, train_examples, eval_examples, get_builder):
-  """Reads and checks `config.unlabeled`; returns `(images, count)`.
+  """Reads and checks `config.unlabeled`; `(images, count, names)`.
 
   Args:
     config: The run's ConfigDict.
@@ -112,7 +112,9 @@ def load(config, info, train_examples, eval_examples, get_builder):
       (`pipeline.get_builder`, passed in: the pipeline imports this module).
 
   Returns:
-    A dataset of uint8 `[H, W, 3]` images and their number.
+    A dataset of uint8 `[H, W, 3]` images (in a seeded order), their
+    number, and the files they were read from in that order (a folder) or
+    None (tfds).
 
   Raises:
     DataError: no images, a wrong channel count, every image a labelled one.
@@ -124,7 +126,7 @@ def load(config, info, train_examples, eval_examples, get_builder):
                                  config.max_image_pixels)
     check_duplicates(
         _file_hashes(paths), _file_hashes(info.files), spec)
-    return images, len(paths)
+    return images, len(paths), tuple(paths)
   if folders.is_folder_dataset(config.dataset):
     raise errors.ConfigError(
         f'unlabeled={spec!r} is a tfds split, but dataset='
@@ -135,7 +137,7 @@ def load(config, info, train_examples, eval_examples, get_builder):
   labeled = _pixel_hashes(train_examples.map(lambda image, label: image))
   labeled += _pixel_hashes(eval_examples.map(lambda image, label: image))
   check_duplicates(_pixel_hashes(images), labeled, spec)
-  return images, count
+  return images, count, None
 
 
 def list_images(root):

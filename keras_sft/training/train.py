@@ -15,7 +15,9 @@ A run is four steps, each a function below:
    next SavedModel version to `<workdir>/export/`.
 
 Rerunning the same command continues where the last run stopped, to the
-same step. `evaluate(config, workdir)` runs steps 1, 2 and 4.
+same step. `evaluate(config, workdir)` runs steps 1, 2 and 4. With
+`semi_supervised='self_training'` a run is a teacher run, pseudo-labels and
+a student run, each resumable (`keras_sft.training.self_training`).
 """
 
 import contextlib
@@ -50,6 +52,7 @@ from keras_sft.training import optimizers
 from keras_sft.training import precision
 from keras_sft.training import progress
 from keras_sft.training import recipe
+from keras_sft.training import self_training
 from keras_sft import workdir as workdir_lib
 
 
@@ -109,6 +112,7 @@ _CHECKS = (
     saved_model.check_config,
     formats.check_config,
     calibration.check_config,
+    self_training.check_config,
 )
 
 
@@ -138,6 +142,8 @@ class _Run:
   extra_callbacks: tuple = ()
   # With calibration_split: `(batches, num_examples)` of that split.
   calibration: object = None
+  # More entries of metrics.json (self-training's record).
+  extra_metrics: dict = dataclasses.field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -158,8 +164,11 @@ def _log_to(run):
     handler.close()
 
 
-def _start(config, workdir):
-  """Checks config and data, creates the strategy, claims the workdir."""
+def _start(config, workdir, pseudo_labels=None):
+  """Checks config and data, creates the strategy, claims the workdir.
+
+  `pseudo_labels`: None, or a self-training student's pseudo-label file.
+  """
   check_config(config)
   workdir = workdir_lib.Workdir(workdir)
   strategy = distribution.create_strategy(
@@ -176,7 +185,8 @@ def _start(config, workdir):
   # backbone draws random numbers.
   backbones.check_weights_fit(config.model, config.image_size, config.weights)
   keras.utils.set_random_seed(config.seed)
-  data = pipeline.from_config(config)
+  data = pipeline.from_config(
+      config, pseudo_labels and self_training.read(pseudo_labels))
   calibration_data = None
   if config.calibration_split is not None:
     # Read (a folder's files decoded) now, on every worker as the other
@@ -200,7 +210,7 @@ def _start(config, workdir):
     # The export reads the class names from dataset.json, so it needs no
     # dataset; a rerun on other data is refused.
     workdir.claim(config, write=chief,
-                  dataset=_dataset_identity(config, data.info),
+                  dataset=_dataset_identity(config, data.info, pseudo_labels),
                   legacy_files=_legacy_files(config))
     if chief:
       for path in workdir.remove_temporary_files():
@@ -215,10 +225,12 @@ def _start(config, workdir):
               lock=lock, calibration=calibration_data)
 
 
-def _dataset_identity(config, info):
+def _dataset_identity(config, info, pseudo_labels=None):
   """What must not change between the starts of a run: see Workdir.claim."""
   identity = {'dataset': config.dataset, 'num_classes': info.num_classes,
               'class_names': list(info.class_names)}
+  if pseudo_labels:
+    identity['pseudo_labels'] = self_training.fingerprint(pseudo_labels)
   if folders.is_folder_dataset(config.dataset):
     # The files read, not every file in the folder: a README or .DS_Store
     # added to it changes no batch.
@@ -420,6 +432,7 @@ def _finish(run, model, export):
   step = checkpoints.trained_steps(model)
   metrics = {'step': step, 'total_steps': run.plan.total_steps}
   metrics.update(_evaluate_and_choose(run, model))
+  metrics.update(run.extra_metrics)
   # Every worker logs it: equal sums show the replicas stayed in sync.
   logging.info('Weights checksum (%s) at step %d: %.12e',
                distribution.task_name(run.strategy), step,
@@ -506,14 +519,83 @@ def train_and_evaluate(config, workdir, callbacks=()):
   Returns:
     The dict written to `<workdir>/metrics.json`.
   """
-  run = _start(config, workdir)
+  if config.semi_supervised == self_training.NAME:
+    return _self_train(config, workdir, callbacks)
+  return _train_and_evaluate(config, workdir, callbacks)
+
+
+def _train_and_evaluate(config, workdir, callbacks=(), pseudo_labels=None,
+                        extra_metrics=None):
+  run = _start(config, workdir, pseudo_labels)
   run.extra_callbacks = tuple(callbacks)
+  run.extra_metrics = dict(extra_metrics or {})
   with run.lock, _log_to(run):
     model = _build(run)
     trained = _fit_to_end(run, model)
     # A rerun of a finished run exports only if no version was written yet.
     export = trained or not saved_model.list_versions(run.workdir.export)
     return _finish(run, model, export=export)
+
+
+def _self_train(config, workdir, callbacks):
+  """Teacher, then per round pseudo-labels and a student (the last is the
+  run in `workdir`); each stage resumes or is skipped when finished."""
+  check_config(config)
+  stages = self_training.Stages(workdir)
+  self_training.claim(config, stages)
+  teacher = _train_and_evaluate(self_training.teacher_config(config),
+                                stages.teacher)
+  record = {'teacher': {'top1': teacher['eval']['accuracy'],
+                        'step': teacher['step']}, 'rounds': []}
+  rounds = config.self_training_rounds
+  for round_number in range(1, rounds + 1):
+    path = stages.pseudo_labels(round_number)
+    if not os.path.exists(path):
+      if self_training.is_chief_process():
+        _pseudo_label(config, stages.teacher_of(round_number, rounds), path)
+      else:
+        self_training.wait_for(path, config.startup_timeout_seconds)
+    summary = self_training.summary(path)
+    self_training.log_round(round_number, summary)
+    record['rounds'].append(summary)
+    student = self_training.student_config(
+        config, round_number, summary['num_labeled'],
+        summary['num_pseudo_labeled'])
+    last = round_number == rounds
+    metrics = _train_and_evaluate(
+        student, stages.student(round_number, rounds),
+        callbacks if last else (), pseudo_labels=path,
+        extra_metrics={self_training.NAME: record})
+    if not last:
+      record['rounds'][-1]['student_top1'] = metrics['eval']['accuracy']
+  return metrics
+
+
+def _pseudo_label(config, teacher_workdir, path):
+  """The teacher's predictions on the unlabelled images; writes `path`."""
+  data = pipeline.from_config(config)
+  model, _, class_names, _ = restore.restore_run_model(teacher_workdir)
+  step = checkpoints.trained_steps(model)
+  logging.info('Pseudo-labelling %d unlabelled images with the teacher in '
+               '%s (step %d).', data.info.num_unlabeled_examples,
+               teacher_workdir, step)
+  images = data.unlabeled_examples.map(
+      lambda image: (image, tf.constant(0, tf.int64)))
+  _, logits = evaluation.predict(model, pipeline.make_eval_dataset(
+      images, image_size=config.image_size,
+      global_batch_size=config.global_batch_size, cache=False,
+      resize_size=config.resize_size))
+  probabilities = tf.nn.softmax(tf.constant(logits, tf.float64)).numpy()
+  cap = self_training.per_class_cap(len(probabilities), len(class_names),
+                                    config.self_training_fraction)
+  chosen = self_training.select(probabilities,
+                                config.self_training_threshold, cap)
+  self_training.write(path, self_training.record(
+      probabilities, *chosen, class_names=class_names,
+      threshold=config.self_training_threshold, cap=cap,
+      teacher=teacher_workdir, teacher_step=step,
+      num_labeled=data.info.num_train_examples,
+      names=data.unlabeled_names))
 
 
 def evaluate(config, workdir):
@@ -538,7 +620,16 @@ def evaluate(config, workdir):
     raise errors.PathNotFoundError(
         f'workdir={workdir!r} holds no backup in {existing.checkpoints} to '
         'evaluate. Train first with --mode=train.')
-  run = _start(config, workdir)
+  pseudo_labels = None
+  if config.semi_supervised == self_training.NAME:
+    # The last student is the run in `workdir`: its config and data.
+    pseudo_labels = self_training.Stages(workdir).pseudo_labels(
+        config.self_training_rounds)
+    summary = self_training.summary(pseudo_labels)
+    config = self_training.student_config(
+        config, config.self_training_rounds, summary['num_labeled'],
+        summary['num_pseudo_labeled'])
+  run = _start(config, workdir, pseudo_labels)
   with run.lock, _log_to(run):
     model = _build(run)
     logging.info('Evaluating the backup at step %d of %d.',

@@ -1,0 +1,250 @@
+"""Self-training: selection, the student's data, the stages of a run."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+import image_fixtures
+
+from configs import cifar10_resnet50
+from keras_sft import errors
+from keras_sft import default_config
+from keras_sft.data import pipeline
+from keras_sft.training import self_training
+from keras_sft.training import train
+from keras_sft import workdir as workdir_lib
+
+
+def test_select_keeps_the_most_confident_per_class_above_the_threshold():
+  probabilities = np.array([
+      [0.9, 0.1, 0.0],   # 0: class 0, 0.9
+      [0.6, 0.4, 0.0],   # 1: class 0, 0.6
+      [0.7, 0.3, 0.0],   # 2: class 0, 0.7
+      [0.2, 0.8, 0.0],   # 3: class 1, 0.8
+      [0.4, 0.3, 0.3],   # 4: class 0, 0.4 (under the threshold)
+      [0.1, 0.2, 0.7],   # 5: class 2, 0.7
+  ])
+  indices, labels, confidences = self_training.select(probabilities, 0.5, 2)
+  # Class 0: the two most confident of {0, 1, 2} (not 1); 4 under τ.
+  np.testing.assert_array_equal(indices, [0, 2, 3, 5])
+  np.testing.assert_array_equal(labels, [0, 0, 1, 2])
+  np.testing.assert_allclose(confidences, [0.9, 0.7, 0.8, 0.7], atol=1e-6)
+
+
+def test_select_breaks_ties_by_index_and_can_select_nothing():
+  probabilities = np.full((5, 2), 0.5)
+  indices, labels, _ = self_training.select(probabilities, 0.5, 3)
+  np.testing.assert_array_equal(indices, [0, 1, 2])
+  np.testing.assert_array_equal(labels, [0, 0, 0])
+  indices, labels, confidences = self_training.select(probabilities, 0.9, 3)
+  assert indices.size == labels.size == confidences.size == 0
+
+
+def test_per_class_cap_and_student_epochs():
+  assert self_training.per_class_cap(3000, 5, 0.5) == 300
+  assert self_training.per_class_cap(10, 3, 0.5) == 2  # ⌈1.67⌉
+  assert self_training.per_class_cap(1, 10, 0.1) == 1
+  config = default_config.get_config()
+  config.num_epochs = 60
+  # The teacher's steps: 60 epochs of 50 images = 2 epochs of 1550.
+  assert self_training.student_epochs(config, 50, 1500) == 2
+  assert self_training.student_epochs(config, 50, 0) == 60
+  config.num_epochs = 1
+  assert self_training.student_epochs(config, 10, 1000) == 1
+  config.self_training_epochs = 7
+  assert self_training.student_epochs(config, 50, 1500) == 7
+
+
+@pytest.mark.parametrize('key,value,match', [
+    ('self_training_threshold', 1.0, r'\[0, 1\)'),
+    ('self_training_threshold', -0.1, r'\[0, 1\)'),
+    ('self_training_threshold', float('nan'), r'\[0, 1\)'),
+    ('self_training_fraction', 0.0, r'\(0, 1\]'),
+    ('self_training_fraction', 1.5, 'self_training_fraction'),
+    ('self_training_rounds', 0, 'self_training_rounds'),
+    ('self_training_rounds', 11, 'self_training_rounds'),
+    ('self_training_epochs', 0, 'self_training_epochs'),
+])
+def test_bad_values_are_one_error_before_anything_runs(key, value, match):
+  config = default_config.get_config()
+  setattr(config, key, value)
+  with pytest.raises(errors.ConfigError, match=match):
+    train.check_config(config)
+
+
+def test_teacher_and_student_configs():
+  config = default_config.get_config()
+  config.update(dict(unlabeled='folder:/u', semi_supervised='self_training',
+                     calibration_split='train[:10]', num_epochs=60,
+                     eval_every_epochs=5, self_training_rounds=2))
+  teacher = self_training.teacher_config(config)
+  assert (teacher.semi_supervised, teacher.unlabeled, teacher.export,
+          teacher.calibration_split) == (None, None, False, None)
+  assert config.semi_supervised == 'self_training'  # Not changed.
+  middle = self_training.student_config(config, 1, 50, 1500)
+  assert (middle.semi_supervised, middle.export, middle.num_epochs,
+          middle.eval_every_epochs) == (None, False, 2, 2)
+  last = self_training.student_config(config, 2, 50, 1500)
+  assert (last.semi_supervised, last.export, last.calibration_split,
+          last.num_epochs) == ('self_training', True, 'train[:10]', 2)
+
+
+def _images(count):
+  return tf.data.Dataset.from_tensor_slices(
+      np.arange(count, dtype=np.uint8).reshape(count, 1, 1, 1) *
+      np.ones((1, 2, 2, 3), np.uint8))
+
+
+def test_pseudo_labelled_images_join_the_training_examples():
+  labeled = tf.data.Dataset.from_tensor_slices(
+      (np.full((4, 2, 2, 3), 200, np.uint8), np.array([0, 1, 0, 1], np.int64)))
+  info = pipeline.DatasetInfo(num_classes=3, class_names=('a', 'b', 'c'),
+                              num_train_examples=4, num_eval_examples=1,
+                              train_class_counts=(2, 2, 0),
+                              num_unlabeled_examples=6)
+  examples, new_info = pipeline._with_pseudo_labels(  # pylint: disable=protected-access
+      labeled, info, _images(6), np.array([1, 4]), np.array([2, 0]), seed=0)
+  seen = [(int(image[0, 0, 0]), int(label)) for image, label in examples]
+  assert sorted(seen) == sorted([(200, 0), (200, 1), (200, 0), (200, 1),
+                                 (1, 2), (4, 0)])
+  assert new_info.num_train_examples == 6
+  assert new_info.train_class_counts == (3, 2, 1)
+  # The same seed, the same order; pseudo-labelled images are spread in.
+  again = [(int(image[0, 0, 0]), int(label)) for image, label in
+           pipeline._with_pseudo_labels(  # pylint: disable=protected-access
+               labeled, info, _images(6), np.array([1, 4]),
+               np.array([2, 0]), seed=0)[0]]
+  assert again == seen
+
+
+def test_pseudo_labels_of_another_unlabelled_set_are_refused():
+  labeled = tf.data.Dataset.from_tensor_slices(
+      (np.zeros((2, 2, 2, 3), np.uint8), np.array([0, 1], np.int64)))
+  info = pipeline.DatasetInfo(num_classes=2, class_names=('a', 'b'),
+                              num_train_examples=2, num_eval_examples=1,
+                              num_unlabeled_examples=3)
+  with pytest.raises(errors.DataError, match='holds 3 images'):
+    pipeline._with_pseudo_labels(  # pylint: disable=protected-access
+        labeled, info, _images(3), np.array([5]), np.array([0]), seed=0)
+  with pytest.raises(errors.DataError, match='label'):
+    pipeline._with_pseudo_labels(  # pylint: disable=protected-access
+        labeled, info, _images(3), np.array([0]), np.array([2]), seed=0)
+
+
+@pytest.mark.parametrize('content', [
+    '[1, 2]', '{"indices": [0, 1], "labels": [0]}',
+    '{"indices": [0, 0], "labels": [0, 1]}',
+    '{"indices": [-1], "labels": [0]}', '{"indices": "x", "labels": [0]}',
+    '{"labels": [0]}', 'not json'])
+def test_a_malformed_pseudo_label_file_names_the_fix(tmp_path, content):
+  path = tmp_path / 'pseudo_labels_1.json'
+  path.write_text(content)
+  with pytest.raises(errors.UserError, match='pseudo_labels_1.json'):
+    self_training.read(str(path))
+
+
+@pytest.mark.parametrize('tf_config,chief', [
+    (None, True),
+    ({'cluster': {'worker': ['a:1', 'b:1']},
+      'task': {'type': 'worker', 'index': 0}}, True),
+    ({'cluster': {'worker': ['a:1', 'b:1']},
+      'task': {'type': 'worker', 'index': 1}}, False),
+    ({'cluster': {'chief': ['c:1'], 'worker': ['a:1']},
+      'task': {'type': 'worker', 'index': 0}}, False),
+    ({'cluster': {'chief': ['c:1'], 'worker': ['a:1']},
+      'task': {'type': 'chief', 'index': 0}}, True),
+])
+def test_the_chief_writes_the_pseudo_labels(tf_config, chief):
+  environ = {} if tf_config is None else {'TF_CONFIG': json.dumps(tf_config)}
+  assert self_training.is_chief_process(environ) == chief
+
+
+def test_a_worker_waits_for_the_chiefs_labels_then_names_the_timeout(
+    tmp_path):
+  path = str(tmp_path / 'pseudo_labels_1.json')
+  with pytest.raises(errors.UnavailableError, match='startup_timeout'):
+    self_training.wait_for(path, 0.2, poll_seconds=0.05)
+  open(path, 'w').close()
+  self_training.wait_for(path, 0.2, poll_seconds=0.05)
+
+
+def _write_unlabeled(root, count=9, seed=3):
+  rng = np.random.default_rng(seed)
+  os.makedirs(root)
+  for i in range(count):
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), np.uint8)).save(
+        os.path.join(root, f'{i}.png'))
+
+
+def _config(root, unlabeled):
+  config = cifar10_resnet50.get_config('smoke')
+  config.update(dict(dataset=f'folder:{root}',
+                     unlabeled=f'folder:{unlabeled}',
+                     semi_supervised='self_training', global_batch_size=4,
+                     steps_per_epoch=None, num_epochs=2, eval_steps=None,
+                     self_training_threshold=0.0))
+  return config
+
+
+def test_a_workdir_of_another_run_is_refused_before_the_teacher(tmp_path):
+  workdir = str(tmp_path / 'run')
+  workdir_lib.Workdir(workdir).claim(default_config.get_config())
+  config = _config(str(tmp_path / 'labelled'), str(tmp_path / 'unlabelled'))
+  with pytest.raises(errors.WorkdirError, match='another run'):
+    self_training.claim(config, self_training.Stages(workdir))
+  assert not os.path.exists(os.path.join(workdir, 'self_training'))
+
+
+def test_teacher_labels_student_trains_and_a_rerun_redoes_nothing(tmp_path):
+  root = str(tmp_path / 'labelled')
+  image_fixtures.write_image_folder(root)  # 12 train images, 3 classes.
+  unlabeled = str(tmp_path / 'unlabelled')
+  _write_unlabeled(unlabeled)
+  workdir = str(tmp_path / 'run')
+  config = _config(root, unlabeled)
+  metrics = train.train_and_evaluate(config, workdir)
+
+  stages = self_training.Stages(workdir)
+  teacher = workdir_lib.Workdir(stages.teacher)
+  assert teacher.read_config()['semi_supervised'] is None
+  with open(stages.pseudo_labels(1)) as file:
+    labels = json.load(file)
+  # ⌈0.5 · 9 / 3⌉ = 2 per class at most; τ = 0 keeps every prediction.
+  assert labels['cap_per_class'] == 2
+  assert labels['num_unlabeled'] == 9 and labels['num_labeled'] == 12
+  assert sum(labels['pseudo_labeled_per_class'].values()) == len(
+      labels['indices']) == labels['num_pseudo_labeled']
+  assert max(labels['pseudo_labeled_per_class'].values()) <= 2
+  assert sum(labels['predicted_per_class'].values()) == 9
+  assert all(path.startswith(unlabeled) for path in labels['files'])
+  # The student: 12 + n images for round(2 · 12 / (12 + n)) epochs, the
+  # teacher's 3 · 2 = 6 steps in whole epochs.
+  n = labels['num_pseudo_labeled']
+  student = workdir_lib.Workdir(workdir).read_config()
+  assert student['num_epochs'] == max(1, round(2 * 12 / (12 + n)))
+  assert metrics['step'] == student['num_epochs'] * ((12 + n) // 4)
+  record = metrics['self_training']
+  assert record['teacher']['step'] == 6
+  assert record['rounds'][0]['num_pseudo_labeled'] == n
+  assert 'indices' not in record['rounds'][0]
+  assert os.listdir(workdir_lib.Workdir(workdir).export)  # The student's.
+  assert not os.path.exists(teacher.export)
+
+  # A rerun: the teacher and the labels are not redone, the student resumes
+  # at its end; the same metrics.
+  modified = os.path.getmtime(stages.pseudo_labels(1))
+  again = train.train_and_evaluate(config, workdir)
+  assert os.path.getmtime(stages.pseudo_labels(1)) == modified
+  assert again['step'] == metrics['step']
+  assert again['eval'] == pytest.approx(metrics['eval'])
+  # --mode=eval evaluates the student on its own data.
+  assert train.evaluate(config, workdir)['step'] == metrics['step']
+  # Other self-training keys on this workdir: refused before the teacher.
+  other = _config(root, unlabeled)
+  other.self_training_fraction = 0.25
+  with pytest.raises(errors.WorkdirError, match='self_training_fraction'):
+    train.train_and_evaluate(other, workdir)
