@@ -1,4 +1,4 @@
-"""Few labels, many images: supervised-only vs FixMatch, labels hidden.
+"""Few labels, many images: supervised-only vs FixMatch and self-training.
 
 Real images: Fashion-MNIST from Debian (see benchmarks/accuracy.py, whose
 data writer, run helper and fine-tuning proxy this reuses). The proxy: a
@@ -13,9 +13,15 @@ Rows, same epochs over the labelled images, same batch, same seed, each its
 own `python -m keras_sft.main` process (wall time is the whole process):
   supervised: the defaults on the labelled images only;
   fixmatch:   the same plus --config.semi_supervised=fixmatch (defaults:
-              μ=7, τ=0.95, λ_u=1) on the unlabelled folder.
+              μ=7, τ=0.95, λ_u=1) on the unlabelled folder;
+  self_training: the same plus --config.semi_supervised=self_training
+              (defaults): its teacher is the supervised row's run again,
+              then the student; wall time is the whole (teacher, labelling,
+              student).
 The fraction of unlabelled images above τ per epoch comes from the run's
-history.csv (`unlabeled_mask_rate`).
+history.csv (`unlabeled_mask_rate`); the accuracy of self-training's
+pseudo-labels from its pseudo_labels_1.json (file names are train indices:
+the true labels are known here, never read by keras-sft).
 
 The machine this was written on is shared: wall times are only comparable
 within one run of this script (the ratio is reported).
@@ -66,6 +72,29 @@ def _mask_rates(workdir):
             for row in csv.DictReader(file)]
 
 
+def _pseudo_label_quality(workdir, source_dir):
+  """Accuracy of round 1's pseudo-labels against the hidden labels, and the
+  teacher's top-1 (from the student's metrics.json)."""
+  with open(os.path.join(workdir, 'self_training',
+                         'pseudo_labels_1.json')) as file:
+    record = json.load(file)
+  with open(os.path.join(workdir, 'metrics.json')) as file:
+    teacher = json.load(file)['self_training']['teacher']
+  _, labels = accuracy.load_split(source_dir, 'train')
+  # Class folders are named '<label>_<name>'; files '<train index>.png'.
+  names = sorted(record['predicted_per_class'])
+  true = [int(labels[int(os.path.basename(path).split('.')[0])])
+          for path in record['files']]
+  predicted = [int(names[label].split('_')[0]) for label in record['labels']]
+  return dict(
+      teacher_top1=teacher['top1'],
+      num_pseudo_labeled=record['num_pseudo_labeled'],
+      num_unlabeled=record['num_unlabeled'],
+      pseudo_label_accuracy=float(np.mean(np.equal(true, predicted)))
+      if true else None,
+      pseudo_labeled_per_class=record['pseudo_labeled_per_class'])
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--source_dir', default=accuracy.FASHION_MNIST_DIR)
@@ -83,6 +112,11 @@ def main():
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--fixmatch_flags', default='',
                       help='extra flags of the fixmatch row, space-separated')
+  parser.add_argument('--self_training_flags', default='',
+                      help='extra flags of the self_training row')
+  parser.add_argument('--rows', default='supervised,fixmatch,self_training',
+                      help='rows to run, comma-separated (supervised is the '
+                      'baseline and always runs)')
   parser.add_argument('--backbone', default=None,
                       help='a backbone file of an earlier run of this '
                       'script (same --pretrain_* flags): skips pretraining')
@@ -129,27 +163,38 @@ def main():
       'fixmatch': [f'--config.unlabeled=folder:{unlabeled_root}',
                    '--config.semi_supervised=fixmatch',
                    *args.fixmatch_flags.split()],
+      'self_training': [f'--config.unlabeled=folder:{unlabeled_root}',
+                        '--config.semi_supervised=self_training',
+                        *args.self_training_flags.split()],
   }
+  chosen = {'supervised', *args.rows.split(',')}
+  unknown = chosen - set(rows)
+  if unknown:
+    parser.error(f'unknown --rows {sorted(unknown)}; choose from {list(rows)}')
   results['rows'] = {}
   for name, extra in rows.items():
+    if name not in chosen:
+      continue
     workdir = os.path.join(work_dir, name)
     row = accuracy.run_keras_sft(labeled_root, workdir, args.epochs,
                                  args.batch_size, args.seed,
                                  weights=weights_file, extra=extra)
     if name == 'fixmatch':
       row['unlabeled_mask_rate_per_epoch'] = _mask_rates(workdir)
+    if name == 'self_training':
+      row.update(_pseudo_label_quality(workdir, args.source_dir))
     results['rows'][name] = row
     print(f'  {name}: top-1 {row["top1"]:.4f} in {row["wall_seconds"]:.0f} s '
           f'(other processes took {row["other_cpu_fraction"]:.0%} of the '
           'CPU)', flush=True)
-  supervised, fixmatch = (results['rows']['supervised'],
-                          results['rows']['fixmatch'])
-  results['error_ratio'] = ((1 - fixmatch['top1']) /
-                            max(1 - supervised['top1'], 1e-9))
-  results['wall_ratio'] = (fixmatch['wall_seconds'] /
-                           supervised['wall_seconds'])
-  print(f'FixMatch / supervised: error ratio {results["error_ratio"]:.3f}, '
-        f'wall-time ratio {results["wall_ratio"]:.2f}', flush=True)
+  supervised = results['rows']['supervised']
+  for name, row in results['rows'].items():
+    if name == 'supervised':
+      continue
+    row['error_ratio'] = (1 - row['top1']) / max(1 - supervised['top1'], 1e-9)
+    row['wall_ratio'] = row['wall_seconds'] / supervised['wall_seconds']
+    print(f'{name} / supervised: error ratio {row["error_ratio"]:.3f}, '
+          f'wall-time ratio {row["wall_ratio"]:.2f}', flush=True)
   if args.out:
     with open(args.out, 'w') as file:
       json.dump(results, file, indent=1)

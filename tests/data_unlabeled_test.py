@@ -205,6 +205,17 @@ def test_training_batches_zip_both_streams_and_resume(folders):
   np.testing.assert_array_equal(resumed[1], batches[2][1])
 
 
+def test_names_follow_the_images_in_their_seeded_order(folders):
+  """Self-training names a pseudo-labelled image by its position in the
+  stream and records its file: `unlabeled_names[i]` is image i's file."""
+  root, unlabeled_root, paths = folders
+  data = pipeline.from_config(_config(root, unlabeled_root))
+  names = data.unlabeled_names
+  assert sorted(names) == paths and list(names) != paths  # Shuffled.
+  for name, image in zip(names, data.unlabeled_examples.as_numpy_iterator()):
+    np.testing.assert_array_equal(image, np.asarray(Image.open(name)))
+
+
 def test_tfds_split_is_hashed_by_pixels(mock_cifar10):
   """A split of the tfds dataset, its labels unread, compared by decoded
   pixels: tfds mock data gives every split the same images, all of them

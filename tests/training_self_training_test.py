@@ -99,6 +99,11 @@ def _images(count):
       np.ones((1, 2, 2, 3), np.uint8))
 
 
+def _pseudo(indices, labels, num_unlabeled, files=None):
+  return dict(indices=np.array(indices), labels=np.array(labels),
+              num_unlabeled=num_unlabeled, files=files)
+
+
 def test_pseudo_labelled_images_join_the_training_examples():
   labeled = tf.data.Dataset.from_tensor_slices(
       (np.full((4, 2, 2, 3), 200, np.uint8), np.array([0, 1, 0, 1], np.int64)))
@@ -106,8 +111,9 @@ def test_pseudo_labelled_images_join_the_training_examples():
                               num_train_examples=4, num_eval_examples=1,
                               train_class_counts=(2, 2, 0),
                               num_unlabeled_examples=6)
+  pseudo = _pseudo([1, 4], [2, 0], 6)
   examples, new_info = pipeline._with_pseudo_labels(  # pylint: disable=protected-access
-      labeled, info, _images(6), np.array([1, 4]), np.array([2, 0]), seed=0)
+      labeled, info, _images(6), None, pseudo, seed=0)
   seen = [(int(image[0, 0, 0]), int(label)) for image, label in examples]
   assert sorted(seen) == sorted([(200, 0), (200, 1), (200, 0), (200, 1),
                                  (1, 2), (4, 0)])
@@ -116,8 +122,7 @@ def test_pseudo_labelled_images_join_the_training_examples():
   # The same seed, the same order; pseudo-labelled images are spread in.
   again = [(int(image[0, 0, 0]), int(label)) for image, label in
            pipeline._with_pseudo_labels(  # pylint: disable=protected-access
-               labeled, info, _images(6), np.array([1, 4]),
-               np.array([2, 0]), seed=0)[0]]
+               labeled, info, _images(6), None, pseudo, seed=0)[0]]
   assert again == seen
 
 
@@ -127,19 +132,29 @@ def test_pseudo_labels_of_another_unlabelled_set_are_refused():
   info = pipeline.DatasetInfo(num_classes=2, class_names=('a', 'b'),
                               num_train_examples=2, num_eval_examples=1,
                               num_unlabeled_examples=3)
-  with pytest.raises(errors.DataError, match='holds 3 images'):
+  names = ('a.png', 'b.png', 'c.png')
+  with pytest.raises(errors.DataError, match='labelled 4 unlabelled images; '
+                     'there are 3 now'):
     pipeline._with_pseudo_labels(  # pylint: disable=protected-access
-        labeled, info, _images(3), np.array([5]), np.array([0]), seed=0)
-  with pytest.raises(errors.DataError, match='label'):
+        labeled, info, _images(3), names, _pseudo([0], [0], 4), seed=0)
+  with pytest.raises(errors.DataError, match="was 'b.png' for the teacher "
+                     "and is 'c.png' now"):
     pipeline._with_pseudo_labels(  # pylint: disable=protected-access
-        labeled, info, _images(3), np.array([0]), np.array([2]), seed=0)
+        labeled, info, _images(3), names,
+        _pseudo([0, 2], [0, 1], 3, files=['a.png', 'b.png']), seed=0)
+  with pytest.raises(errors.DataError, match='label 2'):
+    pipeline._with_pseudo_labels(  # pylint: disable=protected-access
+        labeled, info, _images(3), names, _pseudo([0], [2], 3), seed=0)
 
 
 @pytest.mark.parametrize('content', [
-    '[1, 2]', '{"indices": [0, 1], "labels": [0]}',
-    '{"indices": [0, 0], "labels": [0, 1]}',
-    '{"indices": [-1], "labels": [0]}', '{"indices": "x", "labels": [0]}',
-    '{"labels": [0]}', 'not json'])
+    '[1, 2]', '{"indices": [0, 1], "labels": [0], "num_unlabeled": 2}',
+    '{"indices": [0, 0], "labels": [0, 1], "num_unlabeled": 2}',
+    '{"indices": [-1], "labels": [0], "num_unlabeled": 2}',
+    '{"indices": "x", "labels": [0], "num_unlabeled": 2}',
+    '{"indices": [0], "labels": [0]}',
+    '{"labels": [0]}', 'not json',
+    '{"indices": [0], "labels": [0], "num_unlabeled": 1, "files": [1]}'])
 def test_a_malformed_pseudo_label_file_names_the_fix(tmp_path, content):
   path = tmp_path / 'pseudo_labels_1.json'
   path.write_text(content)
@@ -248,3 +263,8 @@ def test_teacher_labels_student_trains_and_a_rerun_redoes_nothing(tmp_path):
   other.self_training_fraction = 0.25
   with pytest.raises(errors.WorkdirError, match='self_training_fraction'):
     train.train_and_evaluate(other, workdir)
+  # Unlabelled images added after the teacher labelled them: the indices
+  # would name other images; refused, naming the way out.
+  _write_unlabeled(os.path.join(unlabeled, 'more'), count=1, seed=9)
+  with pytest.raises(errors.DataError, match='changed since the teacher'):
+    train.train_and_evaluate(config, workdir)

@@ -191,10 +191,12 @@ def from_config(config, pseudo_labels=None):
 
   Args:
     config: A ConfigDict with the keys of `keras_sft/default_config.py`.
-    pseudo_labels: None, or `(indices, labels)` int arrays: those of the
-      unlabelled images (`config.unlabeled`, by position in their stream)
-      join the training examples with those labels (self-training's
-      student, `keras_sft.training.self_training`).
+    pseudo_labels: None, or a dict of `indices` and `labels` (int arrays),
+      `files` and `num_unlabeled` (`keras_sft.training.self_training.read`):
+      those unlabelled images (`config.unlabeled`, by position in their
+      stream) join the training examples with those labels (self-training's
+      student); refused if the unlabelled images are not those the labels
+      were made for.
   """
   # A run checked it with every key; a library caller (create_datasets) not.
   balance.check_config(config)
@@ -213,7 +215,7 @@ def from_config(config, pseudo_labels=None):
     info = dataclasses.replace(info, num_unlabeled_examples=count)
   if pseudo_labels is not None:
     train_examples, info = _with_pseudo_labels(
-        train_examples, info, unlabeled_examples, *pseudo_labels,
+        train_examples, info, unlabeled_examples, names, pseudo_labels,
         seed=config.seed)
   weights = balance.class_weights(config.class_weight,
                                   info.train_class_counts, info.class_names)
@@ -249,22 +251,33 @@ def from_config(config, pseudo_labels=None):
       unlabeled_names=names)
 
 
-def _with_pseudo_labels(train_examples, info, images, indices, labels, seed):
+def _with_pseudo_labels(train_examples, info, images, names, pseudo_labels,
+                        seed):
   """The labelled examples and the pseudo-labelled images, mixed.
 
   The two are interleaved in a seeded random order before the pipeline's
   shuffle, so a shuffle buffer smaller than the set still mixes them (a
   concatenation would start every epoch with the labelled images).
   """
-  indices = np.asarray(indices, np.int64)
-  labels = np.asarray(labels, np.int64)
-  if indices.size and indices.max() >= info.num_unlabeled_examples:
+  indices = np.asarray(pseudo_labels['indices'], np.int64)
+  labels = np.asarray(pseudo_labels['labels'], np.int64)
+  changed = None
+  if pseudo_labels['num_unlabeled'] != info.num_unlabeled_examples:
+    changed = (f'the teacher labelled {pseudo_labels["num_unlabeled"]} '
+               f'unlabelled images; there are {info.num_unlabeled_examples} '
+               'now')
+  elif names is not None and pseudo_labels.get('files') is not None:
+    for index, expected in zip(indices, pseudo_labels['files']):
+      if names[index] != expected:
+        changed = (f'unlabelled image {int(index)} was {expected!r} for the '
+                   f'teacher and is {names[index]!r} now')
+        break
+  if changed:
     raise errors.DataError(
-        f'The pseudo-labels name unlabelled image {int(indices.max())}, but '
-        f'the unlabelled set holds {info.num_unlabeled_examples} images: '
-        'it changed since the teacher labelled it. Delete the run\'s '
-        'self_training/pseudo_labels_*.json and rerun: the teacher labels '
-        'the images again.')
+        f'The unlabelled images changed since the teacher labelled them: '
+        f'{changed}. Restore them, or delete the run\'s '
+        'self_training/pseudo_labels_*.json (and its student) and rerun: '
+        'the teacher labels the images again.')
   if labels.size and labels.max() >= info.num_classes:
     raise errors.DataError(
         f'The pseudo-labels hold label {int(labels.max())}, but the dataset '

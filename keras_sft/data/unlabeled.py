@@ -182,10 +182,16 @@ def _load_folder(spec, seed, skip_corrupt_images, max_image_pixels):
       [split], root, skip_corrupt_images, max_image_pixels)
   logging.info('Unlabelled folder %s: %d images (%d unreadable files '
                'skipped).', root, len(split), skipped)
-  # A seed of its own, so the file order differs from the labelled one's.
-  examples = folders.to_dataset(split, shuffle_seed=seed + 1,
-                                max_pixels=max_image_pixels)
-  return examples.map(lambda image, label: image), list(split.paths)
+  # A seed of its own, so the file order differs from the labelled one's;
+  # permuted here (as `to_dataset` would with that seed) so the returned
+  # paths are in the stream's order: self-training's pseudo-labels name
+  # images by their position in it.
+  order = np.random.default_rng(seed + 1).permutation(len(split))
+  paths = [split.paths[i] for i in order]
+  examples = folders.to_dataset(
+      folders.FolderSplit(tuple(paths), (0,) * len(paths)),
+      max_pixels=max_image_pixels)
+  return examples.map(lambda image, label: image), paths
 
 
 def _load_tfds(builder, dataset, split, seed):

@@ -218,13 +218,24 @@ def write(path, value):
 
 
 def read(path):
-  """A round's pseudo-labels: `(indices, labels)` int64 arrays, checked
-  (the label range and the indices' bound by the pipeline, which knows the
-  data)."""
+  """A round's pseudo-labels, as `pipeline.from_config` takes them.
+
+  Returns:
+    A dict: `indices`, `labels` (int64 arrays), `files` (the unlabelled
+    files they name, or None for tfds) and `num_unlabeled` (the images the
+    teacher saw). Its structure is checked here; the label range and
+    that the unlabelled images are still those the teacher saw, by the
+    pipeline, which has the data.
+  """
   value = files.read_json_object(path)
   try:
     indices = np.asarray(value['indices'], np.int64)
     labels = np.asarray(value['labels'], np.int64)
+    num_unlabeled = int(value['num_unlabeled'])
+    names = value.get('files')
+    if names is not None and (len(names) != len(indices) or
+                              not all(isinstance(n, str) for n in names)):
+      raise ValueError('files and indices differ in length')
   except (KeyError, TypeError, ValueError) as error:
     raise errors.WorkdirError(
         f'{path} is not a pseudo-label file of keras-sft ({error}). Delete '
@@ -238,7 +249,8 @@ def read(path):
         'lists of equal length of non-negative integers, no index twice). '
         'Delete it and rerun the same command: the teacher labels the '
         'images again.')
-  return indices, labels
+  return dict(indices=indices, labels=labels, files=names,
+              num_unlabeled=num_unlabeled)
 
 
 def fingerprint(path):
