@@ -271,6 +271,9 @@ def get_config():
   # as many steps as the teacher's run (the cost of one more run).
   config.self_training_epochs = ml_collections.FieldReference(None,
                                                               field_type=int)
+  # Where each student starts: 'pretrained' (`weights`, as the teacher did;
+  # Noisy Student) or 'teacher' (its teacher's network, then trained on).
+  config.self_training_student_init = 'pretrained'
 
   # --- Distribution and compilation -----------------------------------------
   # 'float32', 'mixed_bfloat16', 'mixed_float16' (with dynamic loss scaling)

@@ -435,6 +435,7 @@ KEYS_ADDED_LATER = {
     'self_training_fraction': 0.5,
     'self_training_rounds': 1,
     'self_training_epochs': None,
+    'self_training_student_init': 'pretrained',
 }
 
 

@@ -14,6 +14,8 @@ from configs import cifar10_resnet50
 from keras_sft import errors
 from keras_sft import default_config
 from keras_sft.data import pipeline
+from keras_sft.export import restore
+from keras_sft.training import recipe
 from keras_sft.training import self_training
 from keras_sft.training import train
 from keras_sft import workdir as workdir_lib
@@ -86,8 +88,12 @@ def test_teacher_and_student_configs():
           teacher.calibration_split) == (None, None, False, None)
   assert config.semi_supervised == 'self_training'  # Not changed.
   middle = self_training.student_config(config, 1, 50, 1500)
-  assert (middle.semi_supervised, middle.export, middle.num_epochs,
-          middle.eval_every_epochs) == (None, False, 2, 2)
+  # It reads the unlabelled images (its pseudo-labelled share) and is not
+  # served.
+  assert (middle.semi_supervised, middle.unlabeled, middle.export,
+          middle.calibration_split, middle.num_epochs,
+          middle.eval_every_epochs) == ('self_training', 'folder:/u', False,
+                                        None, 2, 2)
   last = self_training.student_config(config, 2, 50, 1500)
   assert (last.semi_supervised, last.export, last.calibration_split,
           last.num_epochs) == ('self_training', True, 'train[:10]', 2)
@@ -268,3 +274,40 @@ def test_teacher_labels_student_trains_and_a_rerun_redoes_nothing(tmp_path):
   _write_unlabeled(os.path.join(unlabeled, 'more'), count=1, seed=9)
   with pytest.raises(errors.DataError, match='changed since the teacher'):
     train.train_and_evaluate(config, workdir)
+
+
+def test_two_rounds_with_students_started_from_their_teachers(tmp_path,
+                                                              caplog):
+  root = str(tmp_path / 'labelled')
+  image_fixtures.write_image_folder(root)
+  unlabeled = str(tmp_path / 'unlabelled')
+  _write_unlabeled(unlabeled)
+  workdir = str(tmp_path / 'run')
+  config = _config(root, unlabeled)
+  config.update(dict(self_training_rounds=2, num_epochs=1,
+                     self_training_student_init='teacher'))
+  caplog.set_level('INFO')
+  metrics = train.train_and_evaluate(config, workdir)
+
+  stages = self_training.Stages(workdir)
+  first = stages.student(1, 2)
+  assert first == os.path.join(workdir, 'self_training', 'student_1')
+  # Round 2's labels come from round 1's student, which exported nothing.
+  with open(stages.pseudo_labels(2)) as file:
+    assert json.load(file)['teacher'] == first
+  assert not os.path.exists(workdir_lib.Workdir(first).export)
+  rounds = metrics['self_training']['rounds']
+  assert len(rounds) == 2 and 'student_top1' in rounds[0]
+  started = [record.getMessage() for record in caplog.records
+             if 'Started from the network weights' in record.getMessage()]
+  assert started == [
+      f'Started from the network weights of the run in {stages.teacher}.',
+      f'Started from the network weights of the run in {first}.']
+
+  # What a student starts from: its teacher's served network weights.
+  teacher, teacher_config, _, _ = restore.restore_run_model(stages.teacher)
+  plan = recipe.make_plan(teacher_config, 12)
+  student = recipe.build_model(teacher_config, 3, plan)
+  train._start_from(student, stages.teacher)  # pylint: disable=protected-access
+  for mine, theirs in zip(student.network.weights, teacher.network.weights):
+    np.testing.assert_array_equal(mine.numpy(), theirs.numpy())

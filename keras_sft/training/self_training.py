@@ -43,6 +43,9 @@ from keras_sft.training import distribution
 from keras_sft import workdir as workdir_lib
 
 NAME = 'self_training'
+# Where a student starts: the run's starting weights (`config.weights`,
+# Noisy Student's fresh student) or its teacher's network.
+STUDENT_INITS = ('pretrained', 'teacher')
 # More rounds than this have not been reported to help (Noisy Student: 3).
 MAX_ROUNDS = 10
 
@@ -67,6 +70,8 @@ def check_config(config):
   errors.check_at_most('self_training_rounds', config.self_training_rounds,
                        MAX_ROUNDS, 'train that many networks one after '
                        'another (Noisy Student used 3)')
+  errors.check_choice('self_training_student_init',
+                      config.self_training_student_init, STUDENT_INITS)
   if config.self_training_epochs is not None:
     errors.check_integer('self_training_epochs', config.self_training_epochs,
                          1, ' (epochs of each student)')
@@ -115,13 +120,16 @@ def teacher_config(config):
 
 
 def student_config(config, round_number, num_labeled, num_pseudo_labeled):
-  """A student's config: the teacher's for an intermediate round (its
-  labels come from outside the config), the run's own for the last; the
+  """A student's config: the run's (without export and calibration for an
+  intermediate round: only the last student serves); the
   epochs over labelled + pseudo-labelled images from
   `self_training_epochs` or, when None, the teacher's number of steps."""
   last = round_number == config.self_training_rounds
-  student = (config if last else teacher_config(config)).copy_and_resolve_references()
+  student = config.copy_and_resolve_references()
   with student.unlocked():
+    if not last:  # Like the teacher, an intermediate student is not served.
+      student.export = False
+      student.calibration_split = None
     student.num_epochs = student_epochs(config, num_labeled,
                                         num_pseudo_labeled)
     student.eval_every_epochs = min(student.eval_every_epochs,

@@ -144,6 +144,9 @@ class _Run:
   calibration: object = None
   # More entries of metrics.json (self-training's record).
   extra_metrics: dict = dataclasses.field(default_factory=dict)
+  # None, or a finished run whose network weights a new run starts from
+  # (self-training's student from its teacher).
+  initial_network: str = None
 
 
 @contextlib.contextmanager
@@ -276,11 +279,30 @@ def _build(run):
   with run.strategy.scope():
     model = recipe.build_model(run.config, info.num_classes, run.plan)
     run.checkpointer.restore(model)
+    if run.initial_network and not checkpoints.trained_steps(model):
+      _start_from(model, run.initial_network)
   decayed = classifier.decayed_variables(model.network)
   logging.info('L2 weight decay λ=%g on %d kernels (%d parameters).',
                run.config.weight_decay, len(decayed),
                sum(int(np.prod(v.shape)) for v in decayed))
   return model
+
+
+def _start_from(model, workdir):
+  """Puts the network weights of the finished run in `workdir` (those its
+  export serves: EMA or raw as it evaluated, BN statistics included) into
+  `model`, before its first step (a backup taken later has them)."""
+  source, _, _, _ = restore.restore_run_model(workdir)
+  values = [weight.numpy() for weight in source.network.weights]
+  targets = model.network.weights
+  if [tuple(v.shape) for v in values] != [tuple(t.shape) for t in targets]:
+    raise errors.WorkdirError(
+        f'The run in {workdir} has another network than this run; it cannot '
+        'start from its weights. Delete it and rerun: it is trained again.')
+  for target, value in zip(targets, values):
+    target.assign(value)
+  logging.info('Started from the network weights of the run in %s.',
+               workdir)
 
 
 def _statistics_batches(run):
@@ -525,10 +547,11 @@ def train_and_evaluate(config, workdir, callbacks=()):
 
 
 def _train_and_evaluate(config, workdir, callbacks=(), pseudo_labels=None,
-                        extra_metrics=None):
+                        extra_metrics=None, initial_network=None):
   run = _start(config, workdir, pseudo_labels)
   run.extra_callbacks = tuple(callbacks)
   run.extra_metrics = dict(extra_metrics or {})
+  run.initial_network = initial_network
   with run.lock, _log_to(run):
     model = _build(run)
     trained = _fit_to_end(run, model)
@@ -565,7 +588,10 @@ def _self_train(config, workdir, callbacks):
     metrics = _train_and_evaluate(
         student, stages.student(round_number, rounds),
         callbacks if last else (), pseudo_labels=path,
-        extra_metrics={self_training.NAME: record})
+        extra_metrics={self_training.NAME: record},
+        initial_network=(stages.teacher_of(round_number, rounds)
+                         if config.self_training_student_init == 'teacher'
+                         else None))
     if not last:
       record['rounds'][-1]['student_top1'] = metrics['eval']['accuracy']
   return metrics
