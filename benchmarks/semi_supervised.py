@@ -8,6 +8,8 @@ backbone saved as a no-top weights file; then classes 5-9 are learned from
 further train images of each of those classes whose labels are hidden (a
 flat folder of PNGs, `--config.unlabeled=folder:...`; none of them is a
 labelled or test image). Test: `--test_per_class` test images of each class.
+With `--from_scratch` the rows start from random weights instead (no
+pretraining).
 
 Rows, same epochs over the labelled images, same batch, same seed, each its
 own `python -m keras_sft.main` process (wall time is the whole process):
@@ -120,6 +122,9 @@ def main():
   parser.add_argument('--backbone', default=None,
                       help='a backbone file of an earlier run of this '
                       'script (same --pretrain_* flags): skips pretraining')
+  parser.add_argument('--from_scratch', action='store_true',
+                      help='rows start from random weights (weights=None); '
+                      'no pretraining')
   parser.add_argument('--out', default=None)
   args = parser.parse_args()
 
@@ -146,7 +151,9 @@ def main():
 
   pre_dir = os.path.join(work_dir, 'pretrain_c0-4')
   weights_file = os.path.join(work_dir, 'backbone_c0-4.weights.h5')
-  if args.backbone:
+  if args.from_scratch:
+    weights_file = results['backbone'] = None
+  elif args.backbone:
     weights_file = results['backbone'] = args.backbone
   else:
     print(f'Pretraining on classes 0-4 ({args.pretrain_per_class}/class, '
@@ -166,6 +173,12 @@ def main():
       'self_training': [f'--config.unlabeled=folder:{unlabeled_root}',
                         '--config.semi_supervised=self_training',
                         *args.self_training_flags.split()],
+      # The same, each student started from its teacher's network.
+      'self_training_teacher': [
+          f'--config.unlabeled=folder:{unlabeled_root}',
+          '--config.semi_supervised=self_training',
+          '--config.self_training_student_init=teacher',
+          *args.self_training_flags.split()],
   }
   chosen = {'supervised', *args.rows.split(',')}
   unknown = chosen - set(rows)
@@ -181,7 +194,7 @@ def main():
                                  weights=weights_file, extra=extra)
     if name == 'fixmatch':
       row['unlabeled_mask_rate_per_epoch'] = _mask_rates(workdir)
-    if name == 'self_training':
+    if name.startswith('self_training'):
       row.update(_pseudo_label_quality(workdir, args.source_dir))
     results['rows'][name] = row
     print(f'  {name}: top-1 {row["top1"]:.4f} in {row["wall_seconds"]:.0f} s '

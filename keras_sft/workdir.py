@@ -228,17 +228,25 @@ class Workdir:
         isinstance(files, dict) and 'version' not in files):
       # Recorded by an older keras-sft: compared as it was computed then.
       current = {**current, 'files': legacy_files()}
-    changed = [key for key in ('class_names', 'files')
+    changed = [key for key in ('class_names', 'files', 'pseudo_labels')
                if key in recorded and key in current and
                recorded[key] != current[key]]
     if changed:
       differences = _differences({key: recorded[key] for key in changed},
                                  {key: current[key] for key in changed})
+      if 'pseudo_labels' in changed:
+        reason = ('The pseudo-label file this student trains on changed '
+                  '(pseudo_labels is its SHA-256). Restore it, or delete the '
+                  "student's run (for the last round: all in the workdir but "
+                  'self_training/) and rerun: it trains again on the file '
+                  'as it is.')
+      else:
+        reason = ('A renamed class folder would shift the labels, and '
+                  'changed files change the batches. Restore the data the '
+                  'run started with, or use a new --workdir.')
       raise errors.WorkdirError(
           f'workdir={self.path!r} holds a run of other data: {differences} '
-          f'(from {self.dataset_file}). A renamed class folder would shift '
-          'the labels, and changed files change the batches. Restore the '
-          'data the run started with, or use a new --workdir.')
+          f'(from {self.dataset_file}). {reason}')
 
 
 def check_local_folder(name, path):

@@ -123,3 +123,12 @@ def test_cli_with_bad_tf_config_fails_fast(tmp_path):
       env=dict(conftest.cli_env(), TF_CONFIG='{"cluster": '))
   assert result.returncode != 0
   assert 'TF_CONFIG is not valid JSON' in result.stderr
+
+
+def test_runs_in_one_process_share_one_strategy_of_a_kind():
+  """Self-training's teacher and student (and tuning trials) run one after
+  another in a process: a second MirroredStrategy reused the first one's
+  collective instance keys and its first all-reduce was rejected."""
+  first = distribution.create_strategy('mirrored')
+  assert distribution.create_strategy('mirrored') is first
+  assert distribution.create_strategy('one_device') is not first

@@ -87,6 +87,11 @@ def test_teacher_and_student_configs():
   assert (teacher.semi_supervised, teacher.unlabeled, teacher.export,
           teacher.calibration_split) == (None, None, False, None)
   assert config.semi_supervised == 'self_training'  # Not changed.
+  # The teacher reads no self-training key: at their defaults, so changing
+  # one (e.g. a threshold that kept nothing) keeps a trained teacher.
+  config.self_training_threshold = 0.9
+  assert self_training.teacher_config(config).self_training_threshold == 0.5
+  config.self_training_threshold = 0.5
   middle = self_training.student_config(config, 1, 50, 1500)
   # It reads the unlabelled images (its pseudo-labelled share) and is not
   # served.
@@ -151,6 +156,34 @@ def test_pseudo_labels_of_another_unlabelled_set_are_refused():
   with pytest.raises(errors.DataError, match='label 2'):
     pipeline._with_pseudo_labels(  # pylint: disable=protected-access
         labeled, info, _images(3), names, _pseudo([0], [2], 3), seed=0)
+  with pytest.raises(errors.DataError, match='holds no pseudo-labels'):
+    pipeline._with_pseudo_labels(  # pylint: disable=protected-access
+        labeled, info, _images(3), names, _pseudo([], [], 3), seed=0)
+
+
+def test_a_labelled_file_with_other_contents_is_refused(tmp_path):
+  labeled = tf.data.Dataset.from_tensor_slices(
+      (np.zeros((2, 2, 2, 3), np.uint8), np.array([0, 1], np.int64)))
+  info = pipeline.DatasetInfo(num_classes=2, class_names=('a', 'b'),
+                              num_train_examples=2, num_eval_examples=1,
+                              num_unlabeled_examples=2)
+  names = [str(tmp_path / 'a.png'), str(tmp_path / 'b.png')]
+  for name in names:
+    with open(name, 'wb') as file:
+      file.write(name.encode())
+  record = self_training.record(
+      np.array([[0.9, 0.1], [0.2, 0.8]]), np.array([0, 1]), np.array([0, 1]),
+      np.array([0.9, 0.8]), class_names=('a', 'b'), threshold=0.5, cap=1,
+      teacher='t', teacher_step=1, num_labeled=2, names=names)
+  path = str(tmp_path / 'pseudo_labels_1.json')
+  self_training.write(path, record)
+  pipeline._with_pseudo_labels(  # pylint: disable=protected-access
+      labeled, info, _images(2), names, self_training.read(path), seed=0)
+  with open(names[1], 'wb') as file:  # Same name, other image.
+    file.write(b'another image')
+  with pytest.raises(errors.DataError, match='b.png.* has other contents'):
+    pipeline._with_pseudo_labels(  # pylint: disable=protected-access
+        labeled, info, _images(2), names, self_training.read(path), seed=0)
 
 
 @pytest.mark.parametrize('content', [
@@ -220,6 +253,47 @@ def test_a_workdir_of_another_run_is_refused_before_the_teacher(tmp_path):
   assert not os.path.exists(os.path.join(workdir, 'self_training'))
 
 
+def test_a_deleted_self_training_record_of_a_self_training_run_is_made_again(
+    tmp_path):
+  workdir = str(tmp_path / 'run')
+  config = _config(str(tmp_path / 'labelled'), str(tmp_path / 'unlabelled'))
+  workdir_lib.Workdir(workdir).claim(config)  # The last student's.
+  stages = self_training.Stages(workdir)
+  self_training.claim(config, stages)
+  assert workdir_lib.Workdir(stages.directory).has_run()
+
+
+def test_a_bad_unlabelled_folder_fails_before_the_teacher(tmp_path):
+  root = str(tmp_path / 'labelled')
+  image_fixtures.write_image_folder(root)
+  workdir = str(tmp_path / 'run')
+  config = _config(root, str(tmp_path / 'missing'))
+  with pytest.raises(errors.UserError, match='missing'):
+    train.train_and_evaluate(config, workdir)
+  assert not os.path.exists(os.path.join(workdir, 'self_training'))
+
+
+def test_labels_are_made_again_when_their_keys_changed_before_the_student(
+    tmp_path):
+  config = _config(str(tmp_path / 'labelled'), str(tmp_path / 'unlabelled'))
+  stages = self_training.Stages(str(tmp_path / 'run'))
+  assert train._needs_labels(config, stages, 1)  # pylint: disable=protected-access
+  self_training.write(stages.pseudo_labels(1), self_training.record(
+      np.array([[0.9, 0.1], [0.2, 0.8]]), np.array([0, 1]), np.array([0, 1]),
+      np.array([0.9, 0.8]), class_names=('a', 'b'), threshold=0.0, cap=1,
+      teacher='t', teacher_step=1, num_labeled=2))
+  assert not train._needs_labels(config, stages, 1)  # pylint: disable=protected-access
+  config.self_training_threshold = 0.3
+  assert train._needs_labels(config, stages, 1)  # pylint: disable=protected-access
+  config.self_training_threshold = 0.0
+  config.self_training_fraction = 1.0  # ⌈1 · 2 / 2⌉ = 1: the same cap.
+  assert not train._needs_labels(config, stages, 1)  # pylint: disable=protected-access
+  config.self_training_threshold = 0.3
+  # Once the student has started, its own claim refuses the change.
+  workdir_lib.Workdir(stages.workdir).claim(config)
+  assert not train._needs_labels(config, stages, 1)  # pylint: disable=protected-access
+
+
 def test_teacher_labels_student_trains_and_a_rerun_redoes_nothing(tmp_path):
   root = str(tmp_path / 'labelled')
   image_fixtures.write_image_folder(root)  # 12 train images, 3 classes.
@@ -262,13 +336,35 @@ def test_teacher_labels_student_trains_and_a_rerun_redoes_nothing(tmp_path):
   assert os.path.getmtime(stages.pseudo_labels(1)) == modified
   assert again['step'] == metrics['step']
   assert again['eval'] == pytest.approx(metrics['eval'])
-  # --mode=eval evaluates the student on its own data.
-  assert train.evaluate(config, workdir)['step'] == metrics['step']
-  # Other self-training keys on this workdir: refused before the teacher.
+  # --mode=eval evaluates the student on its own data and keeps the record.
+  evaluated = train.evaluate(config, workdir)
+  assert evaluated['step'] == metrics['step']
+  assert evaluated['self_training'] == metrics['self_training']
+  # Other self-training keys on this workdir: the student refuses them.
   other = _config(root, unlabeled)
   other.self_training_fraction = 0.25
   with pytest.raises(errors.WorkdirError, match='self_training_fraction'):
     train.train_and_evaluate(other, workdir)
+  # A pseudo-labelled file replaced by another image of the same name: its
+  # label would be wrong; refused.
+  replaced = labels['files'][0]
+  with open(replaced, 'rb') as file:
+    original = file.read()
+  Image.new('RGB', (32, 32)).save(replaced)
+  with pytest.raises(errors.DataError, match='other contents'):
+    train.train_and_evaluate(config, workdir)
+  with open(replaced, 'wb') as file:
+    file.write(original)
+  # The pseudo-label file changed under a started student: refused.
+  with open(stages.pseudo_labels(1)) as file:
+    changed = json.load(file)
+  changed['labels'] = [(label + 1) % 3 for label in changed['labels']]
+  with open(stages.pseudo_labels(1), 'w') as file:
+    json.dump(changed, file)
+  with pytest.raises(errors.WorkdirError, match='pseudo-label file'):
+    train.train_and_evaluate(config, workdir)
+  with open(stages.pseudo_labels(1), 'w') as file:
+    json.dump(labels, file)
   # Unlabelled images added after the teacher labelled them: the indices
   # would name other images; refused, naming the way out.
   _write_unlabeled(os.path.join(unlabeled, 'more'), count=1, seed=9)
@@ -311,3 +407,35 @@ def test_two_rounds_with_students_started_from_their_teachers(tmp_path,
   train._start_from(student, stages.teacher)  # pylint: disable=protected-access
   for mine, theirs in zip(student.network.weights, teacher.network.weights):
     np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
+
+
+def test_no_confident_prediction_is_one_error_and_keeps_the_teacher(
+    tmp_path, monkeypatch):
+  root = str(tmp_path / 'labelled')
+  image_fixtures.write_image_folder(root)
+  unlabeled = str(tmp_path / 'unlabelled')
+  _write_unlabeled(unlabeled)
+  workdir = str(tmp_path / 'run')
+  config = _config(root, unlabeled)
+  config.update(dict(num_epochs=1, self_training_threshold=0.99))
+  # The tiny network's confidences are not known in advance: no prediction
+  # reaches τ = 0.99 here by construction.
+  select = self_training.select
+  monkeypatch.setattr(
+      self_training, 'select',
+      lambda probabilities, threshold, cap: select(
+          probabilities * (threshold < 0.99), threshold, cap))
+  with pytest.raises(errors.DataError, match='not confident about any'):
+    train.train_and_evaluate(config, workdir)
+  stages = self_training.Stages(workdir)
+  assert not os.path.exists(stages.pseudo_labels(1))
+  trained = workdir_lib.Workdir(stages.teacher).read_config()
+  backup = os.path.join(workdir_lib.Workdir(stages.teacher).checkpoints,
+                        'final.weights.h5')
+  modified = os.path.getmtime(backup)
+  # A lower threshold: the same teacher labels; the student trains.
+  config.self_training_threshold = 0.0
+  metrics = train.train_and_evaluate(config, workdir)
+  assert metrics['self_training']['rounds'][0]['num_pseudo_labeled'] > 0
+  assert workdir_lib.Workdir(stages.teacher).read_config() == trained
+  assert os.path.getmtime(backup) == modified

@@ -272,13 +272,25 @@ def _with_pseudo_labels(train_examples, info, images, names, pseudo_labels,
         changed = (f'unlabelled image {int(index)} was {expected!r} for the '
                    f'teacher and is {names[index]!r} now')
         break
+    hashes = pseudo_labels.get('md5')
+    if not changed and hashes is not None:
+      now = unlabeled.file_hashes(pseudo_labels['files'])
+      for name, expected, found in zip(pseudo_labels['files'], hashes, now):
+        if expected != found:
+          changed = f'{name!r} has other contents than it had'
+          break
   if changed:
     raise errors.DataError(
         f'The unlabelled images changed since the teacher labelled them: '
         f'{changed}. Restore them, or delete the run\'s '
         'self_training/pseudo_labels_*.json (and its student) and rerun: '
         'the teacher labels the images again.')
-  if labels.size and labels.max() >= info.num_classes:
+  if not labels.size:
+    raise errors.DataError(
+        'The pseudo-label file holds no pseudo-labels. Delete the run\'s '
+        'self_training/pseudo_labels_*.json and rerun: the teacher labels '
+        'the images again.')
+  if labels.max() >= info.num_classes:
     raise errors.DataError(
         f'The pseudo-labels hold label {int(labels.max())}, but the dataset '
         f'has {info.num_classes} classes: they were made for other data. '

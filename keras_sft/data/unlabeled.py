@@ -125,7 +125,7 @@ def load(config, info, train_examples, eval_examples, get_builder):
                                  config.skip_corrupt_images,
                                  config.max_image_pixels)
     check_duplicates(
-        _file_hashes(paths), _file_hashes(info.files), spec)
+        file_hashes(paths), file_hashes(info.files), spec)
     return images, len(paths), tuple(paths)
   if folders.is_folder_dataset(config.dataset):
     raise errors.ConfigError(
@@ -220,7 +220,8 @@ def _load_tfds(builder, dataset, split, seed):
   return examples.map(lambda example: example['image']), count
 
 
-def _file_hashes(paths):
+def file_hashes(paths):
+  """MD5 of each file's bytes (duplicates; self-training's labelled files)."""
   hashes = []
   for path in paths:
     with open(path, 'rb') as file:

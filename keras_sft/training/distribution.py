@@ -147,6 +147,24 @@ def create_strategy(name, startup_timeout_seconds=300,
     logging.info('distribution=auto chose %r.', name)
   if name == 'default':
     return tf.distribute.get_strategy()
+  # One strategy per kind and process: runs that follow one another in a
+  # process (self-training's teacher and students, tuning trials) share it.
+  # A second MirroredStrategy starts its collective instance keys where the
+  # first did, and TensorFlow's runtime then rejects an all-reduce whose key
+  # a finished run used with another dtype ("Collective instance 104
+  # expected type 2 ..."); a second multi-worker or TPU strategy cannot be
+  # made at all once the first has configured the runtime.
+  key = (name, startup_timeout_seconds, collective_timeout_seconds)
+  if key not in _CREATED:
+    _CREATED[key] = _create(name, startup_timeout_seconds,
+                            collective_timeout_seconds)
+  return _CREATED[key]
+
+
+_CREATED = {}
+
+
+def _create(name, startup_timeout_seconds, collective_timeout_seconds):
   if name == 'one_device':
     gpus = tf.config.list_logical_devices('GPU')
     return tf.distribute.OneDeviceStrategy(

@@ -5,7 +5,8 @@ same config); it labels the unlabelled images (`config.unlabeled`); the most
 confident of its predictions, class-balanced, join the labelled images, and
 a student is trained on both, from the same starting weights as the teacher
 (Noisy Student, Xie et al. 2020: the student sees the training
-augmentation, the teacher's predictions do not). With
+augmentation, the teacher's predictions do not) or, with
+`self_training_student_init='teacher'`, from the teacher's network. With
 `self_training_rounds` > 1 each student is the next round's teacher.
 
 The stages live in the workdir, each resumable on its own:
@@ -37,8 +38,10 @@ import time
 from absl import logging
 import numpy as np
 
+from keras_sft import default_config
 from keras_sft import errors
 from keras_sft import files
+from keras_sft.data import unlabeled
 from keras_sft.training import distribution
 from keras_sft import workdir as workdir_lib
 
@@ -46,6 +49,12 @@ NAME = 'self_training'
 # Where a student starts: the run's starting weights (`config.weights`,
 # Noisy Student's fresh student) or its teacher's network.
 STUDENT_INITS = ('pretrained', 'teacher')
+# Keys the stages check themselves, not the claim of `self_training/`: a
+# round's pseudo-label file records its threshold and cap (made again when
+# they changed and its student has not started), a student's config holds
+# all four (its own claim refuses a change once it started).
+STAGE_KEYS = ('self_training_threshold', 'self_training_fraction',
+              'self_training_epochs', 'self_training_student_init')
 # More rounds than this have not been reported to help (Noisy Student: 3).
 MAX_ROUNDS = 10
 
@@ -107,15 +116,21 @@ class Stages:
 def teacher_config(config):
   """The teacher's config: the run's, on the labelled images alone.
 
-  No export (the run exports its last student), no calibration (fitted on
+  No self-training keys (at their defaults), no export (the run exports its last student), no calibration (fitted on
   the student that serves).
   """
   teacher = config.copy_and_resolve_references()
+  defaults = default_config.get_config()
   with teacher.unlocked():
     teacher.semi_supervised = None
     teacher.unlabeled = None
     teacher.export = False
     teacher.calibration_split = None
+    # Keys the teacher does not read, at their defaults: changing one (a
+    # threshold that kept no pseudo-label) keeps the trained teacher.
+    for key in teacher.keys():
+      if key.startswith(NAME + '_'):
+        teacher[key] = defaults[key]
   return teacher
 
 
@@ -211,6 +226,8 @@ def record(probabilities, indices, labels, confidences, *, class_names,
   }
   if names is not None:
     value['files'] = [names[i] for i in indices]
+    # Their contents: a student refuses a file replaced after labelling.
+    value['md5'] = unlabeled.file_hashes(value['files'])
   return value
 
 
@@ -229,8 +246,9 @@ def read(path):
   """A round's pseudo-labels, as `pipeline.from_config` takes them.
 
   Returns:
-    A dict: `indices`, `labels` (int64 arrays), `files` (the unlabelled
-    files they name, or None for tfds) and `num_unlabeled` (the images the
+    A dict: `indices`, `labels` (int64 arrays), `files` and `md5` (the
+    unlabelled files they name and their contents' MD5, or None for tfds)
+    and `num_unlabeled` (the images the
     teacher saw). Its structure is checked here; the label range and
     that the unlabelled images are still those the teacher saw, by the
     pipeline, which has the data.
@@ -241,9 +259,11 @@ def read(path):
     labels = np.asarray(value['labels'], np.int64)
     num_unlabeled = int(value['num_unlabeled'])
     names = value.get('files')
-    if names is not None and (len(names) != len(indices) or
-                              not all(isinstance(n, str) for n in names)):
-      raise ValueError('files and indices differ in length')
+    hashes = value.get('md5')
+    for listed in (names, hashes):
+      if listed is not None and (len(listed) != len(indices) or
+                                 not all(isinstance(n, str) for n in listed)):
+        raise ValueError('files or md5 and indices differ in length')
   except (KeyError, TypeError, ValueError) as error:
     raise errors.WorkdirError(
         f'{path} is not a pseudo-label file of keras-sft ({error}). Delete '
@@ -257,7 +277,7 @@ def read(path):
         'lists of equal length of non-negative integers, no index twice). '
         'Delete it and rerun the same command: the teacher labels the '
         'images again.')
-  return dict(indices=indices, labels=labels, files=names,
+  return dict(indices=indices, labels=labels, files=names, md5=hashes,
               num_unlabeled=num_unlabeled)
 
 
@@ -284,11 +304,15 @@ def claim(config, stages):
   """
   own = workdir_lib.Workdir(stages.directory)
   top = workdir_lib.Workdir(stages.workdir)
-  if top.has_run() and not own.has_run():
+  if (top.has_run() and not own.has_run() and
+      top.read_config().get('semi_supervised') != NAME):
     raise errors.WorkdirError(
         f'workdir={stages.workdir!r} holds another run (not a '
         'self-training one). Use a new --workdir.')
-  own.claim(config, write=is_chief_process())
+  claimed = {key: value for key, value in
+             workdir_lib.config_to_dict(config).items()
+             if key not in STAGE_KEYS}
+  own.claim(claimed, write=is_chief_process())
 
 
 def is_chief_process(environ=None):

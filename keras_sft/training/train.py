@@ -250,6 +250,10 @@ def _legacy_files(config):
   return lambda: workdir_lib.legacy_fingerprint_files(root)
 
 
+# Fewer images per replica than this with trained BN: a warning.
+_FEW_FOR_BN = 4
+
+
 def _build(run):
   """The run's compiled model, restored from its newest backup if any."""
   # Logged here, where train.log is open, although known since _start.
@@ -259,6 +263,17 @@ def _build(run):
                run.strategy.num_replicas_in_sync,
                run.config.global_batch_size //
                run.strategy.num_replicas_in_sync)
+  per_replica = (run.config.global_batch_size //
+                 run.strategy.num_replicas_in_sync)
+  if run.config.batch_norm == 'trained' and per_replica < _FEW_FOR_BN:
+    # Measured: ResNet50 at 32 px from random weights, 2 images per step,
+    # λ·R went from 0.9 to 396 in 2 steps (4 images: 0.9); BN's variance
+    # of 2 values per channel in the 1×1 last stage makes huge gradients.
+    logging.warning(
+        'Trained BatchNorm normalizes each replica\'s %d image(s) by their '
+        'own statistics: with fewer than %d the statistics are noise and '
+        'training can diverge. Use a larger global_batch_size, fewer '
+        'replicas, or batch_norm=frozen.', per_replica, _FEW_FOR_BN)
   info = run.data.info
   logging.info('Dataset %s: %d train / %d eval examples, %d classes.',
                run.config.dataset, info.num_train_examples,
@@ -267,10 +282,12 @@ def _build(run):
                       run.data.train_options['class_weights'],
                       info.class_names, run.config.sampling)
   if info.num_unlabeled_examples:
-    logging.info('Semi-supervised (%s): %d unlabelled images from %s, %d '
-                 'per step.', run.config.semi_supervised,
-                 info.num_unlabeled_examples, run.config.unlabeled,
-                 run.config.fixmatch_mu * run.config.global_batch_size)
+    logging.info('Semi-supervised (%s): %d unlabelled images from %s%s.',
+                 run.config.semi_supervised, info.num_unlabeled_examples,
+                 run.config.unlabeled,
+                 f', {run.config.fixmatch_mu * run.config.global_batch_size}'
+                 ' per step' if run.config.semi_supervised == 'fixmatch'
+                 else '')
   run.plan = recipe.make_plan(run.config, info.num_train_examples)
   if run.config.precise_bn_batches:
     precise_bn.log_if_capped(run.config.precise_bn_batches,
@@ -565,19 +582,28 @@ def _self_train(config, workdir, callbacks):
   run in `workdir`); each stage resumes or is skipped when finished."""
   check_config(config)
   stages = self_training.Stages(workdir)
+  data = None
+  if not os.path.exists(stages.pseudo_labels(1)):
+    # Read and check the unlabelled images (and the labelled ones) now: a
+    # missing, empty or corrupt folder fails before the teacher trains.
+    data = pipeline.from_config(config)
   self_training.claim(config, stages)
-  teacher = _train_and_evaluate(self_training.teacher_config(config),
-                                stages.teacher)
+  # A finished teacher is not evaluated again on every rerun (its config
+  # derives from the one the claim just compared).
+  teacher = (_finished_metrics(stages.teacher) or _train_and_evaluate(
+      self_training.teacher_config(config), stages.teacher))
   record = {'teacher': {'top1': teacher['eval']['accuracy'],
                         'step': teacher['step']}, 'rounds': []}
   rounds = config.self_training_rounds
   for round_number in range(1, rounds + 1):
     path = stages.pseudo_labels(round_number)
-    if not os.path.exists(path):
-      if self_training.is_chief_process():
-        _pseudo_label(config, stages.teacher_of(round_number, rounds), path)
-      else:
-        self_training.wait_for(path, config.startup_timeout_seconds)
+    if self_training.is_chief_process():
+      if _needs_labels(config, stages, round_number):
+        with workdir_lib.Workdir(stages.directory).lock():
+          _pseudo_label(config, stages.teacher_of(round_number, rounds),
+                        path, data if round_number == 1 else None)
+    elif not os.path.exists(path):
+      self_training.wait_for(path, config.startup_timeout_seconds)
     summary = self_training.summary(path)
     self_training.log_round(round_number, summary)
     record['rounds'].append(summary)
@@ -597,9 +623,62 @@ def _self_train(config, workdir, callbacks):
   return metrics
 
 
-def _pseudo_label(config, teacher_workdir, path):
-  """The teacher's predictions on the unlabelled images; writes `path`."""
-  data = pipeline.from_config(config)
+def _finished_metrics(workdir):
+  """The metrics.json of the finished run in `workdir`, else None."""
+  path = workdir_lib.Workdir(workdir).metrics_file
+  if not os.path.exists(path):
+    return None
+  metrics = files.read_json_object(path)
+  return metrics if metrics.get('step') == metrics.get('total_steps') else None
+
+
+def _self_training_record(stages, rounds):
+  """metrics.json's `self_training`, from the stages' files (as the run
+  wrote it)."""
+  teacher = files.read_json_object(
+      workdir_lib.Workdir(stages.teacher).metrics_file)
+  record = {'teacher': {'top1': teacher['eval']['accuracy'],
+                        'step': teacher['step']}, 'rounds': []}
+  for round_number in range(1, rounds + 1):
+    record['rounds'].append(
+        self_training.summary(stages.pseudo_labels(round_number)))
+    if round_number < rounds:
+      student = files.read_json_object(workdir_lib.Workdir(
+          stages.student(round_number, rounds)).metrics_file)
+      record['rounds'][-1]['student_top1'] = student['eval']['accuracy']
+  return record
+
+
+def _needs_labels(config, stages, round_number):
+  """Whether round `round_number` labels (again): no file yet, or one made
+  with another threshold or cap whose student has not started (once it
+  has, its own claim refuses the changed keys)."""
+  path = stages.pseudo_labels(round_number)
+  if not os.path.exists(path):
+    return True
+  made = self_training.summary(path)
+  cap = self_training.per_class_cap(
+      made['num_unlabeled'], len(made['pseudo_labeled_per_class']),
+      config.self_training_fraction)
+  if (made['threshold'], made['cap_per_class']) == (
+      config.self_training_threshold, cap):
+    return False
+  student = stages.student(round_number, config.self_training_rounds)
+  if workdir_lib.Workdir(student).has_run():
+    return False
+  logging.info('Labelling round %d again: its labels were made with τ=%r '
+               'and at most %d per class, the config asks for τ=%r and %d.',
+               round_number, made['threshold'], made['cap_per_class'],
+               config.self_training_threshold, cap)
+  return True
+
+
+def _pseudo_label(config, teacher_workdir, path, data=None):
+  """The teacher's predictions on the unlabelled images; writes `path`.
+
+  `data`: the config's `pipeline.from_config`, if already read.
+  """
+  data = data or pipeline.from_config(config)
   model, _, class_names, _ = restore.restore_run_model(teacher_workdir)
   step = checkpoints.trained_steps(model)
   logging.info('Pseudo-labelling %d unlabelled images with the teacher in '
@@ -616,6 +695,14 @@ def _pseudo_label(config, teacher_workdir, path):
                                     config.self_training_fraction)
   chosen = self_training.select(probabilities,
                                 config.self_training_threshold, cap)
+  if not len(chosen[0]):
+    raise errors.DataError(
+        f'The teacher in {teacher_workdir} is not confident about any of '
+        f'the {len(probabilities)} unlabelled images: none reached '
+        f'self_training_threshold={config.self_training_threshold!r} (the '
+        f'most confident prediction: {probabilities.max():.4f}). Lower '
+        '--config.self_training_threshold and rerun the same command: the '
+        'trained teacher is kept.')
   self_training.write(path, self_training.record(
       probabilities, *chosen, class_names=class_names,
       threshold=config.self_training_threshold, cap=cap,
@@ -646,16 +733,19 @@ def evaluate(config, workdir):
     raise errors.PathNotFoundError(
         f'workdir={workdir!r} holds no backup in {existing.checkpoints} to '
         'evaluate. Train first with --mode=train.')
-  pseudo_labels = None
+  pseudo_labels, record = None, None
   if config.semi_supervised == self_training.NAME:
     # The last student is the run in `workdir`: its config and data.
-    pseudo_labels = self_training.Stages(workdir).pseudo_labels(
-        config.self_training_rounds)
-    summary = self_training.summary(pseudo_labels)
+    stages = self_training.Stages(workdir)
+    pseudo_labels = stages.pseudo_labels(config.self_training_rounds)
+    record = _self_training_record(stages, config.self_training_rounds)
+    summary = record['rounds'][-1]
     config = self_training.student_config(
         config, config.self_training_rounds, summary['num_labeled'],
         summary['num_pseudo_labeled'])
   run = _start(config, workdir, pseudo_labels)
+  if record is not None:
+    run.extra_metrics = {self_training.NAME: record}
   with run.lock, _log_to(run):
     model = _build(run)
     logging.info('Evaluating the backup at step %d of %d.',
