@@ -1,6 +1,7 @@
 """Self-training: selection, the student's data, the stages of a run."""
 
 import json
+import math
 import os
 
 import numpy as np
@@ -55,6 +56,10 @@ def test_per_class_cap_and_student_epochs():
   # The teacher's steps: 60 epochs of 50 images = 2 epochs of 1550.
   assert self_training.student_epochs(config, 50, 1500) == 2
   assert self_training.student_epochs(config, 50, 0) == 60
+  # 10 epochs of 500 = 2.5 epochs of 2000: 3, not fewer steps than the
+  # teacher (rounding gave 2: 250 steps where the teacher took 310).
+  config.num_epochs = 10
+  assert self_training.student_epochs(config, 500, 1500) == 3
   config.num_epochs = 1
   assert self_training.student_epochs(config, 10, 1000) == 1
   config.self_training_epochs = 7
@@ -316,11 +321,11 @@ def test_teacher_labels_student_trains_and_a_rerun_redoes_nothing(tmp_path):
   assert max(labels['pseudo_labeled_per_class'].values()) <= 2
   assert sum(labels['predicted_per_class'].values()) == 9
   assert all(path.startswith(unlabeled) for path in labels['files'])
-  # The student: 12 + n images for round(2 · 12 / (12 + n)) epochs, the
+  # The student: 12 + n images for ⌈2 · 12 / (12 + n)⌉ epochs, the
   # teacher's 3 · 2 = 6 steps in whole epochs.
   n = labels['num_pseudo_labeled']
   student = workdir_lib.Workdir(workdir).read_config()
-  assert student['num_epochs'] == max(1, round(2 * 12 / (12 + n)))
+  assert student['num_epochs'] == math.ceil(2 * 12 / (12 + n))
   assert metrics['step'] == student['num_epochs'] * ((12 + n) // 4)
   record = metrics['self_training']
   assert record['teacher']['step'] == 6

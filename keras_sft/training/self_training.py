@@ -3,10 +3,10 @@
 A teacher is trained on the labelled images alone (an ordinary run of the
 same config); it labels the unlabelled images (`config.unlabeled`); the most
 confident of its predictions, class-balanced, join the labelled images, and
-a student is trained on both, from the same starting weights as the teacher
-(Noisy Student, Xie et al. 2020: the student sees the training
-augmentation, the teacher's predictions do not) or, with
-`self_training_student_init='teacher'`, from the teacher's network. With
+a student is trained on both (Noisy Student, Xie et al. 2020: the student
+sees the training augmentation, the teacher's predictions do not), from the
+teacher's network (`self_training_student_init='teacher'`, the default) or
+from the same starting weights as the teacher (`'pretrained'`). With
 `self_training_rounds` > 1 each student is the next round's teacher.
 
 The stages live in the workdir, each resumable on its own:
@@ -153,12 +153,12 @@ def student_config(config, round_number, num_labeled, num_pseudo_labeled):
 
 
 def student_epochs(config, num_labeled, num_pseudo_labeled):
-  """`self_training_epochs`, or as many epochs of the student's larger
-  training set as give the teacher's number of steps (at least 1)."""
+  """`self_training_epochs`, or the fewest epochs of the student's larger
+  training set that take at least the teacher's number of steps."""
   if config.self_training_epochs is not None:
     return config.self_training_epochs
   total = num_labeled + num_pseudo_labeled
-  return max(1, round(config.num_epochs * num_labeled / total))
+  return max(1, math.ceil(config.num_epochs * num_labeled / total))
 
 
 def per_class_cap(num_unlabeled, num_classes, fraction):
@@ -342,7 +342,7 @@ def wait_for(path, timeout_seconds, poll_seconds=1.0):
 def log_round(round_number, value):
   logging.info(
       'Self-training round %d: %d of %d unlabelled images pseudo-labelled '
-      '(%.1f%% above τ=%g, at most %d per class, mean confidence %s); per '
+      '(%.1f%% above τ=%r, at most %d per class, mean confidence %s); per '
       'class: %s.', round_number, value['num_pseudo_labeled'],
       value['num_unlabeled'], 100 * value['fraction_above_threshold'],
       value['threshold'], value['cap_per_class'],
