@@ -19,7 +19,10 @@ own `python -m keras_sft.main` process (wall time is the whole process):
   self_training: the same plus --config.semi_supervised=self_training
               (defaults): its teacher is the supervised row's run again,
               then the student; wall time is the whole (teacher, labelling,
-              student).
+              student);
+  self_training_fresh: the same with each student started from
+              --config.weights, not from its teacher's network
+              (--config.self_training_student_init=pretrained).
 The fraction of unlabelled images above τ per epoch comes from the run's
 history.csv (`unlabeled_mask_rate`); the accuracy of self-training's
 pseudo-labels from its pseudo_labels_1.json (file names are train indices:
@@ -173,11 +176,11 @@ def main():
       'self_training': [f'--config.unlabeled=folder:{unlabeled_root}',
                         '--config.semi_supervised=self_training',
                         *args.self_training_flags.split()],
-      # The same, each student started from its teacher's network.
-      'self_training_teacher': [
+      # The same with fresh students (from --config.weights).
+      'self_training_fresh': [
           f'--config.unlabeled=folder:{unlabeled_root}',
           '--config.semi_supervised=self_training',
-          '--config.self_training_student_init=teacher',
+          '--config.self_training_student_init=pretrained',
           *args.self_training_flags.split()],
   }
   chosen = {'supervised', *args.rows.split(',')}

@@ -274,10 +274,8 @@ def get_config():
                                                               field_type=int)
   # Where each student starts: 'teacher' (its teacher's network, then
   # trained on) or 'pretrained' (`weights`, as the teacher did; Noisy
-  # Student's fresh student). 'teacher': on the proxy (README, *Few labels,
-  # many images*) a fresh student lost 2.3 points at 10 labels per class and
-  # 6.5 at 100 (it underfits in the teacher's number of steps), one started
-  # from the teacher 1.3 and 0.
+  # Student's fresh student). 'teacher': a fresh student underfits in the
+  # teacher's number of steps (benchmarks/ACCURACY.md, issue #22's section).
   config.self_training_student_init = 'teacher'
 
   # --- Distribution and compilation -----------------------------------------
