@@ -107,6 +107,14 @@ def test_teacher_and_student_configs():
   last = self_training.student_config(config, 2, 50, 1500)
   assert (last.semi_supervised, last.export, last.calibration_split,
           last.num_epochs) == ('self_training', True, 'train[:10]', 2)
+  # An intermediate student reads no labelling key (its file records them),
+  # so a later round's threshold may change after it trained; the last
+  # student is the run and keeps the config's.
+  config.self_training_threshold = 0.9
+  assert self_training.student_config(
+      config, 1, 50, 1500).self_training_threshold == 0.5
+  assert self_training.student_config(
+      config, 2, 50, 1500).self_training_threshold == 0.9
 
 
 def _images(count):
@@ -182,6 +190,7 @@ def test_a_labelled_file_with_other_contents_is_refused(tmp_path):
       teacher='t', teacher_step=1, num_labeled=2, names=names)
   path = str(tmp_path / 'pseudo_labels_1.json')
   self_training.write(path, record)
+  assert self_training.read(path)['sha256'] == self_training.fingerprint(path)
   pipeline._with_pseudo_labels(  # pylint: disable=protected-access
       labeled, info, _images(2), names, self_training.read(path), seed=0)
   with open(names[1], 'wb') as file:  # Same name, other image.
@@ -438,9 +447,30 @@ def test_no_confident_prediction_is_one_error_and_keeps_the_teacher(
   backup = os.path.join(workdir_lib.Workdir(stages.teacher).checkpoints,
                         'final.weights.h5')
   modified = os.path.getmtime(backup)
+  # The finished teacher is not trained again, but it is checked: a
+  # labelled image moved to another class is refused (its label changed).
+  cat = os.path.join(root, 'train', 'cat', '0.png')
+  moved = os.path.join(root, 'train', 'dog', 'was_a_cat.png')
+  os.rename(cat, moved)
+  with pytest.raises(errors.WorkdirError, match='other data'):
+    train.train_and_evaluate(config, workdir)
+  os.rename(moved, cat)
   # A lower threshold: the same teacher labels; the student trains.
   config.self_training_threshold = 0.0
   metrics = train.train_and_evaluate(config, workdir)
   assert metrics['self_training']['rounds'][0]['num_pseudo_labeled'] > 0
   assert workdir_lib.Workdir(stages.teacher).read_config() == trained
   assert os.path.getmtime(backup) == modified
+
+
+def test_a_teacher_counts_as_finished_only_with_its_eval_and_backups(
+    tmp_path):
+  teacher = workdir_lib.Workdir(str(tmp_path / 'teacher'))
+  os.makedirs(teacher.checkpoints)
+  assert train._finished_metrics(teacher.path) is None  # pylint: disable=protected-access
+  with open(teacher.metrics_file, 'w') as file:
+    json.dump({'step': 4, 'total_steps': 4}, file)  # No eval.
+  assert train._finished_metrics(teacher.path) is None  # pylint: disable=protected-access
+  with open(teacher.metrics_file, 'w') as file:
+    json.dump({'step': 4, 'total_steps': 4, 'eval': {'accuracy': 0.5}}, file)
+  assert train._finished_metrics(teacher.path) is None  # No backup.  # pylint: disable=protected-access

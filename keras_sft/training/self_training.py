@@ -53,8 +53,9 @@ STUDENT_INITS = ('pretrained', 'teacher')
 # round's pseudo-label file records its threshold and cap (made again when
 # they changed and its student has not started), a student's config holds
 # all four (its own claim refuses a change once it started).
-STAGE_KEYS = ('self_training_threshold', 'self_training_fraction',
-              'self_training_epochs', 'self_training_student_init')
+LABELLING_KEYS = ('self_training_threshold', 'self_training_fraction')
+STAGE_KEYS = LABELLING_KEYS + ('self_training_epochs',
+                               'self_training_student_init')
 # More rounds than this have not been reported to help (Noisy Student: 3).
 MAX_ROUNDS = 10
 
@@ -141,10 +142,15 @@ def student_config(config, round_number, num_labeled, num_pseudo_labeled):
   `self_training_epochs` or, when None, the teacher's number of steps."""
   last = round_number == config.self_training_rounds
   student = config.copy_and_resolve_references()
+  defaults = default_config.get_config()
   with student.unlocked():
     if not last:  # Like the teacher, an intermediate student is not served.
       student.export = False
       student.calibration_split = None
+      # Nor does it read the labelling keys (its file records them): a
+      # later round's threshold may change once it has trained.
+      for key in LABELLING_KEYS:
+        student[key] = defaults[key]
     student.num_epochs = student_epochs(config, num_labeled,
                                         num_pseudo_labeled)
     student.eval_every_epochs = min(student.eval_every_epochs,
@@ -247,13 +253,19 @@ def read(path):
 
   Returns:
     A dict: `indices`, `labels` (int64 arrays), `files` and `md5` (the
-    unlabelled files they name and their contents' MD5, or None for tfds)
-    and `num_unlabeled` (the images the
-    teacher saw). Its structure is checked here; the label range and
+    unlabelled files they name and their contents' MD5, or None for tfds),
+    `num_unlabeled` (the images the teacher saw) and `sha256` (the file's).
+    Its structure is checked here; the label range and
     that the unlabelled images are still those the teacher saw, by the
     pipeline, which has the data.
   """
+  # Hashed before and after it is read: the SHA-256 names the labels read.
+  digest = fingerprint(path)
   value = files.read_json_object(path)
+  if fingerprint(path) != digest:
+    raise errors.WorkdirError(
+        f'{path} changed while it was read (another process is labelling). '
+        'Rerun when it has finished.')
   try:
     indices = np.asarray(value['indices'], np.int64)
     labels = np.asarray(value['labels'], np.int64)
@@ -278,7 +290,7 @@ def read(path):
         'Delete it and rerun the same command: the teacher labels the '
         'images again.')
   return dict(indices=indices, labels=labels, files=names, md5=hashes,
-              num_unlabeled=num_unlabeled)
+              num_unlabeled=num_unlabeled, sha256=digest)
 
 
 def fingerprint(path):
@@ -347,6 +359,6 @@ def log_round(round_number, value):
       value['num_unlabeled'], 100 * value['fraction_above_threshold'],
       value['threshold'], value['cap_per_class'],
       'n/a' if value['mean_confidence'] is None else
-      f'{value["mean_confidence"]:.3f}',
+      f'{value["mean_confidence"]:.6g}',
       ', '.join(f'{name} {count}' for name, count in
                 value['pseudo_labeled_per_class'].items()))

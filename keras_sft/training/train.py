@@ -188,8 +188,8 @@ def _start(config, workdir, pseudo_labels=None):
   # backbone draws random numbers.
   backbones.check_weights_fit(config.model, config.image_size, config.weights)
   keras.utils.set_random_seed(config.seed)
-  data = pipeline.from_config(
-      config, pseudo_labels and self_training.read(pseudo_labels))
+  labels = pseudo_labels and self_training.read(pseudo_labels)
+  data = pipeline.from_config(config, labels)
   calibration_data = None
   if config.calibration_split is not None:
     # Read (a folder's files decoded) now, on every worker as the other
@@ -213,7 +213,7 @@ def _start(config, workdir, pseudo_labels=None):
     # The export reads the class names from dataset.json, so it needs no
     # dataset; a rerun on other data is refused.
     workdir.claim(config, write=chief,
-                  dataset=_dataset_identity(config, data.info, pseudo_labels),
+                  dataset=_dataset_identity(config, data.info, labels),
                   legacy_files=_legacy_files(config))
     if chief:
       for path in workdir.remove_temporary_files():
@@ -232,8 +232,8 @@ def _dataset_identity(config, info, pseudo_labels=None):
   """What must not change between the starts of a run: see Workdir.claim."""
   identity = {'dataset': config.dataset, 'num_classes': info.num_classes,
               'class_names': list(info.class_names)}
-  if pseudo_labels:
-    identity['pseudo_labels'] = self_training.fingerprint(pseudo_labels)
+  if pseudo_labels:  # The SHA-256 of the file the labels were read from.
+    identity['pseudo_labels'] = pseudo_labels['sha256']
   if folders.is_folder_dataset(config.dataset):
     # The files read, not every file in the folder: a README or .DS_Store
     # added to it changes no batch.
@@ -588,18 +588,17 @@ def _self_train(config, workdir, callbacks):
     # missing, empty or corrupt folder fails before the teacher trains.
     data = pipeline.from_config(config)
   self_training.claim(config, stages)
-  # A finished teacher is not evaluated again on every rerun (its config
-  # derives from the one the claim just compared).
-  teacher = (_finished_metrics(stages.teacher) or _train_and_evaluate(
-      self_training.teacher_config(config), stages.teacher))
+  teacher = _teacher(config, stages)
   record = {'teacher': {'top1': teacher['eval']['accuracy'],
                         'step': teacher['step']}, 'rounds': []}
   rounds = config.self_training_rounds
   for round_number in range(1, rounds + 1):
     path = stages.pseudo_labels(round_number)
     if self_training.is_chief_process():
-      if _needs_labels(config, stages, round_number):
-        with workdir_lib.Workdir(stages.directory).lock():
+      # Decided and written under one lock: no other process relabels
+      # between the check and the file.
+      with workdir_lib.Workdir(stages.directory).lock():
+        if _needs_labels(config, stages, round_number):
           _pseudo_label(config, stages.teacher_of(round_number, rounds),
                         path, data if round_number == 1 else None)
     elif not os.path.exists(path):
@@ -623,13 +622,30 @@ def _self_train(config, workdir, callbacks):
   return metrics
 
 
+def _teacher(config, stages):
+  """The teacher's metrics: trained (or resumed) and evaluated, or, when it
+  finished, read back after its claim checked the config and the labelled
+  data again (it is not evaluated on every rerun)."""
+  teacher_config = self_training.teacher_config(config)
+  metrics = _finished_metrics(stages.teacher)
+  if metrics is None:
+    return _train_and_evaluate(teacher_config, stages.teacher)
+  with _start(teacher_config, stages.teacher).lock:
+    return metrics
+
+
 def _finished_metrics(workdir):
-  """The metrics.json of the finished run in `workdir`, else None."""
-  path = workdir_lib.Workdir(workdir).metrics_file
-  if not os.path.exists(path):
+  """The metrics.json of the finished run in `workdir` whose backups are
+  there, else None (it is resumed or evaluated again)."""
+  run = workdir_lib.Workdir(workdir)
+  if not os.path.exists(run.metrics_file):
     return None
-  metrics = files.read_json_object(path)
-  return metrics if metrics.get('step') == metrics.get('total_steps') else None
+  metrics = files.read_json_object(run.metrics_file)
+  finished = (metrics.get('step') == metrics.get('total_steps') and
+              isinstance(metrics.get('eval'), dict) and
+              'accuracy' in metrics['eval'] and
+              checkpoints.Checkpointer(run.checkpoints).latest() is not None)
+  return metrics if finished else None
 
 
 def _self_training_record(stages, rounds):
@@ -665,6 +681,12 @@ def _needs_labels(config, stages, round_number):
     return False
   student = stages.student(round_number, config.self_training_rounds)
   if workdir_lib.Workdir(student).has_run():
+    logging.warning(
+        'Round %d keeps its labels, made with τ=%r and at most %d per class '
+        '(the config asks for τ=%r and %d): its student in %s has started '
+        'on them. Delete that student to label again.', round_number,
+        made['threshold'], made['cap_per_class'],
+        config.self_training_threshold, cap, student)
     return False
   logging.info('Labelling round %d again: its labels were made with τ=%r '
                'and at most %d per class, the config asks for τ=%r and %d.',
@@ -700,7 +722,7 @@ def _pseudo_label(config, teacher_workdir, path, data=None):
         f'The teacher in {teacher_workdir} is not confident about any of '
         f'the {len(probabilities)} unlabelled images: none reached '
         f'self_training_threshold={config.self_training_threshold!r} (the '
-        f'most confident prediction: {probabilities.max():.4f}). Lower '
+        f'most confident prediction: {float(probabilities.max())!r}). Lower '
         '--config.self_training_threshold and rerun the same command: the '
         'trained teacher is kept.')
   self_training.write(path, self_training.record(
