@@ -258,6 +258,16 @@ def _config(root, unlabeled):
   return config
 
 
+def _folders_and_config(tmp_path):
+  """A labelled folder (12 train images, 3 classes), 9 unlabelled images,
+  a workdir path and the config of a tiny self-training run on them."""
+  root = str(tmp_path / 'labelled')
+  image_fixtures.write_image_folder(root)
+  unlabeled = str(tmp_path / 'unlabelled')
+  _write_unlabeled(unlabeled)
+  return root, unlabeled, str(tmp_path / 'run'), _config(root, unlabeled)
+
+
 def test_a_workdir_of_another_run_is_refused_before_the_teacher(tmp_path):
   workdir = str(tmp_path / 'run')
   workdir_lib.Workdir(workdir).claim(default_config.get_config())
@@ -309,12 +319,7 @@ def test_labels_are_made_again_when_their_keys_changed_before_the_student(
 
 
 def test_teacher_labels_student_trains_and_a_rerun_redoes_nothing(tmp_path):
-  root = str(tmp_path / 'labelled')
-  image_fixtures.write_image_folder(root)  # 12 train images, 3 classes.
-  unlabeled = str(tmp_path / 'unlabelled')
-  _write_unlabeled(unlabeled)
-  workdir = str(tmp_path / 'run')
-  config = _config(root, unlabeled)
+  root, unlabeled, workdir, config = _folders_and_config(tmp_path)
   metrics = train.train_and_evaluate(config, workdir)
 
   stages = self_training.Stages(workdir)
@@ -388,12 +393,7 @@ def test_teacher_labels_student_trains_and_a_rerun_redoes_nothing(tmp_path):
 
 def test_two_rounds_with_students_started_from_their_teachers(tmp_path,
                                                               caplog):
-  root = str(tmp_path / 'labelled')
-  image_fixtures.write_image_folder(root)
-  unlabeled = str(tmp_path / 'unlabelled')
-  _write_unlabeled(unlabeled)
-  workdir = str(tmp_path / 'run')
-  config = _config(root, unlabeled)
+  root, unlabeled, workdir, config = _folders_and_config(tmp_path)
   config.update(dict(self_training_rounds=2, num_epochs=1,
                      self_training_student_init='teacher'))
   caplog.set_level('INFO')
@@ -425,12 +425,7 @@ def test_two_rounds_with_students_started_from_their_teachers(tmp_path,
 
 def test_no_confident_prediction_is_one_error_and_keeps_the_teacher(
     tmp_path, monkeypatch):
-  root = str(tmp_path / 'labelled')
-  image_fixtures.write_image_folder(root)
-  unlabeled = str(tmp_path / 'unlabelled')
-  _write_unlabeled(unlabeled)
-  workdir = str(tmp_path / 'run')
-  config = _config(root, unlabeled)
+  root, unlabeled, workdir, config = _folders_and_config(tmp_path)
   config.update(dict(num_epochs=1, self_training_threshold=0.99))
   # The tiny network's confidences are not known in advance: no prediction
   # reaches τ = 0.99 here by construction.
