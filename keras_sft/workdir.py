@@ -443,7 +443,9 @@ KEYS_ADDED_LATER = {
     'self_training_fraction': 0.5,
     'self_training_rounds': 1,
     'self_training_epochs': None,
-    'self_training_student_init': 'pretrained',
+    # Any value gives an older run's behaviour: runs before these keys did
+    # not self-train.
+    'self_training_student_init': 'teacher',
 }
 
 

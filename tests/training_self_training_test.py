@@ -391,42 +391,15 @@ def test_teacher_labels_student_trains_and_a_rerun_redoes_nothing(tmp_path):
     train.train_and_evaluate(config, workdir)
 
 
-def test_two_rounds_with_students_started_from_their_teachers(tmp_path,
-                                                              caplog):
+def test_a_round_that_keeps_nothing_then_two_rounds_from_their_teachers(
+    tmp_path, caplog, monkeypatch):
+  """One teacher for both (it is the costly part): a round that keeps no
+  pseudo-label is one error that keeps the teacher; then two rounds, each
+  student started from its teacher."""
   root, unlabeled, workdir, config = _folders_and_config(tmp_path)
   config.update(dict(self_training_rounds=2, num_epochs=1,
-                     self_training_student_init='teacher'))
-  caplog.set_level('INFO')
-  metrics = train.train_and_evaluate(config, workdir)
-
-  stages = self_training.Stages(workdir)
-  first = stages.student(1, 2)
-  assert first == os.path.join(workdir, 'self_training', 'student_1')
-  # Round 2's labels come from round 1's student, which exported nothing.
-  with open(stages.pseudo_labels(2)) as file:
-    assert json.load(file)['teacher'] == first
-  assert not os.path.exists(workdir_lib.Workdir(first).export)
-  rounds = metrics['self_training']['rounds']
-  assert len(rounds) == 2 and 'student_top1' in rounds[0]
-  started = [record.getMessage() for record in caplog.records
-             if 'Started from the network weights' in record.getMessage()]
-  assert started == [
-      f'Started from the network weights of the run in {stages.teacher}.',
-      f'Started from the network weights of the run in {first}.']
-
-  # What a student starts from: its teacher's served network weights.
-  teacher, teacher_config, _, _ = restore.restore_run_model(stages.teacher)
-  plan = recipe.make_plan(teacher_config, 12)
-  student = recipe.build_model(teacher_config, 3, plan)
-  train._start_from(student, stages.teacher)  # pylint: disable=protected-access
-  for mine, theirs in zip(student.network.weights, teacher.network.weights):
-    np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
-
-
-def test_no_confident_prediction_is_one_error_and_keeps_the_teacher(
-    tmp_path, monkeypatch):
-  root, unlabeled, workdir, config = _folders_and_config(tmp_path)
-  config.update(dict(num_epochs=1, self_training_threshold=0.99))
+                     self_training_student_init='teacher',
+                     self_training_threshold=0.99))
   # The tiny network's confidences are not known in advance: no prediction
   # reaches τ = 0.99 here by construction.
   select = self_training.select
@@ -450,12 +423,35 @@ def test_no_confident_prediction_is_one_error_and_keeps_the_teacher(
   with pytest.raises(errors.WorkdirError, match='other data'):
     train.train_and_evaluate(config, workdir)
   os.rename(moved, cat)
-  # A lower threshold: the same teacher labels; the student trains.
+
+  # A lower threshold: the same teacher labels; two rounds train.
   config.self_training_threshold = 0.0
+  caplog.set_level('INFO')
   metrics = train.train_and_evaluate(config, workdir)
-  assert metrics['self_training']['rounds'][0]['num_pseudo_labeled'] > 0
   assert workdir_lib.Workdir(stages.teacher).read_config() == trained
   assert os.path.getmtime(backup) == modified
+  first = stages.student(1, 2)
+  assert first == os.path.join(workdir, 'self_training', 'student_1')
+  # Round 2's labels come from round 1's student, which exported nothing.
+  with open(stages.pseudo_labels(2)) as file:
+    assert json.load(file)['teacher'] == first
+  assert not os.path.exists(workdir_lib.Workdir(first).export)
+  rounds = metrics['self_training']['rounds']
+  assert len(rounds) == 2 and 'student_top1' in rounds[0]
+  assert rounds[0]['num_pseudo_labeled'] > 0
+  started = [record.getMessage() for record in caplog.records
+             if 'Started from the network weights' in record.getMessage()]
+  assert started == [
+      f'Started from the network weights of the run in {stages.teacher}.',
+      f'Started from the network weights of the run in {first}.']
+
+  # What a student starts from: its teacher's served network weights.
+  teacher, teacher_config, _, _ = restore.restore_run_model(stages.teacher)
+  plan = recipe.make_plan(teacher_config, 12)
+  student = recipe.build_model(teacher_config, 3, plan)
+  train._start_from(student, stages.teacher)  # pylint: disable=protected-access
+  for mine, theirs in zip(student.network.weights, teacher.network.weights):
+    np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
 
 
 def test_a_teacher_counts_as_finished_only_with_its_eval_and_backups(
