@@ -257,14 +257,12 @@ _FEW_FOR_BN = 4
 def _build(run):
   """The run's compiled model, restored from its newest backup if any."""
   # Logged here, where train.log is open, although known since _start.
+  per_replica = (run.config.global_batch_size //
+                 run.strategy.num_replicas_in_sync)
   logging.info('Strategy %s (%s): %d replica(s), %d images per replica per '
                'step.', type(run.strategy).__name__,
                distribution.task_name(run.strategy),
-               run.strategy.num_replicas_in_sync,
-               run.config.global_batch_size //
-               run.strategy.num_replicas_in_sync)
-  per_replica = (run.config.global_batch_size //
-                 run.strategy.num_replicas_in_sync)
+               run.strategy.num_replicas_in_sync, per_replica)
   if run.config.batch_norm == 'trained' and per_replica < _FEW_FOR_BN:
     # Measured: ResNet50 at 32 px from random weights, 2 images per step,
     # λ·R went from 0.9 to 396 in 2 steps (4 images: 0.9); BN's variance
@@ -588,9 +586,7 @@ def _self_train(config, workdir, callbacks):
     # missing, empty or corrupt folder fails before the teacher trains.
     data = pipeline.from_config(config)
   self_training.claim(config, stages)
-  teacher = _teacher(config, stages)
-  record = {'teacher': {'top1': teacher['eval']['accuracy'],
-                        'step': teacher['step']}, 'rounds': []}
+  _teacher(config, stages)
   rounds = config.self_training_rounds
   for round_number in range(1, rounds + 1):
     path = stages.pseudo_labels(round_number)
@@ -603,9 +599,9 @@ def _self_train(config, workdir, callbacks):
                         path, data if round_number == 1 else None)
     elif not os.path.exists(path):
       self_training.wait_for(path, config.startup_timeout_seconds)
-    summary = self_training.summary(path)
+    record = _self_training_record(stages, rounds, round_number)
+    summary = record['rounds'][-1]
     self_training.log_round(round_number, summary)
-    record['rounds'].append(summary)
     student = self_training.student_config(
         config, round_number, summary['num_labeled'],
         summary['num_pseudo_labeled'])
@@ -617,8 +613,6 @@ def _self_train(config, workdir, callbacks):
         initial_network=(stages.teacher_of(round_number, rounds)
                          if config.self_training_student_init == 'teacher'
                          else None))
-    if not last:
-      record['rounds'][-1]['student_top1'] = metrics['eval']['accuracy']
   return metrics
 
 
@@ -648,17 +642,19 @@ def _finished_metrics(workdir):
   return metrics if finished else None
 
 
-def _self_training_record(stages, rounds):
-  """metrics.json's `self_training`, from the stages' files (as the run
-  wrote it)."""
+def _self_training_record(stages, rounds, through=None):
+  """metrics.json's `self_training`, from the stages' files: the teacher
+  and rounds 1 to `through` (all when None), each earlier round with its
+  student's top-1."""
+  through = through or rounds
   teacher = files.read_json_object(
       workdir_lib.Workdir(stages.teacher).metrics_file)
   record = {'teacher': {'top1': teacher['eval']['accuracy'],
                         'step': teacher['step']}, 'rounds': []}
-  for round_number in range(1, rounds + 1):
+  for round_number in range(1, through + 1):
     record['rounds'].append(
         self_training.summary(stages.pseudo_labels(round_number)))
-    if round_number < rounds:
+    if round_number < through:
       student = files.read_json_object(workdir_lib.Workdir(
           stages.student(round_number, rounds)).metrics_file)
       record['rounds'][-1]['student_top1'] = student['eval']['accuracy']
