@@ -114,43 +114,44 @@ class Stages:
             self.student(round_number - 1, rounds))
 
 
-def teacher_config(config):
-  """The teacher's config: the run's, on the labelled images alone.
-
-  No self-training keys (at their defaults), no export (the run exports its last student), no calibration (fitted on
-  the student that serves).
-  """
-  teacher = config.copy_and_resolve_references()
+def _unserved(config, keys_at_default):
+  """A copy of `config` for a stage that is not served (no export, no
+  calibration: fitted on the student that serves) and does not read
+  `keys_at_default`, which are set to their defaults: a change to one of
+  them does not make the stage's claim refuse it."""
+  stage = config.copy_and_resolve_references()
   defaults = default_config.get_config()
+  with stage.unlocked():
+    stage.export = False
+    stage.calibration_split = None
+    for key in keys_at_default:
+      stage[key] = defaults[key]
+  return stage
+
+
+def teacher_config(config):
+  """The teacher's config: the run's, on the labelled images alone; not
+  served, and no self-training key (a threshold that kept no pseudo-label
+  may change: the trained teacher is kept)."""
+  teacher = _unserved(config, [key for key in config.keys()
+                               if key.startswith(NAME + '_')])
   with teacher.unlocked():
     teacher.semi_supervised = None
     teacher.unlabeled = None
-    teacher.export = False
-    teacher.calibration_split = None
-    # Keys the teacher does not read, at their defaults: changing one (a
-    # threshold that kept no pseudo-label) keeps the trained teacher.
-    for key in teacher.keys():
-      if key.startswith(NAME + '_'):
-        teacher[key] = defaults[key]
   return teacher
 
 
 def student_config(config, round_number, num_labeled, num_pseudo_labeled):
-  """A student's config: the run's (without export and calibration for an
-  intermediate round: only the last student serves); the
-  epochs over labelled + pseudo-labelled images from
-  `self_training_epochs` or, when None, the teacher's number of steps."""
-  last = round_number == config.self_training_rounds
-  student = config.copy_and_resolve_references()
-  defaults = default_config.get_config()
+  """A student's config: the run's for the last round; for an intermediate
+  one not served, and without the labelling keys (its file records them:
+  a later round's threshold may change once it has trained). Its epochs
+  over labelled + pseudo-labelled images from `self_training_epochs` or,
+  when None, the teacher's number of steps."""
+  if round_number == config.self_training_rounds:
+    student = config.copy_and_resolve_references()
+  else:
+    student = _unserved(config, LABELLING_KEYS)
   with student.unlocked():
-    if not last:  # Like the teacher, an intermediate student is not served.
-      student.export = False
-      student.calibration_split = None
-      # Nor does it read the labelling keys (its file records them): a
-      # later round's threshold may change once it has trained.
-      for key in LABELLING_KEYS:
-        student[key] = defaults[key]
     student.num_epochs = student_epochs(config, num_labeled,
                                         num_pseudo_labeled)
     student.eval_every_epochs = min(student.eval_every_epochs,
