@@ -160,21 +160,30 @@ def test_a_pruned_trial_stops_early(tmp_path, monkeypatch):
   assert row['pruned'] and row['state'] == 'pruned'
 
 
+def _pruning_config(num_epochs, warmup_epochs=1.0, head_only_epochs=0.0):
+  config = cifar10_resnet50.get_config('smoke')
+  with config.unlocked():
+    config.num_epochs = num_epochs
+    config.warmup_epochs = warmup_epochs
+    config.head_only_epochs = head_only_epochs
+  return config
+
+
 @pytest.mark.parametrize('name', ['successive_halving', 'hyperband', 'median'])
 def test_no_trial_is_pruned_before_the_first_pruning_epoch(name):
   """Epoch-1 accuracies (the end of the warmup) judge no trial."""
-  max_epochs = 8
-  first = trial_lib.first_pruning_epoch(max_epochs)
+  config = _pruning_config(8)
+  first = trial_lib.first_pruning_epoch(config)
   assert first == 2
   study = optuna.create_study(
-      direction='maximize', pruner=study_lib.create_pruner(name, max_epochs),
+      direction='maximize', pruner=study_lib.create_pruner(name, config),
       sampler=optuna.samplers.RandomSampler(seed=0))
   # Good trials that ran the whole budget (asked, as a trial does, after
   # every report: successive halving records its rungs then). Enough of
   # them that each Hyperband bracket holds some.
   for _ in range(12):
     trial = study.ask()
-    for epoch in range(1, max_epochs + 1):
+    for epoch in range(1, config.num_epochs + 1):
       trial.report(0.9, epoch)
       assert not trial.should_prune()
     study.tell(trial, 0.9)
@@ -189,15 +198,35 @@ def test_no_trial_is_pruned_before_the_first_pruning_epoch(name):
   assert bad.should_prune()
 
 
-def test_first_pruning_epoch_is_a_quarter_of_the_epochs_at_least_two():
-  assert [trial_lib.first_pruning_epoch(n) for n in (1, 2, 3, 8, 9, 40)] == [
-      1, 2, 2, 2, 3, 10]
+def test_first_pruning_epoch_is_one_epoch_after_warmup_and_head_only():
+  first = trial_lib.first_pruning_epoch
+  # One epoch at the peak after the default 1-epoch warmup, however long
+  # the run (a quarter of 40 epochs made every trial run 10).
+  assert [first(_pruning_config(n)) for n in (1, 2, 3, 8, 9, 40)] == [
+      1, 2, 2, 2, 2, 2]
+  assert first(_pruning_config(40, warmup_epochs=0.0)) == 1
+  assert first(_pruning_config(40, warmup_epochs=2.5)) == 4
+  assert first(_pruning_config(40, head_only_epochs=3.0)) == 4
+  # The space's largest phase counts: configs/spaces/finetune.py's
+  # head_only_epochs reaches 2.0.
+  config = _pruning_config(20)
+  finetune = space_lib.parse(*space_lib.load(
+      os.path.join(conftest.REPO_ROOT, 'configs', 'spaces', 'finetune.py')),
+                             config)
+  assert first(config, finetune) == 3
+  choices = space_lib.parse('inline', {'warmup_epochs': {
+      'choices': [0.0, 5.0]}}, config)
+  assert first(config, choices) == 6
+  assert first(_pruning_config(4), choices) == 4
+  # The pruner's first rung is that epoch.
+  assert study_lib.create_pruner('successive_halving', config,
+                                 finetune)._min_resource == 3
 
 
 def test_no_trial_is_pruned_within_the_first_pruning_epoch_of_its_end():
   """Epoch 9 of 10 would save one epoch: the trial is not judged there."""
-  assert [trial_lib.last_pruning_epoch(n) for n in (1, 2, 3, 8, 10, 40)] == [
-      1, 2, 2, 6, 7, 30]
+  assert [trial_lib.last_pruning_epoch(_pruning_config(n))
+          for n in (1, 2, 3, 8, 10, 40)] == [1, 2, 2, 6, 8, 38]
   study = optuna.create_study(
       direction='maximize',
       pruner=optuna.pruners.ThresholdPruner(lower=0.5))

@@ -74,10 +74,13 @@ class Options:
 PRUNERS = ('successive_halving', 'hyperband', 'median', 'none')
 
 
-def create_pruner(name, max_epochs):
-  """Optuna's pruner `name`, with epochs as its resource."""
+def create_pruner(name, config, space=None):
+  """Optuna's pruner `name`, with epochs as its resource (up to
+  `config.num_epochs`; `trial.first_pruning_epoch` of `config` and
+  `space` is the first rung)."""
   errors.check_choice('pruner', name, PRUNERS)
-  first = trial_lib.first_pruning_epoch(max_epochs)
+  max_epochs = config.num_epochs
+  first = trial_lib.first_pruning_epoch(config, space)
   if name == 'successive_halving':
     # Asynchronous successive halving: at epochs r, 3r, 9r, ... (r =
     # first_pruning_epoch) a trial goes on only if it is in the best third
@@ -333,7 +336,7 @@ def run_worker(config, workdir, space, options):
            if options.storage else f'workdir={workdir!r}')
   study = open_study(storage, name, identity(config, space, options),
                      create_sampler(options.trials),
-                     create_pruner(options.pruner, config.num_epochs), where)
+                     create_pruner(options.pruner, config, space), where)
   os.makedirs(workdir, exist_ok=True)
   defaults = space.defaults(config)
   if defaults is None:

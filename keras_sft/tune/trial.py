@@ -66,19 +66,39 @@ def history_accuracies(run_workdir):
   return [(epoch, value) for epoch, value in rows if math.isfinite(value)]
 
 
-def first_pruning_epoch(max_epochs):
+# Config keys (in epochs) during which a run does not yet train at its peak:
+# the learning-rate warmup and the head-only phase.
+_PHASE_KEYS = ('warmup_epochs', 'head_only_epochs')
+
+
+def first_pruning_epoch(config, space=None):
   """The first epoch after which a trial may be pruned.
 
-  A quarter of the epochs, at least 2 (1 for runs of one epoch): with the
-  default 1-epoch warmup, epoch 1 ends the warmup, and from scratch its
-  validation accuracies sat near chance (benchmarks/tune.py's first study:
-  9 of 10 trials pruned after epoch 1, the defaults kept), so they ranked
-  trials by noise, not promise.
+  One whole epoch after the warmup and the head-only phase end (at the
+  largest values `space` can give them), at most `config.num_epochs`: 2
+  with the default 1-epoch warmup, 3 where head_only_epochs may reach 2.
+  Earlier, a trial is judged before it has trained at its own learning rate
+  (from scratch, epoch-1 accuracies sat near chance: benchmarks/tune.py's
+  first study pruned 9 of 10 trials after epoch 1 and kept the defaults),
+  and a head-only trial is judged against full ones on a phase it has not
+  left. It does not grow with num_epochs (an earlier rule took a quarter of
+  them): every trial pays it, so 12 trials cost at least 12 x r / num_epochs
+  runs, 3 whatever the data with a quarter.
+
+  Args:
+    config: The study's base config (num_epochs and the phase keys).
+    space: None, or the `space.Space` whose ranges the phases may take.
   """
-  return min(max_epochs, max(2, -(-max_epochs // 4)))
+  phases = [float(config.get(key) or 0) for key in _PHASE_KEYS]
+  for parameter in space.parameters if space is not None else ():
+    if parameter.key in _PHASE_KEYS:
+      values = (parameter.choices if parameter.kind == 'categorical'
+                else (parameter.high,))
+      phases.extend(float(value or 0) for value in values)
+  return max(1, min(config.num_epochs, math.ceil(max(phases)) + 1))
 
 
-def last_pruning_epoch(max_epochs):
+def last_pruning_epoch(config, space=None):
   """The last epoch after which a trial may be pruned.
 
   Pruning later saves fewer epochs than the first pruning epoch, and a
@@ -87,8 +107,8 @@ def last_pruning_epoch(max_epochs):
   benchmarks/tune-2026-12-06-fashion_mnist.txt pruned a trial that tied the
   defaults at epoch 9 of 10).
   """
-  return max(first_pruning_epoch(max_epochs),
-             max_epochs - first_pruning_epoch(max_epochs))
+  first = first_pruning_epoch(config, space)
+  return max(first, config.num_epochs - first)
 
 
 class PruningCallback(keras.callbacks.Callback):
@@ -218,7 +238,7 @@ def run(trial, frozen, space, config, workdir, validation_fraction):
   try:
     # A resumed trial: report the epochs already run (their rows are kept
     # by the run), then go on.
-    last_epoch = last_pruning_epoch(trial_config.num_epochs)
+    last_epoch = last_pruning_epoch(config, space)
     for epoch, value in history_accuracies(run_workdir):
       report(trial, epoch, value, reported, last_epoch)
     metrics = train.train_and_evaluate(
