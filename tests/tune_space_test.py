@@ -183,3 +183,29 @@ def test_the_command_repeats_the_library_choices():
   from keras_sft.tune import final  # pylint: disable=g-import-not-at-top
   assert tune_main.PRUNERS == study_lib.PRUNERS
   assert tune_main.FINAL_MODES == final.MODES
+
+
+def test_variants_change_one_categorical_key_in_the_files_order():
+  config = cifar10_resnet50.get_config('smoke')
+  with config.unlocked():
+    config.num_epochs = 5
+  path = os.path.join(conftest.REPO_ROOT, 'configs', 'spaces', 'finetune.py')
+  space = space_lib.parse(*space_lib.load(path), config)
+  defaults = space.defaults(config)
+  variants = space.variants(defaults, 100)
+  assert [description for _, description in variants] == [
+      "batch_norm='frozen'", 'random_crop=False', 'random_flip=False',
+      "freeze_until='conv1'", "freeze_until='conv2'", "freeze_until='conv3'",
+      "freeze_until='conv4'"]
+  for values, description in variants:
+    changed = {key for key in values if values[key] != defaults[key]}
+    assert changed == {description.split('=')[0]}
+    assert all(parameter.contains(values[parameter.key])
+               for parameter in space.parameters)
+  assert space.variants(defaults, 2) == variants[:2]
+  assert space.variants(defaults, 0) == []
+  # True is not 1: a choice of another type is another choice.
+  mixed = space_lib.Space('inline', (space_lib.Parameter(
+      'key', 'categorical', choices=(1, True, None)),))
+  assert [text for _, text in mixed.variants({'key': 1}, 5)] == [
+      'key=True', 'key=None']

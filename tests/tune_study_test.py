@@ -236,3 +236,31 @@ def test_no_trial_is_pruned_within_the_first_pruning_epoch_of_its_end():
   assert reported == {9: 0.1}
   with pytest.raises(optuna.TrialPruned):
     trial_lib.report(trial, 7, 0.1, reported, last_epoch=7)
+
+
+def test_a_new_study_queues_the_defaults_then_its_variants(tmp_path):
+  storage = optuna.storages.InMemoryStorage()
+  study = optuna.create_study(storage=storage, study_name='s',
+                              direction='maximize')
+  defaults = {'random_flip': True, 'learning_rate': 0.01}
+  variants = [({'random_flip': False, 'learning_rate': 0.01},
+               'random_flip=False')]
+  queued = study_lib._ensure_trials(  # pylint: disable=protected-access
+      study, storage, str(tmp_path), 's', 3, defaults, variants)
+  assert queued == 3
+  trials = study.get_trials()
+  assert [trial.system_attrs.get('fixed_params') for trial in trials] == [
+      defaults, variants[0][0], {}]
+  assert trials[0].user_attrs[study_lib.DEFAULTS_ATTR]
+  assert trials[1].user_attrs[study_lib.VARIANT_ATTR] == 'random_flip=False'
+  # A rerun with more trials adds sampled ones only.
+  assert study_lib._ensure_trials(  # pylint: disable=protected-access
+      study, storage, str(tmp_path), 's', 5, defaults, variants) == 2
+  assert [trial.system_attrs.get('fixed_params')
+          for trial in study.get_trials()][3:] == [{}, {}]
+
+
+def test_half_the_trials_after_the_defaults_are_variants_by_default():
+  assert [study_lib.Options(trials=n).variant_count()
+          for n in (1, 2, 3, 12, 20)] == [0, 0, 1, 5, 9]
+  assert study_lib.Options(trials=12, variant_trials=0).variant_count() == 0

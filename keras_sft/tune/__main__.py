@@ -68,6 +68,12 @@ _FINAL = flags.DEFINE_enum(
     'configuration on the whole training split (retrain) or reuse the best '
     'trial\'s weights (best_trial), evaluate on the test split once and '
     'export; or stop (none: for workers that others wait for).')
+_VARIANT_TRIALS = flags.DEFINE_integer(
+    'variant_trials', None, 'Trials after the defaults (trial 0) that each '
+    'change one categorical key of the defaults to another of its choices, '
+    'in the space file\'s order, so that each switch is measured against '
+    'the defaults; TPE samples the other trials. Default: half of the '
+    'trials after the defaults; 0: none. Decided when the study is created.')
 _GRACE = flags.DEFINE_float(
     'grace_seconds', 120, 'A worker on another machine that has not been '
     'heard of for this long is presumed dead; its trial is retried.')
@@ -80,11 +86,14 @@ def _options():
   errors.check_integer('trials', _TRIALS.value, 1)
   errors.check_positive('timeout', _TIMEOUT.value, optional=True)
   errors.check_positive('grace_seconds', _GRACE.value)
+  if _VARIANT_TRIALS.value is not None:
+    errors.check_integer('variant_trials', _VARIANT_TRIALS.value, 0)
   return study.Options(
       trials=_TRIALS.value, timeout_seconds=_TIMEOUT.value,
       storage=_STORAGE.value, study_name=_STUDY_NAME.value,
       validation_fraction=_VALIDATION_FRACTION.value, pruner=_PRUNER.value,
-      wait_for_others=_FINAL.value != 'none', grace_seconds=_GRACE.value)
+      wait_for_others=_FINAL.value != 'none', grace_seconds=_GRACE.value,
+      variant_trials=_VARIANT_TRIALS.value)
 
 
 def _rerun_command(workdir, trial):

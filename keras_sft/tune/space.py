@@ -138,6 +138,27 @@ class Space:
             step=parameter.step, log=parameter.log)
     return values
 
+  def variants(self, values, limit):
+    """`values` with one categorical key set to another of its choices.
+
+    In the space file's order (its switches most worth measuring first),
+    each other choice of each categorical key in turn, at most `limit`.
+
+    Returns:
+      `[(values, 'key=choice')]`.
+    """
+    result = []
+    for parameter in self.parameters:
+      if parameter.kind != 'categorical':
+        continue
+      current = values[parameter.key]
+      for choice in parameter.choices:
+        if choice == current and type(choice) is type(current):  # pylint: disable=unidiomatic-typecheck
+          continue
+        result.append(({**values, parameter.key: choice},
+                       f'{parameter.key}={choice!r}'))
+    return result[:max(0, limit)]
+
   def defaults(self, config):
     """`{key: config value}`, or None if a value lies outside the space."""
     values = {parameter.key: config[parameter.key]

@@ -7,7 +7,11 @@ Every worker runs the same loop (`run_worker`):
 2. Make sure the study holds `trials` trials (`_ensure_trials`): they are
    queued once, as WAITING trials, under the study's mutex, so several
    workers starting together queue them once. Trial 0 runs the config's own
-   values (the defaults) when they lie inside the space.
+   values (the defaults) when they lie inside the space; the next ones
+   (`Options.variant_trials`) change one categorical key of the defaults
+   each, so each switch of the space (BN policy, crop, flip, freeze depth)
+   is measured against the defaults rather than left to sampling; TPE
+   samples the rest.
 3. Take a WAITING trial (an atomic WAITING -> RUNNING in the storage: no
    two workers get the same one), sample its values (TPE), run it, tell the
    study. A worker with nothing left to take waits for the running trials
@@ -39,6 +43,7 @@ from keras_sft.tune import trial as trial_lib
 # Study user attributes: what the study was started with.
 IDENTITY_ATTR = 'keras_sft'
 DEFAULTS_ATTR = 'defaults_trial'
+VARIANT_ATTR = 'changed_from_defaults'
 # Seconds between looks at the study while waiting for others' trials.
 _POLL_SECONDS = 2.0
 
@@ -60,6 +65,9 @@ class Options:
     wait_for_others: Wait for other workers' running trials before
       returning (the final step needs them all).
     grace_seconds: A worker on another host silent for this long is dead.
+    variant_trials: Trials after the defaults that change one categorical
+      key each (`space.Space.variants`); None: half the others, rounded
+      down. Queued when the study is created.
   """
   trials: int
   timeout_seconds: float = None
@@ -69,6 +77,15 @@ class Options:
   pruner: str = 'successive_halving'
   wait_for_others: bool = True
   grace_seconds: float = 120
+  variant_trials: int = None
+
+  def variant_count(self):
+    if self.variant_trials is not None:
+      return self.variant_trials
+    # 12 trials: the defaults, 5 variants, 6 sampled. A study of 12 TPE
+    # trials over finetune.py's 9 keys tried random_crop=True and
+    # random_flip=True in all 12 (benchmarks/tune.py, 2026-12-06).
+    return (self.trials - 1) // 2
 
 
 PRUNERS = ('successive_halving', 'hyperband', 'median', 'none')
@@ -188,8 +205,12 @@ def counted(trials):
   return [trial for trial in trials if trial.number not in replaced]
 
 
-def _ensure_trials(study, storage, workdir, name, total, defaults):
+def _ensure_trials(study, storage, workdir, name, total, defaults,
+                   variants=()):
   """Queues WAITING trials until the study holds `total`; under the mutex.
+
+  A new study's first trials are the `defaults` (if any), then `variants`
+  (`[(values, description)]`, see `space.Space.variants`).
 
   Returns:
     The number queued by this call.
@@ -199,10 +220,15 @@ def _ensure_trials(study, storage, workdir, name, total, defaults):
     missing = total - len(counted(trials))
     if missing <= 0:
       return 0
+    first = []
+    if not trials and defaults is not None:
+      # The config's own values: the summary compares the best with it.
+      first = [(defaults, {DEFAULTS_ATTR: True})] + [
+          (values, {VARIANT_ATTR: description})
+          for values, description in variants]
     for index in range(missing):
-      if not trials and index == 0 and defaults is not None:
-        # The config's own values: the summary compares the best with it.
-        study.enqueue_trial(defaults, user_attrs={DEFAULTS_ATTR: True})
+      if index < len(first):
+        study.enqueue_trial(first[index][0], user_attrs=first[index][1])
       else:
         study.enqueue_trial({})
     return missing
@@ -343,7 +369,10 @@ def run_worker(config, workdir, space, options):
     logging.warning('The config\'s own values of %s lie outside the space: '
                     'no trial runs the defaults, and the summary compares '
                     'with none.', list(space.keys))
-  _ensure_trials(study, storage, workdir, name, options.trials, defaults)
+  variants = (space.variants(defaults, options.variant_count())
+              if defaults is not None else [])
+  _ensure_trials(study, storage, workdir, name, options.trials, defaults,
+                 variants)
   worker = storage_lib.Worker(workdir)
   progress = Progress(total=len(counted(study.get_trials(deepcopy=False))))
   deadline = (None if options.timeout_seconds is None else
