@@ -10,6 +10,8 @@ import re
 import shlex
 import shutil
 import sys
+import threading
+import time
 
 import optuna
 import pytest
@@ -264,3 +266,25 @@ def test_half_the_trials_after_the_defaults_are_variants_by_default():
   assert [study_lib.Options(trials=n).variant_count()
           for n in (1, 2, 3, 12, 20)] == [0, 0, 1, 5, 9]
   assert study_lib.Options(trials=12, variant_trials=0).variant_count() == 0
+
+
+def test_a_pruned_trials_objects_are_released_off_the_main_thread():
+  """Their destructor (tf.data's iterator sleeps there) does not hold up
+  the next trial."""
+  released = []
+
+  class Slow:
+
+    def __del__(self):
+      time.sleep(1.0)
+      released.append(threading.current_thread())
+
+  box = [Slow()]
+  started = time.monotonic()
+  trial_lib.release_in_background(box)
+  assert time.monotonic() - started < 0.5
+  for thread in threading.enumerate():
+    if thread.name == 'keras_sft-release':
+      thread.join(timeout=10)
+  assert box == [] and len(released) == 1
+  assert released[0] is not threading.main_thread()

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 import time
 
 import keras
@@ -235,6 +236,7 @@ def run(trial, frozen, space, config, workdir, validation_fraction):
   # kept, and the layer names restart as in a fresh process.
   keras.backend.clear_session()
   reported = {}
+  pruned_box = []
   try:
     # A resumed trial: report the epochs already run (their rows are kept
     # by the run), then go on.
@@ -245,10 +247,8 @@ def run(trial, frozen, space, config, workdir, validation_fraction):
         trial_config, run_workdir,
         callbacks=[PruningCallback(trial, reported, last_epoch)])
   except optuna.TrialPruned as pruned:
-    logging.info('Trial %d pruned: %s', trial.number, pruned)
-    last = reported[max(reported)] if reported else None
-    return finish(Outcome(optuna.trial.TrialState.PRUNED, last,
-                          message=f'pruned: {pruned}'))
+    # Kept past this block: see release_in_background.
+    pruned_box.append(pruned)
   except errors.DivergedError as error:
     # An outcome of the values (a learning rate too high), not a fault.
     return finish(Outcome(optuna.trial.TrialState.FAIL,
@@ -258,5 +258,30 @@ def run(trial, frozen, space, config, workdir, validation_fraction):
     # the ranges); the study goes on with the other trials.
     return finish(Outcome(optuna.trial.TrialState.FAIL,
                           message=f'refused: {error}'))
+  if pruned_box:
+    message = f'pruned: {pruned_box[0]}'
+    logging.info('Trial %d %s', trial.number, message)
+    release_in_background(pruned_box)
+    last = reported[max(reported)] if reported else None
+    return finish(Outcome(optuna.trial.TrialState.PRUNED, last,
+                          message=message))
   value = float(metrics['eval']['accuracy'])
   return finish(Outcome(optuna.trial.TrialState.COMPLETE, value))
+
+
+def release_in_background(box):
+  """Empties the list `box` in another thread; returns at once.
+
+  A pruned trial's `TrialPruned` holds, through its traceback, the frames
+  of `model.fit` and with them the training iterator, whose tf.data
+  destructor then sleeps on its background threads: 10-26 s with no CPU
+  used after every other pruned trial (measured on the 2-core CPU: 15% of
+  a fine-tuning study's wall time). Dropping the last reference in a thread
+  lets that wait overlap the next trial. Not a daemon: the process waits
+  for it before exiting, as it did before.
+
+  Args:
+    box: A list holding the only references to what is to be released; the
+      caller keeps none.
+  """
+  threading.Thread(target=box.clear, name='keras_sft-release').start()
