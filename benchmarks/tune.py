@@ -44,8 +44,12 @@ Rows, for each dataset and mode, each its own process, with the same
   defaults: `python -m keras_sft.main --config=configs/default.py` (one
     ordinary run); its test top-1 (metrics.json's report) and wall time.
   tuned: `python -m keras_sft.tune --config=configs/default.py --space=SPACE
-    --trials=N --validation_fraction=0.1 --final=F` (successive-halving
-    pruning, the default); trials are scored on 10% of each class of the
+    --trials=N --validation_fraction=0.1 --final=F --timeout=T`
+    (successive-halving pruning, the default; T = --timeout_runs (3) x the
+    defaults row's wall time: the study starts no trial after it, so that
+    with the trial running then and the final step it ends near the 4x
+    target, the budget a user sets with --timeout); trials are scored on
+    10% of each class of the
     training images, then the best trial's weights (--final=best_trial, this
     benchmark's default) or its configuration retrained on all of them
     (--final=retrain) are evaluated once on the test split:
@@ -311,13 +315,16 @@ def _float_or_none(text):
     return None
 
 
-def run_study(study_dir, common, space, trials, final='retrain', keep=False):
+def run_study(study_dir, common, space, trials, final='retrain', keep=False,
+              timeout=None):
   """The whole `keras_sft.tune` study; the final run's top-1 and timing."""
   _fresh(study_dir)
   command = [sys.executable, '-m', 'keras_sft.tune',
              '--config=configs/default.py', f'--workdir={study_dir}',
              f'--space={space}', f'--trials={trials}', f'--final={final}',
              f'--validation_fraction={VALIDATION_FRACTION}', *common]
+  if timeout is not None:
+    command.append(f'--timeout={timeout:.0f}')
   print('  $', ' '.join(command[1:]), flush=True)
   timing, stdout = _run(command, study_dir + '.log')
   with open(study_dir + '.stdout', 'w') as file:
@@ -402,10 +409,14 @@ def measure(dataset, mode, args, sizes, work_dir, weights='None'):
   if _ok(result['defaults']):
     print(f'  defaults: top-1 {result["defaults"]["top1"]:.4f} in '
           f'{result["defaults"]["wall_seconds"]:.0f} s', flush=True)
+  # The user's way to a wall-time budget: --timeout, a multiple of one run
+  # (no trial starts after it; the running one and the final step finish).
+  timeout = (args.timeout_runs * result['defaults']['wall_seconds']
+             if args.timeout_runs and _ok(result['defaults']) else None)
   result['tuned'] = _attempt(
       f'{slug} study', run_study, os.path.join(work_dir, f'{slug}_study'),
       common, SPACES[mode], sizes['trials'], final=args.final,
-      keep=args.keep_checkpoints)
+      keep=args.keep_checkpoints, timeout=timeout)
   if _ok(result['tuned']):
     tuned = result['tuned']
     how = 'retrained' if args.final == 'retrain' else 'its weights reused'
@@ -617,6 +628,11 @@ def parse_args(argv=None):
   parser.add_argument('--source_dir', default=accuracy.FASHION_MNIST_DIR,
                       help='the Fashion-MNIST idx .gz files')
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--timeout_runs', type=float, default=3.0,
+                      help='the study\'s --timeout as a multiple of the '
+                      'defaults run\'s wall time (default 3: no trial '
+                      'starts after 3 runs\' time, so the one running then '
+                      'and the final step end near the 4x target); 0: none')
   parser.add_argument('--final', default='best_trial',
                       choices=('retrain', 'best_trial'),
                       help='the study\'s --final: best_trial (default) tests '

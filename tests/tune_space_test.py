@@ -209,3 +209,20 @@ def test_variants_change_one_categorical_key_in_the_files_order():
       'key', 'categorical', choices=(1, True, None)),))
   assert [text for _, text in mixed.variants({'key': 1}, 5)] == [
       'key=True', 'key=None']
+
+
+def test_an_int_choice_of_a_float_key_is_its_float_value():
+  config = cifar10_resnet50.get_config('smoke')
+  space = space_lib.parse('inline', {
+      'head_only_epochs': {'choices': [0, 1]},
+      'random_flip': {'choices': [True, False]}}, config)
+  # The config's 0.0 is the choice 0: the defaults trial and its variants
+  # exist, spelled as the space spells them.
+  defaults = space.defaults(config)
+  assert defaults == {'head_only_epochs': 0, 'random_flip': True}
+  assert [text for _, text in space.variants(defaults, 5)] == [
+      'head_only_epochs=1', 'random_flip=False']
+  # 0.0 and 0 are one value: refused as a repeat.
+  with pytest.raises(errors.ConfigError, match='repeat a value'):
+    space_lib.parse('inline', {'label_smoothing': {'choices': [0.0, 0]}},
+                    config)

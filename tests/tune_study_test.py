@@ -125,7 +125,13 @@ def test_the_best_trial_reruns_as_an_ordinary_run_to_its_score(
                          'metrics.json')) as file:
     trial_metrics = json.load(file)
   rerun_metrics = conftest.read_metrics(rerun)
-  assert rerun_metrics['eval']['accuracy'] == study.best_value
+  # The trial's score: the mean val accuracy of its last epochs, the last
+  # being the final evaluation's.
+  accuracies = dict(trial_lib.history_accuracies(rerun))
+  last = max(accuracies)
+  accuracies[last] = rerun_metrics['eval']['accuracy']
+  assert trial_lib.score(accuracies, last) == pytest.approx(
+      study.best_value, abs=1e-12)
   assert rerun_metrics['eval']['loss'] == pytest.approx(
       trial_metrics['eval']['loss'], rel=1e-5)
 
@@ -220,6 +226,9 @@ def test_first_pruning_epoch_is_one_epoch_after_warmup_and_head_only():
       'choices': [0.0, 5.0]}}, config)
   assert first(config, choices) == 6
   assert first(_pruning_config(4), choices) == 4
+  # A key the space varies: the config's own value is no trial's.
+  assert first(_pruning_config(20, warmup_epochs=6.0), space_lib.parse(
+      'inline', {'warmup_epochs': {'choices': [0.0, 0.5]}}, config)) == 2
   # The pruner's first rung is that epoch.
   assert study_lib.create_pruner('successive_halving', config,
                                  finetune)._min_resource == 3
@@ -227,8 +236,12 @@ def test_first_pruning_epoch_is_one_epoch_after_warmup_and_head_only():
 
 def test_no_trial_is_pruned_within_the_first_pruning_epoch_of_its_end():
   """Epoch 9 of 10 would save one epoch: the trial is not judged there."""
+  # 1 and 2 epochs: the first pruning epoch is the last, so none is
+  # pruned (it would have run its whole budget and lose its result).
   assert [trial_lib.last_pruning_epoch(_pruning_config(n))
-          for n in (1, 2, 3, 8, 10, 40)] == [1, 2, 2, 6, 8, 38]
+          for n in (1, 2, 3, 8, 10, 40)] == [0, 0, 2, 6, 8, 38]
+  assert not trial_lib.pruning_is_possible(_pruning_config(2))
+  assert trial_lib.pruning_is_possible(_pruning_config(3))
   study = optuna.create_study(
       direction='maximize',
       pruner=optuna.pruners.ThresholdPruner(lower=0.5))
@@ -288,3 +301,19 @@ def test_a_pruned_trials_objects_are_released_off_the_main_thread():
       thread.join(timeout=10)
   assert box == [] and len(released) == 1
   assert released[0] is not threading.main_thread()
+
+
+def test_the_score_is_the_mean_of_the_last_epochs():
+  accuracies = {1: 0.5, 2: 0.6, 3: 0.9, 4: 0.6}
+  assert trial_lib.score(accuracies, 1) == 0.5
+  assert trial_lib.score(accuracies, 2) == pytest.approx(0.55)
+  assert trial_lib.score(accuracies, 4) == pytest.approx(0.7)
+  # One epoch's spike does not decide: reported to the pruner smoothed.
+  study = optuna.create_study(direction='maximize')
+  trial = study.ask()
+  reported = {}
+  for epoch, value in accuracies.items():
+    trial_lib.report(trial, epoch, value, reported, last_epoch=0)
+  assert reported == accuracies
+  assert trial.storage.get_trial(trial._trial_id).intermediate_values[4] == (  # pylint: disable=protected-access
+      pytest.approx(0.7))

@@ -51,6 +51,14 @@ _RANGE_FIELDS = {'low', 'high', 'log', 'step'}
 _MAX_INT_VALUES = 64
 
 
+def _same(first, second):
+  """Whether two values are the same choice: equal numbers (an int and a
+  float: 0 and 0.0), else equal values of one type (True is not 1)."""
+  if errors.is_number(first) and errors.is_number(second):
+    return first == second
+  return first == second and type(first) is type(second)  # pylint: disable=unidiomatic-typecheck
+
+
 @dataclasses.dataclass(frozen=True)
 class Parameter:
   """One varied key: a number range or a list of choices.
@@ -82,9 +90,14 @@ class Parameter:
   def contains(self, value):
     """Whether `value` is one this parameter can take."""
     if self.kind == 'categorical':
-      return any(value == choice and type(value) is type(choice)  # pylint: disable=unidiomatic-typecheck
-                 for choice in self.choices)
+      return any(_same(value, choice) for choice in self.choices)
     return (errors.is_number(value) and self.low <= value <= self.high)
+
+  def choice_of(self, value):
+    """The choice that is `value` (`contains` must hold); a range: value."""
+    if self.kind != 'categorical':
+      return value
+    return next(choice for choice in self.choices if _same(value, choice))
 
   def describe(self):
     if self.kind == 'categorical':
@@ -153,7 +166,7 @@ class Space:
         continue
       current = values[parameter.key]
       for choice in parameter.choices:
-        if choice == current and type(choice) is type(current):  # pylint: disable=unidiomatic-typecheck
+        if _same(choice, current):
           continue
         result.append(({**values, parameter.key: choice},
                        f'{parameter.key}={choice!r}'))
@@ -165,7 +178,9 @@ class Space:
               for parameter in self.parameters}
     if all(parameter.contains(values[parameter.key])
            for parameter in self.parameters):
-      return values
+      # As the space spells them (a float key's 0.0 is its choice 0).
+      return {parameter.key: parameter.choice_of(values[parameter.key])
+              for parameter in self.parameters}
     return None
 
 
@@ -284,7 +299,8 @@ def _parse_one(path, config, key, spec):
             f'{type(choice).__name__}, the key holds {expected}'
             f'{" or None" if nullable and key_type else ""}. Received: '
             f'{key}={spec!r}')
-    if len(set(map(repr, choices))) != len(choices):
+    if any(_same(choice, other) for index, choice in enumerate(choices)
+           for other in choices[:index]):
       raise errors.ConfigError(
           f'The choices of {where} repeat a value. Received: {key}={spec!r}')
     return Parameter(key, 'categorical', choices=tuple(choices))

@@ -364,6 +364,14 @@ def run_worker(config, workdir, space, options):
                      create_sampler(options.trials),
                      create_pruner(options.pruner, config, space), where)
   os.makedirs(workdir, exist_ok=True)
+  if options.pruner != 'none' and not trial_lib.pruning_is_possible(
+      config, space):
+    logging.warning(
+        'No trial can be pruned: num_epochs=%d leaves no epoch after the '
+        'first pruning epoch (%d: one after the warmup and head-only phase '
+        'end, at their largest values in the space), so every trial runs '
+        'all its epochs. Raise num_epochs or lower those phases to prune.',
+        config.num_epochs, trial_lib.first_pruning_epoch(config, space))
   defaults = space.defaults(config)
   if defaults is None:
     logging.warning('The config\'s own values of %s lie outside the space: '
