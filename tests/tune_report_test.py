@@ -2,7 +2,10 @@
 
 import optuna
 
+from configs import cifar10_resnet50
 from keras_sft.tune import report
+from keras_sft.tune import space as space_lib
+from keras_sft.tune import study as study_lib
 
 
 def _study(values):
@@ -30,3 +33,26 @@ def test_different_scores_are_ranked():
   assert isinstance(ranked, dict)
   assert set(ranked) == {'learning_rate', 'clip_global_norm',
                          'gradient_accumulation_steps'}
+
+
+def test_the_table_names_the_defaults_and_each_variants_change(tmp_path):
+  config = cifar10_resnet50.get_config('smoke')
+  space = space_lib.parse('inline', {'random_flip': {'choices': [True, False]}},
+                          config)
+  storage = optuna.storages.InMemoryStorage()
+  study = optuna.create_study(storage=storage, study_name='s',
+                              direction='maximize')
+  defaults = space.defaults(config)
+  study_lib._ensure_trials(  # pylint: disable=protected-access
+      study, storage, str(tmp_path), 's', 2, defaults,
+      space.variants(defaults, 1))
+  for value in (0.5, 0.75):
+    trial = study.ask()
+    space.suggest(trial)
+    study.tell(trial, value)
+  rows = report.rows(study, space)
+  assert [row['changed_from_defaults'] for row in rows] == [
+      'random_flip=False', '']
+  lines = report.table(rows, space.keys).splitlines()
+  assert lines[1].startswith('1 (random_flip=False)')
+  assert lines[2].startswith('0 (defaults)')

@@ -67,6 +67,9 @@ def rows(study, space):
         'pruned': trial.state == TrialState.PRUNED,
         'state': _state(trial, successors.get(trial.number)),
         'defaults': bool(trial.user_attrs.get(study_lib.DEFAULTS_ATTR)),
+        # The one key a variant trial changed from the defaults.
+        'changed_from_defaults': trial.user_attrs.get(study_lib.VARIANT_ATTR,
+                                                      ''),
         'workdir': trial.user_attrs.get(trial_lib.WORKDIR_ATTR, ''),
         'note': trial.user_attrs.get(trial_lib.FAILURE_ATTR, '')[:200],
     })
@@ -98,8 +101,13 @@ def table(table_rows, keys):
   """The leaderboard as aligned text columns."""
   columns = (['trial'] + list(keys) +
              ['val_accuracy', 'epochs_run', 'wall_seconds', 'state'])
-  cells = [[_text(row[column]) + (' (defaults)' if column == 'trial' and
-                                  row['defaults'] else '')
+  def label(row):
+    if row['defaults']:
+      return ' (defaults)'
+    return f' ({row["changed_from_defaults"]})' if row.get(
+        'changed_from_defaults') else ''
+
+  cells = [[_text(row[column]) + (label(row) if column == 'trial' else '')
             for column in columns] for row in table_rows]
   widths = [max([len(column)] + [len(line[i]) for line in cells])
             for i, column in enumerate(columns)]
