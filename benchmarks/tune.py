@@ -5,8 +5,9 @@ by `python -m keras_sft.tune` (a fixed budget of trials, pruning on) beats
 keras-sft's defaults on the test split, and the whole study takes at most 4x
 the wall time of one default run.
 
-Usage (from the repository root; ~35-45 minutes on this project's 2-core
-CPU, see "Where the time goes"):
+Usage (from the repository root; about an hour on this project's 2-core
+CPU: measured 14-17 minutes per fine-tuning row, pretraining included, and
+17 per from-scratch row; see "Where the time goes"):
 
   PYTHONPATH=. python benchmarks/tune.py --out=tune.json
 
