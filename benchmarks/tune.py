@@ -50,12 +50,12 @@ Rows, for each dataset and mode, each its own process, with the same
     defaults row's wall time: the study starts no trial after it, so that
     with the trial running then and the final step it ends near the 4x
     target, the budget a user sets with --timeout); trials are scored on
-    10% of each class of the
-    training images, then the best trial's weights (--final=best_trial, this
-    benchmark's default) or its configuration retrained on all of them
-    (--final=retrain) are evaluated once on the test split:
-    `final/<trial>[-reused]/metrics.json` gives the tuned top-1. Its wall time is the
-    whole study: every trial, the report and plots, and the final run.
+    10% of each class of the training images, then the best trial's
+    weights (--final=best_trial, this benchmark's default) or its
+    configuration retrained on all of them (--final=retrain) are evaluated
+    once on the test split: `final/<trial>[-reused]/metrics.json` gives the
+    tuned top-1. Its wall time is the whole study: every trial, the report
+    and plots, and the final step.
 Both keep configs/default.py's `eval_every_epochs=1` (pruning needs the
 trials' per-epoch validation, and the final run is an ordinary run of the
 same config), so the defaults run evaluates on its test split every epoch as
@@ -330,14 +330,14 @@ def run_study(study_dir, common, space, trials, final='retrain', keep=False,
   timing, stdout = _run(command, study_dir + '.log')
   with open(study_dir + '.stdout', 'w') as file:
     file.write(stdout)
-  final = final_run_dir(study_dir)
-  best_trial = int(os.path.basename(final).removesuffix('-reused'))
+  final_dir = final_run_dir(study_dir)
+  best_trial = int(os.path.basename(final_dir).removesuffix('-reused'))
   keys, rows = read_leaderboard(study_dir)
   best = next(row for row in rows if int(row['trial']) == best_trial)
   defaults = next((row for row in rows if row['defaults'] == 'True'), None)
   states = [row['state'] for row in rows]
   result = dict(
-      **_top1(final), **timing, command=command, space=space,
+      **_top1(final_dir), **timing, command=command, space=space,
       best_trial=best_trial, best_values={key: best[key] for key in keys},
       best_val_accuracy=_float_or_none(best['val_accuracy']),
       final=final,

@@ -173,3 +173,22 @@ def test_help_and_bad_flags():
                           cwd=conftest.REPO_ROOT, env=conftest.cli_env())
   assert result.returncode == 1
   assert "Unknown --datasets/--modes: ['cifar']" in result.stderr
+
+
+def test_run_study_records_the_final_mode_and_the_trials_time(tmp_path,
+                                                             monkeypatch):
+  tune = _import_tune()
+  study_dir = str(tmp_path / 'study')
+  _write_study(study_dir)
+  commands = []
+  monkeypatch.setattr(tune, '_fresh', lambda workdir: None)
+  monkeypatch.setattr(tune, '_run', lambda command, log: (
+      commands.append(command) or (dict(wall_seconds=60.0), 'output')))
+  result = tune.run_study(study_dir, ['--config.seed=0'], 'SPACE', 3,
+                          final='best_trial', keep=True, timeout=99.6)
+  assert '--final=best_trial' in commands[0]
+  assert '--timeout=100' in commands[0]
+  # The mode, not the final run's directory.
+  assert result['final'] == 'best_trial'
+  assert result['best_trial'] == 3 and result['top1'] == 0.9
+  assert result['trials_seconds'] == 48.0
