@@ -22,7 +22,12 @@ own `python -m keras_sft.main` process (wall time is the whole process):
               student);
   self_training_fresh: the same with each student started from
               --config.weights, not from its teacher's network
-              (--config.self_training_student_init=pretrained).
+              (--config.self_training_student_init=pretrained);
+  oracle:     the ceiling of any method: the labelled and the unlabelled
+              images all with their true labels, supervised, for
+              --oracle_epochs over them (not the same epochs: a ceiling
+              is trained to its end). Its error ratio is the least a
+              semi-supervised row could reach.
 The fraction of unlabelled images above τ per epoch comes from the run's
 history.csv (`unlabeled_mask_rate`); the accuracy of self-training's
 pseudo-labels from its pseudo_labels_1.json (file names are train indices:
@@ -114,6 +119,10 @@ def main():
   parser.add_argument('--test_per_class', type=int, default=200)
   parser.add_argument('--epochs', type=int, default=30)
   parser.add_argument('--batch_size', type=int, default=16)
+  parser.add_argument('--oracle_epochs', type=int, default=3,
+                      help='epochs of the oracle row over labelled + '
+                      'unlabelled images (3: 3x the steps of the supervised '
+                      'row at 10 labels per class)')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--fixmatch_flags', default='',
                       help='extra flags of the fixmatch row, space-separated')
@@ -182,6 +191,7 @@ def main():
           '--config.semi_supervised=self_training',
           '--config.self_training_student_init=pretrained',
           *args.self_training_flags.split()],
+      'oracle': [],
   }
   chosen = {'supervised', *args.rows.split(',')}
   unknown = chosen - set(rows)
@@ -192,9 +202,19 @@ def main():
     if name not in chosen:
       continue
     workdir = os.path.join(work_dir, name)
-    row = accuracy.run_keras_sft(labeled_root, workdir, args.epochs,
-                                 args.batch_size, args.seed,
-                                 weights=weights_file, extra=extra)
+    root, epochs = labeled_root, args.epochs
+    if name == 'oracle':
+      # The first labeled + unlabeled train images of each class: the
+      # labelled images and the unlabelled folder's (export_unlabeled), with
+      # their labels.
+      every = args.labeled_per_class + args.unlabeled_per_class
+      root = accuracy.export_folder(
+          args.source_dir, args.data_dir,
+          f'fmnist32_c5-9_train{every}pc_test{args.test_per_class}pc',
+          range(5, 10), every, args.test_per_class)
+      epochs = args.oracle_epochs
+    row = accuracy.run_keras_sft(root, workdir, epochs, args.batch_size,
+                                 args.seed, weights=weights_file, extra=extra)
     if name == 'fixmatch':
       row['unlabeled_mask_rate_per_epoch'] = _mask_rates(workdir)
     if name.startswith('self_training'):

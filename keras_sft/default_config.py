@@ -277,6 +277,12 @@ def get_config():
   # Student's fresh student). 'teacher': a fresh student underfits in the
   # teacher's number of steps (benchmarks/ACCURACY.md, issue #22's section).
   config.self_training_student_init = 'teacher'
+  # Noisy Student's input noise on each student alone (the teacher and its
+  # predictions keep the run's own augmentation): RandAugment operations per
+  # batch (0: the student's augmentation is the run's) and strength in [0, 1],
+  # in place of the run's randaugment_* keys.
+  config.self_training_randaugment_num_ops = 0
+  config.self_training_randaugment_magnitude = 0.5
 
   # --- Distribution and compilation -----------------------------------------
   # 'float32', 'mixed_bfloat16', 'mixed_float16' (with dynamic loss scaling)

@@ -446,6 +446,8 @@ KEYS_ADDED_LATER = {
     # Any value gives an older run's behaviour: runs before these keys did
     # not self-train.
     'self_training_student_init': 'teacher',
+    'self_training_randaugment_num_ops': 0,
+    'self_training_randaugment_magnitude': 0.5,
 }
 
 

@@ -75,6 +75,16 @@ def test_per_class_cap_and_student_epochs():
     ('self_training_rounds', 0, 'self_training_rounds'),
     ('self_training_rounds', 11, 'self_training_rounds'),
     ('self_training_epochs', 0, 'self_training_epochs'),
+    ('self_training_randaugment_num_ops', -1,
+     'self_training_randaugment_num_ops'),
+    ('self_training_randaugment_num_ops', True,
+     'self_training_randaugment_num_ops'),
+    ('self_training_randaugment_num_ops', 11,
+     'self_training_randaugment_num_ops'),
+    ('self_training_randaugment_magnitude', 1.5,
+     'self_training_randaugment_magnitude'),
+    ('self_training_randaugment_magnitude', None,
+     'self_training_randaugment_magnitude'),
 ])
 def test_bad_values_are_one_error_before_anything_runs(key, value, match):
   config = default_config.get_config()
@@ -115,6 +125,33 @@ def test_teacher_and_student_configs():
       config, 1, 50, 1500).self_training_threshold == 0.5
   assert self_training.student_config(
       config, 2, 50, 1500).self_training_threshold == 0.9
+
+
+def test_student_noise_is_the_students_alone():
+  config = default_config.get_config()
+  config.update(dict(unlabeled='folder:/u', semi_supervised='self_training',
+                     randaugment_num_ops=1, randaugment_magnitude=0.2,
+                     self_training_rounds=2))
+  # Off (0): every stage has the run's own augmentation.
+  for stage in (self_training.teacher_config(config),
+                self_training.student_config(config, 1, 50, 1500),
+                self_training.student_config(config, 2, 50, 1500)):
+    assert (stage.randaugment_num_ops, stage.randaugment_magnitude) == (1, 0.2)
+  config.update(dict(self_training_randaugment_num_ops=3,
+                     self_training_randaugment_magnitude=0.7))
+  teacher = self_training.teacher_config(config)
+  assert (teacher.randaugment_num_ops, teacher.randaugment_magnitude) == (
+      1, 0.2)
+  # The teacher reads neither key: a change keeps a trained teacher.
+  assert teacher.self_training_randaugment_num_ops == 0
+  for round_number in (1, 2):
+    student = self_training.student_config(config, round_number, 50, 1500)
+    assert (student.randaugment_num_ops,
+            student.randaugment_magnitude) == (3, 0.7)
+  # Not in the claim of self_training/ (each student's own claim has them).
+  assert {'self_training_randaugment_num_ops',
+          'self_training_randaugment_magnitude'} <= set(
+              self_training.STAGE_KEYS)
 
 
 def _images(count):

@@ -41,6 +41,7 @@ import numpy as np
 from keras_sft import default_config
 from keras_sft import errors
 from keras_sft import files
+from keras_sft.data import batch_augment
 from keras_sft.data import unlabeled
 from keras_sft.training import distribution
 from keras_sft import workdir as workdir_lib
@@ -55,7 +56,9 @@ STUDENT_INITS = ('pretrained', 'teacher')
 # all four (its own claim refuses a change once it started).
 LABELLING_KEYS = ('self_training_threshold', 'self_training_fraction')
 STAGE_KEYS = LABELLING_KEYS + ('self_training_epochs',
-                               'self_training_student_init')
+                               'self_training_student_init',
+                               'self_training_randaugment_num_ops',
+                               'self_training_randaugment_magnitude')
 # More rounds than this have not been reported to help (Noisy Student: 3).
 MAX_ROUNDS = 10
 
@@ -85,6 +88,16 @@ def check_config(config):
   if config.self_training_epochs is not None:
     errors.check_integer('self_training_epochs', config.self_training_epochs,
                          1, ' (epochs of each student)')
+  errors.check_integer('self_training_randaugment_num_ops',
+                       config.self_training_randaugment_num_ops, 0,
+                       ' (RandAugment operations per student batch; 0: off)')
+  errors.check_at_most('self_training_randaugment_num_ops',
+                       config.self_training_randaugment_num_ops,
+                       batch_augment.MAX_RANDAUGMENT_NUM_OPS,
+                       'apply that many operations to one image')
+  errors.check_fraction('self_training_randaugment_magnitude',
+                        config.self_training_randaugment_magnitude,
+                        upper_inclusive=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +167,10 @@ def student_config(config, round_number, num_labeled, num_pseudo_labeled):
   with student.unlocked():
     student.num_epochs = student_epochs(config, num_labeled,
                                         num_pseudo_labeled)
+    if config.self_training_randaugment_num_ops:
+      student.randaugment_num_ops = config.self_training_randaugment_num_ops
+      student.randaugment_magnitude = (
+          config.self_training_randaugment_magnitude)
     student.eval_every_epochs = min(student.eval_every_epochs,
                                     student.num_epochs)
   return student
