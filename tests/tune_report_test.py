@@ -56,3 +56,59 @@ def test_the_table_names_the_defaults_and_each_variants_change(tmp_path):
   lines = report.table(rows, space.keys).splitlines()
   assert lines[1].startswith('1 (random_flip=False)')
   assert lines[2].startswith('0 (defaults)')
+
+
+def _defaults_and_best(defaults_value, best_value, validation_images):
+  study = optuna.create_study(direction='maximize')
+  trials = []
+  for value, attributes in ((defaults_value, {study_lib.DEFAULTS_ATTR: True}),
+                            (best_value, {})):
+    trial = study.ask()
+    trial.suggest_float('learning_rate', 1e-3, 1.0, log=True)
+    for key, attribute in attributes.items():
+      trial.set_user_attr(key, attribute)
+    trial.set_user_attr(report.trial_lib.VALIDATION_IMAGES_ATTR,
+                        validation_images)
+    study.tell(trial, value)
+    trials.append(study.trials[-1])
+  return trials
+
+
+def test_a_difference_inside_the_validation_noise_is_called_so():
+  """50 images: 0.84 vs 0.82 is 2 points, 2 standard errors are 15."""
+  defaults, best = _defaults_and_best(0.82, 0.84, 50)
+  text = report.noise_text(best, defaults)
+  assert 'within the noise of 50 validation images' in text
+  assert '15.0 points' in text
+  assert '--validation_fraction' in text
+
+
+def test_a_difference_beyond_the_validation_noise_is_called_so():
+  """1,000 images: 0.80 vs 0.84 is 4 points, 2 standard errors 3.4."""
+  defaults, best = _defaults_and_best(0.80, 0.84, 1000)
+  text = report.noise_text(best, defaults)
+  assert 'beyond the noise of 1000 validation images' in text
+  assert '3.4 points' in text
+
+
+def test_no_noise_statement_without_a_count_or_for_the_defaults_alone():
+  defaults, best = _defaults_and_best(0.80, 0.84, 0)
+  assert report.noise_text(best, defaults) == ''
+  assert report.noise_text(defaults, defaults) == ''
+
+
+def test_the_summary_carries_the_noise_statement():
+  study = optuna.create_study(direction='maximize')
+  for value, is_defaults in ((0.82, True), (0.84, False)):
+    trial = study.ask()
+    trial.suggest_float('learning_rate', 1e-3, 1.0, log=True)
+    if is_defaults:
+      trial.set_user_attr(study_lib.DEFAULTS_ATTR, True)
+    trial.set_user_attr(report.trial_lib.VALIDATION_IMAGES_ATTR, 50)
+    study.tell(trial, value)
+  space = space_lib.parse(
+      'inline', {'learning_rate': {'low': 1e-3, 'high': 1.0, 'log': True}},
+      cifar10_resnet50.get_config('smoke'))
+  text = report.summary(study, space)
+  assert 'vs 82.0% for the defaults' in text
+  assert 'within the noise of 50 validation images' in text

@@ -125,6 +125,9 @@ def test_the_best_trial_reruns_as_an_ordinary_run_to_its_score(
                          'metrics.json')) as file:
     trial_metrics = json.load(file)
   rerun_metrics = conftest.read_metrics(rerun)
+  # The summary's noise statement reads the count of validation images.
+  assert best.user_attrs[trial_lib.VALIDATION_IMAGES_ATTR] == (
+      trial_metrics['report']['num_examples']) > 0
   # The trial's score: the mean val accuracy of its last epochs, the last
   # being the final evaluation's.
   accuracies = dict(trial_lib.history_accuracies(rerun))

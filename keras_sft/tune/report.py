@@ -204,6 +204,31 @@ def _values_text(params):
   return ', '.join(f'{key}={value!r}' for key, value in params.items())
 
 
+def noise_text(best, defaults):
+  """Whether `best` beat `defaults` (complete trials) by more than the
+  sampling noise of their validation images; '' when the count is unknown.
+
+  Two standard errors of the difference of two accuracies p1, p0 measured on
+  n images each, sqrt(p1 (1 - p1) / n + p0 (1 - p0) / n): an upper bound here
+  (both trials are scored on the same images, whose errors are correlated),
+  so a difference beyond it is real and one within it may still be.
+  """
+  count = best.user_attrs.get(trial_lib.VALIDATION_IMAGES_ATTR)
+  if not count or best.number == defaults.number:
+    return ''
+  variance = sum(value * (1 - value) / count
+                 for value in (best.value, defaults.value))
+  margin = 100 * 2 * math.sqrt(variance)
+  difference = 100 * (best.value - defaults.value)
+  if difference > margin:
+    return (f'The difference is beyond the noise of {count} validation '
+            f'images (2 standard errors: {margin:.1f} points).')
+  return (f'The difference is within the noise of {count} validation images '
+          f'(2 standard errors: {margin:.1f} points): the defaults may be as '
+          'good. A larger --validation_fraction (or more images) tells them '
+          'apart.')
+
+
 def summary(study, space, rerun_command=None):
   """The study's result in words: best against defaults, keys that matter."""
   trials = study.get_trials(deepcopy=False)
@@ -230,6 +255,10 @@ def summary(study, space, rerun_command=None):
                   f'(trial {defaults[0].number}; {difference:+.1f} points)')
   lines.append(f'Best: trial {best.number}, {_values_text(best.params)}: '
                f'val accuracy {100 * best.value:.1f}%{comparison}.')
+  if defaults:
+    noise = noise_text(best, defaults[0])
+    if noise:
+      lines.append(noise)
   ranked = importances(study)
   if isinstance(ranked, str):
     lines.append(f'Which keys mattered: {ranked}.')

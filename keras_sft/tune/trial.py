@@ -37,6 +37,9 @@ WORKER_ATTR = 'worker'
 EPOCHS_ATTR = 'epochs_run'
 FAILURE_ATTR = 'failure'
 SECONDS_ATTR = 'wall_seconds'
+# The number of validation images a complete trial was scored on (the
+# summary says how far apart two scores must be to mean anything).
+VALIDATION_IMAGES_ATTR = 'validation_images'
 # The metric a trial is scored on (the validation part of the training
 # split; see `splits`).
 METRIC = 'val_accuracy'
@@ -302,6 +305,9 @@ def run(trial, frozen, space, config, workdir, validation_fraction):
   # evaluation's (the same weights and data, logged by the run).
   accuracies = dict(history_accuracies(run_workdir))
   accuracies[trial_config.num_epochs] = float(metrics['eval']['accuracy'])
+  if metrics.get('report'):
+    trial.set_user_attr(VALIDATION_IMAGES_ATTR,
+                        int(metrics['report']['num_examples']))
   value = score(accuracies, trial_config.num_epochs)
   return finish(Outcome(optuna.trial.TrialState.COMPLETE, value))
 
