@@ -8,6 +8,8 @@ Reruns a run (a tuning trial, say) as an ordinary run elsewhere:
 Overrides work as with any config (`--config.num_epochs=5`).
 """
 
+import os
+
 from configs import default as default_lib
 from keras_sft import files
 from keras_sft import workdir as workdir_lib
@@ -18,6 +20,15 @@ def get_config(path):
   config = default_lib.get_config()
   values = workdir_lib.with_keys_added_later(
       files.read_json_object(path))
+  # A self-training run's config.json is its last student's (its epochs and
+  # noise); the run's own config, but for the keys its stages check
+  # themselves (taken from the student, which keeps them), is the claim of
+  # its self_training/ directory.
+  own = os.path.join(os.path.dirname(path), 'self_training', 'config.json')
+  if values.get('semi_supervised') == 'self_training' and os.path.exists(own):
+    # Its keys alone: the stage keys it lacks are the student's, not
+    # KEYS_ADDED_LATER's older values.
+    values.update(files.read_json_object(own))
   unknown = sorted(set(values) - set(config.keys()))
   if unknown:
     raise ValueError(f'{path} holds keys this keras-sft does not know: '

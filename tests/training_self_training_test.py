@@ -12,6 +12,7 @@ from PIL import Image
 import image_fixtures
 
 from configs import cifar10_resnet50
+from configs import from_run
 from keras_sft import errors
 from keras_sft import default_config
 from keras_sft.data import pipeline
@@ -357,6 +358,8 @@ def test_labels_are_made_again_when_their_keys_changed_before_the_student(
 
 def test_teacher_labels_student_trains_and_a_rerun_redoes_nothing(tmp_path):
   root, unlabeled, workdir, config = _folders_and_config(tmp_path)
+  # The student's own noise (its config.json differs from the run's).
+  config.self_training_randaugment_num_ops = 1
   metrics = train.train_and_evaluate(config, workdir)
 
   stages = self_training.Stages(workdir)
@@ -384,6 +387,15 @@ def test_teacher_labels_student_trains_and_a_rerun_redoes_nothing(tmp_path):
   assert 'indices' not in record['rounds'][0]
   assert os.listdir(workdir_lib.Workdir(workdir).export)  # The student's.
   assert not os.path.exists(teacher.export)
+
+  # configs/from_run.py on the run's config.json gives the run's own
+  # config, not its student's (hostile pass: a tuning trial's rerun command
+  # trained a teacher of the student's epochs and noise).
+  assert student['randaugment_num_ops'] == 1
+  rerun = from_run.get_config(os.path.join(workdir, 'config.json'))
+  assert workdir_lib.config_to_dict(rerun) == workdir_lib.config_to_dict(
+      config)
+  assert (rerun.num_epochs, rerun.randaugment_num_ops) == (2, 0)
 
   # A rerun: the teacher and the labels are not redone, the student resumes
   # at its end; the same metrics.

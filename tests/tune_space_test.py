@@ -144,6 +144,31 @@ def test_another_study_in_the_workdir_is_refused_and_kept(tmp_path):
     assert file.read() == before
 
 
+def test_a_study_begun_before_a_config_key_existed_continues(tmp_path):
+  config = cifar10_resnet50.get_config('smoke')
+  workdir = str(tmp_path / 'study')
+  options = study_lib.Options(trials=2)
+  space = _space(tmp_path, {'learning_rate': {'low': 0.001, 'high': 0.1}})
+  current = study_lib.identity(config, space, options)
+  older = {**current, 'config': {
+      key: value for key, value in current['config'].items()
+      if key not in ('self_training_randaugment_num_ops',
+                     'self_training_randaugment_magnitude')}}
+  study_lib.open_study(storage_lib.open_storage(None, workdir, 120), 'study',
+                       older, None, None, workdir)
+  # The same search with the new keys at their older behaviour: continued.
+  study_lib.open_study(storage_lib.open_storage(None, workdir, 120), 'study',
+                       current, None, None, workdir)
+  # A new key at another value is another search.
+  with config.unlocked():
+    config.self_training_randaugment_num_ops = 2
+  with pytest.raises(errors.WorkdirError, match=(
+      'self_training_randaugment_num_ops: 0 in the study, 2 now')):
+    study_lib.open_study(storage_lib.open_storage(None, workdir, 120),
+                         'study', study_lib.identity(config, space, options),
+                         None, None, workdir)
+
+
 def test_a_bad_space_on_the_command_line_is_one_error_line(tmp_path):
   space = tune_fixtures.write_space(
       str(tmp_path), "def get_space():\n  return {'freeze_until': "

@@ -181,6 +181,12 @@ def open_study(storage, name, study_identity, sampler, pruner, where):
       study = optuna.load_study(storage=storage, study_name=name,
                                 sampler=sampler, pruner=pruner)
   recorded = study.user_attrs.get(IDENTITY_ATTR)
+  if isinstance(recorded, dict) and isinstance(recorded.get('config'), dict):
+    # A study begun before a config key existed continues, as a run's
+    # workdir does (the hostile pass: two keys added to the defaults made
+    # every older study "another search", whatever the flags).
+    recorded = {**recorded, 'config': workdir_lib.with_keys_added_later(
+        recorded['config'], study_identity.get('config'))}
   if recorded is None:
     # New, or created by a worker killed before it wrote this: ours.
     study.set_user_attr(IDENTITY_ATTR, study_identity)
