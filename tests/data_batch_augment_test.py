@@ -1,5 +1,7 @@
 """Tests of MixUp/CutMix/RandAugment on batches: labels, determinism, resume."""
 
+import logging
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -197,3 +199,21 @@ def test_resumed_stream_with_random_erasing_sees_the_same_batches():
   resumed = [b[0].numpy() for b in stream(3).take(2)]
   for want, got in zip(fresh[3:], resumed):
     np.testing.assert_array_equal(want, got)
+
+
+def test_randaugment_without_magnitude_is_named_in_a_warning(caplog):
+  """Hostile pass: randaugment_num_ops=2 with the default magnitude 0 (or
+  a student's self_training_randaugment_magnitude=0) trained without
+  RandAugment and said nothing."""
+  with caplog.at_level(logging.WARNING):
+    augmenter = batch_augment.create_batch_augmenter(
+        3, randaugment_num_ops=2, randaugment_magnitude=0.0)
+  assert augmenter is None
+  assert 'randaugment_num_ops=2 with randaugment_magnitude=0.0' in caplog.text
+  assert 'self_training_randaugment_magnitude' in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    batch_augment.create_batch_augmenter(
+        3, randaugment_num_ops=2, randaugment_magnitude=0.5)
+    batch_augment.create_batch_augmenter(3)
+  assert 'applies no RandAugment' not in caplog.text

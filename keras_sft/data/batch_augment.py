@@ -37,6 +37,8 @@ for RandAugment in keras-team/keras#21499, still in AugMix).
 import dataclasses
 from typing import Callable
 
+from absl import logging
+
 import keras
 import tensorflow as tf
 
@@ -221,6 +223,14 @@ def create_batch_augmenter(num_classes, *, seed=0, **options):
   _check(options['mixup_alpha'], options['cutmix_alpha'],
          options['randaugment_num_ops'], options['randaugment_magnitude'],
          options['random_erasing_probability'])
+  if options['randaugment_num_ops'] and not options['randaugment_magnitude']:
+    # Not an error: runs and studies written with it must still resume.
+    logging.warning(
+        'randaugment_num_ops=%d with randaugment_magnitude=%r applies no '
+        'RandAugment: the magnitude is its strength. Set it in (0, 1] '
+        '(0.5 is timm\'s m5; a self-training student\'s is '
+        'self_training_randaugment_magnitude), or randaugment_num_ops=0.',
+        options['randaugment_num_ops'], options['randaugment_magnitude'])
   layers = []  # (entry, layer, its _BatchSeeds)
   for entry in BATCH_AUGMENTATIONS:
     layer = entry.create(options, seed)
