@@ -54,8 +54,9 @@ Rows, for each dataset and mode, each its own process, with the same
     then the best trial's weights (--final=best_trial, this benchmark's
     default) or its configuration retrained on all of them
     (--final=retrain) are evaluated once on the test split:
-    `final/<trial>[-reused]/metrics.json` gives the tuned top-1. Its wall time is the whole study: every trial, the report
-    and plots, and the final step.
+    `final/<trial>[-reused]/metrics.json` gives the tuned top-1. Its wall
+    time is the whole study: every trial, the report and plots, and the
+    final step.
 Both keep configs/default.py's `eval_every_epochs=1` (pruning needs the
 trials' per-epoch validation, and the final run is an ordinary run of the
 same config), so the defaults run evaluates on its test split every epoch as
